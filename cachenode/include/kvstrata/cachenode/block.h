@@ -1,0 +1,49 @@
+// What the node stores per block, and how it names one.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "kvstrata/common/block_key.h"
+
+namespace kvstrata::cachenode {
+
+struct BlockId {
+  uint64_t namespace_id = 0;
+  BlockKey key;
+
+  friend bool operator==(const BlockId&, const BlockId&) = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const BlockId& id) {
+    return H::combine(std::move(h), id.namespace_id, id.key);
+  }
+};
+
+// A block's bytes in a tier and what is known about them. Shared ownership is
+// the pin: the index holds one reference, every transfer in flight another,
+// and the memory goes back to its allocator when the last one is dropped, so
+// eviction never waits for a reader and never frees bytes still being sent.
+class StoredBlock {
+ public:
+  StoredBlock(uint8_t* data, uint64_t size, std::function<void()> release)
+      : data_(data), size_(size), release_(std::move(release)) {}
+  ~StoredBlock() {
+    if (release_) release_();
+  }
+  StoredBlock(const StoredBlock&) = delete;
+  StoredBlock& operator=(const StoredBlock&) = delete;
+
+  uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+  uint64_t checksum = 0;  // XXH3-64 of the stored bytes
+  BlockKey parent;        // parent link of the prefix tree
+  bool has_parent = false;
+
+ private:
+  uint8_t* data_;
+  uint64_t size_;
+  std::function<void()> release_;
+};
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,36 @@
+// The node's block index: BlockId -> stored block, sharded so lookups from
+// many RPC threads rarely meet on a lock. Thread-safe.
+#pragma once
+
+#include <array>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "kvstrata/cachenode/block.h"
+
+namespace kvstrata::cachenode {
+
+class BlockIndex {
+ public:
+  // The block, or null.
+  std::shared_ptr<StoredBlock> Find(const BlockId& id) const;
+  // False (and no change) when `id` is present already.
+  bool Insert(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  // The removed block, or null when absent.
+  std::shared_ptr<StoredBlock> Erase(const BlockId& id);
+  size_t size() const;
+
+ private:
+  static constexpr size_t kShards = 32;
+  struct Shard {
+    mutable absl::Mutex mu;
+    absl::flat_hash_map<BlockId, std::shared_ptr<StoredBlock>> blocks ABSL_GUARDED_BY(mu);
+  };
+  Shard& ShardOf(const BlockId& id) const;
+
+  mutable std::array<Shard, kShards> shards_;
+};
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,66 @@
+// The DRAM tier: one arena (registered with UCX once by the caller), slab
+// allocation by size class, a sharded index and an eviction policy.
+//
+// Blocks enter in two steps so a half-written block is never visible:
+// Reserve() finds memory (evicting if needed), the caller fills it and checks
+// its checksum, Commit() publishes it. Thread-safe.
+#pragma once
+
+#include <atomic>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "kvstrata/cachenode/block_index.h"
+#include "kvstrata/cachenode/eviction_policy.h"
+#include "kvstrata/cachenode/slab_allocator.h"
+
+namespace kvstrata::cachenode {
+
+struct TierCounters {
+  uint64_t capacity_bytes = 0;
+  uint64_t used_bytes = 0;
+  uint64_t stored_bytes = 0;
+  uint64_t blocks = 0;
+  uint64_t evictions = 0;
+};
+
+class DramTier {
+ public:
+  // `arena` must stay valid for the tier's lifetime and for as long as any
+  // StoredBlock handed out lives.
+  DramTier(uint8_t* arena, uint64_t capacity, uint64_t slab_bytes,
+           std::unique_ptr<EvictionPolicy> policy);
+  ~DramTier();
+
+  // Memory for a block of `size` bytes that is not in the index yet.
+  // RESOURCE_EXHAUSTED when nothing can be evicted to make room.
+  absl::StatusOr<std::shared_ptr<StoredBlock>> Reserve(uint64_t size);
+  // Makes a reserved, filled block visible. False when `id` is stored already
+  // (the reservation is then simply dropped by the caller).
+  bool Commit(const BlockId& id, std::shared_ptr<StoredBlock> block);
+
+  // The stored block or null. `hit` tells the policy it was used.
+  std::shared_ptr<StoredBlock> Find(const BlockId& id, bool hit);
+  // Number of leading keys stored (the longest cached prefix); hits them.
+  size_t PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> keys);
+  bool Erase(const BlockId& id);
+
+  TierCounters counters() const;
+  uint64_t max_block_bytes() const { return allocator_->max_allocation(); }
+
+ private:
+  uint8_t* const arena_;
+  std::shared_ptr<SlabAllocator> allocator_;  // shared with blocks' release hooks
+  BlockIndex index_;
+  std::atomic<uint64_t> stored_bytes_{0};
+  std::atomic<uint64_t> evictions_{0};
+  // Serializes the policy, and eviction with commit so a victim chosen is
+  // really in the index.
+  mutable absl::Mutex mu_;
+  std::unique_ptr<EvictionPolicy> policy_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,34 @@
+// Which block a full tier gives up (DESIGN.md §5). A tier tells its policy
+// about every insert, hit and erase, and asks it for a victim when it needs
+// room. Policies are not thread-safe: the tier serializes calls.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "kvstrata/cachenode/block.h"
+
+namespace kvstrata::cachenode {
+
+class EvictionPolicy {
+ public:
+  virtual ~EvictionPolicy() = default;
+  virtual void OnInsert(const BlockId& id) = 0;
+  virtual void OnHit(const BlockId& id) = 0;
+  // Called for every removal (eviction or delete). Unknown ids are ignored.
+  virtual void OnErase(const BlockId& id) = 0;
+  // The block to evict next, or nullopt when the policy tracks none. Does not
+  // remove it: the tier erases it and then calls OnErase.
+  virtual std::optional<BlockId> Victim() = 0;
+  virtual size_t size() const = 0;
+};
+
+// Least recently used: O(1) per operation; about 80 bytes per block.
+std::unique_ptr<EvictionPolicy> MakeLruPolicy();
+
+// A policy by its flag name ("lru").
+absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,42 @@
+// A running cache node: UCX engine, DRAM tier, namespaces and the gRPC
+// service, assembled from options. `kvstrata-node` is a thin main over this.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace kvstrata::cachenode {
+
+struct NodeOptions {
+  std::string listen_address = "127.0.0.1:50151";  // port 0 picks a free one
+  uint64_t dram_bytes = 1ull << 30;
+  uint64_t slab_bytes = 64ull << 20;  // also the largest block
+  std::string eviction_policy = "lru";
+  std::string ucx_transports;  // empty: UCX_TLS or UCX's choice
+  bool ucx_tune_tcp = true;
+  bool prefault = false;  // touch the whole arena at start
+  absl::Duration transfer_timeout = absl::Seconds(30);
+};
+
+class Node {
+ public:
+  static absl::StatusOr<std::unique_ptr<Node>> Start(const NodeOptions& options);
+  ~Node();
+
+  int port() const;
+  // Blocks until Shutdown() is called from another thread.
+  void Wait();
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit Node(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,47 @@
+#include "kvstrata/cachenode/block_index.h"
+
+#include <cstring>
+
+namespace kvstrata::cachenode {
+
+BlockIndex::Shard& BlockIndex::ShardOf(const BlockId& id) const {
+  // Keys are cryptographic hashes: their last bytes are already uniform
+  // (flat_hash_map uses the whole hash, so shard and bucket bits differ).
+  uint64_t bits;
+  std::memcpy(&bits, id.key.bytes.data() + 8, sizeof(bits));
+  return shards_[(bits ^ id.namespace_id) % kShards];
+}
+
+std::shared_ptr<StoredBlock> BlockIndex::Find(const BlockId& id) const {
+  Shard& shard = ShardOf(id);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.blocks.find(id);
+  return it == shard.blocks.end() ? nullptr : it->second;
+}
+
+bool BlockIndex::Insert(const BlockId& id, std::shared_ptr<StoredBlock> block) {
+  Shard& shard = ShardOf(id);
+  absl::MutexLock lock(&shard.mu);
+  return shard.blocks.emplace(id, std::move(block)).second;
+}
+
+std::shared_ptr<StoredBlock> BlockIndex::Erase(const BlockId& id) {
+  Shard& shard = ShardOf(id);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.blocks.find(id);
+  if (it == shard.blocks.end()) return nullptr;
+  std::shared_ptr<StoredBlock> block = std::move(it->second);
+  shard.blocks.erase(it);
+  return block;
+}
+
+size_t BlockIndex::size() const {
+  size_t total = 0;
+  for (Shard& shard : shards_) {
+    absl::MutexLock lock(&shard.mu);
+    total += shard.blocks.size();
+  }
+  return total;
+}
+
+}  // namespace kvstrata::cachenode

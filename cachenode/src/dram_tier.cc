@@ -1,0 +1,100 @@
+#include "kvstrata/cachenode/dram_tier.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace kvstrata::cachenode {
+
+DramTier::DramTier(uint8_t* arena, uint64_t capacity, uint64_t slab_bytes,
+                   std::unique_ptr<EvictionPolicy> policy)
+    : arena_(arena),
+      allocator_(std::make_shared<SlabAllocator>(capacity, slab_bytes)),
+      policy_(std::move(policy)) {}
+
+DramTier::~DramTier() = default;
+
+absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
+  if (size == 0 || size > allocator_->max_allocation()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("block of ", size, " bytes; this tier holds 1..", allocator_->max_allocation()));
+  }
+  std::optional<uint64_t> offset = allocator_->Allocate(size);
+  while (!offset.has_value()) {
+    std::shared_ptr<StoredBlock> evicted;
+    {
+      absl::MutexLock lock(&mu_);
+      std::optional<BlockId> victim = policy_->Victim();
+      if (!victim.has_value()) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
+      }
+      evicted = index_.Erase(*victim);
+      policy_->OnErase(*victim);
+    }
+    if (evicted != nullptr) {
+      stored_bytes_.fetch_sub(evicted->size(), std::memory_order_relaxed);
+      evictions_.fetch_add(1, std::memory_order_relaxed);
+    }
+    // Memory returns when the last reader lets go; a pinned victim frees later.
+    evicted.reset();
+    offset = allocator_->Allocate(size);
+  }
+  std::weak_ptr<SlabAllocator> allocator = allocator_;
+  const uint64_t at = *offset;
+  return std::make_shared<StoredBlock>(arena_ + at, size, [allocator, at] {
+    if (auto alive = allocator.lock()) alive->Free(at);
+  });
+}
+
+bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
+  const uint64_t size = block->size();
+  absl::MutexLock lock(&mu_);
+  if (!index_.Insert(id, std::move(block))) return false;
+  policy_->OnInsert(id);
+  stored_bytes_.fetch_add(size, std::memory_order_relaxed);
+  return true;
+}
+
+std::shared_ptr<StoredBlock> DramTier::Find(const BlockId& id, bool hit) {
+  std::shared_ptr<StoredBlock> block = index_.Find(id);
+  if (block != nullptr && hit) {
+    absl::MutexLock lock(&mu_);
+    policy_->OnHit(id);
+  }
+  return block;
+}
+
+size_t DramTier::PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> keys) {
+  size_t length = 0;
+  while (length < keys.size() && index_.Find(BlockId{namespace_id, keys[length]}) != nullptr) {
+    ++length;
+  }
+  if (length > 0) {
+    absl::MutexLock lock(&mu_);
+    for (size_t i = 0; i < length; ++i) policy_->OnHit(BlockId{namespace_id, keys[i]});
+  }
+  return length;
+}
+
+bool DramTier::Erase(const BlockId& id) {
+  std::shared_ptr<StoredBlock> block;
+  {
+    absl::MutexLock lock(&mu_);
+    block = index_.Erase(id);
+    if (block == nullptr) return false;
+    policy_->OnErase(id);
+  }
+  stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  return true;
+}
+
+TierCounters DramTier::counters() const {
+  TierCounters c;
+  c.capacity_bytes = allocator_->capacity();
+  c.used_bytes = allocator_->used_bytes();
+  c.stored_bytes = stored_bytes_.load(std::memory_order_relaxed);
+  c.blocks = index_.size();
+  c.evictions = evictions_.load(std::memory_order_relaxed);
+  return c;
+}
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,111 @@
+// kvstrata-node: one cache node. Every flag has a safe default, so it starts
+// with no arguments: loopback gRPC port, DRAM tier sized from free memory with a cap.
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/str_cat.h"
+#include "kvstrata/cachenode/node.h"
+#include "kvstrata/common/log.h"
+
+ABSL_FLAG(std::string, listen, "127.0.0.1:50151",
+          "gRPC address to listen on, host:port. Port 0 picks a free port (see --port_file). "
+          "Use 0.0.0.0:PORT to serve other hosts.");
+ABSL_FLAG(std::string, port_file, "",
+          "If set, the chosen port is written to this file once the node is ready.");
+ABSL_FLAG(uint64_t, dram_bytes, 0,
+          "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
+          "--dram_auto_cap_bytes.");
+ABSL_FLAG(uint64_t, dram_auto_cap_bytes, 4ull << 30, "Upper bound of the automatic DRAM tier size.");
+ABSL_FLAG(uint64_t, slab_bytes, 64ull << 20,
+          "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
+ABSL_FLAG(std::string, eviction_policy, "lru", "Eviction policy of the DRAM tier: lru.");
+ABSL_FLAG(std::string, ucx_transports, "",
+          "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
+          "or UCX's choice.");
+ABSL_FLAG(bool, ucx_tune_tcp, true,
+          "Raise UCX's TCP segment and socket buffer sizes (a UCX_TCP_* environment variable wins).");
+ABSL_FLAG(bool, prefault, false, "Touch the whole DRAM arena at start so first writes do not fault.");
+ABSL_FLAG(absl::Duration, transfer_timeout, absl::Seconds(30),
+          "Longest a single UCX transfer batch may take before the peer is treated as failed.");
+
+namespace {
+
+uint64_t AvailableMemoryBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string name;
+  uint64_t kib = 0;
+  std::string unit;
+  while (meminfo >> name >> kib >> unit) {
+    if (name == "MemAvailable:") return kib * 1024;
+  }
+  return 1ull << 30;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // --help lists this file's flags (abseil's default looks for a file named
+  // after the binary).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return path.find("cachenode/src/main.cc") != absl::string_view::npos;
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::SetProgramUsageMessage(
+      "kvstrata cache node: stores prefix-hashed KV blocks and serves them over gRPC + UCX.\n"
+      "Usage: kvstrata-node [flags]   (no flags needed on one machine)");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block termination signals in every thread; a dedicated thread waits for them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  kvstrata::cachenode::NodeOptions options;
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
+  options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
+  if (options.dram_bytes == 0) {
+    options.dram_bytes = std::min(AvailableMemoryBytes() / 4, absl::GetFlag(FLAGS_dram_auto_cap_bytes));
+    options.dram_bytes = std::max(options.dram_bytes, options.slab_bytes);
+  }
+  options.eviction_policy = absl::GetFlag(FLAGS_eviction_policy);
+  options.ucx_transports = absl::GetFlag(FLAGS_ucx_transports);
+  options.ucx_tune_tcp = absl::GetFlag(FLAGS_ucx_tune_tcp);
+  options.prefault = absl::GetFlag(FLAGS_prefault);
+  options.transfer_timeout = absl::GetFlag(FLAGS_transfer_timeout);
+
+  auto node = kvstrata::cachenode::Node::Start(options);
+  if (!node.ok()) {
+    KVS_LOG(Error) << "cannot start: " << node.status();
+    return 1;
+  }
+  const std::string port_file = absl::GetFlag(FLAGS_port_file);
+  if (!port_file.empty()) {
+    const std::string tmp = port_file + ".tmp";
+    {
+      std::ofstream out(tmp);
+      out << (*node)->port() << "\n";
+    }
+    std::rename(tmp.c_str(), port_file.c_str());  // readers never see a partial file
+  }
+  std::thread waiter([&] {
+    int signal = 0;
+    sigwait(&signals, &signal);
+    KVS_LOG(Info) << "signal " << signal << ": shutting down";
+    (*node)->Shutdown();
+  });
+  (*node)->Wait();
+  waiter.join();
+  node->reset();
+  return 0;
+}

@@ -1,0 +1,92 @@
+#include "kvstrata/cachenode/node.h"
+
+#include <grpcpp/grpcpp.h>
+#include <sys/mman.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "kvstrata/common/limits.h"
+#include "kvstrata/common/log.h"
+#include "node_service.h"
+
+namespace kvstrata::cachenode {
+
+// Members are declared in dependency order, so they are destroyed in reverse:
+// the server stops first, then the tier, the arena registration and finally
+// the UCX engine.
+class Node::Impl {
+ public:
+  std::unique_ptr<transfer::Engine> engine;
+  std::unique_ptr<transfer::MemoryRegion> arena;
+  std::unique_ptr<DramTier> dram;
+  std::unique_ptr<NamespaceRegistry> namespaces;
+  std::unique_ptr<NodeService> service;
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+  absl::Notification shutdown;
+
+  ~Impl() {
+    if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    server.reset();
+    service.reset();
+    dram.reset();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
+  constexpr uint64_t kPage = 4096;
+  if (options.slab_bytes == 0 || options.slab_bytes % kPage != 0) {
+    return absl::InvalidArgumentError("slab size must be a positive multiple of 4 KiB");
+  }
+  if (options.dram_bytes < options.slab_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("DRAM tier of ", options.dram_bytes,
+                                                   " bytes is smaller than one slab (",
+                                                   options.slab_bytes, ")"));
+  }
+  auto impl = std::make_unique<Impl>();
+  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine = transfer::Engine::Create(
+      {.transports = options.ucx_transports, .tune_tcp = options.ucx_tune_tcp});
+  if (!engine.ok()) return engine.status();
+  impl->engine = *std::move(engine);
+
+  const uint64_t arena_bytes = options.dram_bytes / options.slab_bytes * options.slab_bytes;
+  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> arena = impl->engine->Allocate(arena_bytes);
+  if (!arena.ok()) return arena.status();
+  impl->arena = *std::move(arena);
+  if (options.prefault) {
+    std::memset(impl->arena->data(), 0, impl->arena->size());
+  }
+
+  absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = MakeEvictionPolicy(options.eviction_policy);
+  if (!policy.ok()) return policy.status();
+  impl->dram = std::make_unique<DramTier>(impl->arena->data(), arena_bytes, options.slab_bytes,
+                                          *std::move(policy));
+  impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
+  impl->service = std::make_unique<NodeService>(*impl->namespaces, *impl->dram, *impl->engine,
+                                                options.transfer_timeout);
+
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &impl->port);
+  builder.RegisterService(impl->service.get());
+  builder.SetMaxReceiveMessageSize(limits::kMaxGrpcMessageBytes);
+  builder.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
+  }
+  KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port << " dram_bytes=" << arena_bytes
+                << " slab_bytes=" << options.slab_bytes << " policy=" << options.eviction_policy;
+  return std::unique_ptr<Node>(new Node(std::move(impl)));
+}
+
+Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Node::~Node() = default;
+int Node::port() const { return impl_->port; }
+void Node::Wait() { impl_->shutdown.WaitForNotification(); }
+void Node::Shutdown() {
+  if (!impl_->shutdown.HasBeenNotified()) impl_->shutdown.Notify();
+}
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,368 @@
+#include "node_service.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstrata/common/block_key.h"
+#include "kvstrata/common/limits.h"
+#include "kvstrata/common/log.h"
+
+namespace kvstrata::cachenode {
+namespace {
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+grpc::Status InvalidArgument(std::string message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::move(message));
+}
+
+absl::StatusOr<std::vector<BlockKey>> ParseKeys(
+    const google::protobuf::RepeatedPtrField<std::string>& wire, size_t max) {
+  if (static_cast<size_t>(wire.size()) > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(wire.size(), " keys in one request; the limit is ", max));
+  }
+  std::vector<BlockKey> keys;
+  keys.reserve(wire.size());
+  for (const std::string& k : wire) {
+    absl::StatusOr<BlockKey> key = BlockKey::FromWire(k);
+    if (!key.ok()) return key.status();
+    keys.push_back(*key);
+  }
+  return keys;
+}
+
+// A request's UCX side, checked and connected: the peer and one remote key per
+// region.
+struct ResolvedEndpoint {
+  std::shared_ptr<transfer::Peer> peer;
+  std::vector<std::unique_ptr<transfer::RemoteKey>> rkeys;
+  std::vector<const v1::MemoryRegion*> regions;
+};
+
+absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint) {
+  if (endpoint.worker_address().empty() ||
+      endpoint.worker_address().size() > limits::kMaxWorkerAddressBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "worker_address must be 1..", limits::kMaxWorkerAddressBytes, " bytes"));
+  }
+  if (endpoint.regions().empty() || static_cast<size_t>(endpoint.regions_size()) > limits::kMaxRegions) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a request names 1..", limits::kMaxRegions, " memory regions, got ",
+                     endpoint.regions_size()));
+  }
+  for (const v1::MemoryRegion& region : endpoint.regions()) {
+    if (region.length() == 0 || region.base_address() == 0 ||
+        region.base_address() + region.length() < region.base_address()) {
+      return absl::InvalidArgumentError("memory region is empty, null or wraps around");
+    }
+    if (region.packed_rkey().empty() || region.packed_rkey().size() > limits::kMaxPackedRkeyBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("packed_rkey must be 1..", limits::kMaxPackedRkeyBytes, " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Checks that [offset, offset + size) lies inside region `index`.
+absl::Status ValidateRange(const v1::TransferEndpoint& endpoint, uint32_t index, uint64_t offset,
+                           uint64_t size) {
+  if (index >= static_cast<uint32_t>(endpoint.regions_size())) {
+    return absl::InvalidArgumentError(absl::StrCat("region index ", index, " out of range"));
+  }
+  const uint64_t length = endpoint.regions(index).length();
+  if (offset > length || size > length - offset) {
+    return absl::OutOfRangeError(absl::StrCat("buffer [", offset, ", +", size,
+                                              ") lies outside its region of ", length, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ResolvedEndpoint> Resolve(transfer::Engine& engine,
+                                         const v1::TransferEndpoint& endpoint) {
+  ResolvedEndpoint resolved;
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> peer = engine.Connect(endpoint.worker_address());
+  if (!peer.ok()) return peer.status();
+  resolved.peer = *std::move(peer);
+  for (const v1::MemoryRegion& region : endpoint.regions()) {
+    absl::StatusOr<std::unique_ptr<transfer::RemoteKey>> rkey =
+        resolved.peer->UnpackRkey(region.packed_rkey());
+    if (!rkey.ok()) return rkey.status();
+    resolved.rkeys.push_back(*std::move(rkey));
+    resolved.regions.push_back(&region);
+  }
+  return resolved;
+}
+
+}  // namespace
+
+NodeService::NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
+                         absl::Duration transfer_timeout)
+    : namespaces_(namespaces), dram_(dram), engine_(engine), transfer_timeout_(transfer_timeout) {}
+
+absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
+  const absl::Time own = absl::Now() + transfer_timeout_;
+  const absl::Time client = absl::FromChrono(context->deadline());
+  return std::min(own, client);
+}
+
+grpc::Status NodeService::OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest* request,
+                                        v1::OpenNamespaceResponse* response) {
+  absl::StatusOr<NamespaceInfo> info = namespaces_.Open(request->spec());
+  if (!info.ok()) return ToGrpc(info.status());
+  response->set_namespace_id(info->id);
+  response->set_block_bytes(info->block_bytes);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+                                 v1::LookupResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxLookupKeys);
+  if (!keys.ok()) return ToGrpc(keys.status());
+  const size_t prefix = dram_.PrefixLength(ns->id, *keys);
+  response->set_prefix_length(static_cast<uint32_t>(prefix));
+  for (size_t i = 0; i < prefix; ++i) response->add_tiers(v1::TIER_DRAM);
+  counters_.lookup_hit_blocks.fetch_add(prefix, std::memory_order_relaxed);
+  counters_.lookup_miss_blocks.fetch_add(keys->size() - prefix, std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::PublishRequest* request,
+                                  v1::PublishResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  const auto& blocks = request->blocks();
+  if (blocks.empty() || static_cast<size_t>(blocks.size()) > limits::kMaxTransferBlocks) {
+    return InvalidArgument(absl::StrCat("a publish carries 1..", limits::kMaxTransferBlocks,
+                                        " blocks, got ", blocks.size()));
+  }
+  if (absl::Status s = ValidateEndpoint(request->source()); !s.ok()) return ToGrpc(s);
+
+  // Validate everything before touching memory or the network.
+  std::vector<BlockId> ids(blocks.size());
+  std::vector<std::optional<BlockKey>> parents(blocks.size());
+  absl::flat_hash_set<BlockKey> seen;
+  for (int i = 0; i < blocks.size(); ++i) {
+    const v1::PublishBlock& block = blocks[i];
+    absl::StatusOr<BlockKey> key = BlockKey::FromWire(block.key());
+    if (!key.ok()) return ToGrpc(key.status());
+    if (!seen.insert(*key).second) {
+      return InvalidArgument(absl::StrCat("key ", key->Hex(), " appears twice in one publish"));
+    }
+    if (!block.parent().empty()) {
+      absl::StatusOr<BlockKey> parent = BlockKey::FromWire(block.parent());
+      if (!parent.ok()) return ToGrpc(parent.status());
+      parents[i] = *parent;
+    }
+    if (block.size() != ns->block_bytes) {
+      return InvalidArgument(absl::StrCat("block ", i, " has ", block.size(),
+                                          " bytes; this namespace's blocks have ", ns->block_bytes));
+    }
+    if (absl::Status s = ValidateRange(request->source(), block.region(), block.offset(), block.size());
+        !s.ok()) {
+      return ToGrpc(s);
+    }
+    ids[i] = BlockId{ns->id, *key};
+  }
+
+  // Reserve memory for the blocks not stored yet; the rest need no transfer.
+  std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
+  response->mutable_status()->Resize(blocks.size(), v1::BLOCK_OK);
+  size_t to_transfer = 0;
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (dram_.Find(ids[i], /*hit=*/false) != nullptr) {
+      response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
+      continue;
+    }
+    absl::StatusOr<std::shared_ptr<StoredBlock>> block = dram_.Reserve(ns->block_bytes);
+    if (!block.ok()) {
+      response->set_status(i, v1::BLOCK_NO_SPACE);
+      continue;
+    }
+    reserved[i] = *std::move(block);
+    ++to_transfer;
+  }
+  const auto already_present = std::count(response->status().begin(), response->status().end(),
+                                          v1::BLOCK_ALREADY_PRESENT);
+  counters_.duplicate_blocks.fetch_add(already_present, std::memory_order_relaxed);
+  if (to_transfer == 0) return grpc::Status::OK;
+
+  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source());
+  if (!endpoint.ok()) return ToGrpc(endpoint.status());
+  std::vector<transfer::RmaOp> ops;
+  ops.reserve(to_transfer);
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (reserved[i] == nullptr) continue;
+    const v1::PublishBlock& block = blocks[i];
+    ops.push_back(transfer::RmaOp{
+        .local = reserved[i]->data(),
+        .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
+        .length = block.size(),
+        .rkey = endpoint->rkeys[block.region()].get()});
+  }
+  // The reservations stay alive until UCX is done with them, even if we give up.
+  auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(reserved);
+  absl::Status transferred = endpoint->peer->Get(ops, TransferDeadline(context), keep_alive);
+  if (!transferred.ok()) {
+    counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
+    KVS_LOG(Warning) << "publish transfer failed: " << transferred;
+    return ToGrpc(transferred);
+  }
+
+  uint64_t bytes = 0;
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (reserved[i] == nullptr) continue;
+    bytes += reserved[i]->size();
+    const uint64_t checksum = BlockChecksum(reserved[i]->data(), reserved[i]->size());
+    if (checksum != blocks[i].checksum()) {
+      response->set_status(i, v1::BLOCK_CHECKSUM_MISMATCH);
+      counters_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    reserved[i]->checksum = checksum;
+    if (parents[i].has_value()) {
+      reserved[i]->parent = *parents[i];
+      reserved[i]->has_parent = true;
+    }
+    if (dram_.Commit(ids[i], reserved[i])) {
+      counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
+      counters_.duplicate_blocks.fetch_add(1, std::memory_order_relaxed);
+    }
+  }
+  response->set_bytes_transferred(bytes);
+  counters_.bytes_in.fetch_add(bytes, std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchRequest* request,
+                                v1::FetchResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  const auto& blocks = request->blocks();
+  if (blocks.empty() || static_cast<size_t>(blocks.size()) > limits::kMaxTransferBlocks) {
+    return InvalidArgument(absl::StrCat("a fetch carries 1..", limits::kMaxTransferBlocks,
+                                        " blocks, got ", blocks.size()));
+  }
+  if (absl::Status s = ValidateEndpoint(request->destination()); !s.ok()) return ToGrpc(s);
+  std::vector<BlockId> ids(blocks.size());
+  for (int i = 0; i < blocks.size(); ++i) {
+    const v1::FetchBlock& block = blocks[i];
+    absl::StatusOr<BlockKey> key = BlockKey::FromWire(block.key());
+    if (!key.ok()) return ToGrpc(key.status());
+    if (block.capacity() < ns->block_bytes) {
+      return InvalidArgument(absl::StrCat("destination ", i, " holds ", block.capacity(),
+                                          " bytes; this namespace's blocks have ", ns->block_bytes));
+    }
+    if (absl::Status s =
+            ValidateRange(request->destination(), block.region(), block.offset(), block.capacity());
+        !s.ok()) {
+      return ToGrpc(s);
+    }
+    ids[i] = BlockId{ns->id, *key};
+  }
+
+  // Pin what is stored; a miss is a per-block result, never an error.
+  std::vector<std::shared_ptr<StoredBlock>> pinned(blocks.size());
+  size_t hits = 0;
+  for (int i = 0; i < blocks.size(); ++i) {
+    pinned[i] = dram_.Find(ids[i], /*hit=*/true);
+    if (pinned[i] != nullptr) ++hits;
+  }
+  response->mutable_status()->Resize(blocks.size(), v1::BLOCK_NOT_FOUND);
+  response->mutable_size()->Resize(blocks.size(), 0);
+  response->mutable_checksum()->Resize(blocks.size(), 0);
+  counters_.fetch_hit_blocks.fetch_add(hits, std::memory_order_relaxed);
+  counters_.fetch_miss_blocks.fetch_add(blocks.size() - hits, std::memory_order_relaxed);
+  if (hits == 0) return grpc::Status::OK;
+
+  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->destination());
+  if (!endpoint.ok()) return ToGrpc(endpoint.status());
+  std::vector<transfer::RmaOp> ops;
+  ops.reserve(hits);
+  uint64_t bytes = 0;
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (pinned[i] == nullptr) continue;
+    const v1::FetchBlock& block = blocks[i];
+    ops.push_back(transfer::RmaOp{
+        .local = pinned[i]->data(),
+        .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
+        .length = pinned[i]->size(),
+        .rkey = endpoint->rkeys[block.region()].get()});
+    bytes += pinned[i]->size();
+  }
+  auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(pinned);
+  absl::Status transferred = endpoint->peer->Put(ops, TransferDeadline(context), keep_alive);
+  if (!transferred.ok()) {
+    counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
+    KVS_LOG(Warning) << "fetch transfer failed: " << transferred;
+    return ToGrpc(transferred);
+  }
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (pinned[i] == nullptr) continue;
+    response->set_status(i, v1::BLOCK_OK);
+    response->set_size(i, pinned[i]->size());
+    response->set_checksum(i, pinned[i]->checksum);
+  }
+  response->set_bytes_transferred(bytes);
+  counters_.bytes_out.fetch_add(bytes, std::memory_order_relaxed);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Delete(grpc::ServerContext*, const v1::DeleteRequest* request,
+                                 v1::DeleteResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxDeleteKeys);
+  if (!keys.ok()) return ToGrpc(keys.status());
+  uint32_t deleted = 0;
+  for (const BlockKey& key : *keys) deleted += dram_.Erase(BlockId{ns->id, key}) ? 1 : 0;
+  response->set_deleted(deleted);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
+                                v1::StatsResponse* response) {
+  const TierCounters dram = dram_.counters();
+  v1::TierStats* tier = response->add_tiers();
+  tier->set_tier(v1::TIER_DRAM);
+  tier->set_capacity_bytes(dram.capacity_bytes);
+  tier->set_used_bytes(dram.used_bytes);
+  tier->set_stored_bytes(dram.stored_bytes);
+  tier->set_blocks(dram.blocks);
+  tier->set_evictions(dram.evictions);
+  response->set_namespaces(namespaces_.size());
+  auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
+  response->set_lookup_hit_blocks(load(counters_.lookup_hit_blocks));
+  response->set_lookup_miss_blocks(load(counters_.lookup_miss_blocks));
+  response->set_fetch_hit_blocks(load(counters_.fetch_hit_blocks));
+  response->set_fetch_miss_blocks(load(counters_.fetch_miss_blocks));
+  response->set_published_blocks(load(counters_.published_blocks));
+  response->set_duplicate_blocks(load(counters_.duplicate_blocks));
+  response->set_checksum_failures(load(counters_.checksum_failures));
+  response->set_transfer_failures(load(counters_.transfer_failures));
+  response->set_bytes_in(load(counters_.bytes_in));
+  response->set_bytes_out(load(counters_.bytes_out));
+  for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
+  response->set_fetch_method("put");
+  response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Health(grpc::ServerContext*, const v1::HealthRequest*,
+                                 v1::HealthResponse* response) {
+  response->set_serving(true);
+  response->set_version(KVSTRATA_VERSION);
+  return grpc::Status::OK;
+}
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,54 @@
+// The kvstrata.v1.CacheNode gRPC service: request validation, node-driven
+// UCX transfers and per-block results.
+#pragma once
+
+#include <atomic>
+
+#include "absl/time/time.h"
+#include "kvstrata.grpc.pb.h"
+#include "kvstrata/cachenode/dram_tier.h"
+#include "kvstrata/cachenode/namespace_registry.h"
+#include "kvstrata/transfer/engine.h"
+
+namespace kvstrata::cachenode {
+
+struct NodeCounters {
+  std::atomic<uint64_t> lookup_hit_blocks{0};
+  std::atomic<uint64_t> lookup_miss_blocks{0};
+  std::atomic<uint64_t> fetch_hit_blocks{0};
+  std::atomic<uint64_t> fetch_miss_blocks{0};
+  std::atomic<uint64_t> published_blocks{0};
+  std::atomic<uint64_t> duplicate_blocks{0};
+  std::atomic<uint64_t> checksum_failures{0};
+  std::atomic<uint64_t> transfer_failures{0};
+  std::atomic<uint64_t> bytes_in{0};
+  std::atomic<uint64_t> bytes_out{0};
+};
+
+class NodeService final : public v1::CacheNode::Service {
+ public:
+  NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
+              absl::Duration transfer_timeout);
+
+  grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
+                             v1::OpenNamespaceResponse*) override;
+  grpc::Status Lookup(grpc::ServerContext*, const v1::LookupRequest*, v1::LookupResponse*) override;
+  grpc::Status Publish(grpc::ServerContext*, const v1::PublishRequest*,
+                       v1::PublishResponse*) override;
+  grpc::Status Fetch(grpc::ServerContext*, const v1::FetchRequest*, v1::FetchResponse*) override;
+  grpc::Status Delete(grpc::ServerContext*, const v1::DeleteRequest*, v1::DeleteResponse*) override;
+  grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*) override;
+  grpc::Status Health(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse*) override;
+
+ private:
+  absl::Time TransferDeadline(const grpc::ServerContext* context) const;
+
+  NamespaceRegistry& namespaces_;
+  DramTier& dram_;
+  transfer::Engine& engine_;
+  const absl::Duration transfer_timeout_;
+  const absl::Time started_ = absl::Now();
+  NodeCounters counters_;
+};
+
+}  // namespace kvstrata::cachenode

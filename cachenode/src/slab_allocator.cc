@@ -1,0 +1,98 @@
+#include "kvstrata/cachenode/slab_allocator.h"
+
+#include <algorithm>
+#include <cassert>
+
+namespace kvstrata::cachenode {
+namespace {
+constexpr uint64_t kPage = 4096;
+uint64_t RoundUpToPage(uint64_t v) { return (v + kPage - 1) / kPage * kPage; }
+}  // namespace
+
+SlabAllocator::SlabAllocator(uint64_t capacity, uint64_t slab_bytes) : slab_bytes_(slab_bytes) {
+  assert(slab_bytes % kPage == 0 && slab_bytes > 0 && capacity >= slab_bytes);
+  for (uint64_t size = kPage; size < slab_bytes_;) {
+    class_sizes_.push_back(size);
+    size = std::max(size + kPage, RoundUpToPage(size + size / 8));
+  }
+  class_sizes_.push_back(slab_bytes_);
+  partial_.resize(class_sizes_.size());
+  const size_t count = capacity / slab_bytes_;
+  slabs_.resize(count);
+  unassigned_.reserve(count);
+  for (size_t i = count; i-- > 0;) unassigned_.push_back(static_cast<uint32_t>(i));
+}
+
+size_t SlabAllocator::ClassOf(uint64_t size) const {
+  return std::lower_bound(class_sizes_.begin(), class_sizes_.end(), size) - class_sizes_.begin();
+}
+
+uint64_t SlabAllocator::ChunkSize(uint64_t size) const {
+  size_t c = ClassOf(size);
+  return c < class_sizes_.size() ? class_sizes_[c] : 0;
+}
+
+std::optional<uint64_t> SlabAllocator::Allocate(uint64_t size) {
+  if (size == 0 || size > slab_bytes_) return std::nullopt;
+  const size_t c = ClassOf(size);
+  const uint64_t chunk = class_sizes_[c];
+  absl::MutexLock lock(&mu_);
+  std::vector<uint32_t>& partial = partial_[c];
+  if (partial.empty()) {
+    if (unassigned_.empty()) return std::nullopt;
+    const uint32_t id = unassigned_.back();
+    unassigned_.pop_back();
+    Slab& slab = slabs_[id];
+    slab.size_class = static_cast<int>(c);
+    const uint32_t chunks = static_cast<uint32_t>(slab_bytes_ / chunk);
+    slab.free_chunks.resize(chunks);
+    for (uint32_t i = 0; i < chunks; ++i) slab.free_chunks[i] = chunks - 1 - i;  // chunk 0 first
+    slab.in_partial_list = true;
+    partial.push_back(id);
+  }
+  const uint32_t id = partial.back();
+  Slab& slab = slabs_[id];
+  const uint32_t index = slab.free_chunks.back();
+  slab.free_chunks.pop_back();
+  ++slab.used;
+  if (slab.free_chunks.empty()) {
+    partial.pop_back();
+    slab.in_partial_list = false;
+  }
+  used_bytes_ += chunk;
+  return uint64_t{id} * slab_bytes_ + uint64_t{index} * chunk;
+}
+
+void SlabAllocator::Free(uint64_t offset) {
+  absl::MutexLock lock(&mu_);
+  const uint32_t id = static_cast<uint32_t>(offset / slab_bytes_);
+  assert(id < slabs_.size());
+  Slab& slab = slabs_[id];
+  assert(slab.size_class >= 0 && slab.used > 0);
+  const size_t c = static_cast<size_t>(slab.size_class);
+  const uint64_t chunk = class_sizes_[c];
+  slab.free_chunks.push_back(static_cast<uint32_t>((offset % slab_bytes_) / chunk));
+  --slab.used;
+  used_bytes_ -= chunk;
+  std::vector<uint32_t>& partial = partial_[c];
+  if (slab.used == 0) {
+    if (slab.in_partial_list) partial.erase(std::find(partial.begin(), partial.end(), id));
+    slab = Slab{};
+    unassigned_.push_back(id);
+  } else if (!slab.in_partial_list) {
+    slab.in_partial_list = true;
+    partial.push_back(id);
+  }
+}
+
+uint64_t SlabAllocator::used_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return used_bytes_;
+}
+
+size_t SlabAllocator::free_slabs() const {
+  absl::MutexLock lock(&mu_);
+  return unassigned_.size();
+}
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,169 @@
+// kvstrata client library: publish, look up and fetch prefix-hashed KV blocks.
+//
+//   auto client = Client::Connect({.node_address = "127.0.0.1:50151"});
+//   auto ns = (*client)->OpenNamespace(spec);             // fixes the block size
+//   auto buffer = (*client)->Allocate(n * ns->block_bytes()); // registered memory
+//   std::vector<BlockKey> keys = ns->Keys(prompt_tokens);  // one per full block
+//   ns->Publish({{keys[0], std::nullopt, buffer.get(), 0}, ...});
+//   size_t cached = *ns->Lookup(keys);                    // longest stored prefix
+//   ns->Fetch({{keys[0], buffer.get(), 0}, ...});          // bytes land in buffer
+//
+// Bulk bytes never pass through this library: the node reads published blocks
+// from, and writes fetched blocks into, memory registered here (Allocate or
+// Register), over UCX (shared memory on one host, TCP or RDMA across hosts).
+//
+// Errors: absl::Status with gRPC's codes. A node that is down or unreachable
+// gives UNAVAILABLE (or DEADLINE_EXCEEDED) within the call's timeout. A miss is
+// not an error: it is a per-block outcome.
+//
+// Thread safety: Client and Namespace are safe for concurrent use. Buffers
+// must outlive every call that names them, and must not be written while a
+// publish reads them or read while a fetch fills them.
+#pragma once
+
+#include <cstdint>
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "kvstrata/common/block_key.h"
+
+namespace kvstrata::v1 {
+class NamespaceSpec;
+class StatsResponse;
+}
+
+namespace kvstrata::client {
+
+struct ClientOptions {
+  std::string node_address = "127.0.0.1:50151";
+  // Timeout of each call that does not give its own.
+  absl::Duration timeout = absl::Seconds(30);
+  // UCX transports (UCX_TLS syntax); empty: UCX_TLS or UCX's own choice.
+  std::string ucx_transports;
+  // Check every fetched block against the checksum the node stored with it.
+  bool verify_checksums = true;
+};
+
+// Per-block outcome of Publish and Fetch.
+enum class BlockOutcome {
+  kOk,               // Publish: stored. Fetch: bytes are in the buffer (and verified).
+  kAlreadyPresent,   // Publish: stored before; no bytes moved.
+  kNotFound,         // Fetch: not cached (recompute it).
+  kChecksumMismatch, // bytes did not match their checksum; nothing stored / do not use
+  kNoSpace,          // Publish: the node could not make room.
+  kTransferFailed,
+};
+const char* BlockOutcomeName(BlockOutcome outcome);
+
+// Memory registered for transfers: either the caller's (Register) or owned (Allocate).
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual uint8_t* data() const = 0;
+  virtual size_t size() const = 0;
+};
+
+struct PublishItem {
+  BlockKey key;
+  std::optional<BlockKey> parent;  // the previous block of the prompt; none for the first
+  const Buffer* buffer = nullptr;
+  size_t offset = 0;  // the block is buffer[offset, offset + block_bytes)
+};
+
+struct FetchItem {
+  BlockKey key;
+  Buffer* buffer = nullptr;
+  size_t offset = 0;  // the block lands in buffer[offset, offset + block_bytes)
+};
+
+struct TransferResult {
+  std::vector<BlockOutcome> outcomes;  // one per item, same order
+  uint64_t bytes = 0;                  // bytes moved
+  size_t count(BlockOutcome outcome) const;
+};
+
+struct LookupResult {
+  size_t prefix_length = 0;  // keys[0..prefix_length) are stored
+};
+
+class Client;
+
+// A namespace opened on the node: one model, KV layout and stored format.
+class Namespace {
+ public:
+  uint64_t id() const { return id_; }
+  uint64_t block_bytes() const { return block_bytes_; }
+  uint32_t tokens_per_block() const { return tokens_per_block_; }
+
+  // Keys of every full block of `tokens` (DESIGN.md §3), chained from `parent`.
+  std::vector<BlockKey> Keys(absl::Span<const uint32_t> tokens,
+                             const BlockKey& parent = BlockKey{}) const;
+
+  // Longest stored prefix of `keys` (any number; sent in batches of 4096).
+  absl::StatusOr<LookupResult> Lookup(absl::Span<const BlockKey> keys,
+                                      std::optional<absl::Duration> timeout = std::nullopt);
+
+  // Publishes blocks from registered memory. Batches over 1024 blocks are
+  // split and sent concurrently. The call-level status is an error only when
+  // nothing could be attempted (bad input, node down); per-block outcomes
+  // say what happened to each block.
+  absl::StatusOr<TransferResult> Publish(absl::Span<const PublishItem> items,
+                                         std::optional<absl::Duration> timeout = std::nullopt);
+  std::future<absl::StatusOr<TransferResult>> PublishAsync(
+      std::vector<PublishItem> items, std::optional<absl::Duration> timeout = std::nullopt);
+
+  // Fetches blocks into registered memory; misses are kNotFound.
+  absl::StatusOr<TransferResult> Fetch(absl::Span<const FetchItem> items,
+                                       std::optional<absl::Duration> timeout = std::nullopt);
+  std::future<absl::StatusOr<TransferResult>> FetchAsync(
+      std::vector<FetchItem> items, std::optional<absl::Duration> timeout = std::nullopt);
+
+  // Removes blocks; returns how many were stored.
+  absl::StatusOr<size_t> Delete(absl::Span<const BlockKey> keys,
+                                std::optional<absl::Duration> timeout = std::nullopt);
+
+ private:
+  friend class Client;
+  Namespace(Client* client, uint64_t id, uint64_t block_bytes, uint32_t tokens_per_block)
+      : client_(client), id_(id), block_bytes_(block_bytes), tokens_per_block_(tokens_per_block) {}
+  Client* client_;
+  uint64_t id_;
+  uint64_t block_bytes_;
+  uint32_t tokens_per_block_;
+};
+
+class Client {
+ public:
+  // Connects lazily: this fails only on bad options or UCX setup; the first
+  // call finds out whether the node answers.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const ClientOptions& options);
+  ~Client();
+
+  absl::StatusOr<Namespace> OpenNamespace(const v1::NamespaceSpec& spec,
+                                          std::optional<absl::Duration> timeout = std::nullopt);
+
+  // Registers caller-owned memory [data, data + size) for transfers.
+  absl::StatusOr<std::unique_ptr<Buffer>> Register(void* data, size_t size);
+  // Allocates and registers `size` bytes.
+  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t size);
+
+  // The node's counters (include kvstrata.pb.h to read them).
+  absl::Status Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout = std::nullopt);
+  // True when the node answers Health within the timeout.
+  absl::Status Ping(std::optional<absl::Duration> timeout = std::nullopt);
+
+  class Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvstrata::client

@@ -1,0 +1,363 @@
+#include <algorithm>
+#include <memory>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "client_impl.h"
+#include "kvstrata/common/limits.h"
+
+namespace kvstrata::client {
+namespace {
+
+class RegisteredBuffer final : public Buffer {
+ public:
+  explicit RegisteredBuffer(std::unique_ptr<transfer::MemoryRegion> region)
+      : region_(std::move(region)) {}
+  uint8_t* data() const override { return region_->data(); }
+  size_t size() const override { return region_->size(); }
+  const transfer::MemoryRegion& region() const { return *region_; }
+
+ private:
+  std::unique_ptr<transfer::MemoryRegion> region_;
+};
+
+void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
+  context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+}
+
+BlockOutcome FromWire(v1::BlockStatus status) {
+  switch (status) {
+    case v1::BLOCK_OK: return BlockOutcome::kOk;
+    case v1::BLOCK_ALREADY_PRESENT: return BlockOutcome::kAlreadyPresent;
+    case v1::BLOCK_NOT_FOUND: return BlockOutcome::kNotFound;
+    case v1::BLOCK_CHECKSUM_MISMATCH: return BlockOutcome::kChecksumMismatch;
+    case v1::BLOCK_NO_SPACE: return BlockOutcome::kNoSpace;
+    default: return BlockOutcome::kTransferFailed;
+  }
+}
+
+// Adds the buffer's region to `endpoint` once and returns its index.
+class RegionTable {
+ public:
+  explicit RegionTable(v1::TransferEndpoint* endpoint) : endpoint_(endpoint) {}
+  absl::StatusOr<uint32_t> IndexOf(const Buffer* buffer) {
+    auto it = index_.find(buffer);
+    if (it != index_.end()) return it->second;
+    auto* registered = dynamic_cast<const RegisteredBuffer*>(buffer);
+    if (registered == nullptr) {
+      return absl::InvalidArgumentError("buffer was not registered by this client");
+    }
+    if (index_.size() >= limits::kMaxRegions) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("one batch may use at most ", limits::kMaxRegions, " buffers"));
+    }
+    v1::MemoryRegion* region = endpoint_->add_regions();
+    region->set_base_address(reinterpret_cast<uint64_t>(registered->data()));
+    region->set_length(registered->size());
+    region->set_packed_rkey(registered->region().packed_rkey());
+    const uint32_t index = static_cast<uint32_t>(index_.size());
+    index_.emplace(buffer, index);
+    return index;
+  }
+
+ private:
+  v1::TransferEndpoint* endpoint_;
+  absl::flat_hash_map<const Buffer*, uint32_t> index_;
+};
+
+absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_bytes) {
+  if (buffer == nullptr) return absl::InvalidArgumentError("block without a buffer");
+  if (offset > buffer->size() || block_bytes > buffer->size() - offset) {
+    return absl::OutOfRangeError(absl::StrCat("block at offset ", offset, " of ", block_bytes,
+                                              " bytes overruns its buffer of ", buffer->size()));
+  }
+  return absl::OkStatus();
+}
+
+// Runs `one_batch` over consecutive slices of at most kMaxTransferBlocks items
+// concurrently (gRPC's callback API: no thread per call) and joins the results.
+template <typename Item, typename Request, typename Response>
+absl::StatusOr<TransferResult> RunBatches(
+    absl::Span<const Item> items, absl::Duration timeout,
+    const std::function<absl::Status(absl::Span<const Item>, Request*)>& build,
+    const std::function<void(grpc::ClientContext*, const Request*, Response*,
+                             std::function<void(grpc::Status)>)>& call,
+    const std::function<absl::Status(absl::Span<const Item>, const Response&, TransferResult*)>&
+        collect) {
+  TransferResult result;
+  if (items.empty()) return result;
+  struct Batch {
+    grpc::ClientContext context;
+    Request request;
+    Response response;
+    std::promise<grpc::Status> done;
+  };
+  const size_t batch_size = limits::kMaxTransferBlocks;
+  std::vector<std::unique_ptr<Batch>> batches;
+  for (size_t start = 0; start < items.size(); start += batch_size) {
+    auto batch = std::make_unique<Batch>();
+    absl::Status built = build(items.subspan(start, batch_size), &batch->request);
+    if (!built.ok()) return built;
+    SetDeadline(batch->context, timeout);
+    batches.push_back(std::move(batch));
+  }
+  std::vector<std::future<grpc::Status>> pending;
+  for (auto& batch : batches) {
+    pending.push_back(batch->done.get_future());
+    Batch* b = batch.get();
+    call(&b->context, &b->request, &b->response, [b](grpc::Status s) { b->done.set_value(s); });
+  }
+  absl::Status first_error;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    grpc::Status status = pending[i].get();
+    const auto slice = items.subspan(i * batch_size, batch_size);
+    if (!status.ok()) {
+      if (first_error.ok()) first_error = FromGrpc(status);
+      result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
+      continue;
+    }
+    absl::Status collected = collect(slice, batches[i]->response, &result);
+    if (!collected.ok() && first_error.ok()) first_error = collected;
+  }
+  // One batch: its error is the call's error. Several: report per block,
+  // unless every batch failed.
+  if (!first_error.ok() &&
+      (batches.size() == 1 ||
+       result.count(BlockOutcome::kTransferFailed) == result.outcomes.size())) {
+    return first_error;
+  }
+  return result;
+}
+
+}  // namespace
+
+absl::Status FromGrpc(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+const char* BlockOutcomeName(BlockOutcome outcome) {
+  switch (outcome) {
+    case BlockOutcome::kOk: return "ok";
+    case BlockOutcome::kAlreadyPresent: return "already_present";
+    case BlockOutcome::kNotFound: return "not_found";
+    case BlockOutcome::kChecksumMismatch: return "checksum_mismatch";
+    case BlockOutcome::kNoSpace: return "no_space";
+    case BlockOutcome::kTransferFailed: return "transfer_failed";
+  }
+  return "?";
+}
+
+size_t TransferResult::count(BlockOutcome outcome) const {
+  return std::count(outcomes.begin(), outcomes.end(), outcome);
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine =
+      transfer::Engine::Create({.transports = options.ucx_transports});
+  if (!engine.ok()) return engine.status();
+  impl->engine = *std::move(engine);
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(limits::kMaxGrpcMessageBytes);
+  args.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
+  // Reconnect quickly after a node restart instead of backing off for minutes.
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  impl->channel = grpc::CreateCustomChannel(options.node_address,
+                                            grpc::InsecureChannelCredentials(), args);
+  impl->stub = v1::CacheNode::NewStub(impl->channel);
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
+                                                std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, impl_->Timeout(timeout));
+  v1::OpenNamespaceRequest request;
+  *request.mutable_spec() = spec;
+  v1::OpenNamespaceResponse response;
+  absl::Status status = FromGrpc(impl_->stub->OpenNamespace(&context, request, &response));
+  if (!status.ok()) return status;
+  return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block());
+}
+
+absl::StatusOr<std::unique_ptr<Buffer>> Client::Register(void* data, size_t size) {
+  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region = impl_->engine->Register(data, size);
+  if (!region.ok()) return region.status();
+  return std::make_unique<RegisteredBuffer>(*std::move(region));
+}
+
+absl::StatusOr<std::unique_ptr<Buffer>> Client::Allocate(size_t size) {
+  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region = impl_->engine->Allocate(size);
+  if (!region.ok()) return region.status();
+  return std::make_unique<RegisteredBuffer>(*std::move(region));
+}
+
+absl::Status Client::Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, impl_->Timeout(timeout));
+  return FromGrpc(impl_->stub->Stats(&context, v1::StatsRequest(), out));
+}
+
+absl::Status Client::Ping(std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, impl_->Timeout(timeout));
+  v1::HealthResponse response;
+  absl::Status status = FromGrpc(impl_->stub->Health(&context, v1::HealthRequest(), &response));
+  if (status.ok() && !response.serving()) return absl::UnavailableError("node is not serving");
+  return status;
+}
+
+std::vector<BlockKey> Namespace::Keys(absl::Span<const uint32_t> tokens, const BlockKey& parent) const {
+  return ComputeBlockKeys(id_, tokens, tokens_per_block_, parent);
+}
+
+absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
+                                               std::optional<absl::Duration> timeout) {
+  LookupResult result;
+  const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
+  for (size_t start = 0; start < keys.size(); start += limits::kMaxLookupKeys) {
+    const auto slice = keys.subspan(start, limits::kMaxLookupKeys);
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(deadline));
+    v1::LookupRequest request;
+    request.set_namespace_id(id_);
+    for (const BlockKey& key : slice) request.add_keys(std::string(key.view()));
+    v1::LookupResponse response;
+    absl::Status status = FromGrpc(client_->impl().stub->Lookup(&context, request, &response));
+    if (!status.ok()) return status;
+    result.prefix_length += response.prefix_length();
+    if (response.prefix_length() < slice.size()) break;  // the prefix ends in this slice
+  }
+  return result;
+}
+
+absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> items,
+                                                  std::optional<absl::Duration> timeout) {
+  Client::Impl& impl = client_->impl();
+  const uint64_t block_bytes = block_bytes_;
+  const uint64_t ns = id_;
+  return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
+      items, impl.Timeout(timeout),
+      [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request) -> absl::Status {
+        request->set_namespace_id(ns);
+        v1::TransferEndpoint* source = request->mutable_source();
+        source->set_worker_address(impl.engine->worker_address());
+        RegionTable regions(source);
+        for (const PublishItem& item : slice) {
+          if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
+          absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
+          if (!region.ok()) return region.status();
+          v1::PublishBlock* block = request->add_blocks();
+          block->set_key(std::string(item.key.view()));
+          if (item.parent.has_value()) block->set_parent(std::string(item.parent->view()));
+          block->set_region(*region);
+          block->set_offset(item.offset);
+          block->set_size(block_bytes);
+          block->set_checksum(BlockChecksum(item.buffer->data() + item.offset, block_bytes));
+        }
+        return absl::OkStatus();
+      },
+      [&](grpc::ClientContext* context, const v1::PublishRequest* request,
+          v1::PublishResponse* response, std::function<void(grpc::Status)> done) {
+        impl.stub->async()->Publish(context, request, response, std::move(done));
+      },
+      [](absl::Span<const PublishItem> slice, const v1::PublishResponse& response,
+         TransferResult* result) -> absl::Status {
+        if (static_cast<size_t>(response.status_size()) != slice.size()) {
+          return absl::InternalError("node answered a different number of blocks");
+        }
+        for (int s : response.status()) result->outcomes.push_back(FromWire(v1::BlockStatus(s)));
+        result->bytes += response.bytes_transferred();
+        return absl::OkStatus();
+      });
+}
+
+std::future<absl::StatusOr<TransferResult>> Namespace::PublishAsync(
+    std::vector<PublishItem> items, std::optional<absl::Duration> timeout) {
+  return std::async(std::launch::async, [this, items = std::move(items), timeout] {
+    return Publish(items, timeout);
+  });
+}
+
+absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
+                                                std::optional<absl::Duration> timeout) {
+  Client::Impl& impl = client_->impl();
+  const uint64_t block_bytes = block_bytes_;
+  const uint64_t ns = id_;
+  const bool verify = impl.options.verify_checksums;
+  return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
+      items, impl.Timeout(timeout),
+      [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request) -> absl::Status {
+        request->set_namespace_id(ns);
+        v1::TransferEndpoint* destination = request->mutable_destination();
+        destination->set_worker_address(impl.engine->worker_address());
+        RegionTable regions(destination);
+        for (const FetchItem& item : slice) {
+          if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
+          absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
+          if (!region.ok()) return region.status();
+          v1::FetchBlock* block = request->add_blocks();
+          block->set_key(std::string(item.key.view()));
+          block->set_region(*region);
+          block->set_offset(item.offset);
+          block->set_capacity(block_bytes);
+        }
+        return absl::OkStatus();
+      },
+      [&](grpc::ClientContext* context, const v1::FetchRequest* request,
+          v1::FetchResponse* response, std::function<void(grpc::Status)> done) {
+        impl.stub->async()->Fetch(context, request, response, std::move(done));
+      },
+      [verify](absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
+               TransferResult* result) -> absl::Status {
+        if (static_cast<size_t>(response.status_size()) != slice.size() ||
+            response.size_size() != response.status_size() ||
+            response.checksum_size() != response.status_size()) {
+          return absl::InternalError("node answered a different number of blocks");
+        }
+        for (size_t i = 0; i < slice.size(); ++i) {
+          BlockOutcome outcome = FromWire(response.status(i));
+          if (outcome == BlockOutcome::kOk && verify &&
+              BlockChecksum(slice[i].buffer->data() + slice[i].offset, response.size(i)) !=
+                  response.checksum(i)) {
+            outcome = BlockOutcome::kChecksumMismatch;
+          }
+          result->outcomes.push_back(outcome);
+        }
+        result->bytes += response.bytes_transferred();
+        return absl::OkStatus();
+      });
+}
+
+std::future<absl::StatusOr<TransferResult>> Namespace::FetchAsync(
+    std::vector<FetchItem> items, std::optional<absl::Duration> timeout) {
+  return std::async(std::launch::async, [this, items = std::move(items), timeout] {
+    return Fetch(items, timeout);
+  });
+}
+
+absl::StatusOr<size_t> Namespace::Delete(absl::Span<const BlockKey> keys,
+                                         std::optional<absl::Duration> timeout) {
+  size_t deleted = 0;
+  for (size_t start = 0; start < keys.size(); start += limits::kMaxDeleteKeys) {
+    grpc::ClientContext context;
+    SetDeadline(context, client_->impl().Timeout(timeout));
+    v1::DeleteRequest request;
+    request.set_namespace_id(id_);
+    for (const BlockKey& key : keys.subspan(start, limits::kMaxDeleteKeys)) {
+      request.add_keys(std::string(key.view()));
+    }
+    v1::DeleteResponse response;
+    absl::Status status = FromGrpc(client_->impl().stub->Delete(&context, request, &response));
+    if (!status.ok()) return status;
+    deleted += response.deleted();
+  }
+  return deleted;
+}
+
+}  // namespace kvstrata::client

@@ -1,0 +1,26 @@
+// Protocol limits, checked by the node before it allocates anything and by the
+// client before it sends. proto/kvstrata.proto documents the same numbers.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvstrata::limits {
+
+inline constexpr size_t kMaxLookupKeys = 4096;
+inline constexpr size_t kMaxDeleteKeys = 4096;
+inline constexpr size_t kMaxTransferBlocks = 1024;
+inline constexpr size_t kMaxRegions = 64;
+inline constexpr size_t kMaxWorkerAddressBytes = 8192;
+inline constexpr size_t kMaxPackedRkeyBytes = 4096;
+inline constexpr size_t kMaxNameBytes = 256;
+inline constexpr uint32_t kMaxLayers = 1024;
+inline constexpr uint32_t kMaxKvHeads = 1024;
+inline constexpr uint32_t kMaxHeadDim = 4096;
+inline constexpr uint32_t kMaxTokensPerBlock = 65536;
+inline constexpr size_t kMaxNamespaces = 1024;
+// gRPC message cap; the largest legal request (4096 keys of 32 bytes, or 1024
+// blocks plus 64 rkeys) stays far below it.
+inline constexpr int kMaxGrpcMessageBytes = 16 << 20;
+
+}  // namespace kvstrata::limits

@@ -1,0 +1,287 @@
+#include <poll.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "kvstrata/common/log.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include <algorithm>
+#include "engine_impl.h"
+
+namespace kvstrata::transfer {
+namespace {
+
+// Spin this many empty progress rounds before sleeping on the event fd: short
+// gaps between operations are common and a sleep costs a wakeup.
+constexpr int kSpinRoundsBeforeSleep = 2000;
+constexpr int kSleepTimeoutMs = 100;
+
+// Loopback/cross-host TCP settings (MEASUREMENTS.md): UCX defaults target RDMA
+// fabrics; larger segments and socket buffers roughly double put bandwidth.
+constexpr std::pair<const char*, const char*> kTcpTuning[] = {
+    {"TCP_TX_SEG_SIZE", "256K"},
+    {"TCP_RX_SEG_SIZE", "256K"},
+    {"TCP_SNDBUF", "4M"},
+    {"TCP_RCVBUF", "4M"},
+};
+
+}  // namespace
+
+absl::Status UcsError(std::string_view what, ucs_status_t status) {
+  std::string message = absl::StrCat(absl::string_view(what.data(), what.size()), ": ", ucs_status_string(status));
+  switch (status) {
+    case UCS_ERR_TIMED_OUT:
+      return absl::DeadlineExceededError(message);
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_CANCELED:
+    case UCS_ERR_REJECTED:
+    case UCS_ERR_NOT_CONNECTED:
+      return absl::UnavailableError(message);
+    case UCS_ERR_INVALID_PARAM:
+    case UCS_ERR_INVALID_ADDR:
+      return absl::InvalidArgumentError(message);
+    case UCS_ERR_NO_MEMORY:
+    case UCS_ERR_EXCEEDS_LIMIT:
+      return absl::ResourceExhaustedError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+Engine::Impl::~Impl() {
+  stop_.store(true);
+  if (worker_ != nullptr) ucp_worker_signal(worker_);
+  if (progress_thread_.joinable()) progress_thread_.join();
+  if (worker_ != nullptr) {
+    // Let endpoint closes finish; bounded so a wedged peer cannot hang shutdown.
+    for (int i = 0; i < 1000000 && closing_.load() > 0; ++i) ucp_worker_progress(worker_);
+    ucp_worker_destroy(worker_);
+  }
+  if (context_ != nullptr) ucp_cleanup(context_);
+}
+
+void Engine::Impl::StartProgressThread() {
+  progress_thread_ = std::thread([this] { ProgressLoop(); });
+}
+
+void Engine::Impl::ProgressLoop() {
+  int idle_rounds = 0;
+  while (!stop_.load(std::memory_order_acquire)) {
+    if (ucp_worker_progress(worker_) != 0) {
+      idle_rounds = 0;
+      continue;
+    }
+    if (active_.load(std::memory_order_acquire) > 0 || ++idle_rounds < kSpinRoundsBeforeSleep) {
+      continue;
+    }
+    ucs_status_t status = ucp_worker_arm(worker_);
+    if (status == UCS_ERR_BUSY) {
+      idle_rounds = 0;
+      continue;
+    }
+    pollfd fd{.fd = event_fd_, .events = POLLIN, .revents = 0};
+    poll(&fd, 1, kSleepTimeoutMs);
+    idle_rounds = 0;
+  }
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->impl_ = std::make_unique<Impl>();
+  Impl& impl = *engine->impl_;
+
+  ucp_config_t* config = nullptr;
+  ucs_status_t status = ucp_config_read(nullptr, nullptr, &config);
+  if (status != UCS_OK) return UcsError("ucp_config_read", status);
+  if (!options.transports.empty()) {
+    status = ucp_config_modify(config, "TLS", options.transports.c_str());
+    if (status != UCS_OK) {
+      ucp_config_release(config);
+      return UcsError(absl::StrCat("UCX transports '", options.transports, "'"), status);
+    }
+  }
+  if (options.tune_tcp) {
+    // UCX 1.13 applies ucp_config_modify() only to UCP's own table, not to
+    // transport settings, which it reads from the environment when the worker
+    // opens its interfaces. So the tuning goes there, never overriding a value
+    // the operator set.
+    for (const auto& [name, value] : kTcpTuning) {
+      setenv(absl::StrCat("UCX_", name).c_str(), value, /*overwrite=*/0);
+    }
+  }
+
+  ucp_params_t params{};
+  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.mt_workers_shared = 0;
+  status = ucp_init(&params, config, &impl.context_);
+  ucp_config_release(config);
+  if (status != UCS_OK) return UcsError("ucp_init", status);
+
+  ucp_worker_params_t worker_params{};
+  worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  worker_params.thread_mode = UCS_THREAD_MODE_MULTI;
+  status = ucp_worker_create(impl.context_, &worker_params, &impl.worker_);
+  if (status != UCS_OK) return UcsError("ucp_worker_create", status);
+
+  ucp_worker_attr_t attr{};
+  attr.field_mask = UCP_WORKER_ATTR_FIELD_THREAD_MODE | UCP_WORKER_ATTR_FIELD_ADDRESS;
+  status = ucp_worker_query(impl.worker_, &attr);
+  if (status != UCS_OK) return UcsError("ucp_worker_query", status);
+  if (attr.thread_mode != UCS_THREAD_MODE_MULTI) {
+    ucp_worker_release_address(impl.worker_, attr.address);
+    return absl::FailedPreconditionError("this UCX build has no multi-thread support");
+  }
+  engine->worker_address_.assign(reinterpret_cast<const char*>(attr.address), attr.address_length);
+  ucp_worker_release_address(impl.worker_, attr.address);
+
+  status = ucp_worker_get_efd(impl.worker_, &impl.event_fd_);
+  if (status != UCS_OK) return UcsError("ucp_worker_get_efd", status);
+  impl.StartProgressThread();
+  return engine;
+}
+
+Engine::~Engine() {
+  if (impl_ == nullptr) return;
+  {
+    absl::MutexLock lock(&impl_->peers_mu_);
+    impl_->peers_.clear();  // closes endpoints not held elsewhere
+  }
+  impl_.reset();
+}
+
+absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Register(void* addr, size_t length) {
+  if (addr == nullptr || length == 0) {
+    return absl::InvalidArgumentError("cannot register an empty or null range");
+  }
+  ucp_mem_map_params_t params{};
+  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                      UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+  params.address = addr;
+  params.length = length;
+  params.memory_type = UCS_MEMORY_TYPE_HOST;
+  ucp_mem_h memh = nullptr;
+  ucs_status_t status = ucp_mem_map(impl_->context_, &params, &memh);
+  if (status != UCS_OK) return UcsError("ucp_mem_map", status);
+
+  std::unique_ptr<MemoryRegion> region(new MemoryRegion());
+  region->context_ = impl_->context_;
+  region->memh_ = memh;
+  region->base_ = addr;
+  region->length_ = length;
+  void* rkey_buffer = nullptr;
+  size_t rkey_size = 0;
+  status = ucp_rkey_pack(impl_->context_, memh, &rkey_buffer, &rkey_size);
+  if (status != UCS_OK) return UcsError("ucp_rkey_pack", status);
+  region->packed_rkey_.assign(static_cast<const char*>(rkey_buffer), rkey_size);
+  ucp_rkey_buffer_release(rkey_buffer);
+  return region;
+}
+
+absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Allocate(size_t length) {
+  if (length == 0) return absl::InvalidArgumentError("cannot allocate 0 bytes");
+  void* addr = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                    -1, 0);
+  if (addr == MAP_FAILED) {
+    return absl::ResourceExhaustedError(absl::StrCat("mmap of ", length, " bytes: ", strerror(errno)));
+  }
+  madvise(addr, length, MADV_HUGEPAGE);
+  auto region = Register(addr, length);
+  if (!region.ok()) {
+    munmap(addr, length);
+    return region.status();
+  }
+  (*region)->owns_mapping_ = true;
+  return region;
+}
+
+MemoryRegion::~MemoryRegion() {
+  if (memh_ != nullptr) ucp_mem_unmap(static_cast<ucp_context_h>(context_), static_cast<ucp_mem_h>(memh_));
+  if (owns_mapping_) munmap(base_, length_);
+}
+
+namespace {
+
+void OnPeerError(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
+  auto* peer_failed = static_cast<std::atomic<bool>*>(arg);
+  peer_failed->store(true, std::memory_order_release);
+  KVS_LOG(Warning) << "UCX endpoint failed: " << ucs_status_string(status);
+}
+
+// Reads the transports of an endpoint's RMA lanes from ucp_ep_print_info, the
+// only place UCX 1.13 reports them ("lane[1]:  3:tcp/lo.0 ... rma_bw#0").
+std::string RmaTransports(ucp_ep_h ep) {
+  char* text = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&text, &size);
+  if (stream == nullptr) return "unknown";
+  ucp_ep_print_info(ep, stream);
+  fclose(stream);
+  std::vector<std::string> found;
+  std::vector<std::string> any_lane;
+  for (absl::string_view line : absl::StrSplit(absl::string_view(text, size), '\n')) {
+    if (line.find("lane[") == absl::string_view::npos) continue;
+    size_t colon = line.find(':', line.find(']'));
+    if (colon == absl::string_view::npos) continue;
+    size_t start = line.find(':', colon + 1);
+    size_t slash = line.find('/', start);
+    if (start == absl::string_view::npos || slash == absl::string_view::npos) continue;
+    std::string tl(line.substr(start + 1, slash - start - 1));
+    auto& into = line.find("rma") != absl::string_view::npos ? found : any_lane;
+    if (std::find(into.begin(), into.end(), tl) == into.end()) into.push_back(tl);
+  }
+  free(text);
+  if (found.empty()) found = any_lane;
+  return found.empty() ? "unknown" : absl::StrJoin(found, ",");
+}
+
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address) {
+  if (worker_address.empty()) return absl::InvalidArgumentError("empty UCX worker address");
+  std::string key(worker_address);
+  absl::MutexLock lock(&impl_->peers_mu_);
+  if (auto it = impl_->peers_.find(key); it != impl_->peers_.end()) {
+    if (!it->second->failed()) return it->second;
+    impl_->peers_.erase(it);  // closes once its last user is done
+  }
+  // Drop other failed peers so dead clients do not accumulate.
+  absl::erase_if(impl_->peers_, [](const auto& kv) { return kv.second->failed(); });
+
+  std::shared_ptr<Peer> peer(new Peer());
+  peer->engine_ = this;
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.address = reinterpret_cast<const ucp_address_t*>(key.data());
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.cb = OnPeerError;
+  params.err_handler.arg = &peer->failed_;
+  ucp_ep_h ep = nullptr;
+  ucs_status_t status = ucp_ep_create(impl_->worker_, &params, &ep);
+  if (status != UCS_OK) return UcsError("ucp_ep_create", status);
+  peer->ep_ = ep;
+  peer->transport_ = RmaTransports(ep);
+  impl_->peers_.emplace(std::move(key), peer);
+  return peer;
+}
+
+std::vector<std::string> Engine::ActiveTransports() {
+  std::vector<std::string> out;
+  absl::MutexLock lock(&impl_->peers_mu_);
+  for (const auto& [address, peer] : impl_->peers_) {
+    if (peer->failed()) continue;
+    if (std::find(out.begin(), out.end(), peer->transport()) == out.end()) {
+      out.push_back(peer->transport());
+    }
+  }
+  return out;
+}
+
+}  // namespace kvstrata::transfer

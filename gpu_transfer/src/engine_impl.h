@@ -1,0 +1,46 @@
+// Internals shared by engine.cc and peer.cc.
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "kvstrata/transfer/engine.h"
+
+namespace kvstrata::transfer {
+
+absl::Status UcsError(std::string_view what, ucs_status_t status);
+
+class Engine::Impl {
+ public:
+  ~Impl();
+  void StartProgressThread();
+  // Keeps the progress thread polling (not sleeping) while operations are in flight.
+  void BeginActive() {
+    if (active_.fetch_add(1, std::memory_order_acq_rel) == 0) ucp_worker_signal(worker_);
+  }
+  void EndActive() { active_.fetch_sub(1, std::memory_order_acq_rel); }
+
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  int event_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> active_{0};
+  std::atomic<int> closing_{0};
+  std::thread progress_thread_;
+
+  absl::Mutex peers_mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Peer>> peers_ ABSL_GUARDED_BY(peers_mu_);
+
+ private:
+  void ProgressLoop();
+};
+
+}  // namespace kvstrata::transfer
