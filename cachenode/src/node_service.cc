@@ -52,6 +52,7 @@ absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint) {
     return absl::InvalidArgumentError(absl::StrCat(
         "worker_address must be 1..", limits::kMaxWorkerAddressBytes, " bytes"));
   }
+  if (endpoint.host_id().size() > 512) return absl::InvalidArgumentError("host_id over 512 bytes");
   if (endpoint.regions().empty() || static_cast<size_t>(endpoint.regions_size()) > limits::kMaxRegions) {
     return absl::InvalidArgumentError(
         absl::StrCat("a request names 1..", limits::kMaxRegions, " memory regions, got ",
@@ -85,9 +86,11 @@ absl::Status ValidateRange(const v1::TransferEndpoint& endpoint, uint32_t index,
 }
 
 absl::StatusOr<ResolvedEndpoint> Resolve(transfer::Engine& engine,
-                                         const v1::TransferEndpoint& endpoint) {
+                                         const v1::TransferEndpoint& endpoint, absl::Time deadline) {
   ResolvedEndpoint resolved;
-  absl::StatusOr<std::shared_ptr<transfer::Peer>> peer = engine.Connect(endpoint.worker_address());
+  const bool same_host = endpoint.host_id() == transfer::Engine::HostId();
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> peer =
+      engine.Connect(endpoint.worker_address(), same_host, deadline);
   if (!peer.ok()) return peer.status();
   resolved.peer = *std::move(peer);
   for (const v1::MemoryRegion& region : endpoint.regions()) {
@@ -195,7 +198,8 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   counters_.duplicate_blocks.fetch_add(already_present, std::memory_order_relaxed);
   if (to_transfer == 0) return grpc::Status::OK;
 
-  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source());
+  const absl::Time deadline = TransferDeadline(context);
+  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source(), deadline);
   if (!endpoint.ok()) return ToGrpc(endpoint.status());
   std::vector<transfer::RmaOp> ops;
   ops.reserve(to_transfer);
@@ -210,7 +214,7 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   }
   // The reservations stay alive until UCX is done with them, even if we give up.
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(reserved);
-  absl::Status transferred = endpoint->peer->Get(ops, TransferDeadline(context), keep_alive);
+  absl::Status transferred = endpoint->peer->Get(ops, deadline, keep_alive);
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
     KVS_LOG(Warning) << "publish transfer failed: " << transferred;
@@ -254,6 +258,9 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
                                         " blocks, got ", blocks.size()));
   }
   if (absl::Status s = ValidateEndpoint(request->destination()); !s.ok()) return ToGrpc(s);
+  if ((request->tag_base() & 0xffff) != 0) {
+    return InvalidArgument("tag_base must have its low 16 bits clear");
+  }
   std::vector<BlockId> ids(blocks.size());
   for (int i = 0; i < blocks.size(); ++i) {
     const v1::FetchBlock& block = blocks[i];
@@ -285,23 +292,35 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
   counters_.fetch_miss_blocks.fetch_add(blocks.size() - hits, std::memory_order_relaxed);
   if (hits == 0) return grpc::Status::OK;
 
-  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->destination());
+  const absl::Time deadline = TransferDeadline(context);
+  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->destination(), deadline);
   if (!endpoint.ok()) return ToGrpc(endpoint.status());
-  std::vector<transfer::RmaOp> ops;
-  ops.reserve(hits);
   uint64_t bytes = 0;
-  for (int i = 0; i < blocks.size(); ++i) {
-    if (pinned[i] == nullptr) continue;
-    const v1::FetchBlock& block = blocks[i];
-    ops.push_back(transfer::RmaOp{
-        .local = pinned[i]->data(),
-        .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
-        .length = pinned[i]->size(),
-        .rkey = endpoint->rkeys[block.region()].get()});
-    bytes += pinned[i]->size();
-  }
+  for (const auto& block : pinned) bytes += block != nullptr ? block->size() : 0;
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(pinned);
-  absl::Status transferred = endpoint->peer->Put(ops, TransferDeadline(context), keep_alive);
+  absl::Status transferred;
+  if (request->tag_base() != 0) {
+    std::vector<transfer::SendOp> sends;
+    sends.reserve(hits);
+    for (int i = 0; i < blocks.size(); ++i) {
+      if (pinned[i] == nullptr) continue;
+      sends.push_back({pinned[i]->data(), pinned[i]->size(), request->tag_base() + i});
+    }
+    transferred = endpoint->peer->Send(sends, deadline, keep_alive);
+  } else {
+    std::vector<transfer::RmaOp> ops;
+    ops.reserve(hits);
+    for (int i = 0; i < blocks.size(); ++i) {
+      if (pinned[i] == nullptr) continue;
+      const v1::FetchBlock& block = blocks[i];
+      ops.push_back(transfer::RmaOp{
+          .local = pinned[i]->data(),
+          .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
+          .length = pinned[i]->size(),
+          .rkey = endpoint->rkeys[block.region()].get()});
+    }
+    transferred = endpoint->peer->Put(ops, deadline, keep_alive);
+  }
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
     KVS_LOG(Warning) << "fetch transfer failed: " << transferred;
@@ -353,7 +372,6 @@ grpc::Status NodeService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
   response->set_bytes_in(load(counters_.bytes_in));
   response->set_bytes_out(load(counters_.bytes_out));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
-  response->set_fetch_method("put");
   response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
   return grpc::Status::OK;
 }

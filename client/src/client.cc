@@ -76,13 +76,16 @@ absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_byte
 
 // Runs `one_batch` over consecutive slices of at most kMaxTransferBlocks items
 // concurrently (gRPC's callback API: no thread per call) and joins the results.
+using Receives = std::unique_ptr<transfer::ReceiveBatch>;
+
 template <typename Item, typename Request, typename Response>
 absl::StatusOr<TransferResult> RunBatches(
     absl::Span<const Item> items, absl::Duration timeout,
-    const std::function<absl::Status(absl::Span<const Item>, Request*)>& build,
+    const std::function<absl::Status(absl::Span<const Item>, Request*, Receives*)>& build,
     const std::function<void(grpc::ClientContext*, const Request*, Response*,
                              std::function<void(grpc::Status)>)>& call,
-    const std::function<absl::Status(absl::Span<const Item>, const Response&, TransferResult*)>&
+    const std::function<absl::Status(absl::Span<const Item>, const Response&,
+                                     transfer::ReceiveBatch*, absl::Time, TransferResult*)>&
         collect) {
   TransferResult result;
   if (items.empty()) return result;
@@ -91,14 +94,16 @@ absl::StatusOr<TransferResult> RunBatches(
     Request request;
     Response response;
     std::promise<grpc::Status> done;
+    Receives receives;  // tagged fetch: posted before the call
   };
+  const absl::Time deadline = absl::Now() + timeout;
   const size_t batch_size = limits::kMaxTransferBlocks;
   std::vector<std::unique_ptr<Batch>> batches;
   for (size_t start = 0; start < items.size(); start += batch_size) {
     auto batch = std::make_unique<Batch>();
-    absl::Status built = build(items.subspan(start, batch_size), &batch->request);
+    absl::Status built = build(items.subspan(start, batch_size), &batch->request, &batch->receives);
     if (!built.ok()) return built;
-    SetDeadline(batch->context, timeout);
+    batch->context.set_deadline(absl::ToChronoTime(deadline));
     batches.push_back(std::move(batch));
   }
   std::vector<std::future<grpc::Status>> pending;
@@ -116,8 +121,14 @@ absl::StatusOr<TransferResult> RunBatches(
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
       continue;
     }
-    absl::Status collected = collect(slice, batches[i]->response, &result);
-    if (!collected.ok() && first_error.ok()) first_error = collected;
+    const size_t before = result.outcomes.size();
+    absl::Status collected =
+        collect(slice, batches[i]->response, batches[i]->receives.get(), deadline, &result);
+    if (!collected.ok()) {
+      if (first_error.ok()) first_error = collected;
+      result.outcomes.resize(before);
+      result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
+    }
   }
   // One batch: its error is the call's error. Several: report per block,
   // unless every batch failed.
@@ -243,10 +254,12 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
   const uint64_t ns = id_;
   return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
       items, impl.Timeout(timeout),
-      [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request) -> absl::Status {
+      [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request,
+          Receives*) -> absl::Status {
         request->set_namespace_id(ns);
         v1::TransferEndpoint* source = request->mutable_source();
         source->set_worker_address(impl.engine->worker_address());
+        if (impl.engine->shared_memory_enabled()) source->set_host_id(transfer::Engine::HostId());
         RegionTable regions(source);
         for (const PublishItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
@@ -267,7 +280,7 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
         impl.stub->async()->Publish(context, request, response, std::move(done));
       },
       [](absl::Span<const PublishItem> slice, const v1::PublishResponse& response,
-         TransferResult* result) -> absl::Status {
+         transfer::ReceiveBatch*, absl::Time, TransferResult* result) -> absl::Status {
         if (static_cast<size_t>(response.status_size()) != slice.size()) {
           return absl::InternalError("node answered a different number of blocks");
         }
@@ -290,12 +303,17 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;
   const bool verify = impl.options.verify_checksums;
+  const bool tagged = impl.options.fetch_method == ClientOptions::FetchMethod::kTagged;
   return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
       items, impl.Timeout(timeout),
-      [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request) -> absl::Status {
+      [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
+          Receives* receives) -> absl::Status {
         request->set_namespace_id(ns);
         v1::TransferEndpoint* destination = request->mutable_destination();
         destination->set_worker_address(impl.engine->worker_address());
+        if (impl.engine->shared_memory_enabled()) {
+          destination->set_host_id(transfer::Engine::HostId());
+        }
         RegionTable regions(destination);
         for (const FetchItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
@@ -307,6 +325,18 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           block->set_offset(item.offset);
           block->set_capacity(block_bytes);
         }
+        if (tagged) {
+          const uint64_t tag_base = impl.engine->NextTagBase();
+          request->set_tag_base(tag_base);
+          std::vector<transfer::ReceiveOp> ops;
+          ops.reserve(slice.size());
+          for (size_t i = 0; i < slice.size(); ++i) {
+            ops.push_back({slice[i].buffer->data() + slice[i].offset, block_bytes, tag_base + i});
+          }
+          absl::StatusOr<Receives> posted = impl.engine->PostReceives(ops);
+          if (!posted.ok()) return posted.status();
+          *receives = *std::move(posted);
+        }
         return absl::OkStatus();
       },
       [&](grpc::ClientContext* context, const v1::FetchRequest* request,
@@ -314,14 +344,26 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
         impl.stub->async()->Fetch(context, request, response, std::move(done));
       },
       [verify](absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
+               transfer::ReceiveBatch* receives, absl::Time deadline,
                TransferResult* result) -> absl::Status {
         if (static_cast<size_t>(response.status_size()) != slice.size() ||
             response.size_size() != response.status_size() ||
             response.checksum_size() != response.status_size()) {
           return absl::InternalError("node answered a different number of blocks");
         }
+        std::vector<size_t> received;
+        if (receives != nullptr) {
+          std::vector<bool> expected(slice.size());
+          for (size_t i = 0; i < slice.size(); ++i) expected[i] = response.status(i) == v1::BLOCK_OK;
+          absl::StatusOr<std::vector<size_t>> waited = receives->Wait(expected, deadline);
+          if (!waited.ok()) return waited.status();
+          received = *std::move(waited);
+        }
         for (size_t i = 0; i < slice.size(); ++i) {
           BlockOutcome outcome = FromWire(response.status(i));
+          if (outcome == BlockOutcome::kOk && receives != nullptr && received[i] != response.size(i)) {
+            outcome = BlockOutcome::kTransferFailed;
+          }
           if (outcome == BlockOutcome::kOk && verify &&
               BlockChecksum(slice[i].buffer->data() + slice[i].offset, response.size(i)) !=
                   response.checksum(i)) {

@@ -1,5 +1,8 @@
 #include <poll.h>
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <fstream>
 
 #include <cstdio>
 #include <cstdlib>
@@ -106,7 +109,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       return UcsError(absl::StrCat("UCX transports '", options.transports, "'"), status);
     }
   }
-  if (options.tune_tcp) {
+  const char* tls_env = std::getenv("UCX_TLS");
+  const std::string tls = !options.transports.empty() ? options.transports : (tls_env ? tls_env : "all");
+  auto names = [&tls](std::initializer_list<const char*> any) {
+    for (const char* name : any) {
+      if (tls.find(name) != std::string::npos) return true;
+    }
+    return false;
+  };
+  const bool may_use_tcp = names({"tcp", "all", "^"});
+  engine->shared_memory_enabled_ = names({"sm", "shm", "posix", "sysv", "cma", "all", "^"});
+  if (options.tune_tcp && may_use_tcp) {
     // UCX 1.13 applies ucp_config_modify() only to UCP's own table, not to
     // transport settings, which it reads from the environment when the worker
     // opens its interfaces. So the tuning goes there, never overriding a value
@@ -118,7 +131,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-  params.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
   params.mt_workers_shared = 0;
   status = ucp_init(&params, config, &impl.context_);
   ucp_config_release(config);
@@ -243,33 +256,67 @@ std::string RmaTransports(ucp_ep_h ep) {
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address) {
+absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address,
+                                                      bool same_host, absl::Time deadline) {
   if (worker_address.empty()) return absl::InvalidArgumentError("empty UCX worker address");
   std::string key(worker_address);
-  absl::MutexLock lock(&impl_->peers_mu_);
-  if (auto it = impl_->peers_.find(key); it != impl_->peers_.end()) {
-    if (!it->second->failed()) return it->second;
-    impl_->peers_.erase(it);  // closes once its last user is done
+  key.push_back(same_host ? 'L' : 'R');
+  {
+    absl::MutexLock lock(&impl_->peers_mu_);
+    if (auto it = impl_->peers_.find(key); it != impl_->peers_.end() && !it->second->failed()) {
+      return it->second;
+    }
+    // Drop failed peers so dead clients do not accumulate; each endpoint
+    // closes once its last user is done.
+    absl::erase_if(impl_->peers_, [](const auto& kv) { return kv.second->failed(); });
   }
-  // Drop other failed peers so dead clients do not accumulate.
-  absl::erase_if(impl_->peers_, [](const auto& kv) { return kv.second->failed(); });
 
+  // Connect outside the lock: wire-up with a slow or bogus peer must not
+  // stall everyone else.
   std::shared_ptr<Peer> peer(new Peer());
   peer->engine_ = this;
   ucp_ep_params_t params{};
   params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  params.address = reinterpret_cast<const ucp_address_t*>(key.data());
-  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.address = reinterpret_cast<const ucp_address_t*>(worker_address.data());
+  // Shared memory cannot detect a dead peer (UCX 1.13), so it needs
+  // UCP_ERR_HANDLING_MODE_NONE; that mode is unsafe on TCP (UCX crashes in the
+  // TCP progress path), so it is used only when both sides allow shared memory.
+  const bool engine_shm = shared_memory_enabled_;
+  params.err_mode = (same_host && engine_shm) ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
   params.err_handler.cb = OnPeerError;
   params.err_handler.arg = &peer->failed_;
   ucp_ep_h ep = nullptr;
   ucs_status_t status = ucp_ep_create(impl_->worker_, &params, &ep);
   if (status != UCS_OK) return UcsError("ucp_ep_create", status);
   peer->ep_ = ep;
+  // Wire-up finishes asynchronously; until it has, UCX emulates RMA over active
+  // messages. A flush waits for it, proves the peer answers, and lets us read
+  // the lanes UCX really chose.
+  if (absl::Status flushed = peer->Flush(deadline); !flushed.ok()) {
+    return absl::UnavailableError(absl::StrCat("UCX peer does not answer: ", flushed.message()));
+  }
   peer->transport_ = RmaTransports(ep);
-  impl_->peers_.emplace(std::move(key), peer);
+  KVS_LOG(Debug) << "UCX endpoint to a new " << (same_host ? "local" : "remote") << " peer uses "
+                 << peer->transport_;
+  absl::MutexLock lock(&impl_->peers_mu_);
+  auto [it, inserted] = impl_->peers_.try_emplace(std::move(key), peer);
+  if (!inserted) {
+    if (!it->second->failed()) return it->second;  // another request connected first
+    it->second = peer;
+  }
   return peer;
+}
+
+const std::string& Engine::HostId() {
+  static const std::string kHostId = [] {
+    char host[256] = {};
+    gethostname(host, sizeof(host) - 1);
+    std::string boot_id;
+    std::ifstream("/proc/sys/kernel/random/boot_id") >> boot_id;
+    return absl::StrCat(host, "/", boot_id);
+  }();
+  return kHostId;
 }
 
 std::vector<std::string> Engine::ActiveTransports() {

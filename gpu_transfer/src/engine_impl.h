@@ -34,6 +34,7 @@ class Engine::Impl {
   std::atomic<bool> stop_{false};
   std::atomic<int> active_{0};
   std::atomic<int> closing_{0};
+  std::atomic<uint64_t> next_tag_{1};
   std::thread progress_thread_;
 
   absl::Mutex peers_mu_;

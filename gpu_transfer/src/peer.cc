@@ -75,7 +75,6 @@ absl::Status Peer::Put(absl::Span<const RmaOp> ops, absl::Time deadline,
 absl::Status Peer::Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time deadline,
                             std::shared_ptr<void> keep_alive) {
   if (failed()) return absl::UnavailableError("peer has failed");
-  if (ops.empty()) return absl::OkStatus();
   Engine::Impl& impl = *engine_->impl_;
   auto ep = static_cast<ucp_ep_h>(ep_);
 

@@ -48,6 +48,11 @@ struct ClientOptions {
   std::string ucx_transports;
   // Check every fetched block against the checksum the node stored with it.
   bool verify_checksums = true;
+  // How the node moves fetched bytes into this client's memory: as tagged
+  // UCX messages into receives posted before the call (the default: fastest on
+  // both TCP and shared memory, see bench/transfer_bench), or by RMA put.
+  enum class FetchMethod { kTagged, kPut };
+  FetchMethod fetch_method = FetchMethod::kTagged;
 };
 
 // Per-block outcome of Publish and Fetch.

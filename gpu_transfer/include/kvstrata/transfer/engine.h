@@ -80,6 +80,42 @@ struct RmaOp {
   const RemoteKey* rkey = nullptr;
 };
 
+// One local buffer -> one tagged message to a peer (Peer::Send).
+struct SendOp {
+  const uint8_t* data = nullptr;
+  size_t length = 0;
+  uint64_t tag = 0;
+};
+
+// One tagged message from any peer -> one local buffer (Engine::PostReceives).
+struct ReceiveOp {
+  uint8_t* buffer = nullptr;
+  size_t length = 0;
+  uint64_t tag = 0;
+};
+
+// Receives posted ahead of the messages that fill them. Destroying the batch
+// cancels what has not arrived and waits until UCX lets go of every buffer.
+class ReceiveBatch {
+ public:
+  ~ReceiveBatch();
+  ReceiveBatch(const ReceiveBatch&) = delete;
+  ReceiveBatch& operator=(const ReceiveBatch&) = delete;
+
+  // Waits until every receive with `expected[i]` set has completed; returns
+  // the bytes received per op (0 for ops not expected). Cancels the others.
+  absl::StatusOr<std::vector<size_t>> Wait(const std::vector<bool>& expected, absl::Time deadline);
+
+  struct State;
+
+ private:
+  friend class Engine;
+  ReceiveBatch() = default;
+  Engine* engine_ = nullptr;
+  std::vector<void*> requests_;
+  std::shared_ptr<State> state_;
+};
+
 // An endpoint to one peer worker. Obtained from Engine::Connect and shared by
 // every transfer to that peer. Once the peer fails (dies, times out) every call
 // returns UNAVAILABLE and the engine replaces it on the next Connect.
@@ -102,9 +138,18 @@ class Peer {
   absl::Status Put(absl::Span<const RmaOp> ops, absl::Time deadline,
                    std::shared_ptr<void> keep_alive = nullptr);
 
+  // Sends each op as one tagged message (eager or rendezvous, as UCX finds
+  // best: on shared memory the receiver copies once with CMA; on TCP it is
+  // about twice as fast as put). Returns once UCX is done with every local
+  // buffer; the peer then holds the data or a receive for it failed there.
+  absl::Status Send(absl::Span<const SendOp> ops, absl::Time deadline,
+                    std::shared_ptr<void> keep_alive = nullptr);
+
   // UCX transport that carries this endpoint's bulk (RMA) traffic, e.g. "tcp",
   // "cma", "posix", "rc_mlx5"; several joined by ',' when UCX splits lanes.
   const std::string& transport() const { return transport_; }
+  // Completes every operation posted so far on this endpoint.
+  absl::Status Flush(absl::Time deadline) { return Transfer(false, {}, deadline, nullptr); }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
 
  private:
@@ -136,7 +181,25 @@ class Engine {
   absl::StatusOr<std::unique_ptr<MemoryRegion>> Allocate(size_t length);
 
   // Endpoint to the worker at `worker_address`: cached, replaced once failed.
-  absl::StatusOr<std::shared_ptr<Peer>> Connect(std::string_view worker_address);
+  // `same_host` peers may use shared memory (posix/sysv/cma), whose UCX 1.13
+  // transports cannot detect a dead peer, so those endpoints rely on
+  // deadlines alone; other peers get UCX's peer-failure detection (which
+  // excludes shared memory). The first connect waits for UCX's wire-up.
+  absl::StatusOr<std::shared_ptr<Peer>> Connect(std::string_view worker_address, bool same_host,
+                                                absl::Time deadline);
+
+  // Identifies this host (hostname and boot id): peers that report the same id
+  // may use shared memory.
+  static const std::string& HostId();
+  // Whether this engine's transports include shared memory. A client tells
+  // the node its HostId only when this is true.
+  bool shared_memory_enabled() const { return shared_memory_enabled_; }
+
+  // Posts one tagged receive per op (tags must be unique among pending
+  // receives); peers fill them with Peer::Send.
+  absl::StatusOr<std::unique_ptr<ReceiveBatch>> PostReceives(absl::Span<const ReceiveOp> ops);
+  // A fresh 64-bit value for building unique tags (never 0).
+  uint64_t NextTagBase();
 
   // Transports of the live endpoints, deduplicated ("tcp", "cma", ...).
   std::vector<std::string> ActiveTransports();
@@ -145,9 +208,11 @@ class Engine {
 
  private:
   friend class Peer;
+  friend class ReceiveBatch;
   Engine() = default;
   std::unique_ptr<Impl> impl_;
   std::string worker_address_;
+  bool shared_memory_enabled_ = false;
 };
 
 }  // namespace kvstrata::transfer

@@ -1,0 +1,370 @@
+// kvstrata: command-line tool for a cache node.
+//
+//   kvstrata put    --key=HEX [--parent=HEX] --in=FILE      store one block
+//   kvstrata get    --key=HEX --out=FILE                    fetch one block
+//   kvstrata lookup --keys=HEX,HEX,... | --tokens=1,2,3,... longest stored prefix
+//   kvstrata stat                                           node counters
+//   kvstrata demo                                           prefill -> decode handoff
+//
+// Blocks belong to a namespace given by --tenant/--model and either
+// --block_bytes (an opaque namespace) or a KV layout (--layers, --kv_heads,
+// --head_dim, --tokens_per_block, --dtype).
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include <cstring>
+#include "absl/time/clock.h"
+#include "kvstrata.pb.h"
+#include "kvstrata/client/client.h"
+
+ABSL_FLAG(std::string, node, "127.0.0.1:50151", "Cache node address, host:port.");
+ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
+ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
+ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
+ABSL_FLAG(uint64_t, block_bytes, 0, "Block size of an opaque namespace (put: defaults to the file size).");
+ABSL_FLAG(uint32_t, layers, 0, "KV layout: layers (0: opaque namespace).");
+ABSL_FLAG(uint32_t, kv_heads, 8, "KV layout: KV heads.");
+ABSL_FLAG(uint32_t, head_dim, 128, "KV layout: head dimension.");
+ABSL_FLAG(uint32_t, tokens_per_block, 256, "Tokens per block (layout namespaces and --tokens).");
+ABSL_FLAG(std::string, dtype, "fp16", "KV layout: fp16, bf16 or fp32.");
+ABSL_FLAG(std::string, key, "", "Block key, 32 or 64 hex digits.");
+ABSL_FLAG(std::string, parent, "", "Parent block key (put).");
+ABSL_FLAG(std::string, keys, "", "Comma-separated block keys (lookup).");
+ABSL_FLAG(std::string, tokens, "", "Comma-separated token ids (lookup computes their block keys).");
+ABSL_FLAG(std::string, in, "", "File to publish (put).");
+ABSL_FLAG(std::string, out, "", "File to write (get).");
+ABSL_FLAG(uint32_t, prompts, 8, "demo: number of prompts.");
+ABSL_FLAG(uint32_t, prompt_tokens, 4096, "demo: tokens per prompt.");
+ABSL_FLAG(uint32_t, shared_prefix_tokens, 1024, "demo: system-prompt tokens shared by all prompts.");
+ABSL_FLAG(uint32_t, demo_layers, 8, "demo: model layers (KV block = layers*2*256*8*64*2 bytes).");
+
+namespace {
+
+using kvstrata::BlockKey;
+using kvstrata::client::Client;
+using kvstrata::client::Namespace;
+
+int Die(const absl::Status& status) {
+  std::cerr << "kvstrata: " << status << "\n";
+  return status.code() == absl::StatusCode::kUnavailable ? 3 : 1;
+}
+
+kvstrata::v1::NamespaceSpec SpecFromFlags(uint64_t default_block_bytes) {
+  kvstrata::v1::NamespaceSpec spec;
+  spec.set_tenant(absl::GetFlag(FLAGS_tenant));
+  spec.set_model(absl::GetFlag(FLAGS_model));
+  spec.set_tokens_per_block(absl::GetFlag(FLAGS_tokens_per_block));
+  if (absl::GetFlag(FLAGS_layers) == 0) {
+    const uint64_t bytes = absl::GetFlag(FLAGS_block_bytes);
+    spec.set_block_bytes(bytes != 0 ? bytes : default_block_bytes);
+    return spec;
+  }
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  spec.set_dtype(dtype == "bf16"   ? kvstrata::v1::DTYPE_BF16
+                 : dtype == "fp32" ? kvstrata::v1::DTYPE_FP32
+                                   : kvstrata::v1::DTYPE_FP16);
+  spec.set_num_layers(absl::GetFlag(FLAGS_layers));
+  spec.set_num_kv_heads(absl::GetFlag(FLAGS_kv_heads));
+  spec.set_head_dim(absl::GetFlag(FLAGS_head_dim));
+  return spec;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> ConnectFromFlags() {
+  kvstrata::client::ClientOptions options;
+  options.node_address = absl::GetFlag(FLAGS_node);
+  options.timeout = absl::GetFlag(FLAGS_timeout);
+  return Client::Connect(options);
+}
+
+absl::StatusOr<std::vector<uint32_t>> ParseTokens(const std::string& text) {
+  std::vector<uint32_t> tokens;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    uint32_t t;
+    if (!absl::SimpleAtoi(part, &t)) return absl::InvalidArgumentError(absl::StrCat("bad token id '", part, "'"));
+    tokens.push_back(t);
+  }
+  return tokens;
+}
+
+int Put() {
+  std::ifstream in(absl::GetFlag(FLAGS_in), std::ios::binary);
+  if (!in) return Die(absl::NotFoundError(absl::StrCat("cannot read --in=", absl::GetFlag(FLAGS_in))));
+  std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto key = BlockKey::FromHex(absl::GetFlag(FLAGS_key));
+  if (!key.ok()) return Die(key.status());
+  std::optional<BlockKey> parent;
+  if (!absl::GetFlag(FLAGS_parent).empty()) {
+    auto p = BlockKey::FromHex(absl::GetFlag(FLAGS_parent));
+    if (!p.ok()) return Die(p.status());
+    parent = *p;
+  }
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  auto ns = (*client)->OpenNamespace(SpecFromFlags(data.size()));
+  if (!ns.ok()) return Die(ns.status());
+  if (data.size() != ns->block_bytes()) {
+    return Die(absl::InvalidArgumentError(absl::StrCat("file has ", data.size(),
+                                                       " bytes; the namespace's blocks have ",
+                                                       ns->block_bytes())));
+  }
+  auto buffer = (*client)->Allocate(data.size());
+  if (!buffer.ok()) return Die(buffer.status());
+  std::copy(data.begin(), data.end(), (*buffer)->data());
+  auto result = ns->Publish({{*key, parent, buffer->get(), 0}});
+  if (!result.ok()) return Die(result.status());
+  std::cout << key->Hex() << " " << BlockOutcomeName(result->outcomes[0]) << "\n";
+  return result->outcomes[0] == kvstrata::client::BlockOutcome::kOk ||
+                 result->outcomes[0] == kvstrata::client::BlockOutcome::kAlreadyPresent
+             ? 0
+             : 1;
+}
+
+int Get() {
+  auto key = BlockKey::FromHex(absl::GetFlag(FLAGS_key));
+  if (!key.ok()) return Die(key.status());
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  auto ns = (*client)->OpenNamespace(SpecFromFlags(0));
+  if (!ns.ok()) return Die(ns.status());
+  auto buffer = (*client)->Allocate(ns->block_bytes());
+  if (!buffer.ok()) return Die(buffer.status());
+  auto result = ns->Fetch({{*key, buffer->get(), 0}});
+  if (!result.ok()) return Die(result.status());
+  if (result->outcomes[0] != kvstrata::client::BlockOutcome::kOk) {
+    std::cerr << key->Hex() << " " << BlockOutcomeName(result->outcomes[0]) << "\n";
+    return 2;
+  }
+  const std::string out = absl::GetFlag(FLAGS_out);
+  if (out.empty() || out == "-") {
+    std::cout.write(reinterpret_cast<const char*>((*buffer)->data()), ns->block_bytes());
+  } else {
+    std::ofstream file(out, std::ios::binary);
+    file.write(reinterpret_cast<const char*>((*buffer)->data()), ns->block_bytes());
+    if (!file) return Die(absl::InternalError(absl::StrCat("cannot write ", out)));
+  }
+  return 0;
+}
+
+int Lookup() {
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  auto ns = (*client)->OpenNamespace(SpecFromFlags(1));
+  if (!ns.ok()) return Die(ns.status());
+  std::vector<BlockKey> keys;
+  if (!absl::GetFlag(FLAGS_tokens).empty()) {
+    auto tokens = ParseTokens(absl::GetFlag(FLAGS_tokens));
+    if (!tokens.ok()) return Die(tokens.status());
+    keys = ns->Keys(*tokens);
+  } else {
+    for (absl::string_view hex : absl::StrSplit(absl::GetFlag(FLAGS_keys), ',', absl::SkipEmpty())) {
+      auto key = BlockKey::FromHex(std::string(hex));
+      if (!key.ok()) return Die(key.status());
+      keys.push_back(*key);
+    }
+  }
+  auto result = ns->Lookup(keys);
+  if (!result.ok()) return Die(result.status());
+  std::cout << "prefix_length " << result->prefix_length << " of " << keys.size() << "\n";
+  return 0;
+}
+
+int Stat() {
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  kvstrata::v1::StatsResponse stats;
+  if (absl::Status s = (*client)->Stats(&stats); !s.ok()) return Die(s);
+  for (const auto& tier : stats.tiers()) {
+    std::cout << "tier " << kvstrata::v1::Tier_Name(tier.tier()) << " blocks=" << tier.blocks()
+              << " stored_bytes=" << tier.stored_bytes() << " used_bytes=" << tier.used_bytes()
+              << " capacity_bytes=" << tier.capacity_bytes() << " evictions=" << tier.evictions()
+              << "\n";
+  }
+  const uint64_t lookups = stats.lookup_hit_blocks() + stats.lookup_miss_blocks();
+  std::cout << "namespaces " << stats.namespaces() << "\n"
+            << "lookup_hit_blocks " << stats.lookup_hit_blocks() << "\n"
+            << "lookup_miss_blocks " << stats.lookup_miss_blocks() << "\n"
+            << "lookup_hit_rate "
+            << (lookups ? static_cast<double>(stats.lookup_hit_blocks()) / lookups : 0.0) << "\n"
+            << "fetch_hit_blocks " << stats.fetch_hit_blocks() << "\n"
+            << "fetch_miss_blocks " << stats.fetch_miss_blocks() << "\n"
+            << "published_blocks " << stats.published_blocks() << "\n"
+            << "duplicate_blocks " << stats.duplicate_blocks() << "\n"
+            << "checksum_failures " << stats.checksum_failures() << "\n"
+            << "transfer_failures " << stats.transfer_failures() << "\n"
+            << "bytes_in " << stats.bytes_in() << "\n"
+            << "bytes_out " << stats.bytes_out() << "\n"
+            << "transports " << absl::StrJoin(stats.transports(), ",") << "\n"
+            << "uptime_seconds " << stats.uptime_seconds() << "\n";
+  return 0;
+}
+
+// ---- demo: a prefill worker and a decode worker in separate processes -------
+
+kvstrata::v1::NamespaceSpec DemoSpec() {
+  kvstrata::v1::NamespaceSpec spec;
+  spec.set_tenant("demo");
+  spec.set_model(absl::GetFlag(FLAGS_model) == "cli" ? "demo-model" : absl::GetFlag(FLAGS_model));
+  spec.set_dtype(kvstrata::v1::DTYPE_FP16);
+  spec.set_num_layers(absl::GetFlag(FLAGS_demo_layers));
+  spec.set_num_kv_heads(8);
+  spec.set_head_dim(64);
+  spec.set_tokens_per_block(256);
+  return spec;
+}
+
+// Prompt p: a system prompt shared by all, then tokens of its own.
+std::vector<uint32_t> DemoPrompt(uint32_t p) {
+  const uint32_t total = absl::GetFlag(FLAGS_prompt_tokens);
+  const uint32_t shared = std::min(absl::GetFlag(FLAGS_shared_prefix_tokens), total);
+  std::vector<uint32_t> tokens(total);
+  std::mt19937 system_rng(7), own_rng(1000 + p);
+  for (uint32_t i = 0; i < total; ++i) tokens[i] = (i < shared ? system_rng() : own_rng()) % 128000;
+  return tokens;
+}
+
+// Stand-in for attention KV: bytes that depend only on the block's key, so the
+// decode worker can check every byte it fetched.
+void FillDemoKv(const BlockKey& key, uint8_t* data, size_t size) {
+  uint64_t state;
+  std::memcpy(&state, key.bytes.data(), 8);
+  state |= 1;
+  for (size_t i = 0; i + 8 <= size; i += 8) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    std::memcpy(data + i, &state, 8);
+  }
+}
+
+int DemoWorker(bool prefill) {
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  auto ns = (*client)->OpenNamespace(DemoSpec());
+  if (!ns.ok()) return Die(ns.status());
+  const uint32_t prompts = absl::GetFlag(FLAGS_prompts);
+  const size_t max_blocks = absl::GetFlag(FLAGS_prompt_tokens) / ns->tokens_per_block();
+  auto buffer = (*client)->Allocate(std::max<size_t>(1, max_blocks) * ns->block_bytes());
+  if (!buffer.ok()) return Die(buffer.status());
+  uint64_t total_tokens = 0, cached_tokens = 0, bytes = 0, bad_blocks = 0, stored = 0;
+  absl::Duration transfer_time;
+  for (uint32_t p = 0; p < prompts; ++p) {
+    const std::vector<uint32_t> tokens = DemoPrompt(p);
+    const std::vector<BlockKey> keys = ns->Keys(tokens);
+    total_tokens += tokens.size();
+    if (prefill) {
+      std::vector<kvstrata::client::PublishItem> items;
+      for (size_t b = 0; b < keys.size(); ++b) {
+        uint8_t* at = (*buffer)->data() + b * ns->block_bytes();
+        FillDemoKv(keys[b], at, ns->block_bytes());  // "computing" the KV
+        items.push_back({keys[b], b ? std::optional(keys[b - 1]) : std::nullopt, buffer->get(),
+                         b * ns->block_bytes()});
+      }
+      const absl::Time start = absl::Now();
+      auto result = ns->Publish(items);
+      transfer_time += absl::Now() - start;
+      if (!result.ok()) return Die(result.status());
+      stored += result->count(kvstrata::client::BlockOutcome::kOk);
+      bytes += result->bytes;
+    } else {
+      auto found = ns->Lookup(keys);
+      if (!found.ok()) return Die(found.status());
+      std::vector<kvstrata::client::FetchItem> items;
+      for (size_t b = 0; b < found->prefix_length; ++b) {
+        items.push_back({keys[b], buffer->get(), b * ns->block_bytes()});
+      }
+      const absl::Time start = absl::Now();
+      auto result = ns->Fetch(items);
+      transfer_time += absl::Now() - start;
+      if (!result.ok()) return Die(result.status());
+      std::vector<uint8_t> expected(ns->block_bytes());
+      for (size_t b = 0; b < items.size(); ++b) {
+        if (result->outcomes[b] != kvstrata::client::BlockOutcome::kOk) break;
+        FillDemoKv(keys[b], expected.data(), expected.size());
+        if (std::memcmp(expected.data(), (*buffer)->data() + b * ns->block_bytes(), expected.size()) != 0) {
+          ++bad_blocks;
+          break;
+        }
+        cached_tokens += ns->tokens_per_block();
+      }
+      bytes += result->bytes;
+    }
+  }
+  const double seconds = std::max(absl::ToDoubleSeconds(transfer_time), 1e-9);
+  if (prefill) {
+    std::printf("prefill: %u prompts, %lu blocks stored (shared prefix deduplicated), %.1f MiB in %.3f s = %.2f GB/s\n",
+                prompts, stored, bytes / 1048576.0, seconds, bytes / seconds / 1e9);
+  } else {
+    std::printf("decode:  %u prompts, token hit rate %.3f (%lu of %lu tokens cached), %.1f MiB fetched in %.3f s = %.2f GB/s, %lu blocks wrong\n",
+                prompts, static_cast<double>(cached_tokens) / total_tokens, cached_tokens, total_tokens,
+                bytes / 1048576.0, seconds, bytes / seconds / 1e9, bad_blocks);
+  }
+  return bad_blocks == 0 ? 0 : 4;
+}
+
+int RunChild(const char* self, const std::string& role, int argc, char** argv) {
+  std::vector<std::string> args = {self, role};
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) != "demo") args.push_back(argv[i]);
+  }
+  std::vector<char*> cargs;
+  for (auto& a : args) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  pid_t pid;
+  if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, cargs.data(), environ) != 0) {
+    return Die(absl::InternalError("cannot start a demo worker process"));
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view path) {
+    return path.find("tools/kvstrata.cc") != absl::string_view::npos;
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::SetProgramUsageMessage(
+      "kvstrata <put|get|lookup|stat|demo> [flags]\n"
+      "  put    --key=HEX [--parent=HEX] --in=FILE   store one block\n"
+      "  get    --key=HEX --out=FILE --block_bytes=N  fetch one block\n"
+      "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
+      "  stat                                         node counters\n"
+      "  demo                                         prefill worker -> decode worker handoff");
+  std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
+  if (positional.size() < 2) {
+    std::cerr << absl::ProgramUsageMessage() << "\n";
+    return 2;
+  }
+  const std::string command = positional[1];
+  if (command == "put") return Put();
+  if (command == "get") return Get();
+  if (command == "lookup") return Lookup();
+  if (command == "stat") return Stat();
+  if (command == "demo-prefill") return DemoWorker(/*prefill=*/true);
+  if (command == "demo-decode") return DemoWorker(/*prefill=*/false);
+  if (command == "demo") {
+    if (int rc = RunChild(argv[0], "demo-prefill", argc, argv); rc != 0) return rc;
+    return RunChild(argv[0], "demo-decode", argc, argv);
+  }
+  std::cerr << "unknown command '" << command << "'\n" << absl::ProgramUsageMessage() << "\n";
+  return 2;
+}
