@@ -1,0 +1,593 @@
+// Integration tests: a real kvstrata-node process, real gRPC, real UCX over
+// loopback. ctest runs this binary once per transport (UCX_TLS=tcp, =sm) and
+// KVSTRATA_EXPECT_TRANSPORTS names the UCX transports the node may report.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "kvstrata.grpc.pb.h"
+#include "kvstrata/client/client.h"
+#include "kvstrata/common/limits.h"
+#include "kvstrata/kvstrata.h"
+#include "kvstrata/transfer/engine.h"
+#include "node_process.h"
+
+namespace kvstrata {
+namespace {
+
+using client::BlockOutcome;
+using client::Client;
+using client::FetchItem;
+using client::Namespace;
+using client::PublishItem;
+using testing::NodeProcess;
+
+constexpr uint64_t kBlock = 256 * 1024;
+constexpr uint32_t kTokensPerBlock = 16;
+
+// Bytes of block `index` in a stream `seed`: both writer and reader derive them.
+void FillBlock(uint64_t seed, uint64_t index, uint8_t* data, size_t size) {
+  uint64_t state = (seed * 0x9E3779B97F4A7C15ULL) ^ (index + 1) * 0xD1B54A32D192ED03ULL;
+  for (size_t i = 0; i + 8 <= size; i += 8) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    std::memcpy(data + i, &state, 8);
+  }
+}
+
+std::vector<uint32_t> Tokens(uint64_t seed, size_t blocks) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<uint32_t> tokens(blocks * kTokensPerBlock);
+  for (auto& t : tokens) t = rng() % 100000;
+  return tokens;
+}
+
+v1::NamespaceSpec OpaqueSpec(const std::string& model, uint64_t block_bytes = kBlock) {
+  v1::NamespaceSpec spec;
+  spec.set_tenant("test");
+  spec.set_model(model);
+  spec.set_tokens_per_block(kTokensPerBlock);
+  spec.set_block_bytes(block_bytes);
+  return spec;
+}
+
+std::unique_ptr<Client> Connect(const std::string& address,
+                                absl::Duration timeout = absl::Seconds(20)) {
+  auto client = Client::Connect({.node_address = address, .timeout = timeout});
+  EXPECT_TRUE(client.ok()) << client.status();
+  return client.ok() ? *std::move(client) : nullptr;
+}
+
+// Publishes `count` chained blocks of stream `seed`; returns the outcomes.
+absl::StatusOr<client::TransferResult> PublishStream(Client& c, Namespace& ns, uint64_t seed,
+                                                     size_t count, size_t batch = 64) {
+  const std::vector<BlockKey> keys = ns.Keys(Tokens(seed, count));
+  auto buffer = c.Allocate(batch * ns.block_bytes());
+  if (!buffer.ok()) return buffer.status();
+  client::TransferResult all;
+  for (size_t start = 0; start < count; start += batch) {
+    std::vector<PublishItem> items;
+    for (size_t i = start; i < std::min(count, start + batch); ++i) {
+      const size_t offset = (i - start) * ns.block_bytes();
+      FillBlock(seed, i, (*buffer)->data() + offset, ns.block_bytes());
+      items.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), offset});
+    }
+    auto result = ns.Publish(items);
+    if (!result.ok()) return result.status();
+    all.outcomes.insert(all.outcomes.end(), result->outcomes.begin(), result->outcomes.end());
+    all.bytes += result->bytes;
+  }
+  return all;
+}
+
+// Fetches blocks [0, count) of stream `seed` and counts those whose bytes match.
+size_t FetchAndVerify(Client& c, Namespace& ns, uint64_t seed, size_t count, size_t batch = 64) {
+  const std::vector<BlockKey> keys = ns.Keys(Tokens(seed, count));
+  auto buffer = c.Allocate(batch * ns.block_bytes());
+  EXPECT_TRUE(buffer.ok());
+  std::vector<uint8_t> expected(ns.block_bytes());
+  size_t good = 0;
+  for (size_t start = 0; start < count; start += batch) {
+    std::vector<FetchItem> items;
+    for (size_t i = start; i < std::min(count, start + batch); ++i) {
+      items.push_back({keys[i], buffer->get(), (i - start) * ns.block_bytes()});
+    }
+    std::memset((*buffer)->data(), 0, batch * ns.block_bytes());
+    auto result = ns.Fetch(items);
+    EXPECT_TRUE(result.ok()) << result.status();
+    if (!result.ok()) return good;
+    for (size_t i = start; i < std::min(count, start + batch); ++i) {
+      if (result->outcomes[i - start] != BlockOutcome::kOk) continue;
+      FillBlock(seed, i, expected.data(), expected.size());
+      good += std::memcmp(expected.data(), (*buffer)->data() + (i - start) * ns.block_bytes(),
+                          expected.size()) == 0;
+    }
+  }
+  return good;
+}
+
+class NodeTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto node = NodeProcess::Start({"--dram_bytes=1073741824", "--slab_bytes=4194304",
+                                    "--transfer_timeout=5s"});
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = new NodeProcess(*std::move(node));
+  }
+  static void TearDownTestSuite() {
+    delete node_;
+    node_ = nullptr;
+  }
+  void SetUp() override { ASSERT_NE(node_, nullptr); }
+
+  // The node still answers and round-trips a block.
+  static void ExpectNodeServes() {
+    auto c = Connect(node_->address());
+    ASSERT_NE(c, nullptr);
+    ASSERT_TRUE(c->Ping().ok());
+    auto ns = c->OpenNamespace(OpaqueSpec("still-serving", 64 * 1024));
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    const uint64_t seed = absl::ToUnixNanos(absl::Now());
+    auto published = PublishStream(*c, *ns, seed, 4);
+    ASSERT_TRUE(published.ok()) << published.status();
+    EXPECT_EQ(FetchAndVerify(*c, *ns, seed, 4), 4u);
+  }
+
+  static NodeProcess* node_;
+};
+NodeProcess* NodeTest::node_ = nullptr;
+
+TEST_F(NodeTest, UsesTheConfiguredTransport) {
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("transport"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  ASSERT_TRUE(PublishStream(*c, *ns, 1, 2).ok());
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 1, 2), 2u);
+  v1::StatsResponse stats;
+  ASSERT_TRUE(c->Stats(&stats).ok());
+  ASSERT_GT(stats.transports_size(), 0);
+  const char* expected = std::getenv("KVSTRATA_EXPECT_TRANSPORTS");
+  ASSERT_NE(expected, nullptr) << "run through ctest, which sets KVSTRATA_EXPECT_TRANSPORTS";
+  const std::vector<std::string> allowed = absl::StrSplit(expected, ',');
+  for (const std::string& reported : stats.transports()) {
+    for (absl::string_view tl : absl::StrSplit(reported, ',')) {
+      EXPECT_NE(std::find(allowed.begin(), allowed.end(), std::string(tl)), allowed.end())
+          << "node reports UCX transport '" << tl << "', expected one of " << expected;
+    }
+  }
+}
+
+TEST_F(NodeTest, SecondProcessFetchesWhatTheFirstPublished) {
+  constexpr size_t kCount = 1000;
+  constexpr uint64_t kSeed = 4242;
+  auto child = testing::SpawnSelf({"--child=publish", "--node=" + node_->address(),
+                                   "--seed=" + std::to_string(kSeed),
+                                   "--count=" + std::to_string(kCount)});
+  ASSERT_TRUE(child.ok()) << child.status();
+  ASSERT_EQ(testing::WaitChild(*child), 0) << "publisher process failed";
+
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("two-process"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  const auto keys = ns->Keys(Tokens(kSeed, kCount));
+  auto found = ns->Lookup(keys);
+  ASSERT_TRUE(found.ok()) << found.status();
+  EXPECT_EQ(found->prefix_length, kCount);
+  EXPECT_EQ(FetchAndVerify(*c, *ns, kSeed, kCount), kCount) << "some fetched bytes differ";
+}
+
+TEST_F(NodeTest, LookupStopsAtADeletedBlock) {
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("prefix", 64 * 1024));
+  ASSERT_TRUE(ns.ok());
+  auto published = PublishStream(*c, *ns, 77, 10);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->count(BlockOutcome::kOk), 10u);
+  const auto keys = ns->Keys(Tokens(77, 10));
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, 10u);
+  EXPECT_EQ(ns->Delete({keys[4]}).value(), 1u);
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, 4u);
+  // Blocks after the gap are stored but not part of any prefix; fetching them still works.
+  auto buffer = c->Allocate(ns->block_bytes() * 2);
+  auto fetched = ns->Fetch({{keys[4], buffer->get(), 0}, {keys[5], buffer->get(), ns->block_bytes()}});
+  ASSERT_TRUE(fetched.ok());
+  EXPECT_EQ(fetched->outcomes[0], BlockOutcome::kNotFound);
+  EXPECT_EQ(fetched->outcomes[1], BlockOutcome::kOk);
+}
+
+TEST_F(NodeTest, RepublishingMovesNoBytes) {
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("dedup", 64 * 1024));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_EQ(PublishStream(*c, *ns, 5, 8)->count(BlockOutcome::kOk), 8u);
+  auto again = PublishStream(*c, *ns, 5, 8);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->count(BlockOutcome::kAlreadyPresent), 8u);
+  EXPECT_EQ(again->bytes, 0u);
+}
+
+TEST_F(NodeTest, CApiRoundTrip) {
+  kvs_client* c = nullptr;
+  ASSERT_EQ(kvs_connect(node_->address().c_str(), 20000, &c), 0) << kvs_last_error();
+  kvs_namespace_spec spec{};
+  spec.tenant = "test";
+  spec.model = "c-api";
+  spec.tokens_per_block = 4;
+  spec.block_bytes = 8192;
+  kvs_namespace* ns = nullptr;
+  ASSERT_EQ(kvs_open_namespace(c, &spec, &ns), 0) << kvs_last_error();
+  ASSERT_EQ(kvs_block_bytes(ns), 8192u);
+  const uint32_t tokens[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  kvs_key keys[3];
+  ASSERT_EQ(kvs_compute_keys(ns, tokens, 12, nullptr, keys, 3), 3u);
+  kvs_buffer* buffer = nullptr;
+  ASSERT_EQ(kvs_allocate(c, 3 * 8192, &buffer), 0) << kvs_last_error();
+  auto* bytes = static_cast<uint8_t*>(kvs_buffer_data(buffer));
+  for (int i = 0; i < 3 * 8192; ++i) bytes[i] = static_cast<uint8_t>(i * 31);
+  kvs_publish_item items[3] = {};
+  for (int i = 0; i < 3; ++i) {
+    items[i].key = keys[i];
+    items[i].has_parent = i > 0;
+    if (i > 0) items[i].parent = keys[i - 1];
+    items[i].offset = i * 8192;
+  }
+  int outcomes[3];
+  ASSERT_EQ(kvs_publish(ns, buffer, items, 3, outcomes), 0) << kvs_last_error();
+  for (int o : outcomes) EXPECT_EQ(o, KVS_BLOCK_OK);
+  size_t prefix = 0;
+  ASSERT_EQ(kvs_lookup(ns, keys, 3, &prefix), 0);
+  EXPECT_EQ(prefix, 3u);
+  std::vector<uint8_t> original(bytes, bytes + 3 * 8192);
+  std::memset(bytes, 0, 3 * 8192);
+  const size_t offsets[3] = {0, 8192, 16384};
+  ASSERT_EQ(kvs_fetch(ns, buffer, keys, offsets, 3, outcomes), 0) << kvs_last_error();
+  for (int o : outcomes) EXPECT_EQ(o, KVS_BLOCK_OK);
+  EXPECT_EQ(std::memcmp(original.data(), bytes, original.size()), 0);
+  // Errors come back as codes with a message.
+  EXPECT_EQ(kvs_lookup(ns, keys, 3, nullptr), 3);
+  EXPECT_NE(std::string(kvs_last_error()), "");
+  kvs_buffer_destroy(buffer);
+  kvs_namespace_destroy(ns);
+  kvs_client_destroy(c);
+}
+
+// ---- bad input: raw requests, so nothing in the client library can filter them --
+
+class BadInputTest : public NodeTest {
+ protected:
+  void SetUp() override {
+    NodeTest::SetUp();
+    channel_ = grpc::CreateChannel(node_->address(), grpc::InsecureChannelCredentials());
+    stub_ = v1::CacheNode::NewStub(channel_);
+    auto engine = transfer::Engine::Create({});
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = *std::move(engine);
+    auto region = engine_->Allocate(4 * kBlock);
+    ASSERT_TRUE(region.ok());
+    region_ = *std::move(region);
+    v1::OpenNamespaceRequest open;
+    *open.mutable_spec() = OpaqueSpec("bad-input");
+    v1::OpenNamespaceResponse opened;
+    ASSERT_TRUE(Call(&v1::CacheNode::Stub::OpenNamespace, open, &opened).ok());
+    ns_id_ = opened.namespace_id();
+  }
+  void TearDown() override { ExpectNodeServes(); }
+
+  template <typename Method, typename Request, typename Response>
+  grpc::Status Call(Method method, const Request& request, Response* response) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+    return ((*stub_).*method)(&context, request, response);
+  }
+
+  void FillEndpoint(v1::TransferEndpoint* endpoint) {
+    endpoint->set_worker_address(engine_->worker_address());
+    if (engine_->shared_memory_enabled()) endpoint->set_host_id(transfer::Engine::HostId());
+    v1::MemoryRegion* region = endpoint->add_regions();
+    region->set_base_address(reinterpret_cast<uint64_t>(region_->data()));
+    region->set_length(region_->size());
+    region->set_packed_rkey(region_->packed_rkey());
+  }
+
+  v1::PublishRequest GoodPublish(uint8_t key_byte) {
+    v1::PublishRequest request;
+    request.set_namespace_id(ns_id_);
+    FillEndpoint(request.mutable_source());
+    FillBlock(key_byte, 0, region_->data(), kBlock);
+    v1::PublishBlock* block = request.add_blocks();
+    block->set_key(std::string(16, static_cast<char>(key_byte)));
+    block->set_size(kBlock);
+    block->set_checksum(BlockChecksum(region_->data(), kBlock));
+    return request;
+  }
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::CacheNode::Stub> stub_;
+  std::unique_ptr<transfer::Engine> engine_;
+  std::unique_ptr<transfer::MemoryRegion> region_;
+  uint64_t ns_id_ = 0;
+};
+
+TEST_F(BadInputTest, GoodRawPublishWorks) {
+  v1::PublishResponse response;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Publish, GoodPublish(1), &response).ok());
+  ASSERT_EQ(response.status_size(), 1);
+  EXPECT_EQ(response.status(0), v1::BLOCK_OK);
+}
+
+TEST_F(BadInputTest, UnknownNamespace) {
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns_id_ ^ 1);
+  lookup.add_keys(std::string(16, 'k'));
+  v1::LookupResponse found;
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).error_code(), grpc::StatusCode::NOT_FOUND);
+  v1::PublishRequest publish = GoodPublish(2);
+  publish.set_namespace_id(12345);
+  v1::PublishResponse published;
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, publish, &published).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+}
+
+TEST_F(BadInputTest, WrongBlockSize) {
+  v1::PublishRequest request = GoodPublish(3);
+  request.mutable_blocks(0)->set_size(kBlock - 1);
+  v1::PublishResponse response;
+  const grpc::Status status = Call(&v1::CacheNode::Stub::Publish, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(status.error_message().find("bytes"), std::string::npos) << status.error_message();
+  v1::FetchRequest fetch;
+  fetch.set_namespace_id(ns_id_);
+  FillEndpoint(fetch.mutable_destination());
+  v1::FetchBlock* block = fetch.add_blocks();
+  block->set_key(std::string(16, 3));
+  block->set_capacity(kBlock / 2);
+  v1::FetchResponse fetched;
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Fetch, fetch, &fetched).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(BadInputTest, TooManyKeysOrBlocks) {
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns_id_);
+  for (size_t i = 0; i <= limits::kMaxLookupKeys; ++i) lookup.add_keys(std::string(16, 'x'));
+  v1::LookupResponse found;
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest publish = GoodPublish(4);
+  for (size_t i = 1; i <= limits::kMaxTransferBlocks; ++i) *publish.add_blocks() = publish.blocks(0);
+  v1::PublishResponse published;
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, publish, &published).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest empty = GoodPublish(4);
+  empty.clear_blocks();
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, empty, &published).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest duplicate = GoodPublish(4);
+  *duplicate.add_blocks() = duplicate.blocks(0);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, duplicate, &published).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::LookupRequest bad_key;
+  bad_key.set_namespace_id(ns_id_);
+  bad_key.add_keys("seven b");
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, bad_key, &found).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(BadInputTest, ZeroLengthAndOversizeBuffers) {
+  v1::PublishResponse response;
+  v1::PublishRequest zero = GoodPublish(5);
+  zero.mutable_source()->mutable_regions(0)->set_length(0);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, zero, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest overrun = GoodPublish(5);
+  overrun.mutable_blocks(0)->set_offset(region_->size() - kBlock + 1);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, overrun, &response).error_code(),
+            grpc::StatusCode::OUT_OF_RANGE);
+  v1::PublishRequest wraps = GoodPublish(5);
+  wraps.mutable_blocks(0)->set_offset(~uint64_t{0} - 10);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, wraps, &response).error_code(),
+            grpc::StatusCode::OUT_OF_RANGE);
+  v1::PublishRequest bad_region = GoodPublish(5);
+  bad_region.mutable_blocks(0)->set_region(3);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, bad_region, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  // The client library refuses them before sending.
+  auto c = Connect(node_->address());
+  EXPECT_FALSE(c->Register(region_->data(), 0).ok());
+  auto ns = c->OpenNamespace(OpaqueSpec("bad-input"));
+  auto small = c->Allocate(kBlock / 2);
+  auto result = ns->Publish({{BlockKey{}, std::nullopt, small->get(), 0}});
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kOutOfRange);
+}
+
+TEST_F(BadInputTest, BadRemoteKeyOrWorkerAddress) {
+  v1::PublishResponse response;
+  // A garbage or truncated key must not crash the node or store wrong bytes.
+  // (Over TCP, UCX emulates RMA in software and ignores the key's contents, so
+  // the publish may even succeed; the checksum then proves the bytes right.)
+  v1::PublishRequest garbage_rkey = GoodPublish(0x60);
+  garbage_rkey.mutable_source()->mutable_regions(0)->set_packed_rkey(std::string(24, '\xff'));
+  v1::PublishRequest truncated_rkey = GoodPublish(0x61);
+  truncated_rkey.mutable_source()->mutable_regions(0)->set_packed_rkey(
+      region_->packed_rkey().substr(0, region_->packed_rkey().size() / 2));
+  for (const v1::PublishRequest* request : {&garbage_rkey, &truncated_rkey}) {
+    FillBlock(request->blocks(0).key()[0], 0, region_->data(), kBlock);
+    const grpc::Status status = Call(&v1::CacheNode::Stub::Publish, *request, &response);
+    if (!status.ok() || response.status(0) != v1::BLOCK_OK) continue;
+    auto c = Connect(node_->address());
+    auto ns = c->OpenNamespace(OpaqueSpec("bad-input"));
+    auto buffer = c->Allocate(kBlock);
+    auto key = BlockKey::FromWire(request->blocks(0).key());
+    auto fetched = ns->Fetch({{*key, buffer->get(), 0}});
+    ASSERT_TRUE(fetched.ok());
+    ASSERT_EQ(fetched->outcomes[0], BlockOutcome::kOk);
+    std::vector<uint8_t> expected(kBlock);
+    FillBlock(request->blocks(0).key()[0], 0, expected.data(), kBlock);
+    EXPECT_EQ(std::memcmp(expected.data(), (*buffer)->data(), kBlock), 0);
+  }
+  // Missing key or worker address: refused before any transfer.
+  v1::PublishRequest empty_rkey = GoodPublish(0x62);
+  empty_rkey.mutable_source()->mutable_regions(0)->clear_packed_rkey();
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, empty_rkey, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest no_worker = GoodPublish(0x62);
+  no_worker.mutable_source()->clear_worker_address();
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, no_worker, &response).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  v1::PublishRequest garbage_worker = GoodPublish(0x62);
+  garbage_worker.mutable_source()->set_worker_address(std::string(64, '\x01'));
+  EXPECT_FALSE(Call(&v1::CacheNode::Stub::Publish, garbage_worker, &response).ok());
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns_id_);
+  lookup.add_keys(std::string(16, 0x62));
+  v1::LookupResponse found;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).ok());
+  EXPECT_EQ(found.prefix_length(), 0u) << "a refused publish stored a block";
+}
+
+TEST_F(BadInputTest, ChecksumMismatchStoresNothing) {
+  v1::StatsResponse before;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &before).ok());
+  v1::PublishRequest request = GoodPublish(7);
+  request.mutable_blocks(0)->set_checksum(request.blocks(0).checksum() ^ 1);
+  v1::PublishResponse response;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Publish, request, &response).ok());
+  EXPECT_EQ(response.status(0), v1::BLOCK_CHECKSUM_MISMATCH);
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns_id_);
+  lookup.add_keys(std::string(16, 7));
+  v1::LookupResponse found;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).ok());
+  EXPECT_EQ(found.prefix_length(), 0u);
+  v1::StatsResponse after;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &after).ok());
+  EXPECT_EQ(after.checksum_failures(), before.checksum_failures() + 1);
+}
+
+TEST_F(NodeTest, ClientDyingMidTransferLeavesTheNodeServing) {
+  auto child = testing::SpawnSelf({"--child=publish_forever", "--node=" + node_->address()});
+  ASSERT_TRUE(child.ok());
+  auto c = Connect(node_->address());
+  v1::StatsResponse stats;
+  const absl::Time give_up = absl::Now() + absl::Seconds(30);
+  do {
+    absl::SleepFor(absl::Milliseconds(50));
+    ASSERT_TRUE(c->Stats(&stats).ok());
+  } while (stats.bytes_in() < (64ull << 20) && absl::Now() < give_up);
+  ASSERT_GE(stats.bytes_in(), 64ull << 20) << "the publisher never got going";
+  kill(*child, SIGKILL);
+  EXPECT_EQ(testing::WaitChild(*child), -SIGKILL);
+  ExpectNodeServes();
+}
+
+TEST(NodeDownTest, ClientGetsUnavailableWithinItsDeadline) {
+  auto node = NodeProcess::Start({"--dram_bytes=67108864"});
+  ASSERT_TRUE(node.ok());
+  const std::string address = node->address();
+  node->Kill(SIGKILL);
+  auto c = Connect(address, absl::Seconds(2));
+  const absl::Time start = absl::Now();
+  auto ns = c->OpenNamespace(OpaqueSpec("down"));
+  EXPECT_EQ(ns.status().code(), absl::StatusCode::kUnavailable) << ns.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+}
+
+TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
+  auto node = NodeProcess::Start({"--dram_bytes=67108864"});
+  ASSERT_TRUE(node.ok());
+  auto c = Connect(node->address(), absl::Seconds(1));
+  ASSERT_TRUE(c->Ping().ok());
+  node->Signal(SIGSTOP);  // frozen: a hang, not a refusal
+  const absl::Time start = absl::Now();
+  absl::Status status = c->Ping();
+  EXPECT_FALSE(status.ok());
+  EXPECT_TRUE(status.code() == absl::StatusCode::kDeadlineExceeded ||
+              status.code() == absl::StatusCode::kUnavailable)
+      << status;
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+}
+
+class SmallNodeTest : public ::testing::Test {};
+
+TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
+  // 16 slabs of 1 MiB: 64 blocks of 256 KiB.
+  auto node = NodeProcess::Start({"--dram_bytes=16777216", "--slab_bytes=1048576"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  auto c = Connect(node->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("eviction"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  constexpr size_t kCount = 200;
+  auto published = PublishStream(*c, *ns, 9, kCount, 16);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->count(BlockOutcome::kOk), kCount) << "a full tier refused publishes";
+  v1::StatsResponse stats;
+  ASSERT_TRUE(c->Stats(&stats).ok());
+  ASSERT_EQ(stats.tiers_size(), 1);
+  EXPECT_LE(stats.tiers(0).blocks(), 64u);
+  EXPECT_GE(stats.tiers(0).evictions(), kCount - 64);
+  EXPECT_LE(stats.tiers(0).used_bytes(), stats.tiers(0).capacity_bytes());
+  const auto keys = ns->Keys(Tokens(9, kCount));
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, 0u);  // the oldest block went first
+  // The newest blocks are all there, byte for byte.
+  auto buffer = c->Allocate(32 * kBlock);
+  std::vector<FetchItem> items;
+  for (size_t i = kCount - 32; i < kCount; ++i) items.push_back({keys[i], buffer->get(), (i - (kCount - 32)) * kBlock});
+  auto fetched = ns->Fetch(items);
+  ASSERT_TRUE(fetched.ok());
+  EXPECT_EQ(fetched->count(BlockOutcome::kOk), 32u);
+  std::vector<uint8_t> expected(kBlock);
+  for (size_t i = kCount - 32; i < kCount; ++i) {
+    FillBlock(9, i, expected.data(), kBlock);
+    EXPECT_EQ(std::memcmp(expected.data(), (*buffer)->data() + (i - (kCount - 32)) * kBlock, kBlock), 0);
+  }
+}
+
+// ---- child processes ---------------------------------------------------------
+
+std::string Arg(int argc, char** argv, const std::string& name) {
+  const std::string prefix = "--" + name + "=";
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]).rfind(prefix, 0) == 0) return std::string(argv[i]).substr(prefix.size());
+  }
+  return "";
+}
+
+int RunChild(int argc, char** argv) {
+  const std::string role = Arg(argc, argv, "child");
+  auto c = Client::Connect({.node_address = Arg(argc, argv, "node")});
+  if (!c.ok()) return 10;
+  if (role == "publish") {
+    auto ns = (*c)->OpenNamespace(OpaqueSpec("two-process"));
+    if (!ns.ok()) return 11;
+    auto result = PublishStream(**c, *ns, std::stoull(Arg(argc, argv, "seed")),
+                                std::stoull(Arg(argc, argv, "count")));
+    if (!result.ok()) return 12;
+    return result->count(BlockOutcome::kOk) + result->count(BlockOutcome::kAlreadyPresent) ==
+                   result->outcomes.size()
+               ? 0
+               : 13;
+  }
+  if (role == "publish_forever") {
+    auto ns = (*c)->OpenNamespace(OpaqueSpec("doomed", 1 << 20));
+    if (!ns.ok()) return 11;
+    for (uint64_t seed = 1;; ++seed) PublishStream(**c, *ns, seed, 64, 64).IgnoreError();
+  }
+  return 20;
+}
+
+}  // namespace
+}  // namespace kvstrata
+
+int main(int argc, char** argv) {
+  if (!kvstrata::Arg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
