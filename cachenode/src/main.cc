@@ -31,6 +31,9 @@ ABSL_FLAG(std::string, ucx_transports, "",
 ABSL_FLAG(bool, ucx_tune_tcp, true,
           "Raise UCX's TCP segment and socket buffer sizes (a UCX_TCP_* environment variable wins).");
 ABSL_FLAG(bool, prefault, false, "Touch the whole DRAM arena at start so first writes do not fault.");
+ABSL_FLAG(bool, allow_client_rkeys, false,
+          "Accept RMA transfers (client memory keys) as well as tagged ones. Only for trusted "
+          "clients: UCX 1.13 can crash unpacking a malformed key on shared memory.");
 ABSL_FLAG(absl::Duration, transfer_timeout, absl::Seconds(30),
           "Longest a single UCX transfer batch may take before the peer is treated as failed.");
 
@@ -83,6 +86,7 @@ int main(int argc, char** argv) {
   options.ucx_tune_tcp = absl::GetFlag(FLAGS_ucx_tune_tcp);
   options.prefault = absl::GetFlag(FLAGS_prefault);
   options.transfer_timeout = absl::GetFlag(FLAGS_transfer_timeout);
+  options.allow_client_rkeys = absl::GetFlag(FLAGS_allow_client_rkeys);
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

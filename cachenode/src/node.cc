@@ -65,7 +65,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                                           *std::move(policy));
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
   impl->service = std::make_unique<NodeService>(*impl->namespaces, *impl->dram, *impl->engine,
-                                                options.transfer_timeout);
+                                                options.transfer_timeout,
+                                                options.allow_client_rkeys);
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &impl->port);

@@ -46,7 +46,7 @@ struct ResolvedEndpoint {
   std::vector<const v1::MemoryRegion*> regions;
 };
 
-absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint) {
+absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint, bool rma) {
   if (endpoint.worker_address().empty() ||
       endpoint.worker_address().size() > limits::kMaxWorkerAddressBytes) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -63,7 +63,8 @@ absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint) {
         region.base_address() + region.length() < region.base_address()) {
       return absl::InvalidArgumentError("memory region is empty, null or wraps around");
     }
-    if (region.packed_rkey().empty() || region.packed_rkey().size() > limits::kMaxPackedRkeyBytes) {
+    if ((rma && region.packed_rkey().empty()) ||
+        region.packed_rkey().size() > limits::kMaxPackedRkeyBytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("packed_rkey must be 1..", limits::kMaxPackedRkeyBytes, " bytes"));
     }
@@ -86,13 +87,15 @@ absl::Status ValidateRange(const v1::TransferEndpoint& endpoint, uint32_t index,
 }
 
 absl::StatusOr<ResolvedEndpoint> Resolve(transfer::Engine& engine,
-                                         const v1::TransferEndpoint& endpoint, absl::Time deadline) {
+                                         const v1::TransferEndpoint& endpoint, absl::Time deadline,
+                                         bool rma) {
   ResolvedEndpoint resolved;
   const bool same_host = endpoint.host_id() == transfer::Engine::HostId();
   absl::StatusOr<std::shared_ptr<transfer::Peer>> peer =
       engine.Connect(endpoint.worker_address(), same_host, deadline);
   if (!peer.ok()) return peer.status();
   resolved.peer = *std::move(peer);
+  if (!rma) return resolved;
   for (const v1::MemoryRegion& region : endpoint.regions()) {
     absl::StatusOr<std::unique_ptr<transfer::RemoteKey>> rkey =
         resolved.peer->UnpackRkey(region.packed_rkey());
@@ -103,11 +106,61 @@ absl::StatusOr<ResolvedEndpoint> Resolve(transfer::Engine& engine,
   return resolved;
 }
 
+// Which data path a request asks for, and whether this node allows it.
+absl::StatusOr<bool> UsesRma(uint64_t tag_base, bool allow_client_rkeys) {
+  if (tag_base == 0) {
+    if (!allow_client_rkeys) {
+      return absl::FailedPreconditionError(
+          "RMA transfers with client memory keys are disabled on this node "
+          "(--allow_client_rkeys); use tagged transfers (a nonzero tag_base)");
+    }
+    return true;
+  }
+  if ((tag_base & 0xffff) != 0) return absl::InvalidArgumentError("tag_base must have its low 16 bits clear");
+  return false;
+}
+
+// Tagged publish: receive every reserved block straight into its chunk, after
+// telling the client which blocks to send.
+absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
+                  const std::vector<std::shared_ptr<StoredBlock>>& reserved, absl::Time deadline,
+                  std::shared_ptr<void> keep_alive) {
+  std::vector<transfer::ReceiveOp> receives;
+  std::vector<bool> expected;
+  std::vector<uint8_t> wanted;  // u16 little-endian indices
+  for (size_t i = 0; i < reserved.size(); ++i) {
+    if (reserved[i] == nullptr) continue;
+    receives.push_back({reserved[i]->data(), reserved[i]->size(), tag_base + i});
+    expected.push_back(true);
+    wanted.push_back(static_cast<uint8_t>(i));
+    wanted.push_back(static_cast<uint8_t>(i >> 8));
+  }
+  absl::StatusOr<std::unique_ptr<transfer::ReceiveBatch>> batch =
+      peer.engine().PostReceives(receives, std::move(keep_alive));
+  if (!batch.ok()) return batch.status();
+  const transfer::SendOp pull{wanted.data(), wanted.size(), transfer::PullTag(tag_base)};
+  if (absl::Status sent = peer.Send({&pull, 1}, deadline); !sent.ok()) return sent;
+  absl::StatusOr<std::vector<size_t>> received = (*batch)->Wait(expected, deadline);
+  if (!received.ok()) return received.status();
+  size_t r = 0;
+  for (size_t i = 0; i < reserved.size(); ++i) {
+    if (reserved[i] == nullptr) continue;
+    if ((*received)[r++] != reserved[i]->size()) {
+      return absl::DataLossError("a pulled block arrived with the wrong size");
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 NodeService::NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
-                         absl::Duration transfer_timeout)
-    : namespaces_(namespaces), dram_(dram), engine_(engine), transfer_timeout_(transfer_timeout) {}
+                         absl::Duration transfer_timeout, bool allow_client_rkeys)
+    : namespaces_(namespaces),
+      dram_(dram),
+      engine_(engine),
+      transfer_timeout_(transfer_timeout),
+      allow_client_rkeys_(allow_client_rkeys) {}
 
 absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
   const absl::Time own = absl::Now() + transfer_timeout_;
@@ -121,6 +174,8 @@ grpc::Status NodeService::OpenNamespace(grpc::ServerContext*, const v1::OpenName
   if (!info.ok()) return ToGrpc(info.status());
   response->set_namespace_id(info->id);
   response->set_block_bytes(info->block_bytes);
+  response->set_worker_address(engine_.worker_address());
+  response->set_host_id(transfer::Engine::HostId());
   return grpc::Status::OK;
 }
 
@@ -147,7 +202,9 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
     return InvalidArgument(absl::StrCat("a publish carries 1..", limits::kMaxTransferBlocks,
                                         " blocks, got ", blocks.size()));
   }
-  if (absl::Status s = ValidateEndpoint(request->source()); !s.ok()) return ToGrpc(s);
+  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), allow_client_rkeys_);
+  if (!rma.ok()) return ToGrpc(rma.status());
+  if (absl::Status s = ValidateEndpoint(request->source(), *rma); !s.ok()) return ToGrpc(s);
 
   // Validate everything before touching memory or the network.
   std::vector<BlockId> ids(blocks.size());
@@ -199,22 +256,27 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   if (to_transfer == 0) return grpc::Status::OK;
 
   const absl::Time deadline = TransferDeadline(context);
-  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source(), deadline);
+  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source(), deadline, *rma);
   if (!endpoint.ok()) return ToGrpc(endpoint.status());
-  std::vector<transfer::RmaOp> ops;
-  ops.reserve(to_transfer);
-  for (int i = 0; i < blocks.size(); ++i) {
-    if (reserved[i] == nullptr) continue;
-    const v1::PublishBlock& block = blocks[i];
-    ops.push_back(transfer::RmaOp{
-        .local = reserved[i]->data(),
-        .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
-        .length = block.size(),
-        .rkey = endpoint->rkeys[block.region()].get()});
-  }
   // The reservations stay alive until UCX is done with them, even if we give up.
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(reserved);
-  absl::Status transferred = endpoint->peer->Get(ops, deadline, keep_alive);
+  absl::Status transferred;
+  if (*rma) {
+    std::vector<transfer::RmaOp> ops;
+    ops.reserve(to_transfer);
+    for (int i = 0; i < blocks.size(); ++i) {
+      if (reserved[i] == nullptr) continue;
+      const v1::PublishBlock& block = blocks[i];
+      ops.push_back(transfer::RmaOp{
+          .local = reserved[i]->data(),
+          .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
+          .length = block.size(),
+          .rkey = endpoint->rkeys[block.region()].get()});
+    }
+    transferred = endpoint->peer->Get(ops, deadline, keep_alive);
+  } else {
+    transferred = Pull(*endpoint->peer, request->tag_base(), reserved, deadline, keep_alive);
+  }
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
     KVS_LOG(Warning) << "publish transfer failed: " << transferred;
@@ -257,10 +319,9 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
     return InvalidArgument(absl::StrCat("a fetch carries 1..", limits::kMaxTransferBlocks,
                                         " blocks, got ", blocks.size()));
   }
-  if (absl::Status s = ValidateEndpoint(request->destination()); !s.ok()) return ToGrpc(s);
-  if ((request->tag_base() & 0xffff) != 0) {
-    return InvalidArgument("tag_base must have its low 16 bits clear");
-  }
+  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), allow_client_rkeys_);
+  if (!rma.ok()) return ToGrpc(rma.status());
+  if (absl::Status s = ValidateEndpoint(request->destination(), *rma); !s.ok()) return ToGrpc(s);
   std::vector<BlockId> ids(blocks.size());
   for (int i = 0; i < blocks.size(); ++i) {
     const v1::FetchBlock& block = blocks[i];
@@ -293,13 +354,14 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
   if (hits == 0) return grpc::Status::OK;
 
   const absl::Time deadline = TransferDeadline(context);
-  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->destination(), deadline);
+  absl::StatusOr<ResolvedEndpoint> endpoint =
+      Resolve(engine_, request->destination(), deadline, *rma);
   if (!endpoint.ok()) return ToGrpc(endpoint.status());
   uint64_t bytes = 0;
   for (const auto& block : pinned) bytes += block != nullptr ? block->size() : 0;
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(pinned);
   absl::Status transferred;
-  if (request->tag_base() != 0) {
+  if (!*rma) {
     std::vector<transfer::SendOp> sends;
     sends.reserve(hits);
     for (int i = 0; i < blocks.size(); ++i) {

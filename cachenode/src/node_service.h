@@ -28,7 +28,7 @@ struct NodeCounters {
 class NodeService final : public v1::CacheNode::Service {
  public:
   NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
-              absl::Duration transfer_timeout);
+              absl::Duration transfer_timeout, bool allow_client_rkeys);
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -47,6 +47,7 @@ class NodeService final : public v1::CacheNode::Service {
   DramTier& dram_;
   transfer::Engine& engine_;
   const absl::Duration transfer_timeout_;
+  const bool allow_client_rkeys_;
   const absl::Time started_ = absl::Now();
   NodeCounters counters_;
 };

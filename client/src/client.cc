@@ -39,7 +39,8 @@ BlockOutcome FromWire(v1::BlockStatus status) {
 // Adds the buffer's region to `endpoint` once and returns its index.
 class RegionTable {
  public:
-  explicit RegionTable(v1::TransferEndpoint* endpoint) : endpoint_(endpoint) {}
+  RegionTable(v1::TransferEndpoint* endpoint, bool with_rkeys)
+      : endpoint_(endpoint), with_rkeys_(with_rkeys) {}
   absl::StatusOr<uint32_t> IndexOf(const Buffer* buffer) {
     auto it = index_.find(buffer);
     if (it != index_.end()) return it->second;
@@ -54,7 +55,7 @@ class RegionTable {
     v1::MemoryRegion* region = endpoint_->add_regions();
     region->set_base_address(reinterpret_cast<uint64_t>(registered->data()));
     region->set_length(registered->size());
-    region->set_packed_rkey(registered->region().packed_rkey());
+    if (with_rkeys_) region->set_packed_rkey(registered->region().packed_rkey());
     const uint32_t index = static_cast<uint32_t>(index_.size());
     index_.emplace(buffer, index);
     return index;
@@ -62,6 +63,7 @@ class RegionTable {
 
  private:
   v1::TransferEndpoint* endpoint_;
+  const bool with_rkeys_;  // only RMA transfers hand the node memory keys
   absl::flat_hash_map<const Buffer*, uint32_t> index_;
 };
 
@@ -76,17 +78,20 @@ absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_byte
 
 // Runs `one_batch` over consecutive slices of at most kMaxTransferBlocks items
 // concurrently (gRPC's callback API: no thread per call) and joins the results.
-using Receives = std::unique_ptr<transfer::ReceiveBatch>;
+// What a tagged transfer keeps alive next to its RPC.
+struct TaggedSide {
+  std::unique_ptr<transfer::ReceiveBatch> receives;  // fetch: posted before the call
+  std::unique_ptr<transfer::PullServer> pull;        // publish: answers the node's pull
+};
 
 template <typename Item, typename Request, typename Response>
 absl::StatusOr<TransferResult> RunBatches(
     absl::Span<const Item> items, absl::Duration timeout,
-    const std::function<absl::Status(absl::Span<const Item>, Request*, Receives*)>& build,
+    const std::function<absl::Status(absl::Span<const Item>, Request*, TaggedSide*)>& build,
     const std::function<void(grpc::ClientContext*, const Request*, Response*,
                              std::function<void(grpc::Status)>)>& call,
-    const std::function<absl::Status(absl::Span<const Item>, const Response&,
-                                     transfer::ReceiveBatch*, absl::Time, TransferResult*)>&
-        collect) {
+    const std::function<absl::Status(absl::Span<const Item>, const Response&, TaggedSide&,
+                                     absl::Time, TransferResult*)>& collect) {
   TransferResult result;
   if (items.empty()) return result;
   struct Batch {
@@ -94,14 +99,14 @@ absl::StatusOr<TransferResult> RunBatches(
     Request request;
     Response response;
     std::promise<grpc::Status> done;
-    Receives receives;  // tagged fetch: posted before the call
+    TaggedSide tagged;
   };
   const absl::Time deadline = absl::Now() + timeout;
   const size_t batch_size = limits::kMaxTransferBlocks;
   std::vector<std::unique_ptr<Batch>> batches;
   for (size_t start = 0; start < items.size(); start += batch_size) {
     auto batch = std::make_unique<Batch>();
-    absl::Status built = build(items.subspan(start, batch_size), &batch->request, &batch->receives);
+    absl::Status built = build(items.subspan(start, batch_size), &batch->request, &batch->tagged);
     if (!built.ok()) return built;
     batch->context.set_deadline(absl::ToChronoTime(deadline));
     batches.push_back(std::move(batch));
@@ -123,7 +128,7 @@ absl::StatusOr<TransferResult> RunBatches(
     }
     const size_t before = result.outcomes.size();
     absl::Status collected =
-        collect(slice, batches[i]->response, batches[i]->receives.get(), deadline, &result);
+        collect(slice, batches[i]->response, batches[i]->tagged, deadline, &result);
     if (!collected.ok()) {
       if (first_error.ok()) first_error = collected;
       result.outcomes.resize(before);
@@ -193,6 +198,7 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
   v1::OpenNamespaceResponse response;
   absl::Status status = FromGrpc(impl_->stub->OpenNamespace(&context, request, &response));
   if (!status.ok()) return status;
+  impl_->SetNodeWorker(response.worker_address(), response.host_id());
   return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block());
 }
 
@@ -252,15 +258,17 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
   Client::Impl& impl = client_->impl();
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;
+  const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
+  const absl::Time deadline = absl::Now() + impl.Timeout(timeout);
   return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
       items, impl.Timeout(timeout),
       [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request,
-          Receives*) -> absl::Status {
+          TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);
         v1::TransferEndpoint* source = request->mutable_source();
         source->set_worker_address(impl.engine->worker_address());
         if (impl.engine->shared_memory_enabled()) source->set_host_id(transfer::Engine::HostId());
-        RegionTable regions(source);
+        RegionTable regions(source, !tagged);
         for (const PublishItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
           absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
@@ -273,6 +281,21 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
           block->set_size(block_bytes);
           block->set_checksum(BlockChecksum(item.buffer->data() + item.offset, block_bytes));
         }
+        if (tagged) {
+          absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
+          if (!node.ok()) return node.status();
+          const uint64_t tag_base = impl.engine->NextTagBase();
+          request->set_tag_base(tag_base);
+          std::vector<transfer::SendOp> sends;
+          sends.reserve(slice.size());
+          for (const PublishItem& item : slice) {
+            sends.push_back({item.buffer->data() + item.offset, block_bytes, 0});
+          }
+          absl::StatusOr<std::unique_ptr<transfer::PullServer>> pull =
+              impl.engine->ServePull(*std::move(node), tag_base, std::move(sends));
+          if (!pull.ok()) return pull.status();
+          side->pull = *std::move(pull);
+        }
         return absl::OkStatus();
       },
       [&](grpc::ClientContext* context, const v1::PublishRequest* request,
@@ -280,9 +303,18 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
         impl.stub->async()->Publish(context, request, response, std::move(done));
       },
       [](absl::Span<const PublishItem> slice, const v1::PublishResponse& response,
-         transfer::ReceiveBatch*, absl::Time, TransferResult* result) -> absl::Status {
+         TaggedSide& side, absl::Time deadline, TransferResult* result) -> absl::Status {
         if (static_cast<size_t>(response.status_size()) != slice.size()) {
           return absl::InternalError("node answered a different number of blocks");
+        }
+        const bool pulled = std::count(response.status().begin(), response.status().end(),
+                                       v1::BLOCK_OK) +
+                                std::count(response.status().begin(), response.status().end(),
+                                           v1::BLOCK_CHECKSUM_MISMATCH) >
+                            0;
+        if (side.pull != nullptr && pulled) {
+          // The node replied after receiving everything; this only reaps the sends.
+          if (absl::Status s = side.pull->Wait(deadline); !s.ok()) return s;
         }
         for (int s : response.status()) result->outcomes.push_back(FromWire(v1::BlockStatus(s)));
         result->bytes += response.bytes_transferred();
@@ -303,18 +335,18 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;
   const bool verify = impl.options.verify_checksums;
-  const bool tagged = impl.options.fetch_method == ClientOptions::FetchMethod::kTagged;
+  const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
       items, impl.Timeout(timeout),
       [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
-          Receives* receives) -> absl::Status {
+          TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);
         v1::TransferEndpoint* destination = request->mutable_destination();
         destination->set_worker_address(impl.engine->worker_address());
         if (impl.engine->shared_memory_enabled()) {
           destination->set_host_id(transfer::Engine::HostId());
         }
-        RegionTable regions(destination);
+        RegionTable regions(destination, !tagged);
         for (const FetchItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
           absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
@@ -333,9 +365,10 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           for (size_t i = 0; i < slice.size(); ++i) {
             ops.push_back({slice[i].buffer->data() + slice[i].offset, block_bytes, tag_base + i});
           }
-          absl::StatusOr<Receives> posted = impl.engine->PostReceives(ops);
+          absl::StatusOr<std::unique_ptr<transfer::ReceiveBatch>> posted =
+              impl.engine->PostReceives(ops);
           if (!posted.ok()) return posted.status();
-          *receives = *std::move(posted);
+          side->receives = *std::move(posted);
         }
         return absl::OkStatus();
       },
@@ -344,8 +377,8 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
         impl.stub->async()->Fetch(context, request, response, std::move(done));
       },
       [verify](absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
-               transfer::ReceiveBatch* receives, absl::Time deadline,
-               TransferResult* result) -> absl::Status {
+               TaggedSide& side, absl::Time deadline, TransferResult* result) -> absl::Status {
+        transfer::ReceiveBatch* receives = side.receives.get();
         if (static_cast<size_t>(response.status_size()) != slice.size() ||
             response.size_size() != response.status_size() ||
             response.checksum_size() != response.status_size()) {

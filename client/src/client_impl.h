@@ -5,6 +5,7 @@
 
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
+#include "absl/synchronization/mutex.h"
 #include "kvstrata/transfer/engine.h"
 
 namespace kvstrata::client {
@@ -16,9 +17,32 @@ class Client::Impl {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::CacheNode::Stub> stub;
 
+  // The node's UCX worker (from OpenNamespace), for answering its pulls.
+  void SetNodeWorker(std::string address, std::string host_id) {
+    absl::MutexLock lock(&mu);
+    node_worker_address = std::move(address);
+    node_host_id = std::move(host_id);
+  }
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> NodePeer(absl::Time deadline) {
+    std::string address, host_id;
+    {
+      absl::MutexLock lock(&mu);
+      address = node_worker_address;
+      host_id = node_host_id;
+    }
+    if (address.empty()) return absl::FailedPreconditionError("open a namespace first");
+    const bool same_host = engine->shared_memory_enabled() && host_id == transfer::Engine::HostId();
+    return engine->Connect(address, same_host, deadline);  // cached by the engine
+  }
+
   absl::Duration Timeout(std::optional<absl::Duration> timeout) const {
     return timeout.value_or(options.timeout);
   }
+
+ private:
+  absl::Mutex mu;
+  std::string node_worker_address ABSL_GUARDED_BY(mu);
+  std::string node_host_id ABSL_GUARDED_BY(mu);
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

@@ -80,7 +80,7 @@ void Engine::Impl::ProgressLoop() {
       idle_rounds = 0;
       continue;
     }
-    if (active_.load(std::memory_order_acquire) > 0 || ++idle_rounds < kSpinRoundsBeforeSleep) {
+    if (++idle_rounds < kSpinRoundsBeforeSleep) {
       continue;
     }
     ucs_status_t status = ucp_worker_arm(worker_);

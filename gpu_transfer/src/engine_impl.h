@@ -22,17 +22,16 @@ class Engine::Impl {
  public:
   ~Impl();
   void StartProgressThread();
-  // Keeps the progress thread polling (not sleeping) while operations are in flight.
-  void BeginActive() {
-    if (active_.fetch_add(1, std::memory_order_acq_rel) == 0) ucp_worker_signal(worker_);
-  }
-  void EndActive() { active_.fetch_sub(1, std::memory_order_acq_rel); }
+  // Wakes the progress thread so it drives operations just posted. It does
+  // not spin while they are in flight: measured on 2 cores, a spinning thread
+  // halves loopback TCP and CMA throughput by stealing the CPU that the kernel
+  // copy needs; completions wake it through the worker's event fd.
+  void Wake() { ucp_worker_signal(worker_); }
 
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   int event_fd_ = -1;
   std::atomic<bool> stop_{false};
-  std::atomic<int> active_{0};
   std::atomic<int> closing_{0};
   std::atomic<uint64_t> next_tag_{1};
   std::thread progress_thread_;

@@ -54,7 +54,11 @@ absl::StatusOr<std::unique_ptr<RemoteKey>> Peer::UnpackRkey(std::string_view pac
   if (packed.empty()) return absl::InvalidArgumentError("empty remote key");
   std::unique_ptr<RemoteKey> key(new RemoteKey());
   ucp_rkey_h rkey = nullptr;
-  ucs_status_t status = ucp_ep_rkey_unpack(static_cast<ucp_ep_h>(ep_), packed.data(), &rkey);
+  // ucp_ep_rkey_unpack takes no length: a truncated key from a peer would be
+  // read past its end. Zero padding keeps any over-read inside our buffer.
+  std::string padded(packed);
+  padded.resize(packed.size() + 4096, '\0');
+  ucs_status_t status = ucp_ep_rkey_unpack(static_cast<ucp_ep_h>(ep_), padded.data(), &rkey);
   if (status != UCS_OK) {
     return absl::InvalidArgumentError(absl::StrCat("bad remote key: ", ucs_status_string(status)));
   }
@@ -78,7 +82,7 @@ absl::Status Peer::Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time 
   Engine::Impl& impl = *engine_->impl_;
   auto ep = static_cast<ucp_ep_h>(ep_);
 
-  impl.BeginActive();
+  impl.Wake();
   absl::Status post_error;
   for (const RmaOp& op : ops) {
     if (op.rkey == nullptr || op.local == nullptr) {
@@ -113,7 +117,6 @@ absl::Status Peer::Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time 
     state->done.Notify();
   }
   const bool completed = state->done.WaitForNotificationWithDeadline(deadline);
-  impl.EndActive();
 
   if (!completed) {
     // The batch is abandoned; the peer is failed so no one reuses it and its

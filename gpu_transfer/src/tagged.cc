@@ -10,6 +10,7 @@ namespace kvstrata::transfer {
 struct ReceiveBatch::State {
   absl::Mutex mu;
   size_t outstanding ABSL_GUARDED_BY(mu) = 0;
+  std::shared_ptr<void> keep_alive ABSL_GUARDED_BY(mu);
   std::vector<ucs_status_t> status ABSL_GUARDED_BY(mu);
   std::vector<size_t> received ABSL_GUARDED_BY(mu);
 };
@@ -28,7 +29,7 @@ void OnReceiveDone(void* request, ucs_status_t status, const ucp_tag_recv_info_t
     absl::MutexLock lock(&slot->state->mu);
     slot->state->status[slot->index] = status;
     slot->state->received[slot->index] = status == UCS_OK ? info->length : 0;
-    --slot->state->outstanding;
+    if (--slot->state->outstanding == 0) slot->state->keep_alive.reset();
   }
   delete slot;
 }
@@ -58,12 +59,14 @@ uint64_t Engine::NextTagBase() {
   return impl_->next_tag_.fetch_add(1, std::memory_order_relaxed) << 16;
 }
 
-absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(absl::Span<const ReceiveOp> ops) {
+absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(
+    absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive) {
   std::unique_ptr<ReceiveBatch> batch(new ReceiveBatch());
   batch->engine_ = this;
   batch->state_ = std::make_shared<ReceiveBatch::State>();
   {
     absl::MutexLock lock(&batch->state_->mu);
+    batch->state_->keep_alive = std::move(keep_alive);
     batch->state_->status.assign(ops.size(), UCS_INPROGRESS);
     batch->state_->received.assign(ops.size(), 0);
   }
@@ -91,7 +94,11 @@ absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(absl::Span<co
     }
     batch->requests_[i] = request;  // freed by the batch
   }
-  impl_->BeginActive();
+  {
+    absl::MutexLock lock(&batch->state_->mu);
+    if (batch->state_->outstanding == 0) batch->state_->keep_alive.reset();
+  }
+  impl_->Wake();
   return batch;
 }
 
@@ -139,7 +146,6 @@ ReceiveBatch::~ReceiveBatch() {
   for (void* request : requests_) {
     if (request != nullptr) ucp_request_free(request);
   }
-  impl.EndActive();
 }
 
 absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
@@ -153,7 +159,7 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
     absl::MutexLock lock(&state->mu);
     state->outstanding = 1;  // held by this call until every op is posted
   }
-  impl.BeginActive();
+  impl.Wake();
   absl::Status post_error;
   for (const SendOp& op : ops) {
     auto* ref = new std::shared_ptr<SendState>(state);
@@ -189,7 +195,6 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
     completed = state->mu.AwaitWithDeadline(absl::Condition(&all_done), deadline);
     status = state->first_error;
   }
-  impl.EndActive();
   if (!completed) {
     MarkFailed();  // force-closed when the last user lets go; that ends the sends
     return absl::DeadlineExceededError(
@@ -204,6 +209,137 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
     return UcsError("tagged send", status);
   }
   return absl::OkStatus();
+}
+
+// ---- pull: the sender's side of a node-driven transfer --------------------
+
+struct PullServer::State {
+  absl::Mutex mu;
+  bool request_done ABSL_GUARDED_BY(mu) = false;  // the pull receive finished (or was cancelled)
+  bool pulled ABSL_GUARDED_BY(mu) = false;        // a pull request arrived
+  size_t sends_outstanding ABSL_GUARDED_BY(mu) = 0;
+  ucs_status_t first_error ABSL_GUARDED_BY(mu) = UCS_OK;
+  std::shared_ptr<Peer> to;
+  uint64_t tag_base = 0;
+  std::vector<SendOp> blocks;
+  std::vector<uint8_t> request_buffer;  // u16 indices
+};
+
+namespace {
+
+void OnPullSendDone(void* request, ucs_status_t status, void* user_data) {
+  auto* ref = static_cast<std::shared_ptr<PullServer::State>*>(user_data);
+  {
+    absl::MutexLock lock(&(*ref)->mu);
+    if (status != UCS_OK && (*ref)->first_error == UCS_OK) (*ref)->first_error = status;
+    --(*ref)->sends_outstanding;
+  }
+  delete ref;
+  ucp_request_free(request);
+}
+
+// Runs on the progress thread when the node's pull request arrives: send what it asked for.
+void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
+                   void* user_data) {
+  auto* ref = static_cast<std::shared_ptr<PullServer::State>*>(user_data);
+  std::shared_ptr<PullServer::State> state = *ref;
+  delete ref;
+  absl::MutexLock lock(&state->mu);
+  state->request_done = true;
+  if (status != UCS_OK) {
+    if (status != UCS_ERR_CANCELED) state->first_error = status;
+    return;
+  }
+  state->pulled = true;
+  const size_t count = info->length / 2;
+  auto ep = static_cast<ucp_ep_h>(state->to->endpoint());
+  for (size_t i = 0; i < count; ++i) {
+    const uint16_t index = static_cast<uint16_t>(state->request_buffer[2 * i] |
+                                                 (state->request_buffer[2 * i + 1] << 8));
+    if (index >= state->blocks.size()) {
+      state->first_error = UCS_ERR_INVALID_PARAM;
+      continue;
+    }
+    const SendOp& op = state->blocks[index];
+    auto* send_ref = new std::shared_ptr<PullServer::State>(state);
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                         UCP_OP_ATTR_FIELD_DATATYPE;
+    param.datatype = ucp_dt_make_contig(1);
+    param.cb.send = OnPullSendDone;
+    param.user_data = send_ref;
+    ucs_status_ptr_t sent = ucp_tag_send_nbx(ep, op.data, op.length, op.tag, &param);
+    if (sent == nullptr || UCS_PTR_IS_ERR(sent)) {
+      delete send_ref;
+      if (UCS_PTR_IS_ERR(sent) && state->first_error == UCS_OK) state->first_error = UCS_PTR_STATUS(sent);
+      continue;
+    }
+    ++state->sends_outstanding;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Peer> to,
+                                                              uint64_t tag_base,
+                                                              std::vector<SendOp> blocks) {
+  if (to == nullptr || to->failed()) return absl::UnavailableError("peer has failed");
+  if (blocks.size() >= 0xffff) return absl::InvalidArgumentError("too many blocks in one pull");
+  std::unique_ptr<PullServer> server(new PullServer());
+  server->engine_ = this;
+  server->state_ = std::make_shared<PullServer::State>();
+  PullServer::State& state = *server->state_;
+  state.to = std::move(to);
+  state.tag_base = tag_base;
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i].tag = tag_base + i;
+  state.blocks = std::move(blocks);
+  state.request_buffer.resize(2 * state.blocks.size() + 2);
+  auto* ref = new std::shared_ptr<PullServer::State>(server->state_);
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                       UCP_OP_ATTR_FIELD_DATATYPE;
+  param.datatype = ucp_dt_make_contig(1);
+  param.cb.recv = OnPullRequest;
+  param.user_data = ref;
+  ucs_status_ptr_t request = ucp_tag_recv_nbx(impl_->worker_, state.request_buffer.data(),
+                                              state.request_buffer.size(), PullTag(tag_base),
+                                              ~uint64_t{0}, &param);
+  if (UCS_PTR_IS_ERR(request)) {
+    delete ref;
+    return UcsError("ucp_tag_recv_nbx", UCS_PTR_STATUS(request));
+  }
+  server->request_ = request;
+  impl_->Wake();
+  return server;
+}
+
+absl::Status PullServer::Wait(absl::Time deadline) {
+  State& state = *state_;
+  absl::MutexLock lock(&state.mu);
+  auto done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
+    return state.request_done && state.sends_outstanding == 0;
+  };
+  if (!state.mu.AwaitWithDeadline(absl::Condition(&done), deadline)) {
+    return absl::DeadlineExceededError("the node did not finish pulling before the deadline");
+  }
+  if (state.first_error != UCS_OK) return UcsError("pulled send", state.first_error);
+  if (!state.pulled) return absl::AbortedError("the node never pulled");
+  return absl::OkStatus();
+}
+
+PullServer::~PullServer() {
+  Engine::Impl& impl = *engine_->impl_;
+  ucp_request_cancel(impl.worker_, request_);
+  {
+    absl::MutexLock lock(&state_->mu);
+    auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_->mu) {
+      return state_->request_done && state_->sends_outstanding == 0;
+    };
+    if (!state_->mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(30))) {
+      KVS_LOG(Error) << "pulled sends still pending after 30 s";
+    }
+  }
+  ucp_request_free(request_);
 }
 
 }  // namespace kvstrata::transfer

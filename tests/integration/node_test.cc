@@ -59,9 +59,11 @@ v1::NamespaceSpec OpaqueSpec(const std::string& model, uint64_t block_bytes = kB
   return spec;
 }
 
-std::unique_ptr<Client> Connect(const std::string& address,
-                                absl::Duration timeout = absl::Seconds(20)) {
-  auto client = Client::Connect({.node_address = address, .timeout = timeout});
+std::unique_ptr<Client> Connect(
+    const std::string& address, absl::Duration timeout = absl::Seconds(20),
+    client::ClientOptions::TransferMethod method = client::ClientOptions::TransferMethod::kTagged) {
+  auto client =
+      Client::Connect({.node_address = address, .timeout = timeout, .transfer_method = method});
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? *std::move(client) : nullptr;
 }
@@ -278,6 +280,32 @@ class BadInputTest : public NodeTest {
     v1::OpenNamespaceResponse opened;
     ASSERT_TRUE(Call(&v1::CacheNode::Stub::OpenNamespace, open, &opened).ok());
     ns_id_ = opened.namespace_id();
+    const bool same_host =
+        engine_->shared_memory_enabled() && opened.host_id() == transfer::Engine::HostId();
+    auto peer = engine_->Connect(opened.worker_address(), same_host, absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    node_peer_ = *std::move(peer);
+  }
+
+  // Sends a raw publish; for a tagged one, answers the node's pull with the
+  // blocks' bytes (`send_bytes` each, normally the block size).
+  grpc::Status PublishRaw(const v1::PublishRequest& request, v1::PublishResponse* response,
+                          std::optional<size_t> send_bytes = std::nullopt,
+                          absl::Duration timeout = absl::Seconds(20)) {
+    std::unique_ptr<transfer::PullServer> pull;
+    if (request.tag_base() != 0) {
+      std::vector<transfer::SendOp> sends;
+      for (const v1::PublishBlock& block : request.blocks()) {
+        sends.push_back({region_->data() + std::min<uint64_t>(block.offset(), region_->size() - 1),
+                         send_bytes.value_or(block.size()), 0});
+      }
+      auto served = engine_->ServePull(node_peer_, request.tag_base(), sends);
+      EXPECT_TRUE(served.ok()) << served.status();
+      if (served.ok()) pull = *std::move(served);
+    }
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    return stub_->Publish(&context, request, response);
   }
   void TearDown() override { ExpectNodeServes(); }
 
@@ -300,6 +328,7 @@ class BadInputTest : public NodeTest {
   v1::PublishRequest GoodPublish(uint8_t key_byte) {
     v1::PublishRequest request;
     request.set_namespace_id(ns_id_);
+    request.set_tag_base(engine_->NextTagBase());
     FillEndpoint(request.mutable_source());
     FillBlock(key_byte, 0, region_->data(), kBlock);
     v1::PublishBlock* block = request.add_blocks();
@@ -313,12 +342,13 @@ class BadInputTest : public NodeTest {
   std::unique_ptr<v1::CacheNode::Stub> stub_;
   std::unique_ptr<transfer::Engine> engine_;
   std::unique_ptr<transfer::MemoryRegion> region_;
+  std::shared_ptr<transfer::Peer> node_peer_;
   uint64_t ns_id_ = 0;
 };
 
 TEST_F(BadInputTest, GoodRawPublishWorks) {
   v1::PublishResponse response;
-  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Publish, GoodPublish(1), &response).ok());
+  ASSERT_TRUE(PublishRaw(GoodPublish(1), &response).ok());
   ASSERT_EQ(response.status_size(), 1);
   EXPECT_EQ(response.status(0), v1::BLOCK_OK);
 }
@@ -332,7 +362,7 @@ TEST_F(BadInputTest, UnknownNamespace) {
   v1::PublishRequest publish = GoodPublish(2);
   publish.set_namespace_id(12345);
   v1::PublishResponse published;
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, publish, &published).error_code(),
+  EXPECT_EQ(PublishRaw(publish, &published).error_code(),
             grpc::StatusCode::NOT_FOUND);
 }
 
@@ -340,11 +370,12 @@ TEST_F(BadInputTest, WrongBlockSize) {
   v1::PublishRequest request = GoodPublish(3);
   request.mutable_blocks(0)->set_size(kBlock - 1);
   v1::PublishResponse response;
-  const grpc::Status status = Call(&v1::CacheNode::Stub::Publish, request, &response);
+  const grpc::Status status = PublishRaw(request, &response);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_NE(status.error_message().find("bytes"), std::string::npos) << status.error_message();
   v1::FetchRequest fetch;
   fetch.set_namespace_id(ns_id_);
+  fetch.set_tag_base(engine_->NextTagBase());
   FillEndpoint(fetch.mutable_destination());
   v1::FetchBlock* block = fetch.add_blocks();
   block->set_key(std::string(16, 3));
@@ -364,15 +395,15 @@ TEST_F(BadInputTest, TooManyKeysOrBlocks) {
   v1::PublishRequest publish = GoodPublish(4);
   for (size_t i = 1; i <= limits::kMaxTransferBlocks; ++i) *publish.add_blocks() = publish.blocks(0);
   v1::PublishResponse published;
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, publish, &published).error_code(),
+  EXPECT_EQ(PublishRaw(publish, &published).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest empty = GoodPublish(4);
   empty.clear_blocks();
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, empty, &published).error_code(),
+  EXPECT_EQ(PublishRaw(empty, &published).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest duplicate = GoodPublish(4);
   *duplicate.add_blocks() = duplicate.blocks(0);
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, duplicate, &published).error_code(),
+  EXPECT_EQ(PublishRaw(duplicate, &published).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   v1::LookupRequest bad_key;
   bad_key.set_namespace_id(ns_id_);
@@ -385,19 +416,19 @@ TEST_F(BadInputTest, ZeroLengthAndOversizeBuffers) {
   v1::PublishResponse response;
   v1::PublishRequest zero = GoodPublish(5);
   zero.mutable_source()->mutable_regions(0)->set_length(0);
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, zero, &response).error_code(),
+  EXPECT_EQ(PublishRaw(zero, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest overrun = GoodPublish(5);
   overrun.mutable_blocks(0)->set_offset(region_->size() - kBlock + 1);
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, overrun, &response).error_code(),
+  EXPECT_EQ(PublishRaw(overrun, &response).error_code(),
             grpc::StatusCode::OUT_OF_RANGE);
   v1::PublishRequest wraps = GoodPublish(5);
   wraps.mutable_blocks(0)->set_offset(~uint64_t{0} - 10);
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, wraps, &response).error_code(),
+  EXPECT_EQ(PublishRaw(wraps, &response).error_code(),
             grpc::StatusCode::OUT_OF_RANGE);
   v1::PublishRequest bad_region = GoodPublish(5);
   bad_region.mutable_blocks(0)->set_region(3);
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, bad_region, &response).error_code(),
+  EXPECT_EQ(PublishRaw(bad_region, &response).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   // The client library refuses them before sending.
   auto c = Connect(node_->address());
@@ -408,43 +439,29 @@ TEST_F(BadInputTest, ZeroLengthAndOversizeBuffers) {
   EXPECT_EQ(result.status().code(), absl::StatusCode::kOutOfRange);
 }
 
-TEST_F(BadInputTest, BadRemoteKeyOrWorkerAddress) {
+TEST_F(BadInputTest, RmaKeysAreRefusedUnlessAllowed) {
+  // This node runs without --allow_client_rkeys: RMA requests, good or bad
+  // keys alike, are refused before UCX sees a key.
   v1::PublishResponse response;
-  // A garbage or truncated key must not crash the node or store wrong bytes.
-  // (Over TCP, UCX emulates RMA in software and ignores the key's contents, so
-  // the publish may even succeed; the checksum then proves the bytes right.)
-  v1::PublishRequest garbage_rkey = GoodPublish(0x60);
+  v1::PublishRequest rma = GoodPublish(0x60);
+  rma.set_tag_base(0);
+  EXPECT_EQ(PublishRaw(rma, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  v1::PublishRequest garbage_rkey = rma;
   garbage_rkey.mutable_source()->mutable_regions(0)->set_packed_rkey(std::string(24, '\xff'));
-  v1::PublishRequest truncated_rkey = GoodPublish(0x61);
-  truncated_rkey.mutable_source()->mutable_regions(0)->set_packed_rkey(
-      region_->packed_rkey().substr(0, region_->packed_rkey().size() / 2));
-  for (const v1::PublishRequest* request : {&garbage_rkey, &truncated_rkey}) {
-    FillBlock(request->blocks(0).key()[0], 0, region_->data(), kBlock);
-    const grpc::Status status = Call(&v1::CacheNode::Stub::Publish, *request, &response);
-    if (!status.ok() || response.status(0) != v1::BLOCK_OK) continue;
-    auto c = Connect(node_->address());
-    auto ns = c->OpenNamespace(OpaqueSpec("bad-input"));
-    auto buffer = c->Allocate(kBlock);
-    auto key = BlockKey::FromWire(request->blocks(0).key());
-    auto fetched = ns->Fetch({{*key, buffer->get(), 0}});
-    ASSERT_TRUE(fetched.ok());
-    ASSERT_EQ(fetched->outcomes[0], BlockOutcome::kOk);
-    std::vector<uint8_t> expected(kBlock);
-    FillBlock(request->blocks(0).key()[0], 0, expected.data(), kBlock);
-    EXPECT_EQ(std::memcmp(expected.data(), (*buffer)->data(), kBlock), 0);
-  }
-  // Missing key or worker address: refused before any transfer.
-  v1::PublishRequest empty_rkey = GoodPublish(0x62);
-  empty_rkey.mutable_source()->mutable_regions(0)->clear_packed_rkey();
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, empty_rkey, &response).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(garbage_rkey, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  v1::PublishRequest bad_tag = GoodPublish(0x60);
+  bad_tag.set_tag_base(bad_tag.tag_base() | 5);
+  EXPECT_EQ(PublishRaw(bad_tag, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+}
+
+TEST_F(BadInputTest, BadWorkerAddress) {
+  v1::PublishResponse response;
   v1::PublishRequest no_worker = GoodPublish(0x62);
   no_worker.mutable_source()->clear_worker_address();
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Publish, no_worker, &response).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(no_worker, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest garbage_worker = GoodPublish(0x62);
   garbage_worker.mutable_source()->set_worker_address(std::string(64, '\x01'));
-  EXPECT_FALSE(Call(&v1::CacheNode::Stub::Publish, garbage_worker, &response).ok());
+  EXPECT_FALSE(PublishRaw(garbage_worker, &response).ok());
   v1::LookupRequest lookup;
   lookup.set_namespace_id(ns_id_);
   lookup.add_keys(std::string(16, 0x62));
@@ -453,13 +470,36 @@ TEST_F(BadInputTest, BadRemoteKeyOrWorkerAddress) {
   EXPECT_EQ(found.prefix_length(), 0u) << "a refused publish stored a block";
 }
 
+TEST_F(BadInputTest, ShortOrMissingDataStoresNothing) {
+  v1::PublishResponse response;
+  // The client answers the pull with half a block.
+  grpc::Status status = PublishRaw(GoodPublish(0x63), &response, kBlock / 2);
+  EXPECT_FALSE(status.ok());
+  // The client never answers the pull: the node gives up at the call's deadline.
+  v1::PublishRequest silent = GoodPublish(0x64);
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  const absl::Time start = absl::Now();
+  status = stub_->Publish(&context, silent, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+  for (char key : {'\x63', '\x64'}) {
+    v1::LookupRequest lookup;
+    lookup.set_namespace_id(ns_id_);
+    lookup.add_keys(std::string(16, key));
+    v1::LookupResponse found;
+    ASSERT_TRUE(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).ok());
+    EXPECT_EQ(found.prefix_length(), 0u);
+  }
+}
+
 TEST_F(BadInputTest, ChecksumMismatchStoresNothing) {
   v1::StatsResponse before;
   ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &before).ok());
   v1::PublishRequest request = GoodPublish(7);
   request.mutable_blocks(0)->set_checksum(request.blocks(0).checksum() ^ 1);
   v1::PublishResponse response;
-  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Publish, request, &response).ok());
+  ASSERT_TRUE(PublishRaw(request, &response).ok());
   EXPECT_EQ(response.status(0), v1::BLOCK_CHECKSUM_MISMATCH);
   v1::LookupRequest lookup;
   lookup.set_namespace_id(ns_id_);
@@ -513,6 +553,23 @@ TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
               status.code() == absl::StatusCode::kUnavailable)
       << status;
   EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+}
+
+// A node that trusts its clients with RMA (get/put on client memory keys).
+TEST(RmaNodeTest, PublishAndFetchWithClientMemoryKeys) {
+  auto node = NodeProcess::Start({"--dram_bytes=268435456", "--allow_client_rkeys"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  auto c = Connect(node->address(), absl::Seconds(20), client::ClientOptions::TransferMethod::kRma);
+  auto ns = c->OpenNamespace(OpaqueSpec("rma"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  auto published = PublishStream(*c, *ns, 31, 40, 16);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->count(BlockOutcome::kOk), 40u);
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 31, 40, 16), 40u);
+  // A tagged client reads the same blocks from the same node.
+  auto tagged = Connect(node->address());
+  auto tagged_ns = tagged->OpenNamespace(OpaqueSpec("rma"));
+  EXPECT_EQ(FetchAndVerify(*tagged, *tagged_ns, 31, 40, 16), 40u);
 }
 
 class SmallNodeTest : public ::testing::Test {};

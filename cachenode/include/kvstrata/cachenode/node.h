@@ -20,6 +20,10 @@ struct NodeOptions {
   bool ucx_tune_tcp = true;
   bool prefault = false;  // touch the whole arena at start
   absl::Duration transfer_timeout = absl::Seconds(30);
+  // Accept RMA descriptors (client memory keys) in Publish/Fetch. Off by
+  // default: UCX 1.13 crashes unpacking some malformed keys on shared memory,
+  // so only trusted clients may use them (tagged transfers need no keys).
+  bool allow_client_rkeys = false;
 };
 
 class Node {

@@ -48,11 +48,12 @@ struct ClientOptions {
   std::string ucx_transports;
   // Check every fetched block against the checksum the node stored with it.
   bool verify_checksums = true;
-  // How the node moves fetched bytes into this client's memory: as tagged
-  // UCX messages into receives posted before the call (the default: fastest on
-  // both TCP and shared memory, see bench/transfer_bench), or by RMA put.
-  enum class FetchMethod { kTagged, kPut };
-  FetchMethod fetch_method = FetchMethod::kTagged;
+  // How the node moves bytes: tagged UCX messages (the default: the node
+  // pulls published blocks and pushes fetched ones into receives posted here;
+  // fastest on TCP and shared memory, see bench/transfer_bench) or RMA get/put
+  // on this client's memory keys (only nodes run with --allow_client_rkeys).
+  enum class TransferMethod { kTagged, kRma };
+  TransferMethod transfer_method = TransferMethod::kTagged;
 };
 
 // Per-block outcome of Publish and Fetch.

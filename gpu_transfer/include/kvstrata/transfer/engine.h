@@ -34,6 +34,7 @@ struct EngineOptions {
 
 class Engine;
 class Peer;
+class PullServer;
 
 // A registered range of local memory. Unregistered on destruction; the memory
 // itself stays the caller's (or the engine's, for Allocate).
@@ -94,6 +95,10 @@ struct ReceiveOp {
   uint64_t tag = 0;
 };
 
+// Tag of the pull request for a transfer with base tag `tag_base` (its block i
+// travels with tag tag_base + i, i < 65535).
+inline uint64_t PullTag(uint64_t tag_base) { return tag_base | 0xffff; }
+
 // Receives posted ahead of the messages that fill them. Destroying the batch
 // cancels what has not arrived and waits until UCX lets go of every buffer.
 class ReceiveBatch {
@@ -113,6 +118,26 @@ class ReceiveBatch {
   ReceiveBatch() = default;
   Engine* engine_ = nullptr;
   std::vector<void*> requests_;
+  std::shared_ptr<State> state_;
+};
+
+// A pull being served (Engine::ServePull). Destroying it cancels a pull that
+// never came and waits for the sends of one that did.
+class PullServer {
+ public:
+  ~PullServer();
+  PullServer(const PullServer&) = delete;
+  PullServer& operator=(const PullServer&) = delete;
+  // Waits until the pull has arrived and every block it asked for was sent.
+  absl::Status Wait(absl::Time deadline);
+
+  struct State;
+
+ private:
+  friend class Engine;
+  PullServer() = default;
+  Engine* engine_ = nullptr;
+  void* request_ = nullptr;  // the pending receive of the pull request
   std::shared_ptr<State> state_;
 };
 
@@ -151,6 +176,8 @@ class Peer {
   // Completes every operation posted so far on this endpoint.
   absl::Status Flush(absl::Time deadline) { return Transfer(false, {}, deadline, nullptr); }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
+  void* endpoint() const { return ep_; }  // ucp_ep_h, for this library's internals
+  Engine& engine() const { return *engine_; }
 
  private:
   friend class Engine;
@@ -196,8 +223,16 @@ class Engine {
   bool shared_memory_enabled() const { return shared_memory_enabled_; }
 
   // Posts one tagged receive per op (tags must be unique among pending
-  // receives); peers fill them with Peer::Send.
-  absl::StatusOr<std::unique_ptr<ReceiveBatch>> PostReceives(absl::Span<const ReceiveOp> ops);
+  // receives); peers fill them with Peer::Send. `keep_alive` is held until
+  // UCX has released every buffer.
+  absl::StatusOr<std::unique_ptr<ReceiveBatch>> PostReceives(
+      absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive = nullptr);
+
+  // The sending side of a node-driven pull: waits for the pull request the
+  // node sends with tag PullTag(tag_base) (the indices it wants, u16 each) and
+  // answers by sending blocks[i] with tag tag_base + i to `to`. Returns at once.
+  absl::StatusOr<std::unique_ptr<PullServer>> ServePull(std::shared_ptr<Peer> to, uint64_t tag_base,
+                                                        std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
   uint64_t NextTagBase();
 
@@ -209,6 +244,7 @@ class Engine {
  private:
   friend class Peer;
   friend class ReceiveBatch;
+  friend class PullServer;
   Engine() = default;
   std::unique_ptr<Impl> impl_;
   std::string worker_address_;
