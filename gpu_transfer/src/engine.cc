@@ -22,6 +22,9 @@ namespace {
 // gaps between operations are common and a sleep costs a wakeup.
 constexpr int kSpinRoundsBeforeSleep = 2000;
 constexpr int kSleepTimeoutMs = 100;
+// An endpoint unused this long is closed at the next Connect (peers reconnect
+// transparently, paying one wire-up).
+constexpr absl::Duration kPeerIdleTimeout = absl::Minutes(5);
 
 // Loopback/cross-host TCP settings (MEASUREMENTS.md): UCX defaults target RDMA
 // fabrics; larger segments and socket buffers roughly double put bandwidth.
@@ -264,17 +267,23 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   {
     absl::MutexLock lock(&impl_->peers_mu_);
     if (auto it = impl_->peers_.find(key); it != impl_->peers_.end() && !it->second->failed()) {
+      it->second->Touch();
       return it->second;
     }
-    // Drop failed peers so dead clients do not accumulate; each endpoint
+    // Drop failed peers, and idle ones nobody holds (a dead peer on shared
+    // memory is never reported failed), so endpoints do not accumulate; each
     // closes once its last user is done.
-    absl::erase_if(impl_->peers_, [](const auto& kv) { return kv.second->failed(); });
+    absl::erase_if(impl_->peers_, [](const auto& kv) {
+      return kv.second->failed() ||
+             (kv.second.use_count() == 1 && kv.second->IdleLongerThan(kPeerIdleTimeout));
+    });
   }
 
   // Connect outside the lock: wire-up with a slow or bogus peer must not
   // stall everyone else.
   std::shared_ptr<Peer> peer(new Peer());
   peer->engine_ = this;
+  peer->Touch();
   ucp_ep_params_t params{};
   params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;

@@ -30,6 +30,13 @@ void OnCloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
 
 }  // namespace
 
+void Peer::Touch() { last_used_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed); }
+
+bool Peer::IdleLongerThan(absl::Duration idle) const {
+  return absl::GetCurrentTimeNanos() - last_used_ns_.load(std::memory_order_relaxed) >
+         absl::ToInt64Nanoseconds(idle);
+}
+
 RemoteKey::~RemoteKey() {
   if (rkey_ != nullptr) ucp_rkey_destroy(static_cast<ucp_rkey_h>(rkey_));
 }
@@ -81,6 +88,7 @@ absl::Status Peer::Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time 
   if (failed()) return absl::UnavailableError("peer has failed");
   Engine::Impl& impl = *engine_->impl_;
   auto ep = static_cast<ucp_ep_h>(ep_);
+  Touch();
 
   impl.Wake();
   absl::Status post_error;

@@ -153,6 +153,7 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
   if (failed()) return absl::UnavailableError("peer has failed");
   Engine::Impl& impl = *engine_->impl_;
   auto ep = static_cast<ucp_ep_h>(ep_);
+  Touch();
   auto state = std::make_shared<SendState>();
   state->keep_alive = std::move(keep_alive);
   {

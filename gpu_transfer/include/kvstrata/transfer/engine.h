@@ -185,11 +185,14 @@ class Peer {
   absl::Status Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive);
   void MarkFailed() { failed_.store(true, std::memory_order_release); }
+  void Touch();
+  bool IdleLongerThan(absl::Duration idle) const;
 
   Engine* engine_ = nullptr;
   void* ep_ = nullptr;  // ucp_ep_h
   std::string transport_;
   std::atomic<bool> failed_{false};
+  std::atomic<int64_t> last_used_ns_{0};
 };
 
 class Engine {
