@@ -176,6 +176,7 @@ grpc::Status NodeService::OpenNamespace(grpc::ServerContext*, const v1::OpenName
   response->set_block_bytes(info->block_bytes);
   response->set_worker_address(engine_.worker_address());
   response->set_host_id(transfer::Engine::HostId());
+  response->set_tag_prefix(next_tag_prefix_.fetch_add(1, std::memory_order_relaxed));
   return grpc::Status::OK;
 }
 

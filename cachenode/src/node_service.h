@@ -49,6 +49,7 @@ class NodeService final : public v1::CacheNode::Service {
   const absl::Duration transfer_timeout_;
   const bool allow_client_rkeys_;
   const absl::Time started_ = absl::Now();
+  std::atomic<uint32_t> next_tag_prefix_{1};
   NodeCounters counters_;
 };
 

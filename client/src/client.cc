@@ -198,7 +198,7 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
   v1::OpenNamespaceResponse response;
   absl::Status status = FromGrpc(impl_->stub->OpenNamespace(&context, request, &response));
   if (!status.ok()) return status;
-  impl_->SetNodeWorker(response.worker_address(), response.host_id());
+  impl_->SetNodeWorker(response.worker_address(), response.host_id(), response.tag_prefix());
   return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block());
 }
 
@@ -284,7 +284,7 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
         if (tagged) {
           absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
           if (!node.ok()) return node.status();
-          const uint64_t tag_base = impl.engine->NextTagBase();
+          const uint64_t tag_base = impl.PublishTagBase();
           request->set_tag_base(tag_base);
           std::vector<transfer::SendOp> sends;
           sends.reserve(slice.size());

@@ -18,10 +18,21 @@ class Client::Impl {
   std::unique_ptr<v1::CacheNode::Stub> stub;
 
   // The node's UCX worker (from OpenNamespace), for answering its pulls.
-  void SetNodeWorker(std::string address, std::string host_id) {
+  void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix) {
     absl::MutexLock lock(&mu);
     node_worker_address = std::move(address);
     node_host_id = std::move(host_id);
+    tag_prefix = prefix;
+  }
+  // A publish tag base no other client of this node uses: the node's prefix
+  // for this client, then a counter (the low 16 bits index the blocks).
+  uint64_t PublishTagBase() {
+    uint64_t prefix;
+    {
+      absl::MutexLock lock(&mu);
+      prefix = tag_prefix;
+    }
+    return (prefix << 32) | (engine->NextTagBase() & 0xffff0000ULL);
   }
   absl::StatusOr<std::shared_ptr<transfer::Peer>> NodePeer(absl::Time deadline) {
     std::string address, host_id;
@@ -43,6 +54,7 @@ class Client::Impl {
   absl::Mutex mu;
   std::string node_worker_address ABSL_GUARDED_BY(mu);
   std::string node_host_id ABSL_GUARDED_BY(mu);
+  uint32_t tag_prefix ABSL_GUARDED_BY(mu) = 0;
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

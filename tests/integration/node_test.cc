@@ -216,6 +216,29 @@ TEST_F(NodeTest, RepublishingMovesNoBytes) {
   EXPECT_EQ(again->bytes, 0u);
 }
 
+TEST_F(NodeTest, ConcurrentClientsDoNotMixTheirBlocks) {
+  // Several clients publish at once: every block lands where it belongs.
+  constexpr int kClients = 4;
+  constexpr size_t kCount = 48;
+  std::vector<std::thread> threads;
+  std::vector<size_t> stored(kClients), verified(kClients);
+  for (int t = 0; t < kClients; ++t) {
+    threads.emplace_back([t, &stored, &verified] {
+      auto c = Connect(node_->address());
+      auto ns = c->OpenNamespace(OpaqueSpec("concurrent", 128 * 1024));
+      if (!ns.ok()) return;
+      auto result = PublishStream(*c, *ns, 1000 + t, kCount, 8);
+      if (result.ok()) stored[t] = result->count(BlockOutcome::kOk);
+      verified[t] = FetchAndVerify(*c, *ns, 1000 + t, kCount, 8);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (int t = 0; t < kClients; ++t) {
+    EXPECT_EQ(stored[t], kCount) << "client " << t;
+    EXPECT_EQ(verified[t], kCount) << "client " << t;
+  }
+}
+
 TEST_F(NodeTest, CApiRoundTrip) {
   kvs_client* c = nullptr;
   ASSERT_EQ(kvs_connect(node_->address().c_str(), 20000, &c), 0) << kvs_last_error();
