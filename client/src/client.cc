@@ -82,6 +82,8 @@ absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_byte
 struct TaggedSide {
   std::unique_ptr<transfer::ReceiveBatch> receives;  // fetch: posted before the call
   std::unique_ptr<transfer::PullServer> pull;        // publish: answers the node's pull
+  // fetch: checksums of blocks verified while the call was still in flight
+  std::vector<std::optional<uint64_t>> checksums;
 };
 
 template <typename Item, typename Request, typename Response>
@@ -91,7 +93,8 @@ absl::StatusOr<TransferResult> RunBatches(
     const std::function<void(grpc::ClientContext*, const Request*, Response*,
                              std::function<void(grpc::Status)>)>& call,
     const std::function<absl::Status(absl::Span<const Item>, const Response&, TaggedSide&,
-                                     absl::Time, TransferResult*)>& collect) {
+                                     absl::Time, TransferResult*)>& collect,
+    const std::function<void(absl::Span<const Item>, TaggedSide&, absl::Time)>& overlap = nullptr) {
   TransferResult result;
   if (items.empty()) return result;
   struct Batch {
@@ -115,12 +118,16 @@ absl::StatusOr<TransferResult> RunBatches(
   for (auto& batch : batches) {
     pending.push_back(batch->done.get_future());
     Batch* b = batch.get();
-    call(&b->context, &b->request, &b->response, [b](grpc::Status s) { b->done.set_value(s); });
+    call(&b->context, &b->request, &b->response, [b](grpc::Status s) {
+      if (b->tagged.receives != nullptr) b->tagged.receives->Interrupt();
+      b->done.set_value(s);
+    });
   }
   absl::Status first_error;
   for (size_t i = 0; i < batches.size(); ++i) {
-    grpc::Status status = pending[i].get();
     const auto slice = items.subspan(i * batch_size, batch_size);
+    if (overlap) overlap(slice, batches[i]->tagged, deadline);  // while the call is in flight
+    grpc::Status status = pending[i].get();
     if (!status.ok()) {
       if (first_error.ok()) first_error = FromGrpc(status);
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
@@ -397,15 +404,31 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           if (outcome == BlockOutcome::kOk && receives != nullptr && received[i] != response.size(i)) {
             outcome = BlockOutcome::kTransferFailed;
           }
-          if (outcome == BlockOutcome::kOk && verify &&
-              BlockChecksum(slice[i].buffer->data() + slice[i].offset, response.size(i)) !=
-                  response.checksum(i)) {
-            outcome = BlockOutcome::kChecksumMismatch;
+          if (outcome == BlockOutcome::kOk && verify) {
+            const bool early = i < side.checksums.size() && side.checksums[i].has_value();
+            const uint64_t checksum =
+                early ? *side.checksums[i]
+                      : BlockChecksum(slice[i].buffer->data() + slice[i].offset, response.size(i));
+            if (checksum != response.checksum(i)) outcome = BlockOutcome::kChecksumMismatch;
           }
           result->outcomes.push_back(outcome);
         }
         result->bytes += response.bytes_transferred();
         return absl::OkStatus();
+      },
+      // Checksum blocks as they land, on this thread, while the UCX progress
+      // thread receives the rest: copy and verification overlap on two cores.
+      [verify, block_bytes](absl::Span<const FetchItem> slice, TaggedSide& side,
+                            absl::Time deadline) {
+        if (!verify || side.receives == nullptr) return;
+        side.checksums.resize(slice.size());
+        for (size_t i = 0; i < slice.size(); ++i) {
+          std::optional<size_t> landed = side.receives->WaitOne(i, deadline);
+          if (!landed.has_value()) return;  // the node replied (a miss), or trouble: finish later
+          if (*landed == block_bytes) {
+            side.checksums[i] = BlockChecksum(slice[i].buffer->data() + slice[i].offset, *landed);
+          }
+        }
       });
 }
 

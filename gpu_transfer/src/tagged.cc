@@ -11,6 +11,7 @@ struct ReceiveBatch::State {
   absl::Mutex mu;
   size_t outstanding ABSL_GUARDED_BY(mu) = 0;
   std::shared_ptr<void> keep_alive ABSL_GUARDED_BY(mu);
+  bool interrupted ABSL_GUARDED_BY(mu) = false;
   std::vector<ucs_status_t> status ABSL_GUARDED_BY(mu);
   std::vector<size_t> received ABSL_GUARDED_BY(mu);
 };
@@ -125,6 +126,22 @@ absl::StatusOr<std::vector<size_t>> ReceiveBatch::Wait(const std::vector<bool>& 
     received[i] = state.received[i];
   }
   return received;
+}
+
+std::optional<size_t> ReceiveBatch::WaitOne(size_t index, absl::Time deadline) {
+  State& state = *state_;
+  absl::MutexLock lock(&state.mu);
+  auto settled = [&state, index]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
+    return state.interrupted || state.status[index] != UCS_INPROGRESS;
+  };
+  state.mu.AwaitWithDeadline(absl::Condition(&settled), deadline);
+  if (state.status[index] != UCS_OK) return std::nullopt;
+  return state.received[index];
+}
+
+void ReceiveBatch::Interrupt() {
+  absl::MutexLock lock(&state_->mu);
+  state_->interrupted = true;
 }
 
 ReceiveBatch::~ReceiveBatch() {

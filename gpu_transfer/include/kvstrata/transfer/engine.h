@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -110,6 +111,14 @@ class ReceiveBatch {
   // Waits until every receive with `expected[i]` set has completed; returns
   // the bytes received per op (0 for ops not expected). Cancels the others.
   absl::StatusOr<std::vector<size_t>> Wait(const std::vector<bool>& expected, absl::Time deadline);
+
+  // Waits for receive `index` alone: its byte count once it has completed
+  // without error; nullopt at the deadline, on an error, or once Interrupt()
+  // was called. Lets a caller work on blocks that have landed while the rest
+  // are still arriving.
+  std::optional<size_t> WaitOne(size_t index, absl::Time deadline);
+  // Ends every WaitOne, now and later (e.g. once the sender has replied).
+  void Interrupt();
 
   struct State;
 
