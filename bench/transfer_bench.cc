@@ -59,6 +59,7 @@
 #include "absl/time/time.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/testing/process.h"
 
 #ifndef KVSTRATA_NODE_BINARY
 #define KVSTRATA_NODE_BINARY "kvstrata-node"
@@ -184,158 +185,6 @@ absl::StatusOr<Config> ConfigFromFlags() {
 // ---------------------------------------------------------------------------
 // Child processes
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-// The end of a child's log, to explain why it did not start.
-std::string LogTail(const std::string& path) {
-  std::string text = ReadFile(path);
-  constexpr size_t kTail = 2000;
-  if (text.size() > kTail) text = "..." + text.substr(text.size() - kTail);
-  return text.empty() ? "(empty log)" : text;
-}
-
-// A child process started with posix_spawn, its stdout and stderr going to a
-// log file. The destructor stops it (SIGTERM, then SIGKILL if it lingers) and
-// reaps it, so no exit path of the benchmark leaves a node or Redis behind.
-class ChildProcess {
- public:
-  static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::vector<std::string>& argv,
-                                                            const std::string& log_path) {
-    if (access(argv[0].c_str(), X_OK) != 0) {
-      return absl::NotFoundError(absl::StrCat(argv[0], " is not an executable: ", strerror(errno)));
-    }
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, log_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&actions, STDOUT_FILENO, STDERR_FILENO);
-    std::vector<char*> args;
-    for (const std::string& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
-    args.push_back(nullptr);
-    pid_t pid = 0;
-    // The environment is ours: the caller sets UCX_TLS here first, so the
-    // child and this process agree on it.
-    const int error = posix_spawn(&pid, argv[0].c_str(), &actions, nullptr, args.data(), environ);
-    posix_spawn_file_actions_destroy(&actions);
-    if (error != 0) {
-      return absl::InternalError(absl::StrCat("posix_spawn ", argv[0], ": ", strerror(error)));
-    }
-    return std::unique_ptr<ChildProcess>(new ChildProcess(pid, log_path));
-  }
-
-  ChildProcess(const ChildProcess&) = delete;
-  ChildProcess& operator=(const ChildProcess&) = delete;
-
-  ~ChildProcess() {
-    if (exited_) return;
-    kill(pid_, SIGTERM);
-    const absl::Time give_up = absl::Now() + absl::Seconds(10);
-    while (!Exited()) {
-      if (absl::Now() > give_up) {
-        std::fprintf(stderr, "pid %d ignored SIGTERM for 10 s; killing it\n", pid_);
-        kill(pid_, SIGKILL);
-        waitpid(pid_, nullptr, 0);
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-  }
-
-  // True once the child has exited (and it is then reaped).
-  bool Exited() {
-    if (exited_) return true;
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) exited_ = true;
-    return exited_;
-  }
-
-  const std::string& log_path() const { return log_path_; }
-
- private:
-  ChildProcess(pid_t pid, std::string log_path) : pid_(pid), log_path_(std::move(log_path)) {}
-  pid_t pid_;
-  bool exited_ = false;
-  std::string log_path_;
-};
-
-// A scratch directory for port files and child logs, removed at the end.
-class TempDir {
- public:
-  static absl::StatusOr<std::unique_ptr<TempDir>> Create() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "transfer_bench.XXXXXX").string();
-    if (mkdtemp(pattern.data()) == nullptr) {
-      return absl::InternalError(absl::StrCat("mkdtemp: ", strerror(errno)));
-    }
-    return std::unique_ptr<TempDir>(new TempDir(pattern));
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  std::string File(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  explicit TempDir(std::string path) : path_(std::move(path)) {}
-  std::string path_;
-};
-
-// A loopback port nobody listens on right now (the kernel's pick for port 0).
-absl::StatusOr<int> FreeLoopbackPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", strerror(errno)));
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = 0;
-  socklen_t length = sizeof(address);
-  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 &&
-                  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
-  const int saved_errno = errno;
-  close(fd);
-  if (!ok) return absl::InternalError(absl::StrCat("bind 127.0.0.1:0: ", strerror(saved_errno)));
-  return static_cast<int>(ntohs(address.sin_port));
-}
-
-struct RunningNode {
-  std::unique_ptr<ChildProcess> process;
-  std::string address;
-};
-
-// Starts kvstrata-node with the current environment (UCX_TLS included) and
-// waits for the port file it writes once it serves.
-absl::StatusOr<RunningNode> StartNode(const Config& config, const TempDir& dir, const std::string& tls) {
-  const std::string port_file = dir.File(absl::StrCat("node_", tls, ".port"));
-  std::filesystem::remove(port_file);
-  std::vector<std::string> argv = {config.node_binary, "--listen=127.0.0.1:0", "--port_file=" + port_file,
-                                   absl::StrCat("--dram_bytes=", config.node_dram_bytes), "--prefault"};
-  if (config.node_needs_rkeys) argv.push_back("--allow_client_rkeys");
-  auto process = ChildProcess::Spawn(argv, dir.File(absl::StrCat("node_", tls, ".log")));
-  if (!process.ok()) return process.status();
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  while (!std::filesystem::exists(port_file)) {
-    if ((*process)->Exited()) {
-      return absl::UnavailableError(absl::StrCat("kvstrata-node exited at start; its log:\n",
-                                                 LogTail((*process)->log_path())));
-    }
-    if (absl::Now() > deadline) {
-      return absl::DeadlineExceededError(absl::StrCat("kvstrata-node wrote no port file in 30 s; its log:\n",
-                                                      LogTail((*process)->log_path())));
-    }
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-  int port = 0;
-  if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(ReadFile(port_file)), &port) || port <= 0) {
-    return absl::InternalError(absl::StrCat("bad port file ", port_file));
-  }
-  return RunningNode{*std::move(process), absl::StrCat("127.0.0.1:", port)};
-}
-
 // ---------------------------------------------------------------------------
 // Redis
 
@@ -356,6 +205,10 @@ absl::StatusOr<RedisConnection> ConnectRedis(int port) {
   return c;
 }
 
+using kvstrata::testing::ChildProcess;
+using kvstrata::testing::NodeProcess;
+using kvstrata::testing::TempDir;
+
 struct RunningRedis {
   std::unique_ptr<ChildProcess> process;
   RedisConnection connection;
@@ -364,7 +217,7 @@ struct RunningRedis {
 // Starts a throwaway redis-server (no persistence, loopback only) on a free
 // port and connects to it once it answers PING.
 absl::StatusOr<RunningRedis> StartRedis(const Config& config, const TempDir& dir) {
-  absl::StatusOr<int> port = FreeLoopbackPort();
+  absl::StatusOr<int> port = kvstrata::testing::FreeLoopbackPort();
   if (!port.ok()) return port.status();
   auto process = ChildProcess::Spawn({config.redis_server, "--port", absl::StrCat(*port), "--save", "",
                                       "--appendonly", "no", "--bind", "127.0.0.1", "--protected-mode",
@@ -377,7 +230,7 @@ absl::StatusOr<RunningRedis> StartRedis(const Config& config, const TempDir& dir
     if (connection.ok()) return RunningRedis{*std::move(process), *std::move(connection)};
     if ((*process)->Exited() || absl::Now() > deadline) {
       return absl::UnavailableError(absl::StrCat("redis-server did not come up (", connection.status().message(),
-                                                 "); its log:\n", LogTail((*process)->log_path())));
+                                                 "); its log:\n", (*process)->LogTail()));
     }
     absl::SleepFor(absl::Milliseconds(50));
   }
@@ -745,20 +598,25 @@ absl::Status RunTransport(const Config& config, const TempDir& dir, const std::s
   // Both sides read UCX_TLS when they create their UCX context: the node at
   // start (it inherits this environment), the client in Client::Connect.
   setenv("UCX_TLS", transport.c_str(), /*overwrite=*/1);
-  absl::StatusOr<RunningNode> node = StartNode(config, dir, transport);
-  if (!node.ok()) return node.status();
-  std::printf("# UCX_TLS=%s: kvstrata-node at %s\n", transport.c_str(), node->address.c_str());
+  std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", config.node_dram_bytes), "--prefault"};
+  if (config.node_needs_rkeys) flags.push_back("--allow_client_rkeys");
+  absl::StatusOr<std::unique_ptr<NodeProcess>> started =
+      NodeProcess::Start(config.node_binary, flags, dir.File(absl::StrCat("node_", transport, ".log")));
+  if (!started.ok()) return started.status();
+  NodeProcess& node = **started;
+  const std::string address = node.address();
+  std::printf("# UCX_TLS=%s: kvstrata-node at %s\n", transport.c_str(), address.c_str());
   std::fflush(stdout);
   for (const Method& method : config.methods) {
-    absl::Status s = RunMethod(config, transport, node->address, method, max_bytes, baselines, results);
+    absl::Status s = RunMethod(config, transport, address, method, max_bytes, baselines, results);
     if (!s.ok()) {
       return absl::Status(s.code(), absl::StrCat("UCX_TLS=", transport, " method=", method.name, ": ", s.message(),
-                                                 "\nnode log:\n", LogTail(node->process->log_path())));
+                                                 "\nnode log:\n", node.process().LogTail()));
     }
   }
   const PointKey target{kTargetBlock, kTargetBatch};
   if (baselines.contains(target)) {
-    if (absl::Status s = RunVerifyOff(config, transport, node->address, config.methods.front(), baselines.at(target));
+    if (absl::Status s = RunVerifyOff(config, transport, address, config.methods.front(), baselines.at(target));
         !s.ok()) {
       return s;
     }
@@ -795,7 +653,7 @@ void PrintTargets(const Config& config, const std::map<PointKey, Baseline>& base
 }
 
 absl::Status Run(const Config& config) {
-  absl::StatusOr<std::unique_ptr<TempDir>> dir = TempDir::Create();
+  absl::StatusOr<std::unique_ptr<TempDir>> dir = TempDir::Create("transfer_bench");
   if (!dir.ok()) return dir.status();
   absl::StatusOr<RunningRedis> redis = StartRedis(config, **dir);
   if (!redis.ok()) return redis.status();

@@ -17,7 +17,7 @@
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/transfer/engine.h"
-#include "node_process.h"
+#include "kvstrata/testing/process.h"
 
 namespace kvstrata {
 namespace {
@@ -27,6 +27,7 @@ using client::Client;
 using client::FetchItem;
 using client::Namespace;
 using client::PublishItem;
+using testing::ChildProcess;
 using testing::NodeProcess;
 
 constexpr uint64_t kBlock = 256 * 1024;
@@ -119,10 +120,10 @@ size_t FetchAndVerify(Client& c, Namespace& ns, uint64_t seed, size_t count, siz
 class NodeTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start({"--dram_bytes=1073741824", "--slab_bytes=4194304",
-                                    "--transfer_timeout=5s"});
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=1073741824",
+                                                          "--slab_bytes=4194304", "--transfer_timeout=5s"});
     ASSERT_TRUE(node.ok()) << node.status();
-    node_ = new NodeProcess(*std::move(node));
+    node_ = node->release();
   }
   static void TearDownTestSuite() {
     delete node_;
@@ -170,11 +171,11 @@ TEST_F(NodeTest, UsesTheConfiguredTransport) {
 TEST_F(NodeTest, SecondProcessFetchesWhatTheFirstPublished) {
   constexpr size_t kCount = 1000;
   constexpr uint64_t kSeed = 4242;
-  auto child = testing::SpawnSelf({"--child=publish", "--node=" + node_->address(),
-                                   "--seed=" + std::to_string(kSeed),
-                                   "--count=" + std::to_string(kCount)});
+  auto child = ChildProcess::SpawnSelf({"--child=publish", "--node=" + node_->address(),
+                                        "--seed=" + std::to_string(kSeed),
+                                        "--count=" + std::to_string(kCount)});
   ASSERT_TRUE(child.ok()) << child.status();
-  ASSERT_EQ(testing::WaitChild(*child), 0) << "publisher process failed";
+  ASSERT_EQ((*child)->Wait(), 0) << "publisher process failed";
 
   auto c = Connect(node_->address());
   auto ns = c->OpenNamespace(OpaqueSpec("two-process"));
@@ -536,7 +537,7 @@ TEST_F(BadInputTest, ChecksumMismatchStoresNothing) {
 }
 
 TEST_F(NodeTest, ClientDyingMidTransferLeavesTheNodeServing) {
-  auto child = testing::SpawnSelf({"--child=publish_forever", "--node=" + node_->address()});
+  auto child = ChildProcess::SpawnSelf({"--child=publish_forever", "--node=" + node_->address()});
   ASSERT_TRUE(child.ok());
   auto c = Connect(node_->address());
   v1::StatsResponse stats;
@@ -546,16 +547,17 @@ TEST_F(NodeTest, ClientDyingMidTransferLeavesTheNodeServing) {
     ASSERT_TRUE(c->Stats(&stats).ok());
   } while (stats.bytes_in() < (64ull << 20) && absl::Now() < give_up);
   ASSERT_GE(stats.bytes_in(), 64ull << 20) << "the publisher never got going";
-  kill(*child, SIGKILL);
-  EXPECT_EQ(testing::WaitChild(*child), -SIGKILL);
+  (*child)->Signal(SIGKILL);
+  EXPECT_EQ((*child)->Wait(), -SIGKILL);
   ExpectNodeServes();
 }
 
 TEST(NodeDownTest, ClientGetsUnavailableWithinItsDeadline) {
-  auto node = NodeProcess::Start({"--dram_bytes=67108864"});
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864"});
   ASSERT_TRUE(node.ok());
-  const std::string address = node->address();
-  node->Kill(SIGKILL);
+  const std::string address = (*node)->address();
+  (*node)->process().Signal(SIGKILL);
+  (*node)->process().Wait();
   auto c = Connect(address, absl::Seconds(2));
   const absl::Time start = absl::Now();
   auto ns = c->OpenNamespace(OpaqueSpec("down"));
@@ -564,11 +566,11 @@ TEST(NodeDownTest, ClientGetsUnavailableWithinItsDeadline) {
 }
 
 TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
-  auto node = NodeProcess::Start({"--dram_bytes=67108864"});
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864"});
   ASSERT_TRUE(node.ok());
-  auto c = Connect(node->address(), absl::Seconds(1));
+  auto c = Connect((*node)->address(), absl::Seconds(1));
   ASSERT_TRUE(c->Ping().ok());
-  node->Signal(SIGSTOP);  // frozen: a hang, not a refusal
+  (*node)->process().Signal(SIGSTOP);  // frozen: a hang, not a refusal
   const absl::Time start = absl::Now();
   absl::Status status = c->Ping();
   EXPECT_FALSE(status.ok());
@@ -580,9 +582,9 @@ TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
 
 // A node that trusts its clients with RMA (get/put on client memory keys).
 TEST(RmaNodeTest, PublishAndFetchWithClientMemoryKeys) {
-  auto node = NodeProcess::Start({"--dram_bytes=268435456", "--allow_client_rkeys"});
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--allow_client_rkeys"});
   ASSERT_TRUE(node.ok()) << node.status();
-  auto c = Connect(node->address(), absl::Seconds(20), client::ClientOptions::TransferMethod::kRma);
+  auto c = Connect((*node)->address(), absl::Seconds(20), client::ClientOptions::TransferMethod::kRma);
   auto ns = c->OpenNamespace(OpaqueSpec("rma"));
   ASSERT_TRUE(ns.ok()) << ns.status();
   auto published = PublishStream(*c, *ns, 31, 40, 16);
@@ -590,7 +592,7 @@ TEST(RmaNodeTest, PublishAndFetchWithClientMemoryKeys) {
   EXPECT_EQ(published->count(BlockOutcome::kOk), 40u);
   EXPECT_EQ(FetchAndVerify(*c, *ns, 31, 40, 16), 40u);
   // A tagged client reads the same blocks from the same node.
-  auto tagged = Connect(node->address());
+  auto tagged = Connect((*node)->address());
   auto tagged_ns = tagged->OpenNamespace(OpaqueSpec("rma"));
   EXPECT_EQ(FetchAndVerify(*tagged, *tagged_ns, 31, 40, 16), 40u);
 }
@@ -599,9 +601,9 @@ class SmallNodeTest : public ::testing::Test {};
 
 TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
   // 16 slabs of 1 MiB: 64 blocks of 256 KiB.
-  auto node = NodeProcess::Start({"--dram_bytes=16777216", "--slab_bytes=1048576"});
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576"});
   ASSERT_TRUE(node.ok()) << node.status();
-  auto c = Connect(node->address());
+  auto c = Connect((*node)->address());
   auto ns = c->OpenNamespace(OpaqueSpec("eviction"));
   ASSERT_TRUE(ns.ok()) << ns.status();
   constexpr size_t kCount = 200;
