@@ -35,22 +35,60 @@ void OnReceiveDone(void* request, ucs_status_t status, const ucp_tag_recv_info_t
   delete slot;
 }
 
-struct SendState {
+ucp_request_param_t ContiguousParam(void* user_data) {
+  ucp_request_param_t param{};
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_DATATYPE;
+  param.datatype = ucp_dt_make_contig(1);
+  param.user_data = user_data;
+  return param;
+}
+
+// Tagged sends counted to completion. Shared with UCX callbacks: a group given
+// up at its deadline completes later and only then releases `keep_alive`.
+struct SendGroup {
   absl::Mutex mu;
   size_t outstanding ABSL_GUARDED_BY(mu) = 0;
   ucs_status_t first_error ABSL_GUARDED_BY(mu) = UCS_OK;
-  std::shared_ptr<void> keep_alive;
+  std::shared_ptr<void> keep_alive ABSL_GUARDED_BY(mu);
+
+  void Finish(ucs_status_t status) ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    if (status != UCS_OK && first_error == UCS_OK) first_error = status;
+    if (--outstanding == 0) keep_alive.reset();
+  }
+  // OK once every send completed; the first error otherwise.
+  absl::Status Wait(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    auto all_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return outstanding == 0; };
+    if (!mu.AwaitWithDeadline(absl::Condition(&all_done), deadline)) {
+      return absl::DeadlineExceededError("tagged sends missed their deadline");
+    }
+    return first_error == UCS_OK ? absl::OkStatus() : UcsError("tagged send", first_error);
+  }
 };
 
 void OnSendDone(void* request, ucs_status_t status, void* user_data) {
-  auto* ref = static_cast<std::shared_ptr<SendState>*>(user_data);
-  {
-    absl::MutexLock lock(&(*ref)->mu);
-    if (status != UCS_OK && (*ref)->first_error == UCS_OK) (*ref)->first_error = status;
-    if (--(*ref)->outstanding == 0) (*ref)->keep_alive.reset();
-  }
-  delete ref;
+  auto* group = static_cast<std::shared_ptr<SendGroup>*>(user_data);
+  (*group)->Finish(status);
+  delete group;
   ucp_request_free(request);
+}
+
+// Posts one tagged send counted in `group`.
+void PostTaggedSend(ucp_ep_h ep, const SendOp& op, const std::shared_ptr<SendGroup>& group) {
+  {
+    absl::MutexLock lock(&group->mu);
+    ++group->outstanding;
+  }
+  auto* ref = new std::shared_ptr<SendGroup>(group);
+  ucp_request_param_t param = ContiguousParam(ref);
+  param.cb.send = OnSendDone;
+  ucs_status_ptr_t request = ucp_tag_send_nbx(ep, op.data, op.length, op.tag, &param);
+  if (request == nullptr || UCS_PTR_IS_ERR(request)) {  // done at once: no callback comes
+    delete ref;
+    group->Finish(request == nullptr ? UCS_OK : UCS_PTR_STATUS(request));
+  }
 }
 
 }  // namespace
@@ -74,12 +112,8 @@ absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(
   batch->requests_.assign(ops.size(), nullptr);
   for (size_t i = 0; i < ops.size(); ++i) {
     auto* slot = new ReceiveSlot{batch->state_, i};
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                         UCP_OP_ATTR_FIELD_DATATYPE;
-    param.datatype = ucp_dt_make_contig(1);
+    ucp_request_param_t param = ContiguousParam(slot);
     param.cb.recv = OnReceiveDone;
-    param.user_data = slot;
     {
       absl::MutexLock lock(&batch->state_->mu);
       ++batch->state_->outstanding;
@@ -168,65 +202,21 @@ ReceiveBatch::~ReceiveBatch() {
 absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive) {
   if (failed()) return absl::UnavailableError("peer has failed");
-  Engine::Impl& impl = *engine_->impl_;
-  auto ep = static_cast<ucp_ep_h>(ep_);
   Touch();
-  auto state = std::make_shared<SendState>();
-  state->keep_alive = std::move(keep_alive);
+  auto group = std::make_shared<SendGroup>();
   {
-    absl::MutexLock lock(&state->mu);
-    state->outstanding = 1;  // held by this call until every op is posted
+    absl::MutexLock lock(&group->mu);
+    group->keep_alive = std::move(keep_alive);
+    group->outstanding = 1;  // this call's own hold, until every op is posted
   }
-  impl.Wake();
-  absl::Status post_error;
-  for (const SendOp& op : ops) {
-    auto* ref = new std::shared_ptr<SendState>(state);
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                         UCP_OP_ATTR_FIELD_DATATYPE;
-    param.datatype = ucp_dt_make_contig(1);
-    param.cb.send = OnSendDone;
-    param.user_data = ref;
-    {
-      absl::MutexLock lock(&state->mu);
-      ++state->outstanding;
-    }
-    ucs_status_ptr_t request = ucp_tag_send_nbx(ep, op.data, op.length, op.tag, &param);
-    if (request == nullptr || UCS_PTR_IS_ERR(request)) {
-      delete ref;
-      absl::MutexLock lock(&state->mu);
-      --state->outstanding;
-      if (UCS_PTR_IS_ERR(request)) {
-        post_error = UcsError("ucp_tag_send_nbx", UCS_PTR_STATUS(request));
-        break;
-      }
-    }
-  }
-  bool completed;
-  ucs_status_t status;
-  {
-    absl::MutexLock lock(&state->mu);
-    if (--state->outstanding == 0) state->keep_alive.reset();
-    auto all_done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state->mu) {
-      return state->outstanding == 0;
-    };
-    completed = state->mu.AwaitWithDeadline(absl::Condition(&all_done), deadline);
-    status = state->first_error;
-  }
-  if (!completed) {
-    MarkFailed();  // force-closed when the last user lets go; that ends the sends
-    return absl::DeadlineExceededError(
-        absl::StrCat("send of ", ops.size(), " blocks missed its deadline"));
-  }
-  if (!post_error.ok()) {
-    MarkFailed();
-    return post_error;
-  }
-  if (status != UCS_OK) {
-    MarkFailed();
-    return UcsError("tagged send", status);
-  }
-  return absl::OkStatus();
+  for (const SendOp& op : ops) PostTaggedSend(static_cast<ucp_ep_h>(ep_), op, group);
+  group->Finish(UCS_OK);
+  engine_->impl_->Wake();
+  absl::Status status = group->Wait(deadline);
+  // A send that failed or hung leaves the endpoint unusable: it is
+  // force-closed when its last user lets go, which also ends hung sends.
+  if (!status.ok()) MarkFailed();
+  return status;
 }
 
 // ---- pull: the sender's side of a node-driven transfer --------------------
@@ -235,8 +225,8 @@ struct PullServer::State {
   absl::Mutex mu;
   bool request_done ABSL_GUARDED_BY(mu) = false;  // the pull receive finished (or was cancelled)
   bool pulled ABSL_GUARDED_BY(mu) = false;        // a pull request arrived
-  size_t sends_outstanding ABSL_GUARDED_BY(mu) = 0;
-  ucs_status_t first_error ABSL_GUARDED_BY(mu) = UCS_OK;
+  ucs_status_t request_error ABSL_GUARDED_BY(mu) = UCS_OK;
+  std::shared_ptr<SendGroup> sends = std::make_shared<SendGroup>();
   std::shared_ptr<Peer> to;
   uint64_t tag_base = 0;
   std::vector<SendOp> blocks;
@@ -244,17 +234,6 @@ struct PullServer::State {
 };
 
 namespace {
-
-void OnPullSendDone(void* request, ucs_status_t status, void* user_data) {
-  auto* ref = static_cast<std::shared_ptr<PullServer::State>*>(user_data);
-  {
-    absl::MutexLock lock(&(*ref)->mu);
-    if (status != UCS_OK && (*ref)->first_error == UCS_OK) (*ref)->first_error = status;
-    --(*ref)->sends_outstanding;
-  }
-  delete ref;
-  ucp_request_free(request);
-}
 
 // Runs on the progress thread when the node's pull request arrives: send what it asked for.
 void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t* info,
@@ -265,7 +244,7 @@ void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t
   absl::MutexLock lock(&state->mu);
   state->request_done = true;
   if (status != UCS_OK) {
-    if (status != UCS_ERR_CANCELED) state->first_error = status;
+    if (status != UCS_ERR_CANCELED) state->request_error = status;
     return;
   }
   state->pulled = true;
@@ -275,24 +254,10 @@ void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t
     const uint16_t index = static_cast<uint16_t>(state->request_buffer[2 * i] |
                                                  (state->request_buffer[2 * i + 1] << 8));
     if (index >= state->blocks.size()) {
-      state->first_error = UCS_ERR_INVALID_PARAM;
+      state->request_error = UCS_ERR_INVALID_PARAM;  // a pull for a block we never offered
       continue;
     }
-    const SendOp& op = state->blocks[index];
-    auto* send_ref = new std::shared_ptr<PullServer::State>(state);
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                         UCP_OP_ATTR_FIELD_DATATYPE;
-    param.datatype = ucp_dt_make_contig(1);
-    param.cb.send = OnPullSendDone;
-    param.user_data = send_ref;
-    ucs_status_ptr_t sent = ucp_tag_send_nbx(ep, op.data, op.length, op.tag, &param);
-    if (sent == nullptr || UCS_PTR_IS_ERR(sent)) {
-      delete send_ref;
-      if (UCS_PTR_IS_ERR(sent) && state->first_error == UCS_OK) state->first_error = UCS_PTR_STATUS(sent);
-      continue;
-    }
-    ++state->sends_outstanding;
+    PostTaggedSend(ep, state->blocks[index], state->sends);
   }
 }
 
@@ -313,12 +278,8 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   state.blocks = std::move(blocks);
   state.request_buffer.resize(2 * state.blocks.size() + 2);
   auto* ref = new std::shared_ptr<PullServer::State>(server->state_);
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                       UCP_OP_ATTR_FIELD_DATATYPE;
-  param.datatype = ucp_dt_make_contig(1);
+  ucp_request_param_t param = ContiguousParam(ref);
   param.cb.recv = OnPullRequest;
-  param.user_data = ref;
   ucs_status_ptr_t request = ucp_tag_recv_nbx(impl_->worker_, state.request_buffer.data(),
                                               state.request_buffer.size(), PullTag(tag_base),
                                               ~uint64_t{0}, &param);
@@ -331,31 +292,28 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   return server;
 }
 
+// The pull request, then the sends it triggered.
 absl::Status PullServer::Wait(absl::Time deadline) {
   State& state = *state_;
-  absl::MutexLock lock(&state.mu);
-  auto done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) {
-    return state.request_done && state.sends_outstanding == 0;
-  };
-  if (!state.mu.AwaitWithDeadline(absl::Condition(&done), deadline)) {
-    return absl::DeadlineExceededError("the node did not finish pulling before the deadline");
+  {
+    absl::MutexLock lock(&state.mu);
+    auto arrived = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) { return state.request_done; };
+    if (!state.mu.AwaitWithDeadline(absl::Condition(&arrived), deadline)) {
+      return absl::DeadlineExceededError("the node did not pull before the deadline");
+    }
+    if (state.request_error != UCS_OK) return UcsError("pull request", state.request_error);
+    if (!state.pulled) return absl::AbortedError("the node never pulled");
   }
-  if (state.first_error != UCS_OK) return UcsError("pulled send", state.first_error);
-  if (!state.pulled) return absl::AbortedError("the node never pulled");
-  return absl::OkStatus();
+  return state.sends->Wait(deadline);
 }
 
 PullServer::~PullServer() {
   Engine::Impl& impl = *engine_->impl_;
   ucp_request_cancel(impl.worker_, request_);
-  {
-    absl::MutexLock lock(&state_->mu);
-    auto done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_->mu) {
-      return state_->request_done && state_->sends_outstanding == 0;
-    };
-    if (!state_->mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(30))) {
-      KVS_LOG(Error) << "pulled sends still pending after 30 s";
-    }
+  // Blocks the node is still reading must stay valid: wait (bounded) for them.
+  if (absl::Status s = Wait(absl::Now() + absl::Seconds(30));
+      !s.ok() && !absl::IsAborted(s) && !absl::IsUnavailable(s)) {
+    KVS_LOG(Warning) << "pull ended badly: " << s;
   }
   ucp_request_free(request_);
 }
