@@ -101,6 +101,7 @@ struct LookupResult {
 class Client;
 
 // A namespace opened on the node: one model, KV layout and stored format.
+// Cheap to copy; must not outlive the Client that opened it.
 class Namespace {
  public:
   uint64_t id() const { return id_; }
