@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvstrata/cachenode/node.h"
 #include "kvstrata/common/log.h"
+#include "peer_check.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50151",
           "gRPC address to listen on, host:port. Port 0 picks a free port (see --port_file). "
@@ -34,6 +35,9 @@ ABSL_FLAG(bool, prefault, false, "Touch the whole DRAM arena at start so first w
 ABSL_FLAG(bool, allow_client_rkeys, false,
           "Accept RMA transfers (client memory keys) as well as tagged ones. Only for trusted "
           "clients: UCX 1.13 can crash unpacking a malformed key on shared memory.");
+ABSL_FLAG(bool, check_peer_addresses, true,
+          "Vet each new client's UCX worker address in a child process before connecting to it "
+          "(UCX crashes on malformed addresses). Costs one short-lived process per new client.");
 ABSL_FLAG(absl::Duration, transfer_timeout, absl::Seconds(30),
           "Longest a single UCX transfer batch may take before the peer is treated as failed.");
 
@@ -53,6 +57,10 @@ uint64_t AvailableMemoryBytes() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // The node re-runs itself to vet untrusted UCX addresses (peer_check.h).
+  if (kvstrata::cachenode::IsPeerCheckInvocation(argc, argv)) {
+    return kvstrata::cachenode::RunPeerCheck(argc, argv);
+  }
   // --help lists this file's flags (abseil's default looks for a file named
   // after the binary).
   absl::FlagsUsageConfig usage;
@@ -87,6 +95,7 @@ int main(int argc, char** argv) {
   options.prefault = absl::GetFlag(FLAGS_prefault);
   options.transfer_timeout = absl::GetFlag(FLAGS_transfer_timeout);
   options.allow_client_rkeys = absl::GetFlag(FLAGS_allow_client_rkeys);
+  options.check_peer_addresses = absl::GetFlag(FLAGS_check_peer_addresses);
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

@@ -10,6 +10,7 @@
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
 #include "node_service.h"
+#include "peer_check.h"
 
 namespace kvstrata::cachenode {
 
@@ -18,6 +19,7 @@ namespace kvstrata::cachenode {
 // the UCX engine.
 class Node::Impl {
  public:
+  std::unique_ptr<PeerAddressChecker> address_checker;  // used by the engine
   std::unique_ptr<transfer::Engine> engine;
   std::unique_ptr<transfer::MemoryRegion> arena;
   std::unique_ptr<DramTier> dram;
@@ -31,6 +33,9 @@ class Node::Impl {
     if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     server.reset();
     service.reset();
+    // Transfers abandoned at a deadline may still target the arena: end them
+    // before it is unregistered and unmapped.
+    if (engine) engine->ClosePeers();
     dram.reset();
   }
 };
@@ -46,8 +51,17 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                                                    options.slab_bytes, ")"));
   }
   auto impl = std::make_unique<Impl>();
-  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine = transfer::Engine::Create(
-      {.transports = options.ucx_transports, .tune_tcp = options.ucx_tune_tcp});
+  impl->address_checker =
+      std::make_unique<PeerAddressChecker>(options.ucx_transports, absl::Seconds(5));
+  transfer::EngineOptions engine_options{.transports = options.ucx_transports,
+                                         .tune_tcp = options.ucx_tune_tcp};
+  if (options.check_peer_addresses) {
+    engine_options.check_address = [checker = impl->address_checker.get()](
+                                       const std::string& address, bool same_host) {
+      return checker->Check(address, same_host);
+    };
+  }
+  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine = transfer::Engine::Create(engine_options);
   if (!engine.ok()) return engine.status();
   impl->engine = *std::move(engine);
 

@@ -105,6 +105,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   std::unique_ptr<Engine> engine(new Engine());
   engine->impl_ = std::make_unique<Impl>();
   Impl& impl = *engine->impl_;
+  impl.options_ = options;
 
   ucp_config_t* config = nullptr;
   ucs_status_t status = ucp_config_read(nullptr, nullptr, &config);
@@ -169,11 +170,18 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
 Engine::~Engine() {
   if (impl_ == nullptr) return;
+  ClosePeers();
+  impl_.reset();
+}
+
+void Engine::ClosePeers() {
   {
     absl::MutexLock lock(&impl_->peers_mu_);
     impl_->peers_.clear();  // closes endpoints not held elsewhere
   }
-  impl_.reset();
+  // Force-closing fails what was still in flight, which releases its memory.
+  const absl::Time give_up = absl::Now() + absl::Seconds(5);
+  while (impl_->closing_.load() > 0 && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
 }
 
 absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Register(void* addr, size_t length) {
@@ -283,6 +291,12 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
     });
   }
 
+  if (impl_->options_.check_address) {
+    if (absl::Status vetted = impl_->options_.check_address(std::string(worker_address), same_host);
+        !vetted.ok()) {
+      return vetted;
+    }
+  }
   // Connect outside the lock: wire-up with a slow or bogus peer must not
   // stall everyone else.
   std::shared_ptr<Peer> peer(new Peer());
@@ -291,7 +305,11 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   ucp_ep_params_t params{};
   params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                       UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  params.address = reinterpret_cast<const ucp_address_t*>(worker_address.data());
+  // ucp_ep_create takes no address length: a truncated address from a peer
+  // would be read past its end. Zero padding keeps any over-read in our buffer.
+  std::string padded(worker_address);
+  padded.resize(worker_address.size() + 4096, '\0');
+  params.address = reinterpret_cast<const ucp_address_t*>(padded.data());
   // Shared memory cannot detect a dead peer (UCX 1.13), so it needs
   // UCP_ERR_HANDLING_MODE_NONE; that mode is unsafe on TCP (UCX crashes in the
   // TCP progress path), so it is used only when both sides allow shared memory.

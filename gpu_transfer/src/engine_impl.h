@@ -28,6 +28,7 @@ class Engine::Impl {
   // copy needs; completions wake it through the worker's event fd.
   void Wake() { ucp_worker_signal(worker_); }
 
+  EngineOptions options_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   int event_fd_ = -1;

@@ -494,6 +494,42 @@ TEST_F(BadInputTest, BadWorkerAddress) {
   EXPECT_EQ(found.prefix_length(), 0u) << "a refused publish stored a block";
 }
 
+TEST_F(BadInputTest, MalformedWorkerAddressesNeverCrashTheNode) {
+  // Truncations, bit flips and noise in place of a real UCX worker address.
+  // UCX 1.13 itself crashes on most of these; the node vets new addresses in
+  // a child process first (cachenode/src/peer_check.h).
+  const std::string good = engine_->worker_address();
+  std::vector<std::string> addresses;
+  for (size_t length : {size_t{1}, size_t{4}, good.size() / 4, good.size() / 2, good.size() - 1}) {
+    addresses.push_back(good.substr(0, length));
+  }
+  std::mt19937 rng(7);
+  for (int i = 0; i < 64; ++i) {
+    std::string flipped = good;
+    flipped[rng() % flipped.size()] ^= static_cast<char>(1 << (rng() % 8));
+    addresses.push_back(flipped);
+  }
+  for (int i = 0; i < 32; ++i) {
+    std::string noise(1 + rng() % 512, '\0');
+    for (char& c : noise) c = static_cast<char>(rng());
+    addresses.push_back(noise);
+  }
+  for (size_t i = 0; i < addresses.size(); ++i) {
+    v1::PublishRequest request = GoodPublish(0x65);
+    // A fresh key each time: a stored key would skip the transfer (and the connect).
+    std::string key(16, '\x65');
+    std::memcpy(key.data(), &i, sizeof(i));
+    request.mutable_blocks(0)->set_key(key);
+    request.mutable_source()->set_worker_address(addresses[i]);
+    v1::PublishResponse response;
+    // Whatever happens to the call, the node must survive it.
+    PublishRaw(request, &response, std::nullopt, absl::Seconds(1)).error_code();
+  }
+  v1::HealthResponse health;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Health, v1::HealthRequest(), &health).ok())
+      << "the node died on a malformed worker address";
+}
+
 TEST_F(BadInputTest, ShortOrMissingDataStoresNothing) {
   v1::PublishResponse response;
   // The client answers the pull with half a block.

@@ -24,6 +24,9 @@ struct NodeOptions {
   // default: UCX 1.13 crashes unpacking some malformed keys on shared memory,
   // so only trusted clients may use them (tagged transfers need no keys).
   bool allow_client_rkeys = false;
+  // Vet each new client UCX worker address in a child process first (see
+  // src/peer_check.h): UCX crashes on malformed addresses.
+  bool check_peer_addresses = true;
 };
 
 class Node {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -31,6 +32,10 @@ struct EngineOptions {
   // defaults (MEASUREMENTS.md: about 2x put bandwidth on loopback). A UCX_TCP_*
   // variable in the environment always wins.
   bool tune_tcp = true;
+  // Called before the engine first connects to a worker address it has not
+  // cached; an error refuses the address. Lets a server vet untrusted
+  // addresses (UCX does not validate them).
+  std::function<absl::Status(const std::string& worker_address, bool same_host)> check_address;
 };
 
 class Engine;
@@ -247,6 +252,10 @@ class Engine {
                                                         std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
   uint64_t NextTagBase();
+
+  // Closes every cached endpoint and waits (up to 5 s) until UCX has failed
+  // what was in flight on them, so memory they used can be released.
+  void ClosePeers();
 
   // Transports of the live endpoints, deduplicated ("tcp", "cma", ...).
   std::vector<std::string> ActiveTransports();

@@ -1,0 +1,121 @@
+#include "peer_check.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstrata/common/log.h"
+#include "kvstrata/transfer/engine.h"
+
+extern char** environ;
+
+namespace kvstrata::cachenode {
+namespace {
+
+constexpr char kAddressFlag[] = "--check_ucx_peer=";
+constexpr char kSameHostFlag[] = "--check_same_host=";
+constexpr char kTransportsFlag[] = "--ucx_transports=";
+constexpr int kMaxConcurrentChecks = 4;
+constexpr size_t kMaxRemembered = 65536;
+
+std::string FlagValue(int argc, char** argv, const char* prefix) {
+  const size_t length = std::strlen(prefix);
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], prefix, length) == 0) return argv[i] + length;
+  }
+  return "";
+}
+
+}  // namespace
+
+bool IsPeerCheckInvocation(int argc, char** argv) {
+  return !FlagValue(argc, argv, kAddressFlag).empty();
+}
+
+int RunPeerCheck(int argc, char** argv) {
+  const std::string address = absl::HexStringToBytes(FlagValue(argc, argv, kAddressFlag));
+  const bool same_host = FlagValue(argc, argv, kSameHostFlag) == "1";
+  auto engine = transfer::Engine::Create({.transports = FlagValue(argc, argv, kTransportsFlag)});
+  if (!engine.ok()) return 2;
+  // Creating the endpoint, wiring it up and closing it is everything the node
+  // would do with the address; an unreachable peer is not a crash, so the
+  // status does not matter.
+  (*engine)->Connect(address, same_host, absl::Now() + absl::Milliseconds(500)).IgnoreError();
+  engine->reset();
+  return 0;
+}
+
+PeerAddressChecker::PeerAddressChecker(std::string transports, absl::Duration timeout)
+    : transports_(std::move(transports)), timeout_(timeout) {}
+
+absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool same_host) {
+  const uint64_t digest = XXH3_64bits(worker_address.data(), worker_address.size()) ^ same_host;
+  {
+    absl::MutexLock lock(&mu_);
+    if (good_.contains(digest)) return absl::OkStatus();
+    if (bad_.contains(digest)) return absl::InvalidArgumentError("malformed UCX worker address");
+    while (running_ >= kMaxConcurrentChecks) slot_freed_.Wait(&mu_);
+    ++running_;
+  }
+
+  std::string self(4096, '\0');
+  const ssize_t length = readlink("/proc/self/exe", self.data(), self.size() - 1);
+  self.resize(length > 0 ? length : 0);
+  std::vector<std::string> args = {self, kAddressFlag + absl::BytesToHexString(worker_address),
+                                   absl::StrCat(kSameHostFlag, same_host ? 1 : 0),
+                                   kTransportsFlag + transports_};
+  std::vector<char*> argv;
+  for (std::string& arg : args) argv.push_back(arg.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
+  pid_t pid = 0;
+  const int spawned = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+
+  bool good = false;
+  if (spawned == 0) {
+    const absl::Time give_up = absl::Now() + timeout_;
+    int status = 0;
+    pid_t done = 0;
+    while ((done = waitpid(pid, &status, WNOHANG)) == 0 && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    if (done == 0) {  // hung: as bad as a crash
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+    } else {
+      good = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    }
+  }
+
+  absl::MutexLock lock(&mu_);
+  --running_;
+  slot_freed_.Signal();
+  if (spawned != 0) {
+    return absl::UnavailableError(absl::StrCat("cannot check a UCX address: ", strerror(spawned)));
+  }
+  auto& remembered = good ? good_ : bad_;
+  if (remembered.size() >= kMaxRemembered) remembered.clear();
+  remembered.insert(digest);
+  if (!good) {
+    KVS_LOG(Warning) << "refused a malformed UCX worker address (" << worker_address.size()
+                     << " bytes)";
+    return absl::InvalidArgumentError("malformed UCX worker address");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvstrata::cachenode
