@@ -17,7 +17,7 @@ cleanup() {
 trap cleanup EXIT
 
 ./build/cachenode/kvstrata-node --listen=127.0.0.1:0 --port_file="$workdir/port" \
-  --dram_bytes=$((2 << 30)) 2>"$workdir/node.log" &
+  --dram_bytes=$((2 << 30)) --prefault 2>"$workdir/node.log" &
 node_pid=$!
 for _ in $(seq 1 300); do [ -s "$workdir/port" ] && break; sleep 0.1; done
 [ -s "$workdir/port" ] || { cat "$workdir/node.log"; echo "node did not start" >&2; exit 1; }
