@@ -121,17 +121,19 @@ absl::StatusOr<bool> UsesRma(uint64_t tag_base, bool allow_client_rkeys) {
 }
 
 // Tagged publish: receive every reserved block straight into its chunk, after
-// telling the client which blocks to send.
+// telling the client which blocks to send. Each block's checksum is computed
+// as soon as it has landed, while the progress thread receives the next, and
+// stored in `checksums`.
 absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
                   const std::vector<std::shared_ptr<StoredBlock>>& reserved, absl::Time deadline,
-                  std::shared_ptr<void> keep_alive) {
+                  std::shared_ptr<void> keep_alive, std::vector<uint64_t>* checksums) {
   std::vector<transfer::ReceiveOp> receives;
-  std::vector<bool> expected;
-  std::vector<uint8_t> wanted;  // u16 little-endian indices
+  std::vector<size_t> block_of;  // receive -> request block index
+  std::vector<uint8_t> wanted;   // u16 little-endian indices
   for (size_t i = 0; i < reserved.size(); ++i) {
     if (reserved[i] == nullptr) continue;
     receives.push_back({reserved[i]->data(), reserved[i]->size(), tag_base + i});
-    expected.push_back(true);
+    block_of.push_back(i);
     wanted.push_back(static_cast<uint8_t>(i));
     wanted.push_back(static_cast<uint8_t>(i >> 8));
   }
@@ -140,16 +142,16 @@ absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
   if (!batch.ok()) return batch.status();
   const transfer::SendOp pull{wanted.data(), wanted.size(), transfer::PullTag(tag_base)};
   if (absl::Status sent = peer.Send({&pull, 1}, deadline); !sent.ok()) return sent;
-  absl::StatusOr<std::vector<size_t>> received = (*batch)->Wait(expected, deadline);
-  if (!received.ok()) return received.status();
-  size_t r = 0;
-  for (size_t i = 0; i < reserved.size(); ++i) {
-    if (reserved[i] == nullptr) continue;
-    if ((*received)[r++] != reserved[i]->size()) {
+  checksums->assign(reserved.size(), 0);
+  for (size_t r = 0; r < receives.size(); ++r) {
+    std::optional<size_t> landed = (*batch)->WaitOne(r, deadline);
+    if (!landed.has_value()) break;  // the Wait below reports why
+    if (*landed != receives[r].length) {
       return absl::DataLossError("a pulled block arrived with the wrong size");
     }
+    (*checksums)[block_of[r]] = BlockChecksum(receives[r].buffer, receives[r].length);
   }
-  return absl::OkStatus();
+  return (*batch)->Wait(std::vector<bool>(receives.size(), true), deadline).status();
 }
 
 }  // namespace
@@ -262,6 +264,7 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   // The reservations stay alive until UCX is done with them, even if we give up.
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(reserved);
   absl::Status transferred;
+  std::vector<uint64_t> checksums;  // of the bytes received, per block
   if (*rma) {
     std::vector<transfer::RmaOp> ops;
     ops.reserve(to_transfer);
@@ -275,8 +278,15 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
           .rkey = endpoint->rkeys[block.region()].get()});
     }
     transferred = endpoint->peer->Get(ops, deadline, keep_alive);
+    if (transferred.ok()) {
+      checksums.assign(blocks.size(), 0);
+      for (int i = 0; i < blocks.size(); ++i) {
+        if (reserved[i] != nullptr) checksums[i] = BlockChecksum(reserved[i]->data(), reserved[i]->size());
+      }
+    }
   } else {
-    transferred = Pull(*endpoint->peer, request->tag_base(), reserved, deadline, keep_alive);
+    transferred =
+        Pull(*endpoint->peer, request->tag_base(), reserved, deadline, keep_alive, &checksums);
   }
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
@@ -288,7 +298,7 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   for (int i = 0; i < blocks.size(); ++i) {
     if (reserved[i] == nullptr) continue;
     bytes += reserved[i]->size();
-    const uint64_t checksum = BlockChecksum(reserved[i]->data(), reserved[i]->size());
+    const uint64_t checksum = checksums[i];
     if (checksum != blocks[i].checksum()) {
       response->set_status(i, v1::BLOCK_CHECKSUM_MISMATCH);
       counters_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
