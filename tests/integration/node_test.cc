@@ -606,7 +606,7 @@ TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
   ASSERT_TRUE(node.ok());
   auto c = Connect((*node)->address(), absl::Seconds(1));
   ASSERT_TRUE(c->Ping().ok());
-  (*node)->process().Signal(SIGSTOP);  // frozen: a hang, not a refusal
+  ASSERT_TRUE((*node)->process().Freeze());  // a hang, not a refusal
   const absl::Time start = absl::Now();
   absl::Status status = c->Ping();
   EXPECT_FALSE(status.ok());

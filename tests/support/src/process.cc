@@ -94,6 +94,19 @@ void ChildProcess::Signal(int signal) {
   if (!exited_) kill(pid_, signal);
 }
 
+bool ChildProcess::Freeze() {
+  Signal(SIGSTOP);
+  const absl::Time give_up = absl::Now() + absl::Seconds(5);
+  while (absl::Now() < give_up) {
+    std::ifstream stat("/proc/" + std::to_string(pid_) + "/stat");
+    std::string pid, name, state;
+    // "pid (comm) state ...": comm has no spaces for our binaries.
+    if (stat >> pid >> name >> state && (state == "T" || state == "t")) return true;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return false;
+}
+
 int ChildProcess::Wait() {
   if (exited_) return exit_code_;
   int status = 0;

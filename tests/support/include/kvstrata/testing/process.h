@@ -44,8 +44,11 @@ class ChildProcess {
   pid_t pid() const { return pid_; }
   // True once it has exited (it is then reaped).
   bool Exited();
-  // Delivers a signal without waiting (SIGSTOP, SIGKILL, ...).
+  // Delivers a signal without waiting (SIGKILL, ...).
   void Signal(int signal);
+  // Freezes it (SIGSTOP) and returns once the kernel reports it stopped:
+  // signal delivery is asynchronous, and a request could slip in meanwhile.
+  bool Freeze();
   // Waits for the exit: its exit code, or -N when signal N ended it.
   int Wait();
   // The tail of its log, for error messages.
