@@ -106,6 +106,25 @@ absl::StatusOr<ResolvedEndpoint> Resolve(transfer::Engine& engine,
   return resolved;
 }
 
+// One RMA op per block that has local memory: block i of the request <->
+// local[i], at the client address its region and offset name.
+template <typename Block>
+std::vector<transfer::RmaOp> RmaOps(const google::protobuf::RepeatedPtrField<Block>& blocks,
+                                    const std::vector<std::shared_ptr<StoredBlock>>& local,
+                                    const ResolvedEndpoint& endpoint) {
+  std::vector<transfer::RmaOp> ops;
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (local[i] == nullptr) continue;
+    const Block& block = blocks[i];
+    ops.push_back(transfer::RmaOp{
+        .local = local[i]->data(),
+        .remote_address = endpoint.regions[block.region()]->base_address() + block.offset(),
+        .length = local[i]->size(),
+        .rkey = endpoint.rkeys[block.region()].get()});
+  }
+  return ops;
+}
+
 // Which data path a request asks for, and whether this node allows it.
 absl::StatusOr<bool> UsesRma(uint64_t tag_base, bool allow_client_rkeys) {
   if (tag_base == 0) {
@@ -266,18 +285,7 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
   absl::Status transferred;
   std::vector<uint64_t> checksums;  // of the bytes received, per block
   if (*rma) {
-    std::vector<transfer::RmaOp> ops;
-    ops.reserve(to_transfer);
-    for (int i = 0; i < blocks.size(); ++i) {
-      if (reserved[i] == nullptr) continue;
-      const v1::PublishBlock& block = blocks[i];
-      ops.push_back(transfer::RmaOp{
-          .local = reserved[i]->data(),
-          .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
-          .length = block.size(),
-          .rkey = endpoint->rkeys[block.region()].get()});
-    }
-    transferred = endpoint->peer->Get(ops, deadline, keep_alive);
+    transferred = endpoint->peer->Get(RmaOps(blocks, reserved, *endpoint), deadline, keep_alive);
     if (transferred.ok()) {
       checksums.assign(blocks.size(), 0);
       for (int i = 0; i < blocks.size(); ++i) {
@@ -381,18 +389,7 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
     }
     transferred = endpoint->peer->Send(sends, deadline, keep_alive);
   } else {
-    std::vector<transfer::RmaOp> ops;
-    ops.reserve(hits);
-    for (int i = 0; i < blocks.size(); ++i) {
-      if (pinned[i] == nullptr) continue;
-      const v1::FetchBlock& block = blocks[i];
-      ops.push_back(transfer::RmaOp{
-          .local = pinned[i]->data(),
-          .remote_address = endpoint->regions[block.region()]->base_address() + block.offset(),
-          .length = pinned[i]->size(),
-          .rkey = endpoint->rkeys[block.region()].get()});
-    }
-    transferred = endpoint->peer->Put(ops, deadline, keep_alive);
+    transferred = endpoint->peer->Put(RmaOps(blocks, pinned, *endpoint), deadline, keep_alive);
   }
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
