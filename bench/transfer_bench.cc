@@ -67,13 +67,16 @@
 
 extern char** environ;
 
-ABSL_FLAG(std::string, node_binary, KVSTRATA_NODE_BINARY, "Path of the kvstrata-node binary to start.");
-ABSL_FLAG(std::string, redis_server, "/usr/bin/redis-server", "Path of the redis-server binary to start.");
+ABSL_FLAG(std::string, node_binary, KVSTRATA_NODE_BINARY,
+          "Path of the kvstrata-node binary to start.");
+ABSL_FLAG(std::string, redis_server, "/usr/bin/redis-server",
+          "Path of the redis-server binary to start.");
 ABSL_FLAG(std::vector<std::string>, transports, std::vector<std::string>({"tcp", "sm"}),
           "UCX transport configs to measure (each is a UCX_TLS value, given to the node and this "
           "client).");
 ABSL_FLAG(std::vector<std::string>, block_sizes,
-          std::vector<std::string>({"65536", "262144", "1048576", "4194304"}), "Block sizes in bytes.");
+          std::vector<std::string>({"65536", "262144", "1048576", "4194304"}),
+          "Block sizes in bytes.");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8", "32", "128"}),
           "Blocks per publish / fetch call.");
 ABSL_FLAG(double, seconds_per_point, 0.3,
@@ -128,12 +131,14 @@ struct Config {
 };
 
 template <typename T>
-absl::StatusOr<std::vector<T>> ParseNumbers(const std::vector<std::string>& values, const char* flag) {
+absl::StatusOr<std::vector<T>> ParseNumbers(const std::vector<std::string>& values,
+                                            const char* flag) {
   std::vector<T> out;
   for (const std::string& value : values) {
     T number{};
     if (!absl::SimpleAtoi(value, &number) || number == 0) {
-      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": '", value, "' is not a positive integer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", value, "' is not a positive integer"));
     }
     out.push_back(number);
   }
@@ -150,7 +155,8 @@ absl::StatusOr<Config> ConfigFromFlags() {
   config.node_dram_bytes = absl::GetFlag(FLAGS_node_dram_bytes);
   config.seconds = quick ? 0.05 : absl::GetFlag(FLAGS_seconds_per_point);
   auto sizes = ParseNumbers<uint64_t>(
-      quick ? std::vector<std::string>{"65536", "1048576"} : absl::GetFlag(FLAGS_block_sizes), "block_sizes");
+      quick ? std::vector<std::string>{"65536", "1048576"} : absl::GetFlag(FLAGS_block_sizes),
+      "block_sizes");
   if (!sizes.ok()) return sizes.status();
   config.block_sizes = *std::move(sizes);
   auto batches = ParseNumbers<size_t>(
@@ -166,13 +172,15 @@ absl::StatusOr<Config> ConfigFromFlags() {
       config.methods.push_back({"rma", TransferMethod::kRma});
       config.node_needs_rkeys = true;  // a node refuses RMA on client memory without it
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("--transfer_methods: unknown method '", name, "'"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--transfer_methods: unknown method '", name, "'"));
     }
   }
   if (config.transports.empty() || config.methods.empty()) {
     return absl::InvalidArgumentError("--transports and --transfer_methods must name at least one");
   }
-  if (config.seconds <= 0) return absl::InvalidArgumentError("--seconds_per_point must be positive");
+  if (config.seconds <= 0)
+    return absl::InvalidArgumentError("--seconds_per_point must be positive");
   // Fail before the baselines run, not minutes later when the node starts.
   for (const std::string* binary : {&config.node_binary, &config.redis_server}) {
     if (access(binary->c_str(), X_OK) != 0) {
@@ -219,18 +227,19 @@ struct RunningRedis {
 absl::StatusOr<RunningRedis> StartRedis(const Config& config, const TempDir& dir) {
   absl::StatusOr<int> port = kvstrata::testing::FreeLoopbackPort();
   if (!port.ok()) return port.status();
-  auto process = ChildProcess::Spawn({config.redis_server, "--port", absl::StrCat(*port), "--save", "",
-                                      "--appendonly", "no", "--bind", "127.0.0.1", "--protected-mode",
-                                      "no", "--daemonize", "no"},
-                                     dir.File("redis.log"));
+  auto process = ChildProcess::Spawn(
+      {config.redis_server, "--port", absl::StrCat(*port), "--save", "", "--appendonly", "no",
+       "--bind", "127.0.0.1", "--protected-mode", "no", "--daemonize", "no"},
+      dir.File("redis.log"));
   if (!process.ok()) return process.status();
   const absl::Time deadline = absl::Now() + absl::Seconds(30);
   while (true) {
     absl::StatusOr<RedisConnection> connection = ConnectRedis(*port);
     if (connection.ok()) return RunningRedis{*std::move(process), *std::move(connection)};
     if ((*process)->Exited() || absl::Now() > deadline) {
-      return absl::UnavailableError(absl::StrCat("redis-server did not come up (", connection.status().message(),
-                                                 "); its log:\n", (*process)->LogTail()));
+      return absl::UnavailableError(absl::StrCat("redis-server did not come up (",
+                                                 connection.status().message(), "); its log:\n",
+                                                 (*process)->LogTail()));
     }
     absl::SleepFor(absl::Milliseconds(50));
   }
@@ -241,17 +250,19 @@ absl::StatusOr<RunningRedis> StartRedis(const Config& config, const TempDir& dir
 absl::Status RedisSetBatch(redisContext* c, uint64_t size, size_t batch, const uint8_t* src) {
   for (size_t i = 0; i < batch; ++i) {
     const std::string key = absl::StrCat("bench:", i);
-    if (redisAppendCommand(c, "SET %b %b", key.data(), key.size(), src + i * size, size_t{size}) != REDIS_OK) {
+    if (redisAppendCommand(c, "SET %b %b", key.data(), key.size(), src + i * size, size_t{size}) !=
+        REDIS_OK) {
       return absl::InternalError(absl::StrCat("hiredis append SET: ", c->errstr));
     }
   }
   for (size_t i = 0; i < batch; ++i) {
     void* raw = nullptr;
-    if (redisGetReply(c, &raw) != REDIS_OK) return absl::UnavailableError(absl::StrCat("SET: ", c->errstr));
+    if (redisGetReply(c, &raw) != REDIS_OK)
+      return absl::UnavailableError(absl::StrCat("SET: ", c->errstr));
     RedisReply reply(static_cast<redisReply*>(raw));
     if (reply->type != REDIS_REPLY_STATUS) {
-      return absl::InternalError(absl::StrCat("SET answered type ", reply->type, ": ",
-                                              reply->str ? reply->str : ""));
+      return absl::InternalError(
+          absl::StrCat("SET answered type ", reply->type, ": ", reply->str ? reply->str : ""));
     }
   }
   return absl::OkStatus();
@@ -268,7 +279,8 @@ absl::Status RedisGetBatch(redisContext* c, uint64_t size, size_t batch, uint8_t
   }
   for (size_t i = 0; i < batch; ++i) {
     void* raw = nullptr;
-    if (redisGetReply(c, &raw) != REDIS_OK) return absl::UnavailableError(absl::StrCat("GET: ", c->errstr));
+    if (redisGetReply(c, &raw) != REDIS_OK)
+      return absl::UnavailableError(absl::StrCat("GET: ", c->errstr));
     RedisReply reply(static_cast<redisReply*>(raw));
     if (reply->type != REDIS_REPLY_STRING || reply->len != size) {
       return absl::InternalError(absl::StrCat("GET of bench:", i, " answered type ", reply->type,
@@ -350,10 +362,12 @@ absl::StatusOr<Baseline> MeasureBaseline(const Config& config, redisContext* red
   });
   if (!gbps.ok()) return gbps.status();
   baseline.memcpy_gbps = *gbps;
-  gbps = MeasureGBps(config.seconds, bytes, nullptr, [&] { return RedisSetBatch(redis, size, batch, src); });
+  gbps = MeasureGBps(config.seconds, bytes, nullptr,
+                     [&] { return RedisSetBatch(redis, size, batch, src); });
   if (!gbps.ok()) return gbps.status();
   baseline.redis_set_gbps = *gbps;
-  gbps = MeasureGBps(config.seconds, bytes, nullptr, [&] { return RedisGetBatch(redis, size, batch, dst); });
+  gbps = MeasureGBps(config.seconds, bytes, nullptr,
+                     [&] { return RedisGetBatch(redis, size, batch, dst); });
   if (!gbps.ok()) return gbps.status();
   baseline.redis_get_gbps = *gbps;
   if (absl::Status s = RedisFlush(redis); !s.ok()) return s;
@@ -382,22 +396,26 @@ class KeyGenerator {
 };
 
 absl::Status ExpectAllOk(const absl::StatusOr<TransferResult>& result, const char* what) {
-  if (!result.ok()) return absl::Status(result.status().code(), absl::StrCat(what, ": ", result.status().message()));
+  if (!result.ok())
+    return absl::Status(result.status().code(),
+                        absl::StrCat(what, ": ", result.status().message()));
   const size_t ok = result->count(BlockOutcome::kOk);
   if (ok == result->outcomes.size()) return absl::OkStatus();
   std::map<std::string, size_t> counts;
-  for (BlockOutcome outcome : result->outcomes) ++counts[kvstrata::client::BlockOutcomeName(outcome)];
-  return absl::InternalError(absl::StrCat(
-      what, ": ", ok, " of ", result->outcomes.size(), " blocks ok (",
-      absl::StrJoin(counts, ", ", absl::PairFormatter("=")), ")"));
+  for (BlockOutcome outcome : result->outcomes)
+    ++counts[kvstrata::client::BlockOutcomeName(outcome)];
+  return absl::InternalError(
+      absl::StrCat(what, ": ", ok, " of ", result->outcomes.size(), " blocks ok (",
+                   absl::StrJoin(counts, ", ", absl::PairFormatter("=")), ")"));
 }
 
 // One client (one UCX engine, one fetch method) with registered source and
 // destination buffers sized for the largest point.
 class KvBench {
  public:
-  static absl::StatusOr<std::unique_ptr<KvBench>> Create(const std::string& address, TransferMethod method,
-                                                         bool verify, uint64_t max_bytes,
+  static absl::StatusOr<std::unique_ptr<KvBench>> Create(const std::string& address,
+                                                         TransferMethod method, bool verify,
+                                                         uint64_t max_bytes,
                                                          uint64_t delete_after_bytes) {
     ClientOptions options;
     options.node_address = address;
@@ -446,9 +464,8 @@ class KvBench {
       }
       return absl::OkStatus();
     };
-    absl::StatusOr<double> gbps = MeasureGBps(seconds, size * batch, prepare, [&] {
-      return ExpectAllOk(ns.Publish(items), "publish");
-    });
+    absl::StatusOr<double> gbps = MeasureGBps(
+        seconds, size * batch, prepare, [&] { return ExpectAllOk(ns.Publish(items), "publish"); });
     // A failed publish stored fewer keys than were generated: the cleanup's
     // count would only hide the real error.
     if (!gbps.ok()) return gbps.status();
@@ -469,9 +486,10 @@ class KvBench {
       fetch[i] = FetchItem{key, dst_.get(), i * size};
       stored.push_back(key);
     }
-    if (absl::Status s = ExpectAllOk(ns.Publish(publish), "publish of the fetch set"); !s.ok()) return s;
-    absl::StatusOr<double> gbps =
-        MeasureGBps(seconds, size * batch, nullptr, [&] { return ExpectAllOk(ns.Fetch(fetch), "fetch"); });
+    if (absl::Status s = ExpectAllOk(ns.Publish(publish), "publish of the fetch set"); !s.ok())
+      return s;
+    absl::StatusOr<double> gbps = MeasureGBps(
+        seconds, size * batch, nullptr, [&] { return ExpectAllOk(ns.Fetch(fetch), "fetch"); });
     if (!gbps.ok()) return gbps.status();
     if (std::memcmp(src_->data(), dst_->data(), size * batch) != 0) {
       return absl::DataLossError("fetched bytes differ from the published ones");
@@ -516,8 +534,9 @@ class KvBench {
 // ---------------------------------------------------------------------------
 // The run
 
-using PointKey = std::tuple<uint64_t, size_t>;                            // block, batch
-using ResultKey = std::tuple<std::string, std::string, uint64_t, size_t>;  // transport, method, block, batch
+using PointKey = std::tuple<uint64_t, size_t>;  // block, batch
+using ResultKey =
+    std::tuple<std::string, std::string, uint64_t, size_t>;  // transport, method, block, batch
 
 struct KvResult {
   double publish_gbps = 0;
@@ -526,16 +545,18 @@ struct KvResult {
 
 double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
 
-void PrintPoint(const std::string& transport, const std::string& method, const char* verify, uint64_t size,
-                size_t batch, const std::optional<double>& publish_gbps, double fetch_gbps, const Baseline& base) {
-  std::printf("transport=%s method=%s verify=%s block=%llu batch=%zu", transport.c_str(), method.c_str(), verify,
-              static_cast<unsigned long long>(size), batch);
+void PrintPoint(const std::string& transport, const std::string& method, const char* verify,
+                uint64_t size, size_t batch, const std::optional<double>& publish_gbps,
+                double fetch_gbps, const Baseline& base) {
+  std::printf("transport=%s method=%s verify=%s block=%llu batch=%zu", transport.c_str(),
+              method.c_str(), verify, static_cast<unsigned long long>(size), batch);
   if (publish_gbps.has_value()) std::printf(" publish_GBps=%.3f", *publish_gbps);
-  std::printf(" fetch_GBps=%.3f memcpy_GBps=%.3f redis_set_GBps=%.3f redis_get_GBps=%.3f", fetch_gbps,
-              base.memcpy_gbps, base.redis_set_gbps, base.redis_get_gbps);
+  std::printf(" fetch_GBps=%.3f memcpy_GBps=%.3f redis_set_GBps=%.3f redis_get_GBps=%.3f",
+              fetch_gbps, base.memcpy_gbps, base.redis_set_gbps, base.redis_get_gbps);
   std::printf(" fetch/memcpy=%.2f fetch/redis_get=%.2f", Ratio(fetch_gbps, base.memcpy_gbps),
               Ratio(fetch_gbps, base.redis_get_gbps));
-  if (publish_gbps.has_value()) std::printf(" publish/redis_set=%.2f", Ratio(*publish_gbps, base.redis_set_gbps));
+  if (publish_gbps.has_value())
+    std::printf(" publish/redis_set=%.2f", Ratio(*publish_gbps, base.redis_set_gbps));
   std::printf("\n");
   std::fflush(stdout);
 }
@@ -551,10 +572,12 @@ std::string TransportVerdict(const std::string& config, const std::vector<std::s
 }
 
 // Measures every point of one fetch method on a running node.
-absl::Status RunMethod(const Config& config, const std::string& transport, const std::string& address,
-                       const Method& method, uint64_t max_bytes, const std::map<PointKey, Baseline>& baselines,
+absl::Status RunMethod(const Config& config, const std::string& transport,
+                       const std::string& address, const Method& method, uint64_t max_bytes,
+                       const std::map<PointKey, Baseline>& baselines,
                        std::map<ResultKey, KvResult>* results) {
-  auto bench = KvBench::Create(address, method.method, /*verify=*/true, max_bytes, config.node_dram_bytes / 4);
+  auto bench = KvBench::Create(address, method.method, /*verify=*/true, max_bytes,
+                               config.node_dram_bytes / 4);
   if (!bench.ok()) return bench.status();
   for (uint64_t size : config.block_sizes) {
     absl::StatusOr<Namespace> ns = (*bench)->Open(size);
@@ -565,29 +588,33 @@ absl::Status RunMethod(const Config& config, const std::string& transport, const
       absl::StatusOr<double> fetch = (*bench)->Fetch(*ns, batch, config.seconds);
       if (!fetch.ok()) return fetch.status();
       (*results)[{transport, method.name, size, batch}] = {*publish, *fetch};
-      PrintPoint(transport, method.name, "on", size, batch, *publish, *fetch, baselines.at({size, batch}));
+      PrintPoint(transport, method.name, "on", size, batch, *publish, *fetch,
+                 baselines.at({size, batch}));
     }
   }
   absl::StatusOr<std::vector<std::string>> used = (*bench)->NodeTransports();
   if (!used.ok()) return used.status();
-  std::printf("# UCX_TLS=%s method=%s: node endpoints use [%s] -> %s\n", transport.c_str(), method.name.c_str(),
-              absl::StrJoin(*used, " ").c_str(), TransportVerdict(transport, *used).c_str());
+  std::printf("# UCX_TLS=%s method=%s: node endpoints use [%s] -> %s\n", transport.c_str(),
+              method.name.c_str(), absl::StrJoin(*used, " ").c_str(),
+              TransportVerdict(transport, *used).c_str());
   std::fflush(stdout);
   return absl::OkStatus();
 }
 
 // Fetch with checksum verification off at the target point, so the cost of
 // verification is visible next to the verified line.
-absl::Status RunVerifyOff(const Config& config, const std::string& transport, const std::string& address,
-                          const Method& method, const Baseline& baseline) {
-  auto bench = KvBench::Create(address, method.method, /*verify=*/false, kTargetBlock * kTargetBatch,
-                               config.node_dram_bytes / 4);
+absl::Status RunVerifyOff(const Config& config, const std::string& transport,
+                          const std::string& address, const Method& method,
+                          const Baseline& baseline) {
+  auto bench = KvBench::Create(address, method.method, /*verify=*/false,
+                               kTargetBlock * kTargetBatch, config.node_dram_bytes / 4);
   if (!bench.ok()) return bench.status();
   absl::StatusOr<Namespace> ns = (*bench)->Open(kTargetBlock);
   if (!ns.ok()) return ns.status();
   absl::StatusOr<double> fetch = (*bench)->Fetch(*ns, kTargetBatch, config.seconds);
   if (!fetch.ok()) return fetch.status();
-  PrintPoint(transport, method.name, "off", kTargetBlock, kTargetBatch, std::nullopt, *fetch, baseline);
+  PrintPoint(transport, method.name, "off", kTargetBlock, kTargetBatch, std::nullopt, *fetch,
+             baseline);
   return absl::OkStatus();
 }
 
@@ -598,10 +625,11 @@ absl::Status RunTransport(const Config& config, const TempDir& dir, const std::s
   // Both sides read UCX_TLS when they create their UCX context: the node at
   // start (it inherits this environment), the client in Client::Connect.
   setenv("UCX_TLS", transport.c_str(), /*overwrite=*/1);
-  std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", config.node_dram_bytes), "--prefault"};
+  std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", config.node_dram_bytes),
+                                    "--prefault"};
   if (config.node_needs_rkeys) flags.push_back("--allow_client_rkeys");
-  absl::StatusOr<std::unique_ptr<NodeProcess>> started =
-      NodeProcess::Start(config.node_binary, flags, dir.File(absl::StrCat("node_", transport, ".log")));
+  absl::StatusOr<std::unique_ptr<NodeProcess>> started = NodeProcess::Start(
+      config.node_binary, flags, dir.File(absl::StrCat("node_", transport, ".log")));
   if (!started.ok()) return started.status();
   NodeProcess& node = **started;
   const std::string address = node.address();
@@ -610,13 +638,15 @@ absl::Status RunTransport(const Config& config, const TempDir& dir, const std::s
   for (const Method& method : config.methods) {
     absl::Status s = RunMethod(config, transport, address, method, max_bytes, baselines, results);
     if (!s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("UCX_TLS=", transport, " method=", method.name, ": ", s.message(),
-                                                 "\nnode log:\n", node.process().LogTail()));
+      return absl::Status(
+          s.code(), absl::StrCat("UCX_TLS=", transport, " method=", method.name, ": ", s.message(),
+                                 "\nnode log:\n", node.process().LogTail()));
     }
   }
   const PointKey target{kTargetBlock, kTargetBatch};
   if (baselines.contains(target)) {
-    if (absl::Status s = RunVerifyOff(config, transport, address, config.methods.front(), baselines.at(target));
+    if (absl::Status s =
+            RunVerifyOff(config, transport, address, config.methods.front(), baselines.at(target));
         !s.ok()) {
       return s;
     }
@@ -626,7 +656,8 @@ absl::Status RunTransport(const Config& config, const TempDir& dir, const std::s
 
 void PrintTargets(const Config& config, const std::map<PointKey, Baseline>& baselines,
                   const std::map<ResultKey, KvResult>& results) {
-  std::printf("\ntargets (block=%llu batch=%zu):\n", static_cast<unsigned long long>(kTargetBlock), kTargetBatch);
+  std::printf("\ntargets (block=%llu batch=%zu):\n", static_cast<unsigned long long>(kTargetBlock),
+              kTargetBatch);
   const auto base = baselines.find({kTargetBlock, kTargetBatch});
   struct Target {
     const char* transport;
@@ -645,9 +676,10 @@ void PrintTargets(const Config& config, const std::map<PointKey, Baseline>& base
         continue;
       }
       const double ratio = Ratio(it->second.fetch_gbps, base->second.*target.baseline);
-      std::printf("  fetch over %-3s (method=%s) >= %.1fx %s: %.3f GB/s = %.2fx %s -> %s\n", target.transport,
-                  method.name.c_str(), target.factor, target.baseline_name, it->second.fetch_gbps, ratio,
-                  target.baseline_name, ratio >= target.factor ? "PASS" : "MISS");
+      std::printf("  fetch over %-3s (method=%s) >= %.1fx %s: %.3f GB/s = %.2fx %s -> %s\n",
+                  target.transport, method.name.c_str(), target.factor, target.baseline_name,
+                  it->second.fetch_gbps, ratio, target.baseline_name,
+                  ratio >= target.factor ? "PASS" : "MISS");
     }
   }
 }
@@ -658,10 +690,12 @@ absl::Status Run(const Config& config) {
   absl::StatusOr<RunningRedis> redis = StartRedis(config, **dir);
   if (!redis.ok()) return redis.status();
 
-  const uint64_t max_bytes = *std::max_element(config.block_sizes.begin(), config.block_sizes.end()) *
-                             *std::max_element(config.batches.begin(), config.batches.end());
-  std::printf("# transfer_bench: %ld cores, %.2f s per point, node %s, redis %s\n", sysconf(_SC_NPROCESSORS_ONLN),
-              config.seconds, config.node_binary.c_str(), config.redis_server.c_str());
+  const uint64_t max_bytes =
+      *std::max_element(config.block_sizes.begin(), config.block_sizes.end()) *
+      *std::max_element(config.batches.begin(), config.batches.end());
+  std::printf("# transfer_bench: %ld cores, %.2f s per point, node %s, redis %s\n",
+              sysconf(_SC_NPROCESSORS_ONLN), config.seconds, config.node_binary.c_str(),
+              config.redis_server.c_str());
   std::fflush(stdout);
 
   // Baselines first, while no node runs, once per (block, batch): every
@@ -686,7 +720,9 @@ absl::Status Run(const Config& config) {
   }
   std::map<ResultKey, KvResult> results;
   for (const std::string& transport : config.transports) {
-    if (absl::Status s = RunTransport(config, **dir, transport, max_bytes, baselines, &results); !s.ok()) return s;
+    if (absl::Status s = RunTransport(config, **dir, transport, max_bytes, baselines, &results);
+        !s.ok())
+      return s;
   }
   PrintTargets(config, baselines, results);
   return absl::OkStatus();

@@ -107,7 +107,7 @@ TEST_F(DramTierTest, PinnedBlocksAreNotReusedUntilReleased) {
   auto pinned = Store(Id(1, 0), kBlock, 0xAA);
   for (uint8_t i = 1; i < 12; ++i) Store(Id(1, i), kBlock, i);
   EXPECT_EQ(tier_.Find(Id(1, 0), false), nullptr);  // evicted from the index...
-  EXPECT_EQ(pinned->data()[0], 0xAA);                // ...but its bytes are intact while pinned
+  EXPECT_EQ(pinned->data()[0], 0xAA);               // ...but its bytes are intact while pinned
   EXPECT_EQ(pinned->data()[kBlock - 1], 0xAA);
   EXPECT_EQ(tier_.counters().used_bytes, 4 * kSlab);
 }

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <random>
@@ -27,7 +28,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include <cstring>
 #include "absl/time/clock.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
@@ -36,7 +36,8 @@ ABSL_FLAG(std::string, node, "127.0.0.1:50151", "Cache node address, host:port."
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
 ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
-ABSL_FLAG(uint64_t, block_bytes, 0, "Block size of an opaque namespace (put: defaults to the file size).");
+ABSL_FLAG(uint64_t, block_bytes, 0,
+          "Block size of an opaque namespace (put: defaults to the file size).");
 ABSL_FLAG(uint32_t, layers, 0, "KV layout: layers (0: opaque namespace).");
 ABSL_FLAG(uint32_t, kv_heads, 8, "KV layout: KV heads.");
 ABSL_FLAG(uint32_t, head_dim, 128, "KV layout: head dimension.");
@@ -50,7 +51,8 @@ ABSL_FLAG(std::string, in, "", "File to publish (put).");
 ABSL_FLAG(std::string, out, "", "File to write (get).");
 ABSL_FLAG(uint32_t, prompts, 8, "demo: number of prompts.");
 ABSL_FLAG(uint32_t, prompt_tokens, 4096, "demo: tokens per prompt.");
-ABSL_FLAG(uint32_t, shared_prefix_tokens, 1024, "demo: system-prompt tokens shared by all prompts.");
+ABSL_FLAG(uint32_t, shared_prefix_tokens, 1024,
+          "demo: system-prompt tokens shared by all prompts.");
 ABSL_FLAG(uint32_t, demo_layers, 8, "demo: model layers (KV block = layers*2*256*8*64*2 bytes).");
 
 namespace {
@@ -95,7 +97,8 @@ absl::StatusOr<std::vector<uint32_t>> ParseTokens(const std::string& text) {
   std::vector<uint32_t> tokens;
   for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
     uint32_t t;
-    if (!absl::SimpleAtoi(part, &t)) return absl::InvalidArgumentError(absl::StrCat("bad token id '", part, "'"));
+    if (!absl::SimpleAtoi(part, &t))
+      return absl::InvalidArgumentError(absl::StrCat("bad token id '", part, "'"));
     tokens.push_back(t);
   }
   return tokens;
@@ -103,7 +106,8 @@ absl::StatusOr<std::vector<uint32_t>> ParseTokens(const std::string& text) {
 
 int Put() {
   std::ifstream in(absl::GetFlag(FLAGS_in), std::ios::binary);
-  if (!in) return Die(absl::NotFoundError(absl::StrCat("cannot read --in=", absl::GetFlag(FLAGS_in))));
+  if (!in)
+    return Die(absl::NotFoundError(absl::StrCat("cannot read --in=", absl::GetFlag(FLAGS_in))));
   std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   auto key = BlockKey::FromHex(absl::GetFlag(FLAGS_key));
   if (!key.ok()) return Die(key.status());
@@ -118,9 +122,8 @@ int Put() {
   auto ns = (*client)->OpenNamespace(SpecFromFlags(data.size()));
   if (!ns.ok()) return Die(ns.status());
   if (data.size() != ns->block_bytes()) {
-    return Die(absl::InvalidArgumentError(absl::StrCat("file has ", data.size(),
-                                                       " bytes; the namespace's blocks have ",
-                                                       ns->block_bytes())));
+    return Die(absl::InvalidArgumentError(absl::StrCat(
+        "file has ", data.size(), " bytes; the namespace's blocks have ", ns->block_bytes())));
   }
   auto buffer = (*client)->Allocate(data.size());
   if (!buffer.ok()) return Die(buffer.status());
@@ -171,7 +174,8 @@ int Lookup() {
     if (!tokens.ok()) return Die(tokens.status());
     keys = ns->Keys(*tokens);
   } else {
-    for (absl::string_view hex : absl::StrSplit(absl::GetFlag(FLAGS_keys), ',', absl::SkipEmpty())) {
+    for (absl::string_view hex :
+         absl::StrSplit(absl::GetFlag(FLAGS_keys), ',', absl::SkipEmpty())) {
       auto key = BlockKey::FromHex(std::string(hex));
       if (!key.ok()) return Die(key.status());
       keys.push_back(*key);
@@ -295,7 +299,8 @@ int DemoWorker(bool prefill) {
       for (size_t b = 0; b < items.size(); ++b) {
         if (result->outcomes[b] != kvstrata::client::BlockOutcome::kOk) break;
         FillDemoKv(keys[b], expected.data(), expected.size());
-        if (std::memcmp(expected.data(), (*buffer)->data() + b * ns->block_bytes(), expected.size()) != 0) {
+        if (std::memcmp(expected.data(), (*buffer)->data() + b * ns->block_bytes(),
+                        expected.size()) != 0) {
           ++bad_blocks;
           break;
         }
@@ -306,12 +311,16 @@ int DemoWorker(bool prefill) {
   }
   const double seconds = std::max(absl::ToDoubleSeconds(transfer_time), 1e-9);
   if (prefill) {
-    std::printf("prefill: %u prompts, %lu blocks stored (shared prefix deduplicated), %.1f MiB in %.3f s = %.2f GB/s\n",
-                prompts, stored, bytes / 1048576.0, seconds, bytes / seconds / 1e9);
+    std::printf(
+        "prefill: %u prompts, %lu blocks stored (shared prefix deduplicated), %.1f MiB in %.3f s = "
+        "%.2f GB/s\n",
+        prompts, stored, bytes / 1048576.0, seconds, bytes / seconds / 1e9);
   } else {
-    std::printf("decode:  %u prompts, token hit rate %.3f (%lu of %lu tokens cached), %.1f MiB fetched in %.3f s = %.2f GB/s, %lu blocks wrong\n",
-                prompts, static_cast<double>(cached_tokens) / total_tokens, cached_tokens, total_tokens,
-                bytes / 1048576.0, seconds, bytes / seconds / 1e9, bad_blocks);
+    std::printf(
+        "decode:  %u prompts, token hit rate %.3f (%lu of %lu tokens cached), %.1f MiB fetched in "
+        "%.3f s = %.2f GB/s, %lu blocks wrong\n",
+        prompts, static_cast<double>(cached_tokens) / total_tokens, cached_tokens, total_tokens,
+        bytes / 1048576.0, seconds, bytes / seconds / 1e9, bad_blocks);
   }
   return bad_blocks == 0 ? 0 : 4;
 }

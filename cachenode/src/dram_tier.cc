@@ -14,8 +14,8 @@ DramTier::~DramTier() = default;
 
 absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
   if (size == 0 || size > allocator_->max_allocation()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("block of ", size, " bytes; this tier holds 1..", allocator_->max_allocation()));
+    return absl::InvalidArgumentError(absl::StrCat("block of ", size, " bytes; this tier holds 1..",
+                                                   allocator_->max_allocation()));
   }
   std::optional<uint64_t> offset = allocator_->Allocate(size);
   while (!offset.has_value()) {

@@ -46,7 +46,8 @@ std::unique_ptr<EvictionPolicy> MakeLruPolicy() { return std::make_unique<LruPol
 
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name) {
   if (name == "lru") return MakeLruPolicy();
-  return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", std::string(name), "' (known: lru)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown eviction policy '", std::string(name), "' (known: lru)"));
 }
 
 }  // namespace kvstrata::cachenode

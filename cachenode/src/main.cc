@@ -22,16 +22,20 @@ ABSL_FLAG(std::string, port_file, "",
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
-ABSL_FLAG(uint64_t, dram_auto_cap_bytes, 4ull << 30, "Upper bound of the automatic DRAM tier size.");
-ABSL_FLAG(uint64_t, slab_bytes, 64ull << 20,
-          "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
+ABSL_FLAG(uint64_t, dram_auto_cap_bytes, 4ull << 30,
+          "Upper bound of the automatic DRAM tier size.");
+ABSL_FLAG(
+    uint64_t, slab_bytes, 64ull << 20,
+    "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
 ABSL_FLAG(std::string, eviction_policy, "lru", "Eviction policy of the DRAM tier: lru.");
 ABSL_FLAG(std::string, ucx_transports, "",
           "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
           "or UCX's choice.");
-ABSL_FLAG(bool, ucx_tune_tcp, true,
-          "Raise UCX's TCP segment and socket buffer sizes (a UCX_TCP_* environment variable wins).");
-ABSL_FLAG(bool, prefault, false, "Touch the whole DRAM arena at start so first writes do not fault.");
+ABSL_FLAG(
+    bool, ucx_tune_tcp, true,
+    "Raise UCX's TCP segment and socket buffer sizes (a UCX_TCP_* environment variable wins).");
+ABSL_FLAG(bool, prefault, false,
+          "Touch the whole DRAM arena at start so first writes do not fault.");
 ABSL_FLAG(bool, allow_client_rkeys, false,
           "Accept RMA transfers (client memory keys) as well as tagged ones. Only for trusted "
           "clients: UCX 1.13 can crash unpacking a malformed key on shared memory.");
@@ -86,7 +90,8 @@ int main(int argc, char** argv) {
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {
-    options.dram_bytes = std::min(AvailableMemoryBytes() / 4, absl::GetFlag(FLAGS_dram_auto_cap_bytes));
+    options.dram_bytes =
+        std::min(AvailableMemoryBytes() / 4, absl::GetFlag(FLAGS_dram_auto_cap_bytes));
     options.dram_bytes = std::max(options.dram_bytes, options.slab_bytes);
   }
   options.eviction_policy = absl::GetFlag(FLAGS_eviction_policy);

@@ -61,26 +61,29 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
       return checker->Check(address, same_host);
     };
   }
-  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine = transfer::Engine::Create(engine_options);
+  absl::StatusOr<std::unique_ptr<transfer::Engine>> engine =
+      transfer::Engine::Create(engine_options);
   if (!engine.ok()) return engine.status();
   impl->engine = *std::move(engine);
 
   const uint64_t arena_bytes = options.dram_bytes / options.slab_bytes * options.slab_bytes;
-  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> arena = impl->engine->Allocate(arena_bytes);
+  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> arena =
+      impl->engine->Allocate(arena_bytes);
   if (!arena.ok()) return arena.status();
   impl->arena = *std::move(arena);
   if (options.prefault) {
     std::memset(impl->arena->data(), 0, impl->arena->size());
   }
 
-  absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = MakeEvictionPolicy(options.eviction_policy);
+  absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy =
+      MakeEvictionPolicy(options.eviction_policy);
   if (!policy.ok()) return policy.status();
   impl->dram = std::make_unique<DramTier>(impl->arena->data(), arena_bytes, options.slab_bytes,
                                           *std::move(policy));
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
-  impl->service = std::make_unique<NodeService>(*impl->namespaces, *impl->dram, *impl->engine,
-                                                options.transfer_timeout,
-                                                options.allow_client_rkeys);
+  impl->service =
+      std::make_unique<NodeService>(*impl->namespaces, *impl->dram, *impl->engine,
+                                    options.transfer_timeout, options.allow_client_rkeys);
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &impl->port);

@@ -49,14 +49,15 @@ struct ResolvedEndpoint {
 absl::Status ValidateEndpoint(const v1::TransferEndpoint& endpoint, bool rma) {
   if (endpoint.worker_address().empty() ||
       endpoint.worker_address().size() > limits::kMaxWorkerAddressBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "worker_address must be 1..", limits::kMaxWorkerAddressBytes, " bytes"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("worker_address must be 1..", limits::kMaxWorkerAddressBytes, " bytes"));
   }
   if (endpoint.host_id().size() > 512) return absl::InvalidArgumentError("host_id over 512 bytes");
-  if (endpoint.regions().empty() || static_cast<size_t>(endpoint.regions_size()) > limits::kMaxRegions) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("a request names 1..", limits::kMaxRegions, " memory regions, got ",
-                     endpoint.regions_size()));
+  if (endpoint.regions().empty() ||
+      static_cast<size_t>(endpoint.regions_size()) > limits::kMaxRegions) {
+    return absl::InvalidArgumentError(absl::StrCat("a request names 1..", limits::kMaxRegions,
+                                                   " memory regions, got ",
+                                                   endpoint.regions_size()));
   }
   for (const v1::MemoryRegion& region : endpoint.regions()) {
     if (region.length() == 0 || region.base_address() == 0 ||
@@ -135,7 +136,8 @@ absl::StatusOr<bool> UsesRma(uint64_t tag_base, bool allow_client_rkeys) {
     }
     return true;
   }
-  if ((tag_base & 0xffff) != 0) return absl::InvalidArgumentError("tag_base must have its low 16 bits clear");
+  if ((tag_base & 0xffff) != 0)
+    return absl::InvalidArgumentError("tag_base must have its low 16 bits clear");
   return false;
 }
 
@@ -189,7 +191,8 @@ absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) con
   return std::min(own, client);
 }
 
-grpc::Status NodeService::OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest* request,
+grpc::Status NodeService::OpenNamespace(grpc::ServerContext*,
+                                        const v1::OpenNamespaceRequest* request,
                                         v1::OpenNamespaceResponse* response) {
   absl::StatusOr<NamespaceInfo> info = namespaces_.Open(request->spec());
   if (!info.ok()) return ToGrpc(info.status());
@@ -246,9 +249,11 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
     }
     if (block.size() != ns->block_bytes) {
       return InvalidArgument(absl::StrCat("block ", i, " has ", block.size(),
-                                          " bytes; this namespace's blocks have ", ns->block_bytes));
+                                          " bytes; this namespace's blocks have ",
+                                          ns->block_bytes));
     }
-    if (absl::Status s = ValidateRange(request->source(), block.region(), block.offset(), block.size());
+    if (absl::Status s =
+            ValidateRange(request->source(), block.region(), block.offset(), block.size());
         !s.ok()) {
       return ToGrpc(s);
     }
@@ -272,8 +277,8 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
     reserved[i] = *std::move(block);
     ++to_transfer;
   }
-  const auto already_present = std::count(response->status().begin(), response->status().end(),
-                                          v1::BLOCK_ALREADY_PRESENT);
+  const auto already_present =
+      std::count(response->status().begin(), response->status().end(), v1::BLOCK_ALREADY_PRESENT);
   counters_.duplicate_blocks.fetch_add(already_present, std::memory_order_relaxed);
   if (to_transfer == 0) return grpc::Status::OK;
 
@@ -289,7 +294,8 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
     if (transferred.ok()) {
       checksums.assign(blocks.size(), 0);
       for (int i = 0; i < blocks.size(); ++i) {
-        if (reserved[i] != nullptr) checksums[i] = BlockChecksum(reserved[i]->data(), reserved[i]->size());
+        if (reserved[i] != nullptr)
+          checksums[i] = BlockChecksum(reserved[i]->data(), reserved[i]->size());
       }
     }
   } else {
@@ -348,7 +354,8 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
     if (!key.ok()) return ToGrpc(key.status());
     if (block.capacity() < ns->block_bytes) {
       return InvalidArgument(absl::StrCat("destination ", i, " holds ", block.capacity(),
-                                          " bytes; this namespace's blocks have ", ns->block_bytes));
+                                          " bytes; this namespace's blocks have ",
+                                          ns->block_bytes));
     }
     if (absl::Status s =
             ValidateRange(request->destination(), block.region(), block.offset(), block.capacity());

@@ -34,7 +34,8 @@ kvstrata::BlockKey ToKey(const kvs_key& key) {
 
 void StoreOutcomes(const kvstrata::client::TransferResult& result, int* outcomes) {
   if (outcomes == nullptr) return;
-  for (size_t i = 0; i < result.outcomes.size(); ++i) outcomes[i] = static_cast<int>(result.outcomes[i]);
+  for (size_t i = 0; i < result.outcomes.size(); ++i)
+    outcomes[i] = static_cast<int>(result.outcomes[i]);
 }
 
 }  // namespace
@@ -84,7 +85,8 @@ uint64_t kvs_namespace_id(const kvs_namespace* ns) { return ns->ns.id(); }
 uint64_t kvs_block_bytes(const kvs_namespace* ns) { return ns->ns.block_bytes(); }
 
 int kvs_register(kvs_client* client, void* data, size_t size, kvs_buffer** out) {
-  if (client == nullptr || out == nullptr) return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  if (client == nullptr || out == nullptr)
+    return Fail(absl::StatusCode::kInvalidArgument, "null argument");
   auto buffer = client->client->Register(data, size);
   if (!buffer.ok()) return Fail(buffer.status());
   *out = new kvs_buffer{*std::move(buffer)};
@@ -92,7 +94,8 @@ int kvs_register(kvs_client* client, void* data, size_t size, kvs_buffer** out) 
 }
 
 int kvs_allocate(kvs_client* client, size_t size, kvs_buffer** out) {
-  if (client == nullptr || out == nullptr) return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  if (client == nullptr || out == nullptr)
+    return Fail(absl::StatusCode::kInvalidArgument, "null argument");
   auto buffer = client->client->Allocate(size);
   if (!buffer.ok()) return Fail(buffer.status());
   *out = new kvs_buffer{*std::move(buffer)};
@@ -149,7 +152,8 @@ int kvs_publish(kvs_namespace* ns, const kvs_buffer* buffer, const kvs_publish_i
 
 int kvs_fetch(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys, const size_t* offsets,
               size_t count, int* outcomes) {
-  if (ns == nullptr || buffer == nullptr || ((keys == nullptr || offsets == nullptr) && count > 0)) {
+  if (ns == nullptr || buffer == nullptr ||
+      ((keys == nullptr || offsets == nullptr) && count > 0)) {
     return Fail(absl::StatusCode::kInvalidArgument, "null argument");
   }
   std::vector<kvstrata::client::FetchItem> converted;

@@ -27,12 +27,18 @@ void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
 
 BlockOutcome FromWire(v1::BlockStatus status) {
   switch (status) {
-    case v1::BLOCK_OK: return BlockOutcome::kOk;
-    case v1::BLOCK_ALREADY_PRESENT: return BlockOutcome::kAlreadyPresent;
-    case v1::BLOCK_NOT_FOUND: return BlockOutcome::kNotFound;
-    case v1::BLOCK_CHECKSUM_MISMATCH: return BlockOutcome::kChecksumMismatch;
-    case v1::BLOCK_NO_SPACE: return BlockOutcome::kNoSpace;
-    default: return BlockOutcome::kTransferFailed;
+    case v1::BLOCK_OK:
+      return BlockOutcome::kOk;
+    case v1::BLOCK_ALREADY_PRESENT:
+      return BlockOutcome::kAlreadyPresent;
+    case v1::BLOCK_NOT_FOUND:
+      return BlockOutcome::kNotFound;
+    case v1::BLOCK_CHECKSUM_MISMATCH:
+      return BlockOutcome::kChecksumMismatch;
+    case v1::BLOCK_NO_SPACE:
+      return BlockOutcome::kNoSpace;
+    default:
+      return BlockOutcome::kTransferFailed;
   }
 }
 
@@ -144,9 +150,8 @@ absl::StatusOr<TransferResult> RunBatches(
   }
   // One batch: its error is the call's error. Several: report per block,
   // unless every batch failed.
-  if (!first_error.ok() &&
-      (batches.size() == 1 ||
-       result.count(BlockOutcome::kTransferFailed) == result.outcomes.size())) {
+  if (!first_error.ok() && (batches.size() == 1 || result.count(BlockOutcome::kTransferFailed) ==
+                                                       result.outcomes.size())) {
     return first_error;
   }
   return result;
@@ -161,12 +166,18 @@ absl::Status FromGrpc(const grpc::Status& status) {
 
 const char* BlockOutcomeName(BlockOutcome outcome) {
   switch (outcome) {
-    case BlockOutcome::kOk: return "ok";
-    case BlockOutcome::kAlreadyPresent: return "already_present";
-    case BlockOutcome::kNotFound: return "not_found";
-    case BlockOutcome::kChecksumMismatch: return "checksum_mismatch";
-    case BlockOutcome::kNoSpace: return "no_space";
-    case BlockOutcome::kTransferFailed: return "transfer_failed";
+    case BlockOutcome::kOk:
+      return "ok";
+    case BlockOutcome::kAlreadyPresent:
+      return "already_present";
+    case BlockOutcome::kNotFound:
+      return "not_found";
+    case BlockOutcome::kChecksumMismatch:
+      return "checksum_mismatch";
+    case BlockOutcome::kNoSpace:
+      return "no_space";
+    case BlockOutcome::kTransferFailed:
+      return "transfer_failed";
   }
   return "?";
 }
@@ -187,8 +198,8 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& opt
   args.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
   // Reconnect quickly after a node restart instead of backing off for minutes.
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  impl->channel = grpc::CreateCustomChannel(options.node_address,
-                                            grpc::InsecureChannelCredentials(), args);
+  impl->channel =
+      grpc::CreateCustomChannel(options.node_address, grpc::InsecureChannelCredentials(), args);
   impl->stub = v1::CacheNode::NewStub(impl->channel);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
@@ -210,7 +221,8 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
 }
 
 absl::StatusOr<std::unique_ptr<Buffer>> Client::Register(void* data, size_t size) {
-  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region = impl_->engine->Register(data, size);
+  absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region =
+      impl_->engine->Register(data, size);
   if (!region.ok()) return region.status();
   return std::make_unique<RegisteredBuffer>(*std::move(region));
 }
@@ -236,7 +248,8 @@ absl::Status Client::Ping(std::optional<absl::Duration> timeout) {
   return status;
 }
 
-std::vector<BlockKey> Namespace::Keys(absl::Span<const uint32_t> tokens, const BlockKey& parent) const {
+std::vector<BlockKey> Namespace::Keys(absl::Span<const uint32_t> tokens,
+                                      const BlockKey& parent) const {
   return ComputeBlockKeys(id_, tokens, tokens_per_block_, parent);
 }
 
@@ -309,16 +322,16 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
           v1::PublishResponse* response, std::function<void(grpc::Status)> done) {
         impl.stub->async()->Publish(context, request, response, std::move(done));
       },
-      [](absl::Span<const PublishItem> slice, const v1::PublishResponse& response,
-         TaggedSide& side, absl::Time deadline, TransferResult* result) -> absl::Status {
+      [](absl::Span<const PublishItem> slice, const v1::PublishResponse& response, TaggedSide& side,
+         absl::Time deadline, TransferResult* result) -> absl::Status {
         if (static_cast<size_t>(response.status_size()) != slice.size()) {
           return absl::InternalError("node answered a different number of blocks");
         }
-        const bool pulled = std::count(response.status().begin(), response.status().end(),
-                                       v1::BLOCK_OK) +
-                                std::count(response.status().begin(), response.status().end(),
-                                           v1::BLOCK_CHECKSUM_MISMATCH) >
-                            0;
+        const bool pulled =
+            std::count(response.status().begin(), response.status().end(), v1::BLOCK_OK) +
+                std::count(response.status().begin(), response.status().end(),
+                           v1::BLOCK_CHECKSUM_MISMATCH) >
+            0;
         if (side.pull != nullptr && pulled) {
           // The node replied after receiving everything; this only reaps the sends.
           if (absl::Status s = side.pull->Wait(deadline); !s.ok()) return s;
@@ -331,9 +344,8 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
 
 std::future<absl::StatusOr<TransferResult>> Namespace::PublishAsync(
     std::vector<PublishItem> items, std::optional<absl::Duration> timeout) {
-  return std::async(std::launch::async, [this, items = std::move(items), timeout] {
-    return Publish(items, timeout);
-  });
+  return std::async(std::launch::async,
+                    [this, items = std::move(items), timeout] { return Publish(items, timeout); });
 }
 
 absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
@@ -394,14 +406,16 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
         std::vector<size_t> received;
         if (receives != nullptr) {
           std::vector<bool> expected(slice.size());
-          for (size_t i = 0; i < slice.size(); ++i) expected[i] = response.status(i) == v1::BLOCK_OK;
+          for (size_t i = 0; i < slice.size(); ++i)
+            expected[i] = response.status(i) == v1::BLOCK_OK;
           absl::StatusOr<std::vector<size_t>> waited = receives->Wait(expected, deadline);
           if (!waited.ok()) return waited.status();
           received = *std::move(waited);
         }
         for (size_t i = 0; i < slice.size(); ++i) {
           BlockOutcome outcome = FromWire(response.status(i));
-          if (outcome == BlockOutcome::kOk && receives != nullptr && received[i] != response.size(i)) {
+          if (outcome == BlockOutcome::kOk && receives != nullptr &&
+              received[i] != response.size(i)) {
             outcome = BlockOutcome::kTransferFailed;
           }
           if (outcome == BlockOutcome::kOk && verify) {
@@ -434,9 +448,8 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
 
 std::future<absl::StatusOr<TransferResult>> Namespace::FetchAsync(
     std::vector<FetchItem> items, std::optional<absl::Duration> timeout) {
-  return std::async(std::launch::async, [this, items = std::move(items), timeout] {
-    return Fetch(items, timeout);
-  });
+  return std::async(std::launch::async,
+                    [this, items = std::move(items), timeout] { return Fetch(items, timeout); });
 }
 
 absl::StatusOr<size_t> Namespace::Delete(absl::Span<const BlockKey> keys,

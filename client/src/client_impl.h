@@ -3,9 +3,9 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/synchronization/mutex.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
-#include "absl/synchronization/mutex.h"
 #include "kvstrata/transfer/engine.h"
 
 namespace kvstrata::client {

@@ -10,11 +10,11 @@
 #include "absl/strings/str_cat.h"
 
 namespace kvstrata {
-namespace {
+namespace {}  // namespace
 
-}  // namespace
-
-std::string BlockKey::Hex() const { return absl::BytesToHexString(absl::string_view(view().data(), view().size())); }
+std::string BlockKey::Hex() const {
+  return absl::BytesToHexString(absl::string_view(view().data(), view().size()));
+}
 
 absl::StatusOr<BlockKey> BlockKey::FromHex(std::string_view hex) {
   if (hex.size() != 32 && hex.size() != 64) {
@@ -47,10 +47,8 @@ absl::StatusOr<BlockKey> BlockKey::FromWire(std::string_view wire) {
       absl::StrCat("a block key is 16 or 32 bytes, got ", wire.size()));
 }
 
-std::vector<BlockKey> ComputeBlockKeys(uint64_t namespace_id,
-                                       absl::Span<const uint32_t> tokens,
-                                       uint32_t tokens_per_block,
-                                       const BlockKey& parent) {
+std::vector<BlockKey> ComputeBlockKeys(uint64_t namespace_id, absl::Span<const uint32_t> tokens,
+                                       uint32_t tokens_per_block, const BlockKey& parent) {
   std::vector<BlockKey> keys;
   if (tokens_per_block == 0) return keys;
   const size_t full_blocks = tokens.size() / tokens_per_block;
@@ -71,7 +69,8 @@ std::vector<BlockKey> ComputeBlockKeys(uint64_t namespace_id,
       std::memcpy(message.data() + 24, block, 4 * size_t{tokens_per_block});
     } else {
       for (size_t t = 0; t < tokens_per_block; ++t) {
-        for (int i = 0; i < 4; ++i) message[24 + 4 * t + i] = static_cast<uint8_t>(block[t] >> (8 * i));
+        for (int i = 0; i < 4; ++i)
+          message[24 + 4 * t + i] = static_cast<uint8_t>(block[t] >> (8 * i));
       }
     }
     uint8_t digest[EVP_MAX_MD_SIZE];

@@ -44,18 +44,18 @@ absl::StatusOr<uint64_t> ValidateNamespaceSpec(const v1::NamespaceSpec& spec,
         spec.num_kv_heads() > limits::kMaxKvHeads || spec.head_dim() == 0 ||
         spec.head_dim() > limits::kMaxHeadDim || spec.tokens_per_block() == 0 ||
         spec.tokens_per_block() > limits::kMaxTokensPerBlock) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "KV layout out of range: layers 1..", limits::kMaxLayers, ", kv_heads 1..",
-          limits::kMaxKvHeads, ", head_dim 1..", limits::kMaxHeadDim, ", tokens_per_block 1..",
-          limits::kMaxTokensPerBlock));
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV layout out of range: layers 1..", limits::kMaxLayers, ", kv_heads 1..",
+                       limits::kMaxKvHeads, ", head_dim 1..", limits::kMaxHeadDim,
+                       ", tokens_per_block 1..", limits::kMaxTokensPerBlock));
     }
     const uint32_t elem = DTypeBytes(spec.dtype());
     if (elem == 0) return absl::InvalidArgumentError("a KV layout needs a dtype");
     const uint64_t layout_bytes = uint64_t{spec.num_layers()} * 2 * spec.tokens_per_block() *
                                   spec.num_kv_heads() * spec.head_dim() * elem;
     if (block_bytes != 0 && block_bytes != layout_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("block_bytes ", block_bytes,
-                                                     " disagrees with the layout's ", layout_bytes));
+      return absl::InvalidArgumentError(
+          absl::StrCat("block_bytes ", block_bytes, " disagrees with the layout's ", layout_bytes));
     }
     block_bytes = layout_bytes;
   } else if (spec.tokens_per_block() > limits::kMaxTokensPerBlock) {
@@ -65,9 +65,8 @@ absl::StatusOr<uint64_t> ValidateNamespaceSpec(const v1::NamespaceSpec& spec,
     return absl::InvalidArgumentError("an opaque namespace (num_layers = 0) needs block_bytes");
   }
   if (block_bytes > max_block_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("block of ", block_bytes,
-                                                   " bytes exceeds this node's limit of ",
-                                                   max_block_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "block of ", block_bytes, " bytes exceeds this node's limit of ", max_block_bytes));
   }
   return block_bytes;
 }

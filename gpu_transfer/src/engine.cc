@@ -2,18 +2,17 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <fstream>
-
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 
-#include "kvstrata/common/log.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include <algorithm>
 #include "engine_impl.h"
+#include "kvstrata/common/log.h"
 
 namespace kvstrata::transfer {
 namespace {
@@ -21,7 +20,7 @@ namespace {
 // Empty progress rounds before sleeping on the event fd. Kept tiny on
 // purpose: on 2 cores any CPU a spinner takes is taken from the kernel copy or
 // the peer; at 1 MiB x 32 fetches, 100 rounds gave 2.1x (TCP) and 1.6x (CMA)
-// the throughput of 20000 (bench/transfer_bench, KVS spin sweep in
+// the throughput of 20000 (bench/transfer_bench; the sweep is in
 // docs/ARCHITECTURE.md).
 constexpr int kSpinRoundsBeforeSleep = 100;
 constexpr int kSleepTimeoutMs = 100;
@@ -42,7 +41,8 @@ constexpr std::pair<const char*, const char*> kTcpTuning[] = {
 }  // namespace
 
 absl::Status UcsError(std::string_view what, ucs_status_t status) {
-  std::string message = absl::StrCat(absl::string_view(what.data(), what.size()), ": ", ucs_status_string(status));
+  std::string message =
+      absl::StrCat(absl::string_view(what.data(), what.size()), ": ", ucs_status_string(status));
   switch (status) {
     case UCS_ERR_TIMED_OUT:
       return absl::DeadlineExceededError(message);
@@ -118,7 +118,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     }
   }
   const char* tls_env = std::getenv("UCX_TLS");
-  const std::string tls = !options.transports.empty() ? options.transports : (tls_env ? tls_env : "all");
+  const std::string tls =
+      !options.transports.empty() ? options.transports : (tls_env ? tls_env : "all");
   auto names = [&tls](std::initializer_list<const char*> any) {
     for (const char* name : any) {
       if (tls.find(name) != std::string::npos) return true;
@@ -214,10 +215,11 @@ absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Register(void* addr, size_
 
 absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Allocate(size_t length) {
   if (length == 0) return absl::InvalidArgumentError("cannot allocate 0 bytes");
-  void* addr = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                    -1, 0);
+  void* addr = mmap(nullptr, length, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (addr == MAP_FAILED) {
-    return absl::ResourceExhaustedError(absl::StrCat("mmap of ", length, " bytes: ", strerror(errno)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("mmap of ", length, " bytes: ", strerror(errno)));
   }
   madvise(addr, length, MADV_HUGEPAGE);
   auto region = Register(addr, length);
@@ -230,7 +232,8 @@ absl::StatusOr<std::unique_ptr<MemoryRegion>> Engine::Allocate(size_t length) {
 }
 
 MemoryRegion::~MemoryRegion() {
-  if (memh_ != nullptr) ucp_mem_unmap(static_cast<ucp_context_h>(context_), static_cast<ucp_mem_h>(memh_));
+  if (memh_ != nullptr)
+    ucp_mem_unmap(static_cast<ucp_context_h>(context_), static_cast<ucp_mem_h>(memh_));
   if (owns_mapping_) munmap(base_, length_);
 }
 
@@ -314,7 +317,8 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   // UCP_ERR_HANDLING_MODE_NONE; that mode is unsafe on TCP (UCX crashes in the
   // TCP progress path), so it is used only when both sides allow shared memory.
   const bool engine_shm = shared_memory_enabled_;
-  params.err_mode = (same_host && engine_shm) ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+  params.err_mode =
+      (same_host && engine_shm) ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
   params.err_handler.cb = OnPeerError;
   params.err_handler.arg = &peer->failed_;
   ucp_ep_h ep = nullptr;

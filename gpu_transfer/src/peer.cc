@@ -1,7 +1,7 @@
-#include "kvstrata/common/log.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "engine_impl.h"
+#include "kvstrata/common/log.h"
 
 namespace kvstrata::transfer {
 namespace {
@@ -48,7 +48,8 @@ Peer::~Peer() {
   Engine::Impl& impl = *engine_->impl_;
   impl.closing_.fetch_add(1);
   ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_FLAGS | UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   param.flags = UCP_EP_CLOSE_FLAG_FORCE;
   param.cb.send = OnCloseDone;
   param.user_data = &impl.closing_;

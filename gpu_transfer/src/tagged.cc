@@ -147,7 +147,8 @@ absl::StatusOr<std::vector<size_t>> ReceiveBatch::Wait(const std::vector<bool>& 
   }
   State& state = *state_;
   absl::MutexLock lock(&state.mu);
-  auto all_done = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) { return state.outstanding == 0; };
+  auto all_done = [&state]()
+                      ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) { return state.outstanding == 0; };
   if (!state.mu.AwaitWithDeadline(absl::Condition(&all_done), deadline)) {
     return absl::DeadlineExceededError("fetched blocks did not all arrive before the deadline");
   }
@@ -280,9 +281,9 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   auto* ref = new std::shared_ptr<PullServer::State>(server->state_);
   ucp_request_param_t param = ContiguousParam(ref);
   param.cb.recv = OnPullRequest;
-  ucs_status_ptr_t request = ucp_tag_recv_nbx(impl_->worker_, state.request_buffer.data(),
-                                              state.request_buffer.size(), PullTag(tag_base),
-                                              ~uint64_t{0}, &param);
+  ucs_status_ptr_t request =
+      ucp_tag_recv_nbx(impl_->worker_, state.request_buffer.data(), state.request_buffer.size(),
+                       PullTag(tag_base), ~uint64_t{0}, &param);
   if (UCS_PTR_IS_ERR(request)) {
     delete ref;
     return UcsError("ucp_tag_recv_nbx", UCS_PTR_STATUS(request));
@@ -297,7 +298,8 @@ absl::Status PullServer::Wait(absl::Time deadline) {
   State& state = *state_;
   {
     absl::MutexLock lock(&state.mu);
-    auto arrived = [&state]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) { return state.request_done; };
+    auto arrived = [&state]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(state.mu) { return state.request_done; };
     if (!state.mu.AwaitWithDeadline(absl::Condition(&arrived), deadline)) {
       return absl::DeadlineExceededError("the node did not pull before the deadline");
     }

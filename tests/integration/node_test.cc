@@ -2,13 +2,12 @@
 // loopback. ctest runs this binary once per transport (UCX_TLS=tcp, =sm) and
 // KVSTRATA_EXPECT_TRANSPORTS names the UCX transports the node may report.
 #include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 
 #include <cstring>
 #include <random>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
@@ -16,8 +15,8 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
-#include "kvstrata/transfer/engine.h"
 #include "kvstrata/testing/process.h"
+#include "kvstrata/transfer/engine.h"
 
 namespace kvstrata {
 namespace {
@@ -81,7 +80,8 @@ absl::StatusOr<client::TransferResult> PublishStream(Client& c, Namespace& ns, u
     for (size_t i = start; i < std::min(count, start + batch); ++i) {
       const size_t offset = (i - start) * ns.block_bytes();
       FillBlock(seed, i, (*buffer)->data() + offset, ns.block_bytes());
-      items.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), offset});
+      items.push_back(
+          {keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), offset});
     }
     auto result = ns.Publish(items);
     if (!result.ok()) return result.status();
@@ -120,8 +120,9 @@ size_t FetchAndVerify(Client& c, Namespace& ns, uint64_t seed, size_t count, siz
 class NodeTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=1073741824",
-                                                          "--slab_bytes=4194304", "--transfer_timeout=5s"});
+    auto node = NodeProcess::Start(
+        KVSTRATA_NODE_BINARY,
+        {"--dram_bytes=1073741824", "--slab_bytes=4194304", "--transfer_timeout=5s"});
     ASSERT_TRUE(node.ok()) << node.status();
     node_ = node->release();
   }
@@ -200,7 +201,8 @@ TEST_F(NodeTest, LookupStopsAtADeletedBlock) {
   EXPECT_EQ(ns->Lookup(keys)->prefix_length, 4u);
   // Blocks after the gap are stored but not part of any prefix; fetching them still works.
   auto buffer = c->Allocate(ns->block_bytes() * 2);
-  auto fetched = ns->Fetch({{keys[4], buffer->get(), 0}, {keys[5], buffer->get(), ns->block_bytes()}});
+  auto fetched =
+      ns->Fetch({{keys[4], buffer->get(), 0}, {keys[5], buffer->get(), ns->block_bytes()}});
   ASSERT_TRUE(fetched.ok());
   EXPECT_EQ(fetched->outcomes[0], BlockOutcome::kNotFound);
   EXPECT_EQ(fetched->outcomes[1], BlockOutcome::kOk);
@@ -306,7 +308,8 @@ class BadInputTest : public NodeTest {
     ns_id_ = opened.namespace_id();
     const bool same_host =
         engine_->shared_memory_enabled() && opened.host_id() == transfer::Engine::HostId();
-    auto peer = engine_->Connect(opened.worker_address(), same_host, absl::Now() + absl::Seconds(10));
+    auto peer =
+        engine_->Connect(opened.worker_address(), same_host, absl::Now() + absl::Seconds(10));
     ASSERT_TRUE(peer.ok()) << peer.status();
     node_peer_ = *std::move(peer);
   }
@@ -382,12 +385,12 @@ TEST_F(BadInputTest, UnknownNamespace) {
   lookup.set_namespace_id(ns_id_ ^ 1);
   lookup.add_keys(std::string(16, 'k'));
   v1::LookupResponse found;
-  EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).error_code(),
+            grpc::StatusCode::NOT_FOUND);
   v1::PublishRequest publish = GoodPublish(2);
   publish.set_namespace_id(12345);
   v1::PublishResponse published;
-  EXPECT_EQ(PublishRaw(publish, &published).error_code(),
-            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(PublishRaw(publish, &published).error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
 TEST_F(BadInputTest, WrongBlockSize) {
@@ -417,18 +420,16 @@ TEST_F(BadInputTest, TooManyKeysOrBlocks) {
   EXPECT_EQ(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).error_code(),
             grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest publish = GoodPublish(4);
-  for (size_t i = 1; i <= limits::kMaxTransferBlocks; ++i) *publish.add_blocks() = publish.blocks(0);
+  for (size_t i = 1; i <= limits::kMaxTransferBlocks; ++i)
+    *publish.add_blocks() = publish.blocks(0);
   v1::PublishResponse published;
-  EXPECT_EQ(PublishRaw(publish, &published).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(publish, &published).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest empty = GoodPublish(4);
   empty.clear_blocks();
-  EXPECT_EQ(PublishRaw(empty, &published).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(empty, &published).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest duplicate = GoodPublish(4);
   *duplicate.add_blocks() = duplicate.blocks(0);
-  EXPECT_EQ(PublishRaw(duplicate, &published).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(duplicate, &published).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   v1::LookupRequest bad_key;
   bad_key.set_namespace_id(ns_id_);
   bad_key.add_keys("seven b");
@@ -440,20 +441,16 @@ TEST_F(BadInputTest, ZeroLengthAndOversizeBuffers) {
   v1::PublishResponse response;
   v1::PublishRequest zero = GoodPublish(5);
   zero.mutable_source()->mutable_regions(0)->set_length(0);
-  EXPECT_EQ(PublishRaw(zero, &response).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(zero, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   v1::PublishRequest overrun = GoodPublish(5);
   overrun.mutable_blocks(0)->set_offset(region_->size() - kBlock + 1);
-  EXPECT_EQ(PublishRaw(overrun, &response).error_code(),
-            grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_EQ(PublishRaw(overrun, &response).error_code(), grpc::StatusCode::OUT_OF_RANGE);
   v1::PublishRequest wraps = GoodPublish(5);
   wraps.mutable_blocks(0)->set_offset(~uint64_t{0} - 10);
-  EXPECT_EQ(PublishRaw(wraps, &response).error_code(),
-            grpc::StatusCode::OUT_OF_RANGE);
+  EXPECT_EQ(PublishRaw(wraps, &response).error_code(), grpc::StatusCode::OUT_OF_RANGE);
   v1::PublishRequest bad_region = GoodPublish(5);
   bad_region.mutable_blocks(0)->set_region(3);
-  EXPECT_EQ(PublishRaw(bad_region, &response).error_code(),
-            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(PublishRaw(bad_region, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   // The client library refuses them before sending.
   auto c = Connect(node_->address());
   EXPECT_FALSE(c->Register(region_->data(), 0).ok());
@@ -472,7 +469,8 @@ TEST_F(BadInputTest, RmaKeysAreRefusedUnlessAllowed) {
   EXPECT_EQ(PublishRaw(rma, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   v1::PublishRequest garbage_rkey = rma;
   garbage_rkey.mutable_source()->mutable_regions(0)->set_packed_rkey(std::string(24, '\xff'));
-  EXPECT_EQ(PublishRaw(garbage_rkey, &response).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(PublishRaw(garbage_rkey, &response).error_code(),
+            grpc::StatusCode::FAILED_PRECONDITION);
   v1::PublishRequest bad_tag = GoodPublish(0x60);
   bad_tag.set_tag_base(bad_tag.tag_base() | 5);
   EXPECT_EQ(PublishRaw(bad_tag, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
@@ -618,9 +616,11 @@ TEST(NodeDownTest, HungNodeTimesOutAtTheDeadline) {
 
 // A node that trusts its clients with RMA (get/put on client memory keys).
 TEST(RmaNodeTest, PublishAndFetchWithClientMemoryKeys) {
-  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--allow_client_rkeys"});
+  auto node =
+      NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--allow_client_rkeys"});
   ASSERT_TRUE(node.ok()) << node.status();
-  auto c = Connect((*node)->address(), absl::Seconds(20), client::ClientOptions::TransferMethod::kRma);
+  auto c =
+      Connect((*node)->address(), absl::Seconds(20), client::ClientOptions::TransferMethod::kRma);
   auto ns = c->OpenNamespace(OpaqueSpec("rma"));
   ASSERT_TRUE(ns.ok()) << ns.status();
   auto published = PublishStream(*c, *ns, 31, 40, 16);
@@ -637,7 +637,8 @@ class SmallNodeTest : public ::testing::Test {};
 
 TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
   // 16 slabs of 1 MiB: 64 blocks of 256 KiB.
-  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576"});
+  auto node =
+      NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576"});
   ASSERT_TRUE(node.ok()) << node.status();
   auto c = Connect((*node)->address());
   auto ns = c->OpenNamespace(OpaqueSpec("eviction"));
@@ -657,14 +658,16 @@ TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
   // The newest blocks are all there, byte for byte.
   auto buffer = c->Allocate(32 * kBlock);
   std::vector<FetchItem> items;
-  for (size_t i = kCount - 32; i < kCount; ++i) items.push_back({keys[i], buffer->get(), (i - (kCount - 32)) * kBlock});
+  for (size_t i = kCount - 32; i < kCount; ++i)
+    items.push_back({keys[i], buffer->get(), (i - (kCount - 32)) * kBlock});
   auto fetched = ns->Fetch(items);
   ASSERT_TRUE(fetched.ok());
   EXPECT_EQ(fetched->count(BlockOutcome::kOk), 32u);
   std::vector<uint8_t> expected(kBlock);
   for (size_t i = kCount - 32; i < kCount; ++i) {
     FillBlock(9, i, expected.data(), kBlock);
-    EXPECT_EQ(std::memcmp(expected.data(), (*buffer)->data() + (i - (kCount - 32)) * kBlock, kBlock), 0);
+    EXPECT_EQ(
+        std::memcmp(expected.data(), (*buffer)->data() + (i - (kCount - 32)) * kBlock, kBlock), 0);
   }
 }
 
@@ -673,7 +676,8 @@ TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
 std::string Arg(int argc, char** argv, const std::string& name) {
   const std::string prefix = "--" + name + "=";
   for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0) return std::string(argv[i]).substr(prefix.size());
+    if (std::string(argv[i]).rfind(prefix, 0) == 0)
+      return std::string(argv[i]).substr(prefix.size());
   }
   return "";
 }

@@ -27,9 +27,9 @@ typedef struct {
 enum kvs_dtype { KVS_DTYPE_FP16 = 1, KVS_DTYPE_BF16 = 2, KVS_DTYPE_FP32 = 3 };
 
 typedef struct {
-  const char* tenant; /* may be NULL */
-  const char* model;  /* may be NULL */
-  int dtype;          /* enum kvs_dtype; 0 for opaque namespaces */
+  const char* tenant;  /* may be NULL */
+  const char* model;   /* may be NULL */
+  int dtype;           /* enum kvs_dtype; 0 for opaque namespaces */
   uint32_t num_layers; /* 0: opaque namespace, block_bytes gives the size */
   uint32_t num_kv_heads;
   uint32_t head_dim;

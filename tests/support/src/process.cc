@@ -143,14 +143,14 @@ absl::StatusOr<std::unique_ptr<NodeProcess>> NodeProcess::Start(
     std::ifstream in(port_file);
     if (in >> node->port_ && node->port_ > 0) return node;
     if (node->process_->Exited()) {
-      return absl::UnavailableError(
-          absl::StrCat("kvstrata-node exited during start-up; its log:\n", node->process_->LogTail()));
+      return absl::UnavailableError(absl::StrCat("kvstrata-node exited during start-up; its log:\n",
+                                                 node->process_->LogTail()));
     }
     absl::SleepFor(absl::Milliseconds(20));
   }
   return absl::DeadlineExceededError(absl::StrCat("kvstrata-node wrote no port file within ",
-                                                  absl::FormatDuration(start_timeout), "; its log:\n",
-                                                  node->process_->LogTail()));
+                                                  absl::FormatDuration(start_timeout),
+                                                  "; its log:\n", node->process_->LogTail()));
 }
 
 absl::StatusOr<int> FreeLoopbackPort() {

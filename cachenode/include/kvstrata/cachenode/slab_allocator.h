@@ -50,7 +50,8 @@ class SlabAllocator {
   mutable absl::Mutex mu_;
   std::vector<Slab> slabs_ ABSL_GUARDED_BY(mu_);
   std::vector<uint32_t> unassigned_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::vector<uint32_t>> partial_ ABSL_GUARDED_BY(mu_);  // per class: slabs with free chunks
+  std::vector<std::vector<uint32_t>> partial_
+      ABSL_GUARDED_BY(mu_);  // per class: slabs with free chunks
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 

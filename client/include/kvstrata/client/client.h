@@ -36,7 +36,7 @@
 namespace kvstrata::v1 {
 class NamespaceSpec;
 class StatsResponse;
-}
+}  // namespace kvstrata::v1
 
 namespace kvstrata::client {
 
@@ -58,11 +58,11 @@ struct ClientOptions {
 
 // Per-block outcome of Publish and Fetch.
 enum class BlockOutcome {
-  kOk,               // Publish: stored. Fetch: bytes are in the buffer (and verified).
-  kAlreadyPresent,   // Publish: stored before; no bytes moved.
-  kNotFound,         // Fetch: not cached (recompute it).
-  kChecksumMismatch, // bytes did not match their checksum; nothing stored / do not use
-  kNoSpace,          // Publish: the node could not make room.
+  kOk,                // Publish: stored. Fetch: bytes are in the buffer (and verified).
+  kAlreadyPresent,    // Publish: stored before; no bytes moved.
+  kNotFound,          // Fetch: not cached (recompute it).
+  kChecksumMismatch,  // bytes did not match their checksum; nothing stored / do not use
+  kNoSpace,           // Publish: the node could not make room.
   kTransferFailed,
 };
 const char* BlockOutcomeName(BlockOutcome outcome);

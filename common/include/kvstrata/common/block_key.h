@@ -40,8 +40,7 @@ struct BlockKey {
 // Keys of every *full* block of `tokens`, chained from `parent` (all zero for
 // the start of a prompt). A trailing partial block gets no key: partial blocks
 // are never published.
-std::vector<BlockKey> ComputeBlockKeys(uint64_t namespace_id,
-                                       absl::Span<const uint32_t> tokens,
+std::vector<BlockKey> ComputeBlockKeys(uint64_t namespace_id, absl::Span<const uint32_t> tokens,
                                        uint32_t tokens_per_block,
                                        const BlockKey& parent = BlockKey{});
 

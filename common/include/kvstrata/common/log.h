@@ -26,7 +26,7 @@ class LogLine {
 
 }  // namespace kvstrata
 
-#define KVS_LOG(level)                                              \
-  if (!::kvstrata::LogEnabled(::kvstrata::LogLevel::k##level)) {   \
-  } else                                                            \
+#define KVS_LOG(level)                                           \
+  if (!::kvstrata::LogEnabled(::kvstrata::LogLevel::k##level)) { \
+  } else                                                         \
     ::kvstrata::LogLine(::kvstrata::LogLevel::k##level, __FILE__, __LINE__).stream()

@@ -34,9 +34,10 @@ class ChildProcess {
  public:
   // `log_path` empty: the child shares this process's stdout and stderr.
   static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::vector<std::string>& argv,
-                                                            const std::string& log_path = "");
+                                                             const std::string& log_path = "");
   // This very binary again, with `args` (tests re-run themselves as workers).
-  static absl::StatusOr<std::unique_ptr<ChildProcess>> SpawnSelf(const std::vector<std::string>& args);
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> SpawnSelf(
+      const std::vector<std::string>& args);
   ~ChildProcess();
   ChildProcess(const ChildProcess&) = delete;
   ChildProcess& operator=(const ChildProcess&) = delete;
