@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "kvstrata/common/block_key.h"
@@ -183,7 +184,8 @@ NodeService::NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer
       dram_(dram),
       engine_(engine),
       transfer_timeout_(transfer_timeout),
-      allow_client_rkeys_(allow_client_rkeys) {}
+      allow_client_rkeys_(allow_client_rkeys),
+      incarnation_(absl::Uniform<uint64_t>(absl::BitGen())) {}
 
 absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
   const absl::Time own = absl::Now() + transfer_timeout_;
@@ -220,6 +222,10 @@ grpc::Status NodeService::Lookup(grpc::ServerContext*, const v1::LookupRequest* 
 
 grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::PublishRequest* request,
                                   v1::PublishResponse* response) {
+  if (draining_.load(std::memory_order_relaxed)) {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this node is draining: it takes no new blocks");
+  }
   absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   const auto& blocks = request->blocks();
@@ -457,6 +463,16 @@ grpc::Status NodeService::Health(grpc::ServerContext*, const v1::HealthRequest*,
                                  v1::HealthResponse* response) {
   response->set_serving(true);
   response->set_version(KVSTRATA_VERSION);
+  response->set_draining(draining_.load(std::memory_order_relaxed));
+  response->set_incarnation(incarnation_);
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::Drain(grpc::ServerContext*, const v1::DrainRequest* request,
+                                v1::DrainResponse* response) {
+  draining_.store(request->draining(), std::memory_order_relaxed);
+  KVS_LOG(Info) << (request->draining() ? "draining: refusing new publishes" : "back in service");
+  response->set_draining(request->draining());
   return grpc::Status::OK;
 }
 

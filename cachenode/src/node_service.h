@@ -39,6 +39,7 @@ class NodeService final : public v1::CacheNode::Service {
   grpc::Status Delete(grpc::ServerContext*, const v1::DeleteRequest*, v1::DeleteResponse*) override;
   grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*) override;
   grpc::Status Health(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse*) override;
+  grpc::Status Drain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*) override;
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
@@ -50,6 +51,8 @@ class NodeService final : public v1::CacheNode::Service {
   const bool allow_client_rkeys_;
   const absl::Time started_ = absl::Now();
   std::atomic<uint32_t> next_tag_prefix_{1};
+  std::atomic<bool> draining_{false};
+  const uint64_t incarnation_;
   NodeCounters counters_;
 };
 

@@ -187,12 +187,17 @@ size_t TransferResult::count(BlockOutcome outcome) const {
 }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const ClientOptions& options) {
-  auto impl = std::make_unique<Impl>();
-  impl->options = options;
   absl::StatusOr<std::unique_ptr<transfer::Engine>> engine =
       transfer::Engine::Create({.transports = options.ucx_transports});
   if (!engine.ok()) return engine.status();
-  impl->engine = *std::move(engine);
+  return ConnectSharingEngine(options, *std::move(engine));
+}
+
+absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
+    const ClientOptions& options, std::shared_ptr<transfer::Engine> engine) {
+  auto impl = std::make_unique<Client::Impl>();
+  impl->options = options;
+  impl->engine = std::move(engine);
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(limits::kMaxGrpcMessageBytes);
   args.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
@@ -220,17 +225,21 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
   return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block());
 }
 
+std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> region) {
+  return std::make_unique<RegisteredBuffer>(std::move(region));
+}
+
 absl::StatusOr<std::unique_ptr<Buffer>> Client::Register(void* data, size_t size) {
   absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region =
       impl_->engine->Register(data, size);
   if (!region.ok()) return region.status();
-  return std::make_unique<RegisteredBuffer>(*std::move(region));
+  return WrapRegion(*std::move(region));
 }
 
 absl::StatusOr<std::unique_ptr<Buffer>> Client::Allocate(size_t size) {
   absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region = impl_->engine->Allocate(size);
   if (!region.ok()) return region.status();
-  return std::make_unique<RegisteredBuffer>(*std::move(region));
+  return WrapRegion(*std::move(region));
 }
 
 absl::Status Client::Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout) {

@@ -13,7 +13,7 @@ namespace kvstrata::client {
 class Client::Impl {
  public:
   ClientOptions options;
-  std::unique_ptr<transfer::Engine> engine;
+  std::shared_ptr<transfer::Engine> engine;  // shared by a Cluster's node clients
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::CacheNode::Stub> stub;
 
@@ -58,5 +58,13 @@ class Client::Impl {
 };
 
 absl::Status FromGrpc(const grpc::Status& status);
+
+// Memory registered with an engine, as a Buffer any client of that engine takes.
+std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> region);
+
+// A Client that uses `engine` instead of creating its own (a Cluster's node
+// clients share one, so buffers work with every node).
+absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
+    const ClientOptions& options, std::shared_ptr<transfer::Engine> engine);
 
 }  // namespace kvstrata::client

@@ -15,6 +15,7 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
+#include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/transfer/engine.h"
 
@@ -32,22 +33,10 @@ using testing::NodeProcess;
 constexpr uint64_t kBlock = 256 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
 
-// Bytes of block `index` in a stream `seed`: both writer and reader derive them.
-void FillBlock(uint64_t seed, uint64_t index, uint8_t* data, size_t size) {
-  uint64_t state = (seed * 0x9E3779B97F4A7C15ULL) ^ (index + 1) * 0xD1B54A32D192ED03ULL;
-  for (size_t i = 0; i + 8 <= size; i += 8) {
-    state ^= state << 13;
-    state ^= state >> 7;
-    state ^= state << 17;
-    std::memcpy(data + i, &state, 8);
-  }
-}
+using testing::FillBlock;
 
 std::vector<uint32_t> Tokens(uint64_t seed, size_t blocks) {
-  std::mt19937 rng(static_cast<uint32_t>(seed));
-  std::vector<uint32_t> tokens(blocks * kTokensPerBlock);
-  for (auto& t : tokens) t = rng() % 100000;
-  return tokens;
+  return testing::Tokens(seed, blocks, kTokensPerBlock);
 }
 
 v1::NamespaceSpec OpaqueSpec(const std::string& model, uint64_t block_bytes = kBlock) {

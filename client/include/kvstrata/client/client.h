@@ -37,6 +37,9 @@ namespace kvstrata::v1 {
 class NamespaceSpec;
 class StatsResponse;
 }  // namespace kvstrata::v1
+namespace kvstrata::transfer {
+class Engine;
+}  // namespace kvstrata::v1
 
 namespace kvstrata::client {
 
@@ -169,6 +172,8 @@ class Client {
   Impl& impl() { return *impl_; }
 
  private:
+  friend absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
+      const ClientOptions& options, std::shared_ptr<transfer::Engine> engine);
   explicit Client(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };

@@ -1,0 +1,304 @@
+// Several real kvstrata-node processes as one cache, over real UCX.
+#include <signal.h>
+
+#include <cstring>
+#include <set>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstrata.pb.h"
+#include "kvstrata/client/cluster.h"
+#include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/process.h"
+
+namespace kvstrata {
+namespace {
+
+using client::BlockOutcome;
+using client::Cluster;
+using client::ClusterNamespace;
+using client::ClusterOptions;
+using testing::ChildProcess;
+using testing::FillBlock;
+using testing::NodeProcess;
+
+constexpr uint64_t kBlock = 16 * 1024;
+constexpr uint32_t kTokensPerBlock = 16;
+
+v1::NamespaceSpec Spec() {
+  v1::NamespaceSpec spec;
+  spec.set_tenant("test");
+  spec.set_model("cluster");
+  spec.set_tokens_per_block(kTokensPerBlock);
+  spec.set_block_bytes(kBlock);
+  return spec;
+}
+
+std::unique_ptr<NodeProcess> StartNode(int port = 0) {
+  std::vector<std::string> flags = {"--dram_bytes=268435456", "--slab_bytes=1048576",
+                                    "--transfer_timeout=5s"};
+  if (port != 0) flags.push_back(absl::StrCat("--listen=127.0.0.1:", port));  // the last --listen wins
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, flags);
+  EXPECT_TRUE(node.ok()) << node.status();
+  return node.ok() ? *std::move(node) : nullptr;
+}
+
+std::unique_ptr<Cluster> ConnectCluster(const std::vector<std::string>& nodes, int replication = 1) {
+  ClusterOptions options;
+  options.nodes = nodes;
+  options.replication = replication;
+  options.refresh_interval = absl::Milliseconds(200);
+  options.client.timeout = absl::Seconds(20);
+  auto cluster = Cluster::Connect(options);
+  EXPECT_TRUE(cluster.ok()) << cluster.status();
+  return cluster.ok() ? *std::move(cluster) : nullptr;
+}
+
+// Publishes blocks [0, count) of stream `seed` in batches; returns the outcomes.
+client::TransferResult PublishStream(Cluster& cluster, ClusterNamespace& ns, uint64_t seed,
+                                     size_t count) {
+  const auto keys = ns.Keys(testing::Tokens(seed, count, kTokensPerBlock));
+  constexpr size_t kBatch = 128;
+  auto buffer = cluster.Allocate(kBatch * kBlock);
+  client::TransferResult all;
+  for (size_t start = 0; start < count; start += kBatch) {
+    std::vector<client::PublishItem> items;
+    for (size_t i = start; i < std::min(count, start + kBatch); ++i) {
+      FillBlock(seed, i, (*buffer)->data() + (i - start) * kBlock, kBlock);
+      items.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(),
+                       (i - start) * kBlock});
+    }
+    auto result = ns.Publish(items);
+    EXPECT_TRUE(result.ok()) << result.status();
+    if (!result.ok()) return all;
+    all.outcomes.insert(all.outcomes.end(), result->outcomes.begin(), result->outcomes.end());
+  }
+  return all;
+}
+
+// Fetches blocks [0, count) of stream `seed`; returns {fetched, fetched with the right bytes}.
+std::pair<size_t, size_t> FetchStream(Cluster& cluster, ClusterNamespace& ns, uint64_t seed,
+                                      size_t count) {
+  const auto keys = ns.Keys(testing::Tokens(seed, count, kTokensPerBlock));
+  constexpr size_t kBatch = 128;
+  auto buffer = cluster.Allocate(kBatch * kBlock);
+  std::vector<uint8_t> expected(kBlock);
+  size_t fetched = 0, right = 0;
+  for (size_t start = 0; start < count; start += kBatch) {
+    std::vector<client::FetchItem> items;
+    for (size_t i = start; i < std::min(count, start + kBatch); ++i) {
+      items.push_back({keys[i], buffer->get(), (i - start) * kBlock});
+    }
+    auto result = ns.Fetch(items);
+    EXPECT_TRUE(result.ok()) << result.status();
+    if (!result.ok()) continue;
+    for (size_t i = start; i < std::min(count, start + kBatch); ++i) {
+      if (result->outcomes[i - start] != BlockOutcome::kOk) continue;
+      ++fetched;
+      FillBlock(seed, i, expected.data(), kBlock);
+      right += std::memcmp(expected.data(), (*buffer)->data() + (i - start) * kBlock, kBlock) == 0;
+    }
+  }
+  return {fetched, right};
+}
+
+TEST(RendezvousTest, SpreadsEvenlyAndMovesAboutOneNth) {
+  const std::vector<std::string> three = {"10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"};
+  std::vector<std::string> four = three;
+  four.push_back("10.0.0.4:1");
+  constexpr int kKeys = 30000;
+  std::map<std::string, int> per_node;
+  int moved = 0;
+  for (int k = 0; k < kKeys; ++k) {
+    BlockKey key;
+    std::memcpy(key.bytes.data(), &k, sizeof(k));
+    key = ComputeBlockKeys(1, {static_cast<uint32_t>(k)}, 1, key)[0];  // realistic, uniform keys
+    const std::string before = client::RendezvousOwners(key, three, 1)[0];
+    ++per_node[before];
+    moved += client::RendezvousOwners(key, four, 1)[0] != before;
+    EXPECT_EQ(client::RendezvousOwners(key, three, 1)[0], before) << "not deterministic";
+  }
+  for (const auto& [node, count] : per_node) {
+    EXPECT_NEAR(count, kKeys / 3.0, 0.15 * kKeys / 3.0) << node;
+  }
+  EXPECT_LE(moved, 0.30 * kKeys);
+  EXPECT_GE(moved, 0.20 * kKeys);  // about 1/4 must move to the new node
+  // Replicas are distinct nodes, the first being the single owner.
+  BlockKey key;
+  auto owners = client::RendezvousOwners(key, four, 3);
+  EXPECT_EQ(std::set<std::string>(owners.begin(), owners.end()).size(), 3u);
+  EXPECT_EQ(owners[0], client::RendezvousOwners(key, four, 1)[0]);
+}
+
+TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  constexpr size_t kCount = 3000;
+  std::vector<std::string> args = {"--child=publish", "--count=" + std::to_string(kCount)};
+  for (const auto& a : addresses) args.push_back("--node=" + a);
+  auto child = ChildProcess::SpawnSelf(args);
+  ASSERT_TRUE(child.ok());
+  ASSERT_EQ((*child)->Wait(), 0) << "the publishing process failed";
+
+  auto cluster = ConnectCluster(addresses);
+  auto ns = cluster->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  const auto keys = ns->Keys(testing::Tokens(7, kCount, kTokensPerBlock));
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, kCount);
+  auto [fetched, right] = FetchStream(*cluster, *ns, 7, kCount);
+  EXPECT_EQ(fetched, kCount);
+  EXPECT_EQ(right, kCount) << "some fetched bytes differ";
+  for (const std::string& address : addresses) {
+    v1::StatsResponse stats;
+    ASSERT_TRUE(cluster->Stats(address, &stats).ok());
+    EXPECT_NEAR(stats.tiers(0).blocks(), kCount / 3.0, 0.15 * kCount / 3.0) << address;
+  }
+}
+
+TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  auto cluster = ConnectCluster(addresses);
+  auto ns = cluster->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok());
+  constexpr size_t kCount = 600;
+  EXPECT_EQ(PublishStream(*cluster, *ns, 11, kCount).count(BlockOutcome::kOk), kCount);
+
+  const int port = nodes[1]->port();
+  nodes[1].reset();  // the node goes away mid-run
+  auto [fetched, right] = FetchStream(*cluster, *ns, 11, kCount);  // no error, fewer hits
+  EXPECT_EQ(fetched, right);
+  EXPECT_GT(fetched, kCount / 2);
+  EXPECT_LT(fetched, kCount * 85 / 100);
+  // Publishing keeps working on the survivors.
+  EXPECT_EQ(PublishStream(*cluster, *ns, 12, 300).count(BlockOutcome::kOk), 300u);
+
+  nodes[1] = StartNode(port);  // back, empty, at the same address
+  ASSERT_NE(nodes[1], nullptr);
+  const absl::Time give_up = absl::Now() + absl::Seconds(10);
+  bool back = false;
+  while (!back && absl::Now() < give_up) {
+    absl::SleepFor(absl::Milliseconds(100));
+    for (const auto& status : cluster->Nodes()) back |= status.address == addresses[1] && status.healthy;
+  }
+  ASSERT_TRUE(back) << "the restarted node never rejoined";
+  // Republishing refills the rejoined node with its share; the others have theirs.
+  const auto again = PublishStream(*cluster, *ns, 11, kCount);
+  EXPECT_EQ(again.count(BlockOutcome::kOk) + again.count(BlockOutcome::kAlreadyPresent), kCount);
+  EXPECT_NEAR(again.count(BlockOutcome::kOk), kCount / 3.0, kCount / 6.0);
+  EXPECT_EQ(FetchStream(*cluster, *ns, 11, kCount).second, kCount);
+  v1::StatsResponse stats;
+  ASSERT_TRUE(cluster->Stats(addresses[1], &stats).ok());
+  EXPECT_GT(stats.tiers(0).blocks(), 0u) << "the rejoined node got none of its keys back";
+}
+
+TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  auto cluster = ConnectCluster(addresses, /*replication=*/2);
+  auto ns = cluster->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok());
+  constexpr size_t kCount = 600;
+  EXPECT_EQ(PublishStream(*cluster, *ns, 21, kCount).count(BlockOutcome::kOk), kCount);
+  uint64_t stored = 0;
+  for (const std::string& address : addresses) {
+    v1::StatsResponse stats;
+    ASSERT_TRUE(cluster->Stats(address, &stats).ok());
+    stored += stats.tiers(0).blocks();
+  }
+  EXPECT_EQ(stored, 2 * kCount);
+  nodes[2]->process().Signal(SIGKILL);
+  nodes[2]->process().Wait();
+  auto [fetched, right] = FetchStream(*cluster, *ns, 21, kCount);
+  EXPECT_EQ(fetched, kCount) << "a block was lost with one of two replicas";
+  EXPECT_EQ(right, kCount);
+  const auto keys = ns->Keys(testing::Tokens(21, kCount, kTokensPerBlock));
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, kCount);
+}
+
+TEST(ClusterTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  auto cluster = ConnectCluster(addresses);
+  auto ns = cluster->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok());
+  EXPECT_EQ(PublishStream(*cluster, *ns, 31, 300).count(BlockOutcome::kOk), 300u);
+  ASSERT_TRUE(cluster->Drain(addresses[0], true).ok());
+  v1::StatsResponse before;
+  ASSERT_TRUE(cluster->Stats(addresses[0], &before).ok());
+  EXPECT_EQ(PublishStream(*cluster, *ns, 32, 300).count(BlockOutcome::kOk), 300u);
+  v1::StatsResponse after;
+  ASSERT_TRUE(cluster->Stats(addresses[0], &after).ok());
+  EXPECT_EQ(after.published_blocks(), before.published_blocks());
+  EXPECT_EQ(FetchStream(*cluster, *ns, 31, 300).second, 300u);  // still serves what it had
+  EXPECT_EQ(FetchStream(*cluster, *ns, 32, 300).second, 300u);
+  ASSERT_TRUE(cluster->Drain(addresses[0], false).ok());
+}
+
+TEST(ClusterTest, MembershipFromDns) {
+  auto node = StartNode();
+  ASSERT_NE(node, nullptr);
+  ClusterOptions options;
+  options.dns = absl::StrCat("localhost:", node->port());
+  auto cluster = Cluster::Connect(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  bool found = false;
+  for (const auto& status : (*cluster)->Nodes()) {
+    found |= status.address == node->address() && status.healthy;
+  }
+  EXPECT_TRUE(found) << "localhost did not resolve to the running node";
+  auto ns = (*cluster)->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  EXPECT_EQ(PublishStream(**cluster, *ns, 41, 50).count(BlockOutcome::kOk), 50u);
+  EXPECT_EQ(FetchStream(**cluster, *ns, 41, 50).second, 50u);
+}
+
+// ---- the publishing child process ------------------------------------------
+
+int RunChild(int argc, char** argv) {
+  ClusterOptions options;
+  size_t count = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--node=", 0) == 0) options.nodes.push_back(arg.substr(7));
+    if (arg.rfind("--count=", 0) == 0) count = std::stoull(arg.substr(8));
+  }
+  auto cluster = Cluster::Connect(options);
+  if (!cluster.ok()) return 10;
+  auto ns = (*cluster)->OpenNamespace(Spec());
+  if (!ns.ok()) return 11;
+  return PublishStream(**cluster, *ns, 7, count).count(BlockOutcome::kOk) == count ? 0 : 12;
+}
+
+}  // namespace
+}  // namespace kvstrata
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--child=publish") return kvstrata::RunChild(argc, argv);
+  }
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

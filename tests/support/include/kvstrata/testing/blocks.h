@@ -1,0 +1,31 @@
+// Deterministic test data: token streams and block bytes that a writer and a
+// reader (in different processes) derive from the same seed.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+namespace kvstrata::testing {
+
+// Bytes of block `index` of stream `seed`.
+inline void FillBlock(uint64_t seed, uint64_t index, uint8_t* data, size_t size) {
+  uint64_t state = (seed * 0x9E3779B97F4A7C15ULL) ^ (index + 1) * 0xD1B54A32D192ED03ULL;
+  for (size_t i = 0; i + 8 <= size; i += 8) {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    std::memcpy(data + i, &state, 8);
+  }
+}
+
+// `blocks` blocks' worth of token ids of stream `seed`.
+inline std::vector<uint32_t> Tokens(uint64_t seed, size_t blocks, uint32_t tokens_per_block) {
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<uint32_t> tokens(blocks * tokens_per_block);
+  for (auto& t : tokens) t = rng() % 100000;
+  return tokens;
+}
+
+}  // namespace kvstrata::testing
