@@ -3,7 +3,8 @@
 //   kvstrata put    --key=HEX [--parent=HEX] --in=FILE      store one block
 //   kvstrata get    --key=HEX --out=FILE                    fetch one block
 //   kvstrata lookup --keys=HEX,HEX,... | --tokens=1,2,3,... longest stored prefix
-//   kvstrata stat                                           node counters
+//   kvstrata stat [--nodes=a,b,c | --dns=name:port]         node or cluster counters
+//   kvstrata drain --node=ADDR [--undrain]                  stop (or resume) new publishes
 //   kvstrata demo                                           prefill -> decode handoff
 //
 // Blocks belong to a namespace given by --tenant/--model and either
@@ -31,8 +32,14 @@
 #include "absl/time/clock.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/client/cluster.h"
 
 ABSL_FLAG(std::string, node, "127.0.0.1:50151", "Cache node address, host:port.");
+ABSL_FLAG(std::string, nodes, "",
+          "stat/drain: comma-separated node addresses of a cluster (instead of --node).");
+ABSL_FLAG(std::string, dns, "",
+          "stat/drain: name:port whose addresses are the cluster's nodes (a headless Service).");
+ABSL_FLAG(bool, undrain, false, "drain: take the node back into service instead.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
 ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
@@ -187,7 +194,79 @@ int Lookup() {
   return 0;
 }
 
+bool ClusterFlagsGiven() {
+  return !absl::GetFlag(FLAGS_nodes).empty() || !absl::GetFlag(FLAGS_dns).empty();
+}
+
+absl::StatusOr<std::unique_ptr<kvstrata::client::Cluster>> ClusterFromFlags() {
+  kvstrata::client::ClusterOptions options;
+  for (absl::string_view node : absl::StrSplit(absl::GetFlag(FLAGS_nodes), ',', absl::SkipEmpty())) {
+    options.nodes.emplace_back(node);
+  }
+  options.dns = absl::GetFlag(FLAGS_dns);
+  if (options.nodes.empty() && options.dns.empty()) options.nodes.push_back(absl::GetFlag(FLAGS_node));
+  options.client.timeout = absl::GetFlag(FLAGS_timeout);
+  return kvstrata::client::Cluster::Connect(options);
+}
+
+double Ratio(uint64_t part, uint64_t whole) {
+  return whole == 0 ? 0.0 : static_cast<double>(part) / static_cast<double>(whole);
+}
+
+// One line per node: health, tier use and hit rates, then the totals.
+int ClusterStat() {
+  auto cluster = ClusterFromFlags();
+  if (!cluster.ok()) return Die(cluster.status());
+  uint64_t blocks = 0, stored = 0, capacity = 0, hits = 0, lookups = 0, fetch_hits = 0, fetches = 0;
+  int healthy = 0;
+  const auto nodes = (*cluster)->Nodes();
+  for (const auto& node : nodes) {
+    std::cout << node.address << (node.healthy ? " up" : " DOWN") << (node.draining ? " draining" : "");
+    kvstrata::v1::StatsResponse stats;
+    if (!node.healthy || !(*cluster)->Stats(node.address, &stats).ok()) {
+      std::cout << "\n";
+      continue;
+    }
+    ++healthy;
+    uint64_t node_blocks = 0, node_stored = 0, node_capacity = 0;
+    for (const auto& tier : stats.tiers()) {
+      node_blocks += tier.blocks();
+      node_stored += tier.stored_bytes();
+      node_capacity += tier.capacity_bytes();
+    }
+    const uint64_t node_lookups = stats.lookup_hit_blocks() + stats.lookup_miss_blocks();
+    const uint64_t node_fetches = stats.fetch_hit_blocks() + stats.fetch_miss_blocks();
+    std::printf(" blocks=%lu used=%.1f%% lookup_hit_rate=%.3f fetch_hit_rate=%.3f transports=%s\n",
+                node_blocks, 100 * Ratio(node_stored, node_capacity),
+                Ratio(stats.lookup_hit_blocks(), node_lookups),
+                Ratio(stats.fetch_hit_blocks(), node_fetches),
+                absl::StrJoin(stats.transports(), ",").c_str());
+    blocks += node_blocks;
+    stored += node_stored;
+    capacity += node_capacity;
+    hits += stats.lookup_hit_blocks();
+    lookups += node_lookups;
+    fetch_hits += stats.fetch_hit_blocks();
+    fetches += node_fetches;
+  }
+  std::printf("cluster: %d of %zu nodes up, blocks=%lu used=%.1f%% lookup_hit_rate=%.3f fetch_hit_rate=%.3f\n",
+              healthy, nodes.size(), blocks, 100 * Ratio(stored, capacity), Ratio(hits, lookups),
+              Ratio(fetch_hits, fetches));
+  return healthy == static_cast<int>(nodes.size()) ? 0 : 3;
+}
+
+int Drain() {
+  auto cluster = ClusterFromFlags();
+  if (!cluster.ok()) return Die(cluster.status());
+  const bool draining = !absl::GetFlag(FLAGS_undrain);
+  absl::Status status = (*cluster)->Drain(absl::GetFlag(FLAGS_node), draining);
+  if (!status.ok()) return Die(status);
+  std::cout << absl::GetFlag(FLAGS_node) << (draining ? " draining" : " in service") << "\n";
+  return 0;
+}
+
 int Stat() {
+  if (ClusterFlagsGiven()) return ClusterStat();
   auto client = ConnectFromFlags();
   if (!client.ok()) return Die(client.status());
   kvstrata::v1::StatsResponse stats;
@@ -356,7 +435,8 @@ int main(int argc, char** argv) {
       "  put    --key=HEX [--parent=HEX] --in=FILE   store one block\n"
       "  get    --key=HEX --out=FILE --block_bytes=N  fetch one block\n"
       "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
-      "  stat                                         node counters\n"
+      "  stat   [--nodes=a,b,c | --dns=name:port]     node counters, or the whole cluster\n"
+      "  drain  --node=ADDR [--undrain] [--nodes=...] a node refuses (or accepts again) new blocks\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {
@@ -368,6 +448,7 @@ int main(int argc, char** argv) {
   if (command == "get") return Get();
   if (command == "lookup") return Lookup();
   if (command == "stat") return Stat();
+  if (command == "drain") return Drain();
   if (command == "demo-prefill") return DemoWorker(/*prefill=*/true);
   if (command == "demo-decode") return DemoWorker(/*prefill=*/false);
   if (command == "demo") {

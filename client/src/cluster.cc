@@ -250,6 +250,24 @@ void AddToPlan(Plan& plan, const NodePtr& node, size_t index) {
   plan.push_back({node, {index}});
 }
 
+// Runs `call(node, indices)` for every node of the plan concurrently: all but
+// the first on their own threads, the first on the caller's (a one-node plan,
+// the common case, starts no thread). Returns the results in plan order.
+template <typename Call>
+auto FanOut(const Plan& plan, Call call) {
+  using R = decltype(call(plan.front().first, plan.front().second));
+  std::vector<std::future<R>> others;
+  for (size_t i = 1; i < plan.size(); ++i) {
+    others.push_back(std::async(std::launch::async, [&call, &entry = plan[i]] {
+      return call(entry.first, entry.second);
+    }));
+  }
+  std::vector<R> results;
+  if (!plan.empty()) results.push_back(call(plan.front().first, plan.front().second));
+  for (auto& other : others) results.push_back(other.get());
+  return results;
+}
+
 std::vector<NodePtr> OwnerNodes(const BlockKey& key, const std::vector<NodePtr>& live,
                                 size_t count) {
   std::vector<std::string> addresses;
@@ -377,18 +395,15 @@ absl::StatusOr<LookupResult> ClusterNamespace::Lookup(absl::Span<const BlockKey>
       }
       AddToPlan(plan, owners[rank], i);
     }
-    std::vector<std::future<size_t>> first_missing;
-    for (auto& [node, indices] : plan) {
-      first_missing.push_back(std::async(std::launch::async, [&, node, indices] {
-        std::vector<BlockKey> node_keys;
-        for (size_t i : indices) node_keys.push_back(keys[i]);
-        absl::StatusOr<LookupResult> found = cluster.WithNamespace<LookupResult>(
-            *node, id_, spec, [&](Namespace& ns) { return ns.Lookup(node_keys); });
-        if (!found.ok()) return indices.front();
-        return found->prefix_length < indices.size() ? indices[found->prefix_length] : end;
-      }));
-    }
-    for (auto& f : first_missing) prefix = std::min(prefix, f.get());
+    auto first_missing = FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
+      std::vector<BlockKey> node_keys;
+      for (size_t i : indices) node_keys.push_back(keys[i]);
+      absl::StatusOr<LookupResult> found = cluster.WithNamespace<LookupResult>(
+          *node, id_, spec, [&](Namespace& ns) { return ns.Lookup(node_keys); });
+      if (!found.ok()) return indices.front();
+      return found->prefix_length < indices.size() ? indices[found->prefix_length] : end;
+    });
+    for (size_t f : first_missing) prefix = std::min(prefix, f);
     return prefix;
   };
 
@@ -422,18 +437,14 @@ absl::StatusOr<TransferResult> ClusterNamespace::Publish(absl::Span<const Publis
   TransferResult result;
   result.outcomes.assign(items.size(), BlockOutcome::kTransferFailed);
   std::vector<bool> tried(items.size(), false);
-  std::vector<std::future<std::pair<std::vector<size_t>, absl::StatusOr<TransferResult>>>> calls;
-  for (auto& [node, indices] : plan) {
-    calls.push_back(std::async(std::launch::async, [&, node, indices] {
-      std::vector<PublishItem> batch;
-      for (size_t i : indices) batch.push_back(items[i]);
-      absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
-          *node, id_, spec, [&](Namespace& ns) { return ns.Publish(batch); });
-      return std::make_pair(indices, std::move(done));
-    }));
-  }
-  for (auto& call : calls) {
-    auto [indices, done] = call.get();
+  auto calls = FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
+    std::vector<PublishItem> batch;
+    for (size_t i : indices) batch.push_back(items[i]);
+    absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
+        *node, id_, spec, [&](Namespace& ns) { return ns.Publish(batch); });
+    return std::make_pair(indices, std::move(done));
+  });
+  for (auto& [indices, done] : calls) {
     for (size_t k = 0; k < indices.size(); ++k) {
       const size_t i = indices[k];
       const BlockOutcome outcome = done.ok() ? done->outcomes[k] : BlockOutcome::kTransferFailed;
@@ -463,18 +474,14 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
       }
     }
     if (plan.empty()) break;
-    std::vector<std::future<std::pair<std::vector<size_t>, absl::StatusOr<TransferResult>>>> calls;
-    for (auto& [node, indices] : plan) {
-      calls.push_back(std::async(std::launch::async, [&, node, indices] {
-        std::vector<FetchItem> batch;
-        for (size_t i : indices) batch.push_back(items[i]);
-        absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
-            *node, id_, spec, [&](Namespace& ns) { return ns.Fetch(batch); });
-        return std::make_pair(indices, std::move(done));
-      }));
-    }
-    for (auto& call : calls) {
-      auto [indices, done] = call.get();
+    auto calls = FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
+      std::vector<FetchItem> batch;
+      for (size_t i : indices) batch.push_back(items[i]);
+      absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
+          *node, id_, spec, [&](Namespace& ns) { return ns.Fetch(batch); });
+      return std::make_pair(indices, std::move(done));
+    });
+    for (auto& [indices, done] : calls) {
       if (!done.ok()) continue;  // that node's blocks stay misses
       for (size_t k = 0; k < indices.size(); ++k) {
         if (done->outcomes[k] == BlockOutcome::kOk) result.outcomes[indices[k]] = BlockOutcome::kOk;
