@@ -45,12 +45,13 @@ std::unique_ptr<NodeProcess> StartNode(int port = 0) {
   return node.ok() ? *std::move(node) : nullptr;
 }
 
-std::unique_ptr<Cluster> ConnectCluster(const std::vector<std::string>& nodes, int replication = 1) {
+std::unique_ptr<Cluster> ConnectCluster(const std::vector<std::string>& nodes, int replication = 1,
+                                        absl::Duration timeout = absl::Seconds(20)) {
   ClusterOptions options;
   options.nodes = nodes;
   options.replication = replication;
   options.refresh_interval = absl::Milliseconds(200);
-  options.client.timeout = absl::Seconds(20);
+  options.client.timeout = timeout;
   auto cluster = Cluster::Connect(options);
   EXPECT_TRUE(cluster.ok()) << cluster.status();
   return cluster.ok() ? *std::move(cluster) : nullptr;
@@ -202,6 +203,32 @@ TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
   v1::StatsResponse stats;
   ASSERT_TRUE(cluster->Stats(addresses[1], &stats).ok());
   EXPECT_GT(stats.tiers(0).blocks(), 0u) << "the rejoined node got none of its keys back";
+}
+
+TEST(ClusterTest, HungNodeIsSkippedAfterItsDeadline) {
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  auto cluster = ConnectCluster(addresses, 1, absl::Seconds(2));
+  auto ns = cluster->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok());
+  constexpr size_t kCount = 300;
+  EXPECT_EQ(PublishStream(*cluster, *ns, 51, kCount).count(BlockOutcome::kOk), kCount);
+  ASSERT_TRUE(nodes[0]->process().Freeze());  // it stops answering, without refusing
+  absl::Time start = absl::Now();
+  auto [fetched, right] = FetchStream(*cluster, *ns, 51, kCount);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(8)) << "the hung node held the caller up";
+  EXPECT_EQ(fetched, right);
+  EXPECT_GT(fetched, kCount / 2);
+  EXPECT_LT(fetched, kCount);
+  // Once marked down, it costs nothing more.
+  start = absl::Now();
+  FetchStream(*cluster, *ns, 51, kCount);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
 }
 
 TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
