@@ -10,8 +10,10 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   # data plane and checksums
   libucx-dev ucx-utils libxxhash-dev
+  # operations
+  prometheus-cpp-dev
   # tests and benchmarks
-  libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev
+  libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
 )
 
 missing=()

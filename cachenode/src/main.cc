@@ -18,7 +18,11 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50151",
           "gRPC address to listen on, host:port. Port 0 picks a free port (see --port_file). "
           "Use 0.0.0.0:PORT to serve other hosts.");
 ABSL_FLAG(std::string, port_file, "",
-          "If set, the chosen port is written to this file once the node is ready.");
+          "If set, the chosen port is written to this file once the node is ready (and the metrics "
+          "port on a second line).");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
+          "Address of the Prometheus /metrics endpoint, host:port (port 0 picks a free one; empty "
+          "turns it off). Use 0.0.0.0:9464 to be scraped from other hosts.");
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
@@ -87,6 +91,7 @@ int main(int argc, char** argv) {
 
   kvstrata::cachenode::NodeOptions options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {
@@ -112,7 +117,7 @@ int main(int argc, char** argv) {
     const std::string tmp = port_file + ".tmp";
     {
       std::ofstream out(tmp);
-      out << (*node)->port() << "\n";
+      out << (*node)->port() << "\n" << (*node)->metrics_port() << "\n";
     }
     std::rename(tmp.c_str(), port_file.c_str());  // readers never see a partial file
   }

@@ -9,6 +9,7 @@
 #include "absl/synchronization/notification.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
+#include "metrics.h"
 #include "node_service.h"
 #include "peer_check.h"
 
@@ -24,6 +25,8 @@ class Node::Impl {
   std::unique_ptr<transfer::MemoryRegion> arena;
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NamespaceRegistry> namespaces;
+  NodeCounters counters;
+  std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<NodeService> service;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
@@ -33,6 +36,7 @@ class Node::Impl {
     if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     server.reset();
     service.reset();
+    metrics.reset();
     // Transfers abandoned at a deadline may still target the arena: end them
     // before it is unregistered and unmapped.
     if (engine) engine->ClosePeers();
@@ -81,9 +85,14 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   impl->dram = std::make_unique<DramTier>(impl->arena->data(), arena_bytes, options.slab_bytes,
                                           *std::move(policy));
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
-  impl->service =
-      std::make_unique<NodeService>(*impl->namespaces, *impl->dram, *impl->engine,
-                                    options.transfer_timeout, options.allow_client_rkeys);
+  if (!options.metrics_listen.empty()) {
+    impl->metrics = std::make_unique<NodeMetrics>(impl->counters, *impl->dram, *impl->namespaces,
+                                                  *impl->engine);
+    if (absl::Status s = impl->metrics->Serve(options.metrics_listen); !s.ok()) return s;
+  }
+  impl->service = std::make_unique<NodeService>(
+      *impl->namespaces, *impl->dram, *impl->engine, impl->counters, impl->metrics.get(),
+      options.transfer_timeout, options.allow_client_rkeys);
 
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &impl->port);
@@ -94,7 +103,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   if (impl->server == nullptr || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
-  KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port << " dram_bytes=" << arena_bytes
+  KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port
+                << " metrics_port=" << (impl->metrics ? impl->metrics->port() : 0) << " dram_bytes=" << arena_bytes
                 << " slab_bytes=" << options.slab_bytes << " policy=" << options.eviction_policy;
   return std::unique_ptr<Node>(new Node(std::move(impl)));
 }
@@ -102,6 +112,7 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
 Node::Node(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Node::~Node() = default;
 int Node::port() const { return impl_->port; }
+int Node::metrics_port() const { return impl_->metrics ? impl_->metrics->port() : 0; }
 void Node::Wait() { impl_->shutdown.WaitForNotification(); }
 void Node::Shutdown() {
   if (!impl_->shutdown.HasBeenNotified()) impl_->shutdown.Notify();

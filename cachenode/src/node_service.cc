@@ -1,5 +1,7 @@
 #include "node_service.h"
 
+#include "metrics.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -179,13 +181,64 @@ absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
 }  // namespace
 
 NodeService::NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
+                         NodeCounters& counters, NodeMetrics* metrics,
                          absl::Duration transfer_timeout, bool allow_client_rkeys)
     : namespaces_(namespaces),
       dram_(dram),
       engine_(engine),
+      counters_(counters),
+      metrics_(metrics),
       transfer_timeout_(transfer_timeout),
       allow_client_rkeys_(allow_client_rkeys),
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())) {}
+
+template <typename Handler>
+grpc::Status NodeService::Observed(const char* method, Handler handler) {
+  const absl::Time start = absl::Now();
+  grpc::Status status = handler();
+  if (metrics_ != nullptr) metrics_->ObserveRpc(method, status.error_code(), absl::Now() - start);
+  return status;
+}
+
+grpc::Status NodeService::OpenNamespace(grpc::ServerContext* context, const v1::OpenNamespaceRequest* request,
+                                v1::OpenNamespaceResponse* response) {
+  return Observed("OpenNamespace", [&] { return DoOpenNamespace(context, request, response); });
+}
+
+grpc::Status NodeService::Lookup(grpc::ServerContext* context, const v1::LookupRequest* request,
+                                v1::LookupResponse* response) {
+  return Observed("Lookup", [&] { return DoLookup(context, request, response); });
+}
+
+grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::PublishRequest* request,
+                                v1::PublishResponse* response) {
+  return Observed("Publish", [&] { return DoPublish(context, request, response); });
+}
+
+grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchRequest* request,
+                                v1::FetchResponse* response) {
+  return Observed("Fetch", [&] { return DoFetch(context, request, response); });
+}
+
+grpc::Status NodeService::Delete(grpc::ServerContext* context, const v1::DeleteRequest* request,
+                                v1::DeleteResponse* response) {
+  return Observed("Delete", [&] { return DoDelete(context, request, response); });
+}
+
+grpc::Status NodeService::Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
+                                v1::StatsResponse* response) {
+  return Observed("Stats", [&] { return DoStats(context, request, response); });
+}
+
+grpc::Status NodeService::Health(grpc::ServerContext* context, const v1::HealthRequest* request,
+                                v1::HealthResponse* response) {
+  return Observed("Health", [&] { return DoHealth(context, request, response); });
+}
+
+grpc::Status NodeService::Drain(grpc::ServerContext* context, const v1::DrainRequest* request,
+                                v1::DrainResponse* response) {
+  return Observed("Drain", [&] { return DoDrain(context, request, response); });
+}
 
 absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
   const absl::Time own = absl::Now() + transfer_timeout_;
@@ -193,7 +246,7 @@ absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) con
   return std::min(own, client);
 }
 
-grpc::Status NodeService::OpenNamespace(grpc::ServerContext*,
+grpc::Status NodeService::DoOpenNamespace(grpc::ServerContext*,
                                         const v1::OpenNamespaceRequest* request,
                                         v1::OpenNamespaceResponse* response) {
   absl::StatusOr<NamespaceInfo> info = namespaces_.Open(request->spec());
@@ -206,7 +259,7 @@ grpc::Status NodeService::OpenNamespace(grpc::ServerContext*,
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Lookup(grpc::ServerContext*, const v1::LookupRequest* request,
+grpc::Status NodeService::DoLookup(grpc::ServerContext*, const v1::LookupRequest* request,
                                  v1::LookupResponse* response) {
   absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
@@ -217,10 +270,14 @@ grpc::Status NodeService::Lookup(grpc::ServerContext*, const v1::LookupRequest* 
   for (size_t i = 0; i < prefix; ++i) response->add_tiers(v1::TIER_DRAM);
   counters_.lookup_hit_blocks.fetch_add(prefix, std::memory_order_relaxed);
   counters_.lookup_miss_blocks.fetch_add(keys->size() - prefix, std::memory_order_relaxed);
+  const uint64_t tokens_per_block = ns->spec.tokens_per_block();
+  counters_.lookup_hit_tokens.fetch_add(prefix * tokens_per_block, std::memory_order_relaxed);
+  counters_.lookup_miss_tokens.fetch_add((keys->size() - prefix) * tokens_per_block,
+                                         std::memory_order_relaxed);
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::PublishRequest* request,
+grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::PublishRequest* request,
                                   v1::PublishResponse* response) {
   if (draining_.load(std::memory_order_relaxed)) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
@@ -337,11 +394,11 @@ grpc::Status NodeService::Publish(grpc::ServerContext* context, const v1::Publis
     }
   }
   response->set_bytes_transferred(bytes);
-  counters_.bytes_in.fetch_add(bytes, std::memory_order_relaxed);
+  counters_.AddTransferBytes("in", endpoint->peer->transport(), bytes);
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchRequest* request,
+grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchRequest* request,
                                 v1::FetchResponse* response) {
   absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
@@ -416,11 +473,11 @@ grpc::Status NodeService::Fetch(grpc::ServerContext* context, const v1::FetchReq
     response->set_checksum(i, pinned[i]->checksum);
   }
   response->set_bytes_transferred(bytes);
-  counters_.bytes_out.fetch_add(bytes, std::memory_order_relaxed);
+  counters_.AddTransferBytes("out", endpoint->peer->transport(), bytes);
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Delete(grpc::ServerContext*, const v1::DeleteRequest* request,
+grpc::Status NodeService::DoDelete(grpc::ServerContext*, const v1::DeleteRequest* request,
                                  v1::DeleteResponse* response) {
   absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
@@ -432,7 +489,7 @@ grpc::Status NodeService::Delete(grpc::ServerContext*, const v1::DeleteRequest* 
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
+grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
                                 v1::StatsResponse* response) {
   const TierCounters dram = dram_.counters();
   v1::TierStats* tier = response->add_tiers();
@@ -459,7 +516,7 @@ grpc::Status NodeService::Stats(grpc::ServerContext*, const v1::StatsRequest*,
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Health(grpc::ServerContext*, const v1::HealthRequest*,
+grpc::Status NodeService::DoHealth(grpc::ServerContext*, const v1::HealthRequest*,
                                  v1::HealthResponse* response) {
   response->set_serving(true);
   response->set_version(KVSTRATA_VERSION);
@@ -468,7 +525,7 @@ grpc::Status NodeService::Health(grpc::ServerContext*, const v1::HealthRequest*,
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::Drain(grpc::ServerContext*, const v1::DrainRequest* request,
+grpc::Status NodeService::DoDrain(grpc::ServerContext*, const v1::DrainRequest* request,
                                 v1::DrainResponse* response) {
   draining_.store(request->draining(), std::memory_order_relaxed);
   KVS_LOG(Info) << (request->draining() ? "draining: refusing new publishes" : "back in service");

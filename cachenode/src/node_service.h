@@ -3,6 +3,9 @@
 #pragma once
 
 #include <atomic>
+#include <map>
+#include <string>
+#include <utility>
 
 #include "absl/time/time.h"
 #include "kvstrata.grpc.pb.h"
@@ -12,9 +15,12 @@
 
 namespace kvstrata::cachenode {
 
+// What the node counts; Stats and the /metrics collector both read it.
 struct NodeCounters {
   std::atomic<uint64_t> lookup_hit_blocks{0};
   std::atomic<uint64_t> lookup_miss_blocks{0};
+  std::atomic<uint64_t> lookup_hit_tokens{0};
+  std::atomic<uint64_t> lookup_miss_tokens{0};
   std::atomic<uint64_t> fetch_hit_blocks{0};
   std::atomic<uint64_t> fetch_miss_blocks{0};
   std::atomic<uint64_t> published_blocks{0};
@@ -23,12 +29,31 @@ struct NodeCounters {
   std::atomic<uint64_t> transfer_failures{0};
   std::atomic<uint64_t> bytes_in{0};
   std::atomic<uint64_t> bytes_out{0};
+
+  // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
+  void AddTransferBytes(const std::string& direction, const std::string& transport, uint64_t bytes) {
+    (direction == "in" ? bytes_in : bytes_out).fetch_add(bytes, std::memory_order_relaxed);
+    absl::MutexLock lock(&mu);
+    by_transport[{direction, transport}] += bytes;
+  }
+  std::map<std::pair<std::string, std::string>, uint64_t> TransferBytes() const {
+    absl::MutexLock lock(&mu);
+    return by_transport;
+  }
+
+ private:
+  mutable absl::Mutex mu;
+  std::map<std::pair<std::string, std::string>, uint64_t> by_transport ABSL_GUARDED_BY(mu);
 };
+
+class NodeMetrics;
 
 class NodeService final : public v1::CacheNode::Service {
  public:
+  // `metrics` may be null (no /metrics endpoint).
   NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
-              absl::Duration transfer_timeout, bool allow_client_rkeys);
+              NodeCounters& counters, NodeMetrics* metrics, absl::Duration transfer_timeout,
+              bool allow_client_rkeys);
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -43,6 +68,19 @@ class NodeService final : public v1::CacheNode::Service {
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
+  template <typename Handler>
+  grpc::Status Observed(const char* method, Handler handler);
+  grpc::Status DoOpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
+                             v1::OpenNamespaceResponse*);
+  grpc::Status DoLookup(grpc::ServerContext*, const v1::LookupRequest*, v1::LookupResponse*);
+  grpc::Status DoPublish(grpc::ServerContext*, const v1::PublishRequest*,
+                       v1::PublishResponse*);
+  grpc::Status DoFetch(grpc::ServerContext*, const v1::FetchRequest*, v1::FetchResponse*);
+  grpc::Status DoDelete(grpc::ServerContext*, const v1::DeleteRequest*, v1::DeleteResponse*);
+  grpc::Status DoStats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*);
+  grpc::Status DoHealth(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse*);
+  grpc::Status DoDrain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*);
+
 
   NamespaceRegistry& namespaces_;
   DramTier& dram_;
@@ -53,7 +91,8 @@ class NodeService final : public v1::CacheNode::Service {
   std::atomic<uint32_t> next_tag_prefix_{1};
   std::atomic<bool> draining_{false};
   const uint64_t incarnation_;
-  NodeCounters counters_;
+  NodeCounters& counters_;
+  NodeMetrics* const metrics_;
 };
 
 }  // namespace kvstrata::cachenode

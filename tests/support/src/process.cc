@@ -133,7 +133,8 @@ absl::StatusOr<std::unique_ptr<NodeProcess>> NodeProcess::Start(
   if (!dir.ok()) return dir.status();
   node->dir_ = *std::move(dir);
   const std::string port_file = node->dir_->File("port");
-  std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0", "--port_file=" + port_file};
+  std::vector<std::string> argv = {binary, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+                                   "--port_file=" + port_file};
   argv.insert(argv.end(), extra_flags.begin(), extra_flags.end());
   absl::StatusOr<std::unique_ptr<ChildProcess>> process = ChildProcess::Spawn(argv, log_path);
   if (!process.ok()) return process.status();
@@ -141,7 +142,10 @@ absl::StatusOr<std::unique_ptr<NodeProcess>> NodeProcess::Start(
   const absl::Time deadline = absl::Now() + start_timeout;
   while (absl::Now() < deadline) {
     std::ifstream in(port_file);
-    if (in >> node->port_ && node->port_ > 0) return node;
+    if (in >> node->port_ && node->port_ > 0) {
+      in >> node->metrics_port_;
+      return node;
+    }
     if (node->process_->Exited()) {
       return absl::UnavailableError(absl::StrCat("kvstrata-node exited during start-up; its log:\n",
                                                  node->process_->LogTail()));

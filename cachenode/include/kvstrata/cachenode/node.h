@@ -13,6 +13,7 @@ namespace kvstrata::cachenode {
 
 struct NodeOptions {
   std::string listen_address = "127.0.0.1:50151";  // port 0 picks a free one
+  std::string metrics_listen = "127.0.0.1:9464";  // Prometheus /metrics; empty: none
   uint64_t dram_bytes = 1ull << 30;
   uint64_t slab_bytes = 64ull << 20;  // also the largest block
   std::string eviction_policy = "lru";
@@ -35,6 +36,7 @@ class Node {
   ~Node();
 
   int port() const;
+  int metrics_port() const;  // 0 without a metrics endpoint
   // Blocks until Shutdown() is called from another thread.
   void Wait();
   void Shutdown();

@@ -63,7 +63,7 @@ class ChildProcess {
   std::string log_path_;
 };
 
-// A kvstrata-node on a free loopback port (`--listen=127.0.0.1:0`), started
+// A kvstrata-node on free loopback ports (`--listen=127.0.0.1:0`, metrics too), started
 // and waited for until it has written its port file.
 class NodeProcess {
  public:
@@ -73,6 +73,7 @@ class NodeProcess {
       const std::string& log_path = "", absl::Duration start_timeout = absl::Seconds(30));
 
   int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }  // its /metrics, on a free port
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   ChildProcess& process() { return *process_; }
 
@@ -81,6 +82,7 @@ class NodeProcess {
   std::unique_ptr<TempDir> dir_;
   std::unique_ptr<ChildProcess> process_;  // destroyed before dir_
   int port_ = 0;
+  int metrics_port_ = 0;
 };
 
 // A loopback TCP port nobody listens on right now.

@@ -1,0 +1,58 @@
+// Prometheus metrics of a node, served on /metrics (prometheus-cpp).
+//
+// Counts live where the node keeps them anyway (NodeCounters, the tier, the
+// namespace registry); a collector reads them at scrape time, so nothing is
+// counted twice. Only what exists nowhere else — RPC counts and latency
+// histograms — is kept here.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace prometheus {
+class Counter;
+class Exposer;
+class Histogram;
+class Registry;
+template <typename T>
+class Family;
+}  // namespace prometheus
+
+namespace kvstrata::transfer {
+class Engine;
+}
+
+namespace kvstrata::cachenode {
+
+struct NodeCounters;
+class DramTier;
+class NamespaceRegistry;
+
+class NodeMetrics {
+ public:
+  NodeMetrics(const NodeCounters& counters, const DramTier& dram,
+              const NamespaceRegistry& namespaces, transfer::Engine& engine);
+  ~NodeMetrics();
+
+  // Serves /metrics on `listen` ("host:port"; port 0 picks a free one).
+  absl::Status Serve(const std::string& listen);
+  int port() const { return port_; }
+
+  // One finished RPC: counted by method and gRPC status code, timed by method.
+  void ObserveRpc(const char* method, int code, absl::Duration elapsed);
+
+  class Collector;
+
+ private:
+  std::shared_ptr<prometheus::Registry> registry_;
+  prometheus::Family<prometheus::Counter>* requests_;
+  prometheus::Family<prometheus::Histogram>* durations_;
+  std::shared_ptr<Collector> collector_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  int port_ = 0;
+};
+
+}  // namespace kvstrata::cachenode
