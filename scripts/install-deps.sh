@@ -14,6 +14,7 @@ PACKAGES=(
   prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
+  python3 python3-yaml
 )
 
 missing=()
