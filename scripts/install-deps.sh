@@ -14,7 +14,7 @@ PACKAGES=(
   prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
-  python3 python3-yaml
+  python3 python3-yaml openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 )
 
 missing=()

@@ -23,6 +23,11 @@ ABSL_FLAG(std::string, port_file, "",
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464",
           "Address of the Prometheus /metrics endpoint, host:port (port 0 picks a free one; empty "
           "turns it off). Use 0.0.0.0:9464 to be scraped from other hosts.");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "PEM certificate for gRPC TLS (with --tls_key_file). Empty: plaintext gRPC.");
+ABSL_FLAG(std::string, tls_key_file, "", "PEM private key for gRPC TLS.");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "PEM CA bundle: clients must present a certificate it signed (mutual TLS).");
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
@@ -92,6 +97,9 @@ int main(int argc, char** argv) {
   kvstrata::cachenode::NodeOptions options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {

@@ -1,4 +1,6 @@
 #include <algorithm>
+#include <fstream>
+#include <sstream>
 #include <memory>
 
 #include "absl/container/flat_hash_map.h"
@@ -203,8 +205,30 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
   args.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
   // Reconnect quickly after a node restart instead of backing off for minutes.
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  impl->channel =
-      grpc::CreateCustomChannel(options.node_address, grpc::InsecureChannelCredentials(), args);
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (!options.tls_ca_file.empty()) {
+    auto read = [](const std::string& path) -> absl::StatusOr<std::string> {
+      std::ifstream in(path);
+      if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+      std::stringstream text;
+      text << in.rdbuf();
+      return text.str();
+    };
+    grpc::SslCredentialsOptions ssl;
+    absl::StatusOr<std::string> ca = read(options.tls_ca_file);
+    if (!ca.ok()) return ca.status();
+    ssl.pem_root_certs = *ca;
+    if (!options.tls_cert_file.empty()) {
+      absl::StatusOr<std::string> cert = read(options.tls_cert_file);
+      if (!cert.ok()) return cert.status();
+      absl::StatusOr<std::string> key = read(options.tls_key_file);
+      if (!key.ok()) return key.status();
+      ssl.pem_cert_chain = *cert;
+      ssl.pem_private_key = *key;
+    }
+    credentials = grpc::SslCredentials(ssl);
+  }
+  impl->channel = grpc::CreateCustomChannel(options.node_address, credentials, args);
   impl->stub = v1::CacheNode::NewStub(impl->channel);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }

@@ -622,6 +622,46 @@ TEST(RmaNodeTest, PublishAndFetchWithClientMemoryKeys) {
   EXPECT_EQ(FetchAndVerify(*tagged, *tagged_ns, 31, 40, 16), 40u);
 }
 
+// gRPC over mutual TLS: certificates made with openssl for this test.
+TEST(TlsNodeTest, MutualTlsAdmitsOnlyClientsWithCertificates) {
+  auto dir = testing::TempDir::Create("kvstrata-tls");
+  ASSERT_TRUE(dir.ok());
+  const std::string d = (*dir)->File("");
+  const std::string script = absl::StrCat(
+      "cd ", d, " && exec >openssl.log 2>&1 && ",
+      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca && ",
+      "openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && ",
+      "printf 'subjectAltName=IP:127.0.0.1' > san.ext && ",
+      "openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out node.pem -days 1 -extfile san.ext && ",
+      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && ",
+      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1");
+  ASSERT_EQ(std::system(script.c_str()), 0) << "openssl failed; see " << d << "openssl.log";
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                                 {"--dram_bytes=67108864", "--tls_cert_file=" + d + "node.pem",
+                                  "--tls_key_file=" + d + "node.key",
+                                  "--tls_client_ca_file=" + d + "ca.pem"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  client::ClientOptions options{.node_address = (*node)->address(), .timeout = absl::Seconds(5)};
+  options.tls_ca_file = d + "ca.pem";
+  options.tls_cert_file = d + "client.pem";
+  options.tls_key_file = d + "client.key";
+  auto trusted = Client::Connect(options);
+  ASSERT_TRUE(trusted.ok()) << trusted.status();
+  auto ns = (*trusted)->OpenNamespace(OpaqueSpec("tls", 64 * 1024));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  ASSERT_TRUE(PublishStream(**trusted, *ns, 61, 4).ok());
+  EXPECT_EQ(FetchAndVerify(**trusted, *ns, 61, 4), 4u);
+
+  auto plaintext = Client::Connect({.node_address = (*node)->address(), .timeout = absl::Seconds(2)});
+  EXPECT_FALSE((*plaintext)->OpenNamespace(OpaqueSpec("tls", 64 * 1024)).ok());
+  options.tls_cert_file.clear();
+  options.tls_key_file.clear();
+  options.timeout = absl::Seconds(2);
+  auto anonymous = Client::Connect(options);
+  EXPECT_FALSE((*anonymous)->OpenNamespace(OpaqueSpec("tls", 64 * 1024)).ok())
+      << "a client without a certificate got in";
+}
+
 class SmallNodeTest : public ::testing::Test {};
 
 TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {

@@ -14,6 +14,11 @@ namespace kvstrata::cachenode {
 struct NodeOptions {
   std::string listen_address = "127.0.0.1:50151";  // port 0 picks a free one
   std::string metrics_listen = "127.0.0.1:9464";  // Prometheus /metrics; empty: none
+  // TLS for gRPC: PEM files. Certificate and key turn TLS on; a client CA
+  // file also requires and verifies client certificates (mutual TLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
   uint64_t dram_bytes = 1ull << 30;
   uint64_t slab_bytes = 64ull << 20;  // also the largest block
   std::string eviction_policy = "lru";

@@ -57,6 +57,11 @@ struct ClientOptions {
   // on this client's memory keys (only nodes run with --allow_client_rkeys).
   enum class TransferMethod { kTagged, kRma };
   TransferMethod transfer_method = TransferMethod::kTagged;
+  // gRPC over TLS when set: PEM file of the CA that signed the node's
+  // certificate; certificate and key files add a client certificate (mTLS).
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 // Per-block outcome of Publish and Fetch.
