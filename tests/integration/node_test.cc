@@ -2,6 +2,8 @@
 // loopback. ctest runs this binary once per transport (UCX_TLS=tcp, =sm) and
 // KVSTRATA_EXPECT_TRANSPORTS names the UCX transports the node may report.
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/client_unary_call.h>
+#include <grpcpp/support/byte_buffer.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -229,6 +231,26 @@ TEST_F(NodeTest, ConcurrentClientsDoNotMixTheirBlocks) {
     EXPECT_EQ(stored[t], kCount) << "client " << t;
     EXPECT_EQ(verified[t], kCount) << "client " << t;
   }
+}
+
+TEST_F(NodeTest, StandardGrpcHealthServiceAnswersServing) {
+  // What a Kubernetes gRPC probe asks: grpc.health.v1.Health/Check.
+  auto channel = grpc::CreateChannel(node_->address(), grpc::InsecureChannelCredentials());
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::Slice empty;
+  grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  const grpc::Status status = grpc::internal::BlockingUnaryCall<grpc::ByteBuffer, grpc::ByteBuffer>(
+      channel.get(),
+      grpc::internal::RpcMethod("/grpc.health.v1.Health/Check", grpc::internal::RpcMethod::NORMAL_RPC),
+      &context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // HealthCheckResponse{status: SERVING}
 }
 
 TEST_F(NodeTest, CApiRoundTrip) {

@@ -134,16 +134,20 @@ func main() {
 	}
 	root.Funcs(funcs)
 
+	// Templates are named as Helm names them ("<chart>/templates/<file>"), so
+	// `include (print $.Template.BasePath "/x.yaml") .` works as in helm.
+	chartName := fmt.Sprint(chart["name"])
+	basePath := chartName + "/templates"
+	data["Template"] = map[string]interface{}{"BasePath": basePath, "Name": ""}
 	paths, err := filepath.Glob(filepath.Join(chartDir, "templates", "*"))
 	check(err)
 	sort.Strings(paths)
 	for _, p := range paths {
 		text, err := os.ReadFile(p)
 		check(err)
-		_, err = root.New(filepath.Base(p)).Parse(string(text))
+		_, err = root.New(basePath + "/" + filepath.Base(p)).Parse(string(text))
 		check(err)
 	}
-	chartName := fmt.Sprint(chart["name"])
 	for _, p := range paths {
 		base := filepath.Base(p)
 		isNotes := base == "NOTES.txt"
@@ -151,7 +155,8 @@ func main() {
 			continue
 		}
 		var buf bytes.Buffer
-		check(root.ExecuteTemplate(&buf, base, data))
+		data["Template"].(map[string]interface{})["Name"] = basePath + "/" + base
+		check(root.ExecuteTemplate(&buf, basePath+"/"+base, data))
 		out := strings.TrimSpace(buf.String())
 		if out == "" {
 			continue
