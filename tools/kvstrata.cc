@@ -426,9 +426,13 @@ int RunChild(const char* self, const std::string& role, int argc, char** argv) {
 int main(int argc, char** argv) {
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view path) {
-    return path.find("tools/kvstrata.cc") != absl::string_view::npos;
+    return path == "kvstrata";
   };
   usage.contains_helpshort_flags = usage.contains_help_flags;
+  // Shown as the binary's name, not the build machine's source path.
+  usage.normalize_filename = [](absl::string_view path) {
+    return path.find("tools/kvstrata.cc") != absl::string_view::npos ? std::string("kvstrata") : std::string(path);
+  };
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "kvstrata <put|get|lookup|stat|demo> [flags]\n"

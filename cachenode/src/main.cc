@@ -78,9 +78,13 @@ int main(int argc, char** argv) {
   // after the binary).
   absl::FlagsUsageConfig usage;
   usage.contains_help_flags = [](absl::string_view path) {
-    return path.find("cachenode/src/main.cc") != absl::string_view::npos;
+    return path == "kvstrata-node";
   };
   usage.contains_helpshort_flags = usage.contains_help_flags;
+  // Shown as the binary's name, not the build machine's source path.
+  usage.normalize_filename = [](absl::string_view path) {
+    return path.find("cachenode/src/main.cc") != absl::string_view::npos ? std::string("kvstrata-node") : std::string(path);
+  };
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "kvstrata cache node: stores prefix-hashed KV blocks and serves them over gRPC + UCX.\n"
