@@ -5,6 +5,7 @@
 //   kvstrata lookup --keys=HEX,HEX,... | --tokens=1,2,3,... longest stored prefix
 //   kvstrata stat [--nodes=a,b,c | --dns=name:port]         node or cluster counters
 //   kvstrata drain --node=ADDR [--undrain]                  stop (or resume) new publishes
+//   kvstrata replay --trace=FILE [--capacity=0.1]           offline policy replay vs Belady
 //   kvstrata demo                                           prefill -> decode handoff
 //
 // Blocks belong to a namespace given by --tenant/--model and either
@@ -32,6 +33,7 @@
 #include "absl/time/clock.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/cachenode/replay.h"
 #include "kvstrata/client/cluster.h"
 
 ABSL_FLAG(std::string, node, "127.0.0.1:50151", "Cache node address, host:port.");
@@ -40,6 +42,11 @@ ABSL_FLAG(std::string, nodes, "",
 ABSL_FLAG(std::string, dns, "",
           "stat/drain: name:port whose addresses are the cluster's nodes (a headless Service).");
 ABSL_FLAG(bool, undrain, false, "drain: take the node back into service instead.");
+ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines with hash_ids).");
+ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
+          "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
+          "blocks (> 1), comma-separated.");
+ABSL_FLAG(std::string, policy, "lru", "replay: the eviction policy to measure.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
 ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
@@ -265,6 +272,39 @@ int Drain() {
   return 0;
 }
 
+// Offline replay of a trace: the policy against LRU and Belady's optimum.
+int Replay() {
+  auto trace = kvstrata::cachenode::LoadMooncakeTrace(absl::GetFlag(FLAGS_trace));
+  if (!trace.ok()) return Die(trace.status());
+  const size_t distinct = kvstrata::cachenode::DistinctBlocks(*trace);
+  std::printf("trace: %zu requests, %zu distinct blocks; policy %s\n", trace->size(), distinct,
+              absl::GetFlag(FLAGS_policy).c_str());
+  for (absl::string_view text : absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
+    double value = 0;
+    if (!absl::SimpleAtod(text, &value) || value <= 0) {
+      return Die(absl::InvalidArgumentError(absl::StrCat("bad capacity '", text, "'")));
+    }
+    const size_t blocks = value <= 1 ? static_cast<size_t>(value * distinct) : static_cast<size_t>(value);
+    auto policy = kvstrata::cachenode::MakeEvictionPolicy(absl::GetFlag(FLAGS_policy));
+    if (!policy.ok()) return Die(policy.status());
+    auto lru = kvstrata::cachenode::MakeLruPolicy();
+    const auto measured = kvstrata::cachenode::Replay(*trace, blocks, **policy);
+    const auto baseline = kvstrata::cachenode::Replay(*trace, blocks, *lru);
+    const auto belady = kvstrata::cachenode::ReplayBelady(*trace, blocks);
+    const double gap = belady.token_hit_rate() - baseline.token_hit_rate();
+    std::printf(
+        "capacity %zu blocks (%.1f%%): token hit rate %s %.3f, lru %.3f, belady %.3f; gap closed "
+        "%.2f; block hit rate %.3f (lru %.3f, belady %.3f); %.0f ns/op vs lru %.0f ns/op\n",
+        blocks, 100.0 * blocks / distinct, absl::GetFlag(FLAGS_policy).c_str(),
+        measured.token_hit_rate(), baseline.token_hit_rate(), belady.token_hit_rate(),
+        gap > 0 ? (measured.token_hit_rate() - baseline.token_hit_rate()) / gap : 0.0,
+        measured.block_hit_rate(), baseline.block_hit_rate(), belady.block_hit_rate(),
+        1e9 * measured.seconds / std::max<uint64_t>(measured.operations, 1),
+        1e9 * baseline.seconds / std::max<uint64_t>(baseline.operations, 1));
+  }
+  return 0;
+}
+
 int Stat() {
   if (ClusterFlagsGiven()) return ClusterStat();
   auto client = ConnectFromFlags();
@@ -441,6 +481,7 @@ int main(int argc, char** argv) {
       "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
       "  stat   [--nodes=a,b,c | --dns=name:port]     node counters, or the whole cluster\n"
       "  drain  --node=ADDR [--undrain] [--nodes=...] a node refuses (or accepts again) new blocks\n"
+      "  replay --trace=FILE [--capacity=0.1] [--policy=lru]  offline policy vs LRU vs Belady\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {
@@ -453,6 +494,7 @@ int main(int argc, char** argv) {
   if (command == "lookup") return Lookup();
   if (command == "stat") return Stat();
   if (command == "drain") return Drain();
+  if (command == "replay") return Replay();
   if (command == "demo-prefill") return DemoWorker(/*prefill=*/true);
   if (command == "demo-decode") return DemoWorker(/*prefill=*/false);
   if (command == "demo") {

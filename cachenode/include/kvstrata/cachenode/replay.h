@@ -1,0 +1,60 @@
+// Offline replay of request traces against eviction policies (no server).
+//
+// A Mooncake trace lists, per request, the hashes of its 512-token prefix
+// blocks. Replaying a request: its leading blocks that are cached are hits
+// (the engine skips their tokens); then every block of the request is
+// accessed in order — hits refresh the policy, misses are inserted (the
+// engine computed and published them), evicting the policy's victims while
+// the cache is full.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kvstrata/cachenode/eviction_policy.h"
+
+namespace kvstrata::cachenode {
+
+struct TraceRequest {
+  double timestamp = 0;
+  uint64_t input_length = 0;  // prompt tokens
+  uint64_t output_length = 0;
+  std::vector<uint64_t> hash_ids;  // one per 512-token block, in prefix order
+};
+
+// Reads a Mooncake-format trace: JSON lines with timestamp, input_length,
+// output_length and hash_ids.
+absl::StatusOr<std::vector<TraceRequest>> LoadMooncakeTrace(const std::string& path);
+size_t DistinctBlocks(const std::vector<TraceRequest>& trace);
+
+struct ReplayResult {
+  uint64_t hit_tokens = 0;      // prompt tokens covered by the cached prefix
+  uint64_t total_tokens = 0;
+  uint64_t prefix_hit_blocks = 0;
+  uint64_t total_blocks = 0;
+  uint64_t access_hits = 0;     // every access that found its block (not only prefixes)
+  uint64_t operations = 0;      // policy calls
+  double seconds = 0;           // time spent replaying
+  double token_hit_rate() const {
+    return total_tokens ? static_cast<double>(hit_tokens) / total_tokens : 0;
+  }
+  double block_hit_rate() const {
+    return total_blocks ? static_cast<double>(prefix_hit_blocks) / total_blocks : 0;
+  }
+};
+
+inline constexpr uint64_t kTraceTokensPerBlock = 512;
+
+ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
+                    EvictionPolicy& policy);
+
+// Belady's offline optimum for the same replay: on a miss with a full cache,
+// evict the cached block whose next access is farthest (or skip caching the
+// new block when its own next access is farther still). Optimal for
+// access_hits; for prefix hits it is the classic yardstick, not a proven
+// bound, since keeping a block only pays while its whole prefix is kept too.
+ReplayResult ReplayBelady(const std::vector<TraceRequest>& trace, size_t capacity_blocks);
+
+}  // namespace kvstrata::cachenode

@@ -1,0 +1,182 @@
+#include "kvstrata/cachenode/replay.h"
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <queue>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/clock.h"
+
+namespace kvstrata::cachenode {
+namespace {
+
+// The value after `"key":` in a flat JSON object, up to the next ',' or '}'
+// (or the whole [...] array).
+absl::string_view JsonField(absl::string_view line, absl::string_view key) {
+  const std::string quoted = absl::StrCat("\"", key, "\"");
+  size_t at = line.find(quoted);
+  if (at == absl::string_view::npos) return {};
+  at = line.find(':', at + quoted.size());
+  if (at == absl::string_view::npos) return {};
+  ++at;
+  while (at < line.size() && line[at] == ' ') ++at;
+  size_t end = line[at] == '[' ? line.find(']', at) + 1 : line.find_first_of(",}", at);
+  if (end == absl::string_view::npos || end == 0) return {};
+  return line.substr(at, end - at);
+}
+
+BlockId IdOf(uint64_t hash) {
+  BlockId id;
+  std::memcpy(id.key.bytes.data(), &hash, sizeof(hash));
+  return id;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<TraceRequest>> LoadMooncakeTrace(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read trace ", path));
+  std::vector<TraceRequest> trace;
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    TraceRequest request;
+    absl::string_view ids = JsonField(line, "hash_ids");
+    if (!absl::SimpleAtod(JsonField(line, "timestamp"), &request.timestamp) ||
+        !absl::SimpleAtoi(JsonField(line, "input_length"), &request.input_length) ||
+        ids.size() < 2 || ids.front() != '[') {
+      return absl::InvalidArgumentError(absl::StrCat(path, ":", number, ": not a Mooncake request"));
+    }
+    if (!absl::SimpleAtoi(JsonField(line, "output_length"), &request.output_length)) {
+      request.output_length = 0;  // optional for replay
+    }
+    ids = ids.substr(1, ids.size() - 2);
+    while (!ids.empty()) {
+      const size_t comma = ids.find(',');
+      absl::string_view item = ids.substr(0, comma);
+      while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+      uint64_t id;
+      if (!item.empty()) {
+        if (!absl::SimpleAtoi(item, &id)) {
+          return absl::InvalidArgumentError(absl::StrCat(path, ":", number, ": bad hash id"));
+        }
+        request.hash_ids.push_back(id);
+      }
+      if (comma == absl::string_view::npos) break;
+      ids.remove_prefix(comma + 1);
+    }
+    trace.push_back(std::move(request));
+  }
+  return trace;
+}
+
+size_t DistinctBlocks(const std::vector<TraceRequest>& trace) {
+  absl::flat_hash_set<uint64_t> seen;
+  for (const TraceRequest& request : trace) seen.insert(request.hash_ids.begin(), request.hash_ids.end());
+  return seen.size();
+}
+
+namespace {
+
+// Prefix hits of one request, given what is cached now.
+template <typename Cached>
+void CountPrefix(const TraceRequest& request, const Cached& cached, ReplayResult& result) {
+  size_t prefix = 0;
+  while (prefix < request.hash_ids.size() && cached(request.hash_ids[prefix])) ++prefix;
+  result.prefix_hit_blocks += prefix;
+  result.total_blocks += request.hash_ids.size();
+  result.hit_tokens += std::min<uint64_t>(prefix * kTraceTokensPerBlock, request.input_length);
+  result.total_tokens += request.input_length;
+}
+
+}  // namespace
+
+ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
+                    EvictionPolicy& policy) {
+  ReplayResult result;
+  absl::flat_hash_set<uint64_t> cached;
+  const absl::Time start = absl::Now();
+  for (const TraceRequest& request : trace) {
+    CountPrefix(request, [&](uint64_t id) { return cached.contains(id); }, result);
+    for (uint64_t id : request.hash_ids) {
+      ++result.operations;
+      if (cached.contains(id)) {
+        ++result.access_hits;
+        policy.OnHit(IdOf(id));
+        continue;
+      }
+      if (capacity_blocks == 0) continue;
+      while (cached.size() >= capacity_blocks) {
+        std::optional<BlockId> victim = policy.Victim();
+        if (!victim.has_value()) break;
+        uint64_t evicted;
+        std::memcpy(&evicted, victim->key.bytes.data(), sizeof(evicted));
+        cached.erase(evicted);
+        policy.OnErase(*victim);
+        ++result.operations;
+      }
+      cached.insert(id);
+      policy.OnInsert(IdOf(id));
+    }
+  }
+  result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return result;
+}
+
+ReplayResult ReplayBelady(const std::vector<TraceRequest>& trace, size_t capacity_blocks) {
+  // Next access (position in the flattened access sequence) of every access.
+  std::vector<uint64_t> sequence;
+  for (const TraceRequest& request : trace) {
+    sequence.insert(sequence.end(), request.hash_ids.begin(), request.hash_ids.end());
+  }
+  constexpr size_t kNever = ~size_t{0};
+  std::vector<size_t> next(sequence.size());
+  absl::flat_hash_map<uint64_t, size_t> last;
+  for (size_t k = sequence.size(); k-- > 0;) {
+    auto it = last.find(sequence[k]);
+    next[k] = it == last.end() ? kNever : it->second;
+    last[sequence[k]] = k;
+  }
+  ReplayResult result;
+  absl::flat_hash_map<uint64_t, size_t> cached;  // id -> its next access
+  std::priority_queue<std::pair<size_t, uint64_t>> farthest;  // lazy max-heap
+  size_t k = 0;
+  const absl::Time start = absl::Now();
+  for (const TraceRequest& request : trace) {
+    CountPrefix(request, [&](uint64_t id) { return cached.contains(id); }, result);
+    for (uint64_t id : request.hash_ids) {
+      const size_t next_use = next[k++];
+      ++result.operations;
+      auto it = cached.find(id);
+      if (it != cached.end()) {
+        ++result.access_hits;
+        it->second = next_use;
+        farthest.push({next_use, id});
+        continue;
+      }
+      if (capacity_blocks == 0) continue;
+      if (cached.size() >= capacity_blocks) {
+        while (true) {  // drop stale heap entries
+          auto [use, candidate] = farthest.top();
+          auto c = cached.find(candidate);
+          if (c != cached.end() && c->second == use) break;
+          farthest.pop();
+        }
+        if (farthest.top().first <= next_use) continue;  // the new block is the worst: bypass
+        cached.erase(farthest.top().second);
+        farthest.pop();
+      }
+      cached[id] = next_use;
+      farthest.push({next_use, id});
+    }
+  }
+  result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return result;
+}
+
+}  // namespace kvstrata::cachenode
