@@ -68,10 +68,9 @@ absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool s
     ++running_;
   }
 
-  std::string self(4096, '\0');
-  const ssize_t length = readlink("/proc/self/exe", self.data(), self.size() - 1);
-  self.resize(length > 0 ? length : 0);
-  std::vector<std::string> args = {self, kAddressFlag + absl::BytesToHexString(worker_address),
+  // /proc/self/exe is this very executable even if its file was replaced or
+  // deleted since start (an upgrade on disk must not break running nodes).
+  std::vector<std::string> args = {"kvstrata-node", kAddressFlag + absl::BytesToHexString(worker_address),
                                    absl::StrCat(kSameHostFlag, same_host ? 1 : 0),
                                    kTransportsFlag + transports_};
   std::vector<char*> argv;
@@ -82,7 +81,7 @@ absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool s
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
   posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
   pid_t pid = 0;
-  const int spawned = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  const int spawned = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
 
   bool good = false;
