@@ -134,7 +134,7 @@ NodeMetrics::NodeMetrics(const NodeCounters& counters, const DramTier& dram,
                      .Register(*registry_)),
       durations_(&prometheus::BuildHistogram()
                       .Name("kvstrata_rpc_duration_seconds")
-                      .Help("gRPC request latency at the node, by method.")
+                      .Help("gRPC request latency at the node, by method and status code.")
                       .Register(*registry_)),
       collector_(std::make_shared<Collector>(counters, dram, namespaces, engine)) {}
 
@@ -159,7 +159,8 @@ void NodeMetrics::ObserveRpc(const char* method, int code, absl::Duration elapse
       25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
       25e-3, 50e-3, 0.1,    0.25,   0.5,    1,    2.5,    5,    10};
   requests_->Add({{"method", method}, {"code", std::to_string(code)}}).Increment();
-  durations_->Add({{"method", method}}, kBuckets).Observe(absl::ToDoubleSeconds(elapsed));
+  durations_->Add({{"method", method}, {"code", std::to_string(code)}}, kBuckets)
+      .Observe(absl::ToDoubleSeconds(elapsed));
 }
 
 }  // namespace kvstrata::cachenode

@@ -41,7 +41,7 @@ class NodeMetrics {
   absl::Status Serve(const std::string& listen);
   int port() const { return port_; }
 
-  // One finished RPC: counted by method and gRPC status code, timed by method.
+  // One finished RPC: counted and timed by method and gRPC status code.
   void ObserveRpc(const char* method, int code, absl::Duration elapsed);
 
   class Collector;
