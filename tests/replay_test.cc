@@ -6,6 +6,7 @@
 #include <functional>
 #include <random>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 
 namespace kvstrata::cachenode {
@@ -114,6 +115,78 @@ TEST(ReplayTest, LoadsMooncakeLines) {
   }
   EXPECT_FALSE(LoadMooncakeTrace(path).ok());
   EXPECT_FALSE(LoadMooncakeTrace(path + ".missing").ok());
+}
+
+}  // namespace
+}  // namespace kvstrata::cachenode
+
+namespace kvstrata::cachenode {
+namespace {
+
+BlockId Node(uint64_t n) {
+  BlockId id;
+  std::memcpy(id.key.bytes.data(), &n, sizeof(n));
+  return id;
+}
+
+TEST(PrefixLruTest, NeverEvictsABlockWithCachedChildren) {
+  auto policy = MakePrefixLruPolicy();
+  std::mt19937 rng(5);
+  absl::flat_hash_set<uint64_t> cached;
+  absl::flat_hash_map<uint64_t, uint64_t> parent_of;
+  constexpr size_t kCapacity = 40;
+  for (int round = 0; round < 3000; ++round) {
+    // A chain of up to 8 blocks under one of 30 roots (ids: root * 100 + depth).
+    const uint64_t root = rng() % 30;
+    const int depth = 1 + rng() % 8;
+    for (int d = 0; d < depth; ++d) {
+      const uint64_t id = root * 100 + d;
+      if (cached.contains(id)) {
+        policy->OnHit(Node(id));
+        continue;
+      }
+      while (cached.size() >= kCapacity) {
+        auto victim = policy->Victim();
+        ASSERT_TRUE(victim.has_value());
+        uint64_t v;
+        std::memcpy(&v, victim->key.bytes.data(), sizeof(v));
+        for (uint64_t other : cached) {
+          ASSERT_FALSE(parent_of.contains(other) && parent_of[other] == v && other != v)
+              << "evicted " << v << " while its child " << other << " is cached";
+        }
+        cached.erase(v);
+        policy->OnErase(*victim);
+      }
+      std::optional<BlockId> parent;
+      if (d > 0) {
+        parent = Node(id - 1);
+        parent_of[id] = id - 1;
+      }
+      cached.insert(id);
+      policy->OnInsert(Node(id), parent);
+      ASSERT_LE(policy->size(), kCapacity);
+    }
+  }
+  // A cached block's prefix is cached (chains were inserted head first).
+  for (uint64_t id : cached) {
+    if (parent_of.contains(id)) EXPECT_TRUE(cached.contains(parent_of[id])) << id;
+  }
+}
+
+TEST(PrefixLruTest, EvictsChainsFromTheTail) {
+  auto policy = MakePrefixLruPolicy();
+  for (uint64_t d = 0; d < 4; ++d) {
+    policy->OnInsert(Node(d), d ? std::optional<BlockId>(Node(d - 1)) : std::nullopt);
+  }
+  policy->OnInsert(Node(100));  // a newer, separate block
+  for (uint64_t expected : {3, 2, 1, 0, 100}) {
+    auto victim = policy->Victim();
+    ASSERT_TRUE(victim.has_value());
+    EXPECT_EQ(*victim, Node(expected));
+    policy->OnErase(*victim);
+  }
+  EXPECT_FALSE(policy->Victim().has_value());
+  EXPECT_TRUE(MakeEvictionPolicy("prefix-lru").ok());
 }
 
 }  // namespace

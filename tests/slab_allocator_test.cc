@@ -39,6 +39,13 @@ TEST(SlabAllocatorTest, EmptySlabsMoveBetweenSizeClasses) {
   EXPECT_FALSE(allocator.Allocate(1).has_value());
 }
 
+TEST(SlabAllocatorTest, PowersOfTwoFitExactly) {
+  SlabAllocator allocator(4 * kSlab, kSlab);
+  for (uint64_t size = 4096; size <= kSlab; size *= 2) EXPECT_EQ(allocator.ChunkSize(size), size);
+  EXPECT_EQ(allocator.ChunkSize(1), 4096u);
+  EXPECT_EQ(allocator.ChunkSize(4097), 8192u);
+}
+
 TEST(SlabAllocatorTest, RejectsImpossibleSizes) {
   SlabAllocator allocator(kSlab, kSlab);
   EXPECT_FALSE(allocator.Allocate(0).has_value());

@@ -47,9 +47,12 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
 
 bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   const uint64_t size = block->size();
+  const bool has_parent = block->has_parent;
+  const BlockKey parent = block->parent;
   absl::MutexLock lock(&mu_);
   if (!index_.Insert(id, std::move(block))) return false;
-  policy_->OnInsert(id);
+  policy_->OnInsert(id, has_parent ? std::optional<BlockId>(BlockId{id.namespace_id, parent})
+                                   : std::nullopt);
   stored_bytes_.fetch_add(size, std::memory_order_relaxed);
   return true;
 }

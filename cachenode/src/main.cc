@@ -36,7 +36,9 @@ ABSL_FLAG(uint64_t, dram_auto_cap_bytes, 4ull << 30,
 ABSL_FLAG(
     uint64_t, slab_bytes, 64ull << 20,
     "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
-ABSL_FLAG(std::string, eviction_policy, "lru", "Eviction policy of the DRAM tier: lru.");
+ABSL_FLAG(std::string, eviction_policy, "lru",
+          "Eviction policy of the DRAM tier: lru, or prefix-lru (never evicts a block whose "
+          "descendants are cached; chains leave from their tail).");
 ABSL_FLAG(std::string, ucx_transports, "",
           "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
           "or UCX's choice.");

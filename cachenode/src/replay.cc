@@ -103,7 +103,8 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
   const absl::Time start = absl::Now();
   for (const TraceRequest& request : trace) {
     CountPrefix(request, [&](uint64_t id) { return cached.contains(id); }, result);
-    for (uint64_t id : request.hash_ids) {
+    for (size_t i = 0; i < request.hash_ids.size(); ++i) {
+      const uint64_t id = request.hash_ids[i];
       ++result.operations;
       if (cached.contains(id)) {
         ++result.access_hits;
@@ -121,7 +122,8 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
         ++result.operations;
       }
       cached.insert(id);
-      policy.OnInsert(IdOf(id));
+      policy.OnInsert(IdOf(id), i > 0 ? std::optional<BlockId>(IdOf(request.hash_ids[i - 1]))
+                                      : std::nullopt);
     }
   }
   result.seconds = absl::ToDoubleSeconds(absl::Now() - start);

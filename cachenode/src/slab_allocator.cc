@@ -11,9 +11,14 @@ uint64_t RoundUpToPage(uint64_t v) { return (v + kPage - 1) / kPage * kPage; }
 
 SlabAllocator::SlabAllocator(uint64_t capacity, uint64_t slab_bytes) : slab_bytes_(slab_bytes) {
   assert(slab_bytes % kPage == 0 && slab_bytes > 0 && capacity >= slab_bytes);
-  for (uint64_t size = kPage; size < slab_bytes_;) {
-    class_sizes_.push_back(size);
-    size = std::max(size + kPage, RoundUpToPage(size + size / 8));
+  // Eight classes per power of two (p, 9p/8, ..., 15p/8), so powers of two —
+  // the usual KV block sizes — fit exactly and nothing wastes more than 1/8.
+  for (uint64_t power = kPage; power < slab_bytes_; power *= 2) {
+    for (uint64_t eighth = 0; eighth < 8; ++eighth) {
+      const uint64_t size = RoundUpToPage(power + power * eighth / 8);
+      if (size >= slab_bytes_) break;
+      if (class_sizes_.empty() || size > class_sizes_.back()) class_sizes_.push_back(size);
+    }
   }
   class_sizes_.push_back(slab_bytes_);
   partial_.resize(class_sizes_.size());

@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <cstring>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -720,6 +721,29 @@ TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
     EXPECT_EQ(
         std::memcmp(expected.data(), (*buffer)->data() + (i - (kCount - 32)) * kBlock, kBlock), 0);
   }
+}
+
+TEST_F(SmallNodeTest, PrefixLruKeepsEveryCachedBlockUsable) {
+  // Room for 64 blocks; an older 40-block chain A, then a newer chain B of 40.
+  // LRU evicts A from its head, leaving A's tail cached but useless (no
+  // prefix); prefix-lru evicts A from its tail and keeps a usable prefix.
+  std::map<std::string, size_t> prefix_of_a;
+  for (const std::string policy : {"lru", "prefix-lru"}) {
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576",
+                                                          "--eviction_policy=" + policy});
+    ASSERT_TRUE(node.ok()) << node.status();
+    auto c = Connect((*node)->address());
+    auto ns = c->OpenNamespace(OpaqueSpec("chains"));
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    ASSERT_EQ(PublishStream(*c, *ns, 1, 40, 8)->count(BlockOutcome::kOk), 40u);
+    ASSERT_EQ(PublishStream(*c, *ns, 2, 40, 8)->count(BlockOutcome::kOk), 40u);
+    EXPECT_EQ(ns->Lookup(ns->Keys(Tokens(2, 40)))->prefix_length, 40u) << policy;
+    prefix_of_a[policy] = ns->Lookup(ns->Keys(Tokens(1, 40)))->prefix_length;
+    EXPECT_EQ(FetchAndVerify(*c, *ns, 1, prefix_of_a[policy]), prefix_of_a[policy]);
+  }
+  EXPECT_EQ(prefix_of_a["lru"], 0u);
+  EXPECT_GE(prefix_of_a["prefix-lru"], 16u);
+  EXPECT_LE(prefix_of_a["prefix-lru"], 24u);
 }
 
 // ---- child processes ---------------------------------------------------------

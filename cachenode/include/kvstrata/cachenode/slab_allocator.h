@@ -2,9 +2,10 @@
 //
 // The arena is cut into equal slabs. A slab is assigned to one size class on
 // demand and cut into equal chunks; when its last chunk is freed it returns to
-// the pool and may serve another class. Classes grow by 1/8 from 4 KiB, so a
-// block wastes at most 12.5% of its chunk (plus the tail of a slab that its
-// chunk size does not divide). Works on offsets: the allocator never touches
+// the pool and may serve another class. There are eight classes per power of
+// two from 4 KiB (p, 9p/8, ..., 15p/8, page-rounded): powers of two fit
+// exactly and a block wastes at most 1/8 of its chunk (plus the tail of a
+// slab that its chunk size does not divide). Works on offsets: the allocator never touches
 // the memory it manages. Thread-safe.
 #pragma once
 
