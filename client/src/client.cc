@@ -6,6 +6,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "client_impl.h"
+#include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
 
 namespace kvstrata::client {
@@ -207,13 +208,7 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (!options.tls_ca_file.empty()) {
-    auto read = [](const std::string& path) -> absl::StatusOr<std::string> {
-      std::ifstream in(path);
-      if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
-      std::stringstream text;
-      text << in.rdbuf();
-      return text.str();
-    };
+    const auto read = ReadFileToString;
     grpc::SslCredentialsOptions ssl;
     absl::StatusOr<std::string> ca = read(options.tls_ca_file);
     if (!ca.ok()) return ca.status();

@@ -45,6 +45,15 @@ std::unique_ptr<NodeProcess> StartNode(int port = 0) {
   return node.ok() ? *std::move(node) : nullptr;
 }
 
+void StartNodes(int count, std::vector<std::unique_ptr<NodeProcess>>& nodes,
+                std::vector<std::string>& addresses) {
+  for (int i = 0; i < count; ++i) {
+    nodes.push_back(StartNode());
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+}
+
 std::unique_ptr<Cluster> ConnectCluster(const std::vector<std::string>& nodes, int replication = 1,
                                         absl::Duration timeout = absl::Seconds(20)) {
   ClusterOptions options;
@@ -136,11 +145,7 @@ TEST(RendezvousTest, SpreadsEvenlyAndMovesAboutOneNth) {
 TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
-  for (int i = 0; i < 3; ++i) {
-    nodes.push_back(StartNode());
-    ASSERT_NE(nodes.back(), nullptr);
-    addresses.push_back(nodes.back()->address());
-  }
+  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
   constexpr size_t kCount = 3000;
   std::vector<std::string> args = {"--child=publish", "--count=" + std::to_string(kCount)};
   for (const auto& a : addresses) args.push_back("--node=" + a);
@@ -166,11 +171,7 @@ TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
 TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
-  for (int i = 0; i < 3; ++i) {
-    nodes.push_back(StartNode());
-    ASSERT_NE(nodes.back(), nullptr);
-    addresses.push_back(nodes.back()->address());
-  }
+  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
   auto cluster = ConnectCluster(addresses);
   auto ns = cluster->OpenNamespace(Spec());
   ASSERT_TRUE(ns.ok());
@@ -208,11 +209,7 @@ TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
 TEST(ClusterTest, HungNodeIsSkippedAfterItsDeadline) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
-  for (int i = 0; i < 3; ++i) {
-    nodes.push_back(StartNode());
-    ASSERT_NE(nodes.back(), nullptr);
-    addresses.push_back(nodes.back()->address());
-  }
+  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
   auto cluster = ConnectCluster(addresses, 1, absl::Seconds(2));
   auto ns = cluster->OpenNamespace(Spec());
   ASSERT_TRUE(ns.ok());
@@ -234,11 +231,7 @@ TEST(ClusterTest, HungNodeIsSkippedAfterItsDeadline) {
 TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
-  for (int i = 0; i < 3; ++i) {
-    nodes.push_back(StartNode());
-    ASSERT_NE(nodes.back(), nullptr);
-    addresses.push_back(nodes.back()->address());
-  }
+  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
   auto cluster = ConnectCluster(addresses, /*replication=*/2);
   auto ns = cluster->OpenNamespace(Spec());
   ASSERT_TRUE(ns.ok());
@@ -263,11 +256,7 @@ TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
 TEST(ClusterTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
   std::vector<std::unique_ptr<NodeProcess>> nodes;
   std::vector<std::string> addresses;
-  for (int i = 0; i < 3; ++i) {
-    nodes.push_back(StartNode());
-    ASSERT_NE(nodes.back(), nullptr);
-    addresses.push_back(nodes.back()->address());
-  }
+  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
   auto cluster = ConnectCluster(addresses);
   auto ns = cluster->OpenNamespace(Spec());
   ASSERT_TRUE(ns.ok());
