@@ -372,8 +372,10 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
 
 std::future<absl::StatusOr<TransferResult>> Namespace::PublishAsync(
     std::vector<PublishItem> items, std::optional<absl::Duration> timeout) {
-  return std::async(std::launch::async,
-                    [this, items = std::move(items), timeout] { return Publish(items, timeout); });
+  // A copy of the handle, not `this`: the caller's Namespace may be a temporary.
+  return std::async(std::launch::async, [self = *this, items = std::move(items), timeout]() mutable {
+    return self.Publish(items, timeout);
+  });
 }
 
 absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
@@ -476,8 +478,9 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
 
 std::future<absl::StatusOr<TransferResult>> Namespace::FetchAsync(
     std::vector<FetchItem> items, std::optional<absl::Duration> timeout) {
-  return std::async(std::launch::async,
-                    [this, items = std::move(items), timeout] { return Fetch(items, timeout); });
+  return std::async(std::launch::async, [self = *this, items = std::move(items), timeout]() mutable {
+    return self.Fetch(items, timeout);
+  });
 }
 
 absl::StatusOr<size_t> Namespace::Delete(absl::Span<const BlockKey> keys,

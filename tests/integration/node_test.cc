@@ -8,6 +8,7 @@
 #include <signal.h>
 
 #include <cstring>
+#include <future>
 #include <map>
 #include <random>
 #include <thread>
@@ -43,12 +44,7 @@ std::vector<uint32_t> Tokens(uint64_t seed, size_t blocks) {
 }
 
 v1::NamespaceSpec OpaqueSpec(const std::string& model, uint64_t block_bytes = kBlock) {
-  v1::NamespaceSpec spec;
-  spec.set_tenant("test");
-  spec.set_model(model);
-  spec.set_tokens_per_block(kTokensPerBlock);
-  spec.set_block_bytes(block_bytes);
-  return spec;
+  return testing::OpaqueSpec(model, block_bytes, kTokensPerBlock);
 }
 
 std::unique_ptr<Client> Connect(
@@ -252,6 +248,39 @@ TEST_F(NodeTest, StandardGrpcHealthServiceAnswersServing) {
   std::string bytes;
   for (const auto& slice : slices) bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   EXPECT_EQ(bytes, std::string("\x08\x01", 2));  // HealthCheckResponse{status: SERVING}
+}
+
+TEST_F(NodeTest, AsyncCallsOutliveTheNamespaceHandleTheyCameFrom) {
+  auto c = Connect(node_->address());
+  constexpr size_t kCount = 12;
+  constexpr uint64_t kSize = 64 * 1024;
+  auto source = c->Allocate(kCount * kSize);
+  auto destination = c->Allocate(kCount * kSize);
+  ASSERT_TRUE(source.ok() && destination.ok());
+  std::future<absl::StatusOr<client::TransferResult>> published, fetched;
+  std::vector<BlockKey> keys;
+  {
+    auto ns = c->OpenNamespace(OpaqueSpec("async", kSize));
+    ASSERT_TRUE(ns.ok());
+    keys = ns->Keys(Tokens(71, kCount));
+    std::vector<PublishItem> items;
+    for (size_t i = 0; i < kCount; ++i) {
+      FillBlock(71, i, (*source)->data() + i * kSize, kSize);
+      items.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, source->get(), i * kSize});
+    }
+    published = ns->PublishAsync(std::move(items));
+  }  // the handle is gone; the call must not need it
+  ASSERT_TRUE(published.get().ok());
+  {
+    auto ns = c->OpenNamespace(OpaqueSpec("async", kSize));
+    std::vector<FetchItem> items;
+    for (size_t i = 0; i < kCount; ++i) items.push_back({keys[i], destination->get(), i * kSize});
+    fetched = ns->FetchAsync(std::move(items));
+  }
+  auto result = fetched.get();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->count(BlockOutcome::kOk), kCount);
+  EXPECT_EQ(std::memcmp((*source)->data(), (*destination)->data(), kCount * kSize), 0);
 }
 
 TEST_F(NodeTest, CApiRoundTrip) {

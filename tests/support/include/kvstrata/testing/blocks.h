@@ -1,11 +1,14 @@
 // Deterministic test data: token streams and block bytes that a writer and a
-// reader (in different processes) derive from the same seed.
+// reader (in different processes) derive from the same seed, and namespaces.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
+
+#include "kvstrata.pb.h"
 
 namespace kvstrata::testing {
 
@@ -26,6 +29,17 @@ inline std::vector<uint32_t> Tokens(uint64_t seed, size_t blocks, uint32_t token
   std::vector<uint32_t> tokens(blocks * tokens_per_block);
   for (auto& t : tokens) t = rng() % 100000;
   return tokens;
+}
+
+// An opaque namespace (no KV layout, just a block size) of tenant "test".
+inline v1::NamespaceSpec OpaqueSpec(const std::string& model, uint64_t block_bytes,
+                                    uint32_t tokens_per_block) {
+  v1::NamespaceSpec spec;
+  spec.set_tenant("test");
+  spec.set_model(model);
+  spec.set_tokens_per_block(tokens_per_block);
+  spec.set_block_bytes(block_bytes);
+  return spec;
 }
 
 }  // namespace kvstrata::testing
