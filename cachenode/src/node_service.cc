@@ -509,8 +509,8 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
   response->set_duplicate_blocks(load(counters_.duplicate_blocks));
   response->set_checksum_failures(load(counters_.checksum_failures));
   response->set_transfer_failures(load(counters_.transfer_failures));
-  response->set_bytes_in(load(counters_.bytes_in));
-  response->set_bytes_out(load(counters_.bytes_out));
+  response->set_bytes_in(counters_.TotalTransferBytes("in"));
+  response->set_bytes_out(counters_.TotalTransferBytes("out"));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
   response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
   return grpc::Status::OK;

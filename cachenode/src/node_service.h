@@ -27,18 +27,22 @@ struct NodeCounters {
   std::atomic<uint64_t> duplicate_blocks{0};
   std::atomic<uint64_t> checksum_failures{0};
   std::atomic<uint64_t> transfer_failures{0};
-  std::atomic<uint64_t> bytes_in{0};
-  std::atomic<uint64_t> bytes_out{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
   void AddTransferBytes(const std::string& direction, const std::string& transport, uint64_t bytes) {
-    (direction == "in" ? bytes_in : bytes_out).fetch_add(bytes, std::memory_order_relaxed);
     absl::MutexLock lock(&mu);
     by_transport[{direction, transport}] += bytes;
   }
   std::map<std::pair<std::string, std::string>, uint64_t> TransferBytes() const {
     absl::MutexLock lock(&mu);
     return by_transport;
+  }
+  // Over all transports.
+  uint64_t TotalTransferBytes(const std::string& direction) const {
+    absl::MutexLock lock(&mu);
+    uint64_t total = 0;
+    for (const auto& [key, bytes] : by_transport) total += key.first == direction ? bytes : 0;
+    return total;
   }
 
  private:

@@ -268,6 +268,20 @@ auto FanOut(const Plan& plan, Call call) {
   return results;
 }
 
+// Sends each node its items of the plan (one Publish or Fetch per node, in
+// parallel) and returns, per node, the item indices and what the node said.
+template <typename Item, typename Transfer>
+auto TransferFanOut(Cluster::Impl& cluster, uint64_t id, const v1::NamespaceSpec& spec,
+                    const Plan& plan, absl::Span<const Item> items, Transfer transfer) {
+  return FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
+    std::vector<Item> batch;
+    for (size_t i : indices) batch.push_back(items[i]);
+    absl::StatusOr<TransferResult> done = cluster.template WithNamespace<TransferResult>(
+        *node, id, spec, [&](Namespace& ns) { return transfer(ns, batch); });
+    return std::make_pair(indices, std::move(done));
+  });
+}
+
 std::vector<NodePtr> OwnerNodes(const BlockKey& key, const std::vector<NodePtr>& live,
                                 size_t count) {
   std::vector<std::string> addresses;
@@ -437,13 +451,10 @@ absl::StatusOr<TransferResult> ClusterNamespace::Publish(absl::Span<const Publis
   TransferResult result;
   result.outcomes.assign(items.size(), BlockOutcome::kTransferFailed);
   std::vector<bool> tried(items.size(), false);
-  auto calls = FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
-    std::vector<PublishItem> batch;
-    for (size_t i : indices) batch.push_back(items[i]);
-    absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
-        *node, id_, spec, [&](Namespace& ns) { return ns.Publish(batch); });
-    return std::make_pair(indices, std::move(done));
-  });
+  auto calls = TransferFanOut(cluster, id_, spec, plan, items,
+                              [](Namespace& ns, const std::vector<PublishItem>& batch) {
+                                return ns.Publish(batch);
+                              });
   for (auto& [indices, done] : calls) {
     for (size_t k = 0; k < indices.size(); ++k) {
       const size_t i = indices[k];
@@ -474,13 +485,10 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
       }
     }
     if (plan.empty()) break;
-    auto calls = FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>& indices) {
-      std::vector<FetchItem> batch;
-      for (size_t i : indices) batch.push_back(items[i]);
-      absl::StatusOr<TransferResult> done = cluster.WithNamespace<TransferResult>(
-          *node, id_, spec, [&](Namespace& ns) { return ns.Fetch(batch); });
-      return std::make_pair(indices, std::move(done));
-    });
+    auto calls = TransferFanOut(cluster, id_, spec, plan, items,
+                                [](Namespace& ns, const std::vector<FetchItem>& batch) {
+                                  return ns.Fetch(batch);
+                                });
     for (auto& [indices, done] : calls) {
       if (!done.ok()) continue;  // that node's blocks stay misses
       for (size_t k = 0; k < indices.size(); ++k) {

@@ -2,6 +2,7 @@
 #include <signal.h>
 
 #include <cstring>
+#include <optional>
 #include <set>
 
 #include <gtest/gtest.h>
@@ -27,14 +28,7 @@ using testing::NodeProcess;
 constexpr uint64_t kBlock = 16 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
 
-v1::NamespaceSpec Spec() {
-  v1::NamespaceSpec spec;
-  spec.set_tenant("test");
-  spec.set_model("cluster");
-  spec.set_tokens_per_block(kTokensPerBlock);
-  spec.set_block_bytes(kBlock);
-  return spec;
-}
+v1::NamespaceSpec Spec() { return testing::OpaqueSpec("cluster", kBlock, kTokensPerBlock); }
 
 std::unique_ptr<NodeProcess> StartNode(int port = 0) {
   std::vector<std::string> flags = {"--dram_bytes=268435456", "--slab_bytes=1048576",
@@ -114,6 +108,24 @@ std::pair<size_t, size_t> FetchStream(Cluster& cluster, ClusterNamespace& ns, ui
   return {fetched, right};
 }
 
+// Three node processes, a cluster client over them and a namespace.
+class ThreeNodeTest : public ::testing::Test {
+ protected:
+  void Start(int replication = 1, absl::Duration timeout = absl::Seconds(20)) {
+    ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
+    cluster = ConnectCluster(addresses, replication, timeout);
+    ASSERT_NE(cluster, nullptr);
+    auto opened = cluster->OpenNamespace(Spec());
+    ASSERT_TRUE(opened.ok()) << opened.status();
+    ns.emplace(*opened);
+  }
+
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  std::unique_ptr<Cluster> cluster;
+  std::optional<ClusterNamespace> ns;
+};
+
 TEST(RendezvousTest, SpreadsEvenlyAndMovesAboutOneNth) {
   const std::vector<std::string> three = {"10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"};
   std::vector<std::string> four = three;
@@ -142,10 +154,8 @@ TEST(RendezvousTest, SpreadsEvenlyAndMovesAboutOneNth) {
   EXPECT_EQ(owners[0], client::RendezvousOwners(key, four, 1)[0]);
 }
 
-TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
-  std::vector<std::unique_ptr<NodeProcess>> nodes;
-  std::vector<std::string> addresses;
-  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
+TEST_F(ThreeNodeTest, OneClientPublishesAnotherFetches) {
+  ASSERT_NO_FATAL_FAILURE(Start());
   constexpr size_t kCount = 3000;
   std::vector<std::string> args = {"--child=publish", "--count=" + std::to_string(kCount)};
   for (const auto& a : addresses) args.push_back("--node=" + a);
@@ -153,9 +163,6 @@ TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
   ASSERT_TRUE(child.ok());
   ASSERT_EQ((*child)->Wait(), 0) << "the publishing process failed";
 
-  auto cluster = ConnectCluster(addresses);
-  auto ns = cluster->OpenNamespace(Spec());
-  ASSERT_TRUE(ns.ok()) << ns.status();
   const auto keys = ns->Keys(testing::Tokens(7, kCount, kTokensPerBlock));
   EXPECT_EQ(ns->Lookup(keys)->prefix_length, kCount);
   auto [fetched, right] = FetchStream(*cluster, *ns, 7, kCount);
@@ -168,13 +175,8 @@ TEST(ClusterTest, ThreeNodesOneClientPublishesAnotherFetches) {
   }
 }
 
-TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
-  std::vector<std::unique_ptr<NodeProcess>> nodes;
-  std::vector<std::string> addresses;
-  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
-  auto cluster = ConnectCluster(addresses);
-  auto ns = cluster->OpenNamespace(Spec());
-  ASSERT_TRUE(ns.ok());
+TEST_F(ThreeNodeTest, KilledNodeMeansMissesThenItRejoins) {
+  ASSERT_NO_FATAL_FAILURE(Start());
   constexpr size_t kCount = 600;
   EXPECT_EQ(PublishStream(*cluster, *ns, 11, kCount).count(BlockOutcome::kOk), kCount);
 
@@ -206,13 +208,8 @@ TEST(ClusterTest, KilledNodeMeansMissesThenItRejoins) {
   EXPECT_GT(stats.tiers(0).blocks(), 0u) << "the rejoined node got none of its keys back";
 }
 
-TEST(ClusterTest, HungNodeIsSkippedAfterItsDeadline) {
-  std::vector<std::unique_ptr<NodeProcess>> nodes;
-  std::vector<std::string> addresses;
-  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
-  auto cluster = ConnectCluster(addresses, 1, absl::Seconds(2));
-  auto ns = cluster->OpenNamespace(Spec());
-  ASSERT_TRUE(ns.ok());
+TEST_F(ThreeNodeTest, HungNodeIsSkippedAfterItsDeadline) {
+  ASSERT_NO_FATAL_FAILURE(Start(1, absl::Seconds(2)));
   constexpr size_t kCount = 300;
   EXPECT_EQ(PublishStream(*cluster, *ns, 51, kCount).count(BlockOutcome::kOk), kCount);
   ASSERT_TRUE(nodes[0]->process().Freeze());  // it stops answering, without refusing
@@ -228,13 +225,8 @@ TEST(ClusterTest, HungNodeIsSkippedAfterItsDeadline) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(1));
 }
 
-TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
-  std::vector<std::unique_ptr<NodeProcess>> nodes;
-  std::vector<std::string> addresses;
-  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
-  auto cluster = ConnectCluster(addresses, /*replication=*/2);
-  auto ns = cluster->OpenNamespace(Spec());
-  ASSERT_TRUE(ns.ok());
+TEST_F(ThreeNodeTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
+  ASSERT_NO_FATAL_FAILURE(Start(/*replication=*/2));
   constexpr size_t kCount = 600;
   EXPECT_EQ(PublishStream(*cluster, *ns, 21, kCount).count(BlockOutcome::kOk), kCount);
   uint64_t stored = 0;
@@ -253,13 +245,8 @@ TEST(ClusterTest, ReplicationTwoLosesNoBlockWithOneNodeDown) {
   EXPECT_EQ(ns->Lookup(keys)->prefix_length, kCount);
 }
 
-TEST(ClusterTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
-  std::vector<std::unique_ptr<NodeProcess>> nodes;
-  std::vector<std::string> addresses;
-  ASSERT_NO_FATAL_FAILURE(StartNodes(3, nodes, addresses));
-  auto cluster = ConnectCluster(addresses);
-  auto ns = cluster->OpenNamespace(Spec());
-  ASSERT_TRUE(ns.ok());
+TEST_F(ThreeNodeTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
+  ASSERT_NO_FATAL_FAILURE(Start());
   EXPECT_EQ(PublishStream(*cluster, *ns, 31, 300).count(BlockOutcome::kOk), 300u);
   ASSERT_TRUE(cluster->Drain(addresses[0], true).ok());
   v1::StatsResponse before;

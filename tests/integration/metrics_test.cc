@@ -11,6 +11,7 @@
 #include "absl/time/clock.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/http.h"
 #include "kvstrata/testing/process.h"
 
@@ -104,12 +105,7 @@ class PrometheusTest : public ::testing::Test {
 TEST_F(PrometheusTest, CountersMoveAsTheTrafficImplies) {
   auto c = client::Client::Connect({.node_address = node_->address()});
   ASSERT_TRUE(c.ok());
-  v1::NamespaceSpec spec;
-  spec.set_tenant("test");
-  spec.set_model("metrics");
-  spec.set_tokens_per_block(kTokensPerBlock);
-  spec.set_block_bytes(kBlock);
-  auto ns = (*c)->OpenNamespace(spec);
+  auto ns = (*c)->OpenNamespace(testing::OpaqueSpec("metrics", kBlock, kTokensPerBlock));
   ASSERT_TRUE(ns.ok()) << ns.status();
   std::vector<uint32_t> tokens(20 * kTokensPerBlock);
   for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<uint32_t>(i);
