@@ -10,11 +10,15 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
   # data plane and checksums
   libucx-dev ucx-utils libxxhash-dev
+  # NVMe tier
+  librocksdb-dev liburing-dev fio
   # operations
   prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
   python3 python3-yaml openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
+  # Python binding, sidecar and kernel evaluation
+  pybind11-dev python3-dev python3-numpy python3-torch
 )
 
 missing=()
