@@ -20,6 +20,7 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
   std::optional<uint64_t> offset = allocator_->Allocate(size);
   while (!offset.has_value()) {
     std::shared_ptr<StoredBlock> evicted;
+    BlockId evicted_id;
     {
       absl::MutexLock lock(&mu_);
       std::optional<BlockId> victim = policy_->Victim();
@@ -29,10 +30,12 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
       }
       evicted = index_.Erase(*victim);
       policy_->OnErase(*victim);
+      evicted_id = *victim;
     }
     if (evicted != nullptr) {
       stored_bytes_.fetch_sub(evicted->size(), std::memory_order_relaxed);
       evictions_.fetch_add(1, std::memory_order_relaxed);
+      if (eviction_hook_) eviction_hook_(evicted_id, std::move(evicted));
     }
     // Memory returns when the last reader lets go; a pinned victim frees later.
     evicted.reset();

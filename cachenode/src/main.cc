@@ -3,7 +3,9 @@
 #include <csignal>
 #include <cstdio>
 #include <fstream>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -55,6 +57,22 @@ ABSL_FLAG(bool, check_peer_addresses, true,
           "(UCX crashes on malformed addresses). Costs one short-lived process per new client.");
 ABSL_FLAG(absl::Duration, transfer_timeout, absl::Seconds(30),
           "Longest a single UCX transfer batch may take before the peer is treated as failed.");
+ABSL_FLAG(std::vector<std::string>, nvme_dirs, {},
+          "Comma-separated directories of the NVMe tier, one per device; each gets a "
+          "preallocated data file. Empty: no NVMe tier (DRAM only).");
+ABSL_FLAG(uint64_t, nvme_capacity_bytes, 16ull << 30,
+          "Size of the data file preallocated in each --nvme_dirs directory.");
+ABSL_FLAG(std::string, nvme_index_dir, "",
+          "Directory of the NVMe tier's RocksDB index. Empty: <first --nvme_dirs>/kvstrata-index.");
+ABSL_FLAG(double, nvme_high_watermark, 0.95,
+          "Fraction of NVMe capacity above which the tier evicts down to --nvme_low_watermark.");
+ABSL_FLAG(double, nvme_low_watermark, 0.85, "See --nvme_high_watermark.");
+ABSL_FLAG(uint32_t, nvme_queue_depth, 32, "io_uring operations in flight per NVMe batch.");
+ABSL_FLAG(uint64_t, nvme_write_queue_bytes, 0,
+          "Bytes of DRAM-evicted blocks waiting to be written to NVMe; beyond it evicted blocks "
+          "are dropped, never waited for. 0: a quarter of the DRAM tier, at most 256 MiB.");
+ABSL_FLAG(std::string, nvme_eviction_policy, "lru",
+          "Eviction policy of the NVMe tier (same names as --eviction_policy).");
 
 namespace {
 
@@ -120,6 +138,14 @@ int main(int argc, char** argv) {
   options.transfer_timeout = absl::GetFlag(FLAGS_transfer_timeout);
   options.allow_client_rkeys = absl::GetFlag(FLAGS_allow_client_rkeys);
   options.check_peer_addresses = absl::GetFlag(FLAGS_check_peer_addresses);
+  options.nvme.directories = absl::GetFlag(FLAGS_nvme_dirs);
+  options.nvme.capacity_per_directory = absl::GetFlag(FLAGS_nvme_capacity_bytes);
+  options.nvme.index_directory = absl::GetFlag(FLAGS_nvme_index_dir);
+  options.nvme.high_watermark = absl::GetFlag(FLAGS_nvme_high_watermark);
+  options.nvme.low_watermark = absl::GetFlag(FLAGS_nvme_low_watermark);
+  options.nvme.queue_depth = absl::GetFlag(FLAGS_nvme_queue_depth);
+  options.nvme.write_queue_bytes = absl::GetFlag(FLAGS_nvme_write_queue_bytes);
+  options.nvme.eviction_policy = absl::GetFlag(FLAGS_nvme_eviction_policy);
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

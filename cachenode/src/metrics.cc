@@ -8,7 +8,7 @@
 #include <prometheus/registry.h>
 
 #include "absl/strings/str_cat.h"
-#include "kvstrata/cachenode/dram_tier.h"
+#include "tiered_store.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
 #include "node_service.h"
@@ -46,14 +46,23 @@ double Load(const std::atomic<uint64_t>& v) {
 // Reads the node's own counters at scrape time.
 class NodeMetrics::Collector : public prometheus::Collectable {
  public:
-  Collector(const NodeCounters& counters, const DramTier& dram,
+  Collector(const NodeCounters& counters, TieredStore& store,
             const NamespaceRegistry& namespaces, transfer::Engine& engine)
-      : counters_(counters), dram_(dram), namespaces_(namespaces), engine_(engine) {}
+      : counters_(counters), store_(store), namespaces_(namespaces), engine_(engine) {}
 
   std::vector<MetricFamily> Collect() const override {
     const auto& c = counters_;
-    const TierCounters tier = dram_.counters();
+    const TierCounters tier = store_.dram().counters();
     const std::vector<ClientMetric::Label> dram = {{"tier", "dram"}};
+    const std::vector<ClientMetric::Label> nvme_label = {{"tier", "nvme"}};
+    std::optional<NvmeCounters> nvme;
+    if (store_.nvme() != nullptr) nvme = store_.nvme()->counters();
+    // One sample per tier: DRAM's, and NVMe's when the node has one.
+    auto per_tier = [&](double dram_value, auto nvme_value, MetricType type) {
+      std::vector<ClientMetric> samples = {Sample(dram_value, type, dram)};
+      if (nvme.has_value()) samples.push_back(Sample(nvme_value(*nvme), type, nvme_label));
+      return samples;
+    };
     std::vector<MetricFamily> out;
     out.push_back(Family("kvstrata_lookup_blocks_total", "Blocks asked for by Lookup, by result.",
                          MetricType::Counter,
@@ -90,15 +99,43 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                          "transport.",
                          MetricType::Counter, std::move(bytes)));
     out.push_back(Family("kvstrata_tier_capacity_bytes", "Capacity of each tier.", MetricType::Gauge,
-                         {Sample(tier.capacity_bytes, MetricType::Gauge, dram)}));
+                         per_tier(tier.capacity_bytes, [](const NvmeCounters& n) { return n.capacity_bytes; },
+                                  MetricType::Gauge)));
     out.push_back(Family("kvstrata_tier_used_bytes", "Bytes of allocated chunks in each tier.",
-                         MetricType::Gauge, {Sample(tier.used_bytes, MetricType::Gauge, dram)}));
+                         MetricType::Gauge,
+                         per_tier(tier.used_bytes, [](const NvmeCounters& n) { return n.used_bytes; },
+                                  MetricType::Gauge)));
     out.push_back(Family("kvstrata_tier_stored_bytes", "Bytes of stored blocks in each tier.",
-                         MetricType::Gauge, {Sample(tier.stored_bytes, MetricType::Gauge, dram)}));
+                         MetricType::Gauge,
+                         per_tier(tier.stored_bytes, [](const NvmeCounters& n) { return n.stored_bytes; },
+                                  MetricType::Gauge)));
     out.push_back(Family("kvstrata_tier_blocks", "Blocks stored in each tier.", MetricType::Gauge,
-                         {Sample(tier.blocks, MetricType::Gauge, dram)}));
+                         per_tier(tier.blocks, [](const NvmeCounters& n) { return n.blocks; },
+                                  MetricType::Gauge)));
     out.push_back(Family("kvstrata_evictions_total", "Blocks evicted from each tier.",
-                         MetricType::Counter, {Sample(tier.evictions, MetricType::Counter, dram)}));
+                         MetricType::Counter,
+                         per_tier(tier.evictions, [](const NvmeCounters& n) { return n.evictions; },
+                                  MetricType::Counter)));
+    out.push_back(Family("kvstrata_promoted_blocks_total",
+                         "NVMe hits read back into DRAM.", MetricType::Counter,
+                         {Sample(store_.promoted_blocks(), MetricType::Counter)}));
+    if (nvme.has_value()) {
+      out.push_back(Family(
+          "kvstrata_demotions_total", "DRAM evictions offered to NVMe, by result.",
+          MetricType::Counter,
+          {Sample(nvme->demoted_blocks, MetricType::Counter, {{"result", "written"}}),
+           Sample(nvme->demotion_drops, MetricType::Counter, {{"result", "dropped"}})}));
+      out.push_back(Family("kvstrata_nvme_corrupt_total",
+                           "NVMe blocks (failed checksum on read) and index records (damaged at "
+                           "recovery) dropped as corrupt.",
+                           MetricType::Counter,
+                           {Sample(nvme->corrupt_blocks, MetricType::Counter, {{"what", "block"}}),
+                            Sample(nvme->corrupt_records, MetricType::Counter, {{"what", "record"}})}));
+      out.push_back(Family("kvstrata_nvme_io_errors_total", "NVMe I/O and index errors.",
+                           MetricType::Counter, {Sample(nvme->io_errors, MetricType::Counter)}));
+      out.push_back(Family("kvstrata_nvme_ready", "1 once the NVMe index is recovered.",
+                           MetricType::Gauge, {Sample(nvme->ready ? 1 : 0, MetricType::Gauge)}));
+    }
     out.push_back(Family("kvstrata_stored_format_bytes",
                          "Stored bytes by stored format (compression shows against raw).",
                          MetricType::Gauge,
@@ -120,12 +157,12 @@ class NodeMetrics::Collector : public prometheus::Collectable {
 
  private:
   const NodeCounters& counters_;
-  const DramTier& dram_;
+  TieredStore& store_;
   const NamespaceRegistry& namespaces_;
   transfer::Engine& engine_;
 };
 
-NodeMetrics::NodeMetrics(const NodeCounters& counters, const DramTier& dram,
+NodeMetrics::NodeMetrics(const NodeCounters& counters, TieredStore& store,
                          const NamespaceRegistry& namespaces, transfer::Engine& engine)
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(&prometheus::BuildCounter()
@@ -136,7 +173,7 @@ NodeMetrics::NodeMetrics(const NodeCounters& counters, const DramTier& dram,
                       .Name("kvstrata_rpc_duration_seconds")
                       .Help("gRPC request latency at the node, by method and status code.")
                       .Register(*registry_)),
-      collector_(std::make_shared<Collector>(counters, dram, namespaces, engine)) {}
+      collector_(std::make_shared<Collector>(counters, store, namespaces, engine)) {}
 
 NodeMetrics::~NodeMetrics() = default;
 

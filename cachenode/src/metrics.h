@@ -28,12 +28,12 @@ class Engine;
 namespace kvstrata::cachenode {
 
 struct NodeCounters;
-class DramTier;
+class TieredStore;
 class NamespaceRegistry;
 
 class NodeMetrics {
  public:
-  NodeMetrics(const NodeCounters& counters, const DramTier& dram,
+  NodeMetrics(const NodeCounters& counters, TieredStore& store,
               const NamespaceRegistry& namespaces, transfer::Engine& engine);
   ~NodeMetrics();
 

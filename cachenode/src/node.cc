@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
@@ -27,6 +28,9 @@ class Node::Impl {
   std::unique_ptr<transfer::Engine> engine;
   std::unique_ptr<transfer::MemoryRegion> arena;
   std::unique_ptr<DramTier> dram;
+  std::unique_ptr<NvmeTier> nvme;
+  std::unique_ptr<TieredStore> store;
+  std::thread recovery;
   std::unique_ptr<NamespaceRegistry> namespaces;
   NodeCounters counters;
   std::unique_ptr<NodeMetrics> metrics;
@@ -40,6 +44,10 @@ class Node::Impl {
     server.reset();
     service.reset();
     metrics.reset();
+    if (recovery.joinable()) recovery.join();
+    store.reset();
+    // Writes what is queued for NVMe: it reads DRAM chunks, so before the arena goes.
+    nvme.reset();
     // Transfers abandoned at a deadline may still target the arena: end them
     // before it is unregistered and unmapped.
     if (engine) engine->ClosePeers();
@@ -114,14 +122,22 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   if (!policy.ok()) return policy.status();
   impl->dram = std::make_unique<DramTier>(impl->arena->data(), arena_bytes, options.slab_bytes,
                                           *std::move(policy));
+  if (!options.nvme.directories.empty()) {
+    NvmeTierOptions nvme = options.nvme;
+    if (nvme.write_queue_bytes == 0) nvme.write_queue_bytes = std::min<uint64_t>(arena_bytes / 4, uint64_t{256} << 20);
+    absl::StatusOr<std::unique_ptr<NvmeTier>> tier = NvmeTier::Open(nvme);
+    if (!tier.ok()) return tier.status();
+    impl->nvme = *std::move(tier);
+  }
+  impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get());
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
   if (!options.metrics_listen.empty()) {
-    impl->metrics = std::make_unique<NodeMetrics>(impl->counters, *impl->dram, *impl->namespaces,
-                                                  *impl->engine);
+    impl->metrics = std::make_unique<NodeMetrics>(impl->counters, *impl->store,
+                                                  *impl->namespaces, *impl->engine);
     if (absl::Status s = impl->metrics->Serve(options.metrics_listen); !s.ok()) return s;
   }
   impl->service = std::make_unique<NodeService>(
-      *impl->namespaces, *impl->dram, *impl->engine, impl->counters, impl->metrics.get(),
+      *impl->namespaces, *impl->store, *impl->engine, impl->counters, impl->metrics.get(),
       options.transfer_timeout, options.allow_client_rkeys);
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ServerCredentials(options);
@@ -136,6 +152,16 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
+  }
+  if (impl->nvme != nullptr) {
+    // Serve at once (DRAM works), but report not-ready until the NVMe index
+    // is recovered, so orchestrators and clusters wait for it.
+    grpc::HealthCheckServiceInterface* health = impl->server->GetHealthCheckService();
+    if (health != nullptr) health->SetServingStatus(false);
+    impl->recovery = std::thread([nvme = impl->nvme.get(), health] {
+      nvme->Recover();
+      if (health != nullptr) health->SetServingStatus(true);
+    });
   }
   KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port
                 << " metrics_port=" << (impl->metrics ? impl->metrics->port() : 0) << " dram_bytes=" << arena_bytes

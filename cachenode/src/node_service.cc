@@ -180,11 +180,11 @@ absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
 
 }  // namespace
 
-NodeService::NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
+NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
                          NodeCounters& counters, NodeMetrics* metrics,
                          absl::Duration transfer_timeout, bool allow_client_rkeys)
     : namespaces_(namespaces),
-      dram_(dram),
+      store_(store),
       engine_(engine),
       counters_(counters),
       metrics_(metrics),
@@ -265,9 +265,10 @@ grpc::Status NodeService::DoLookup(grpc::ServerContext*, const v1::LookupRequest
   if (!ns.ok()) return ToGrpc(ns.status());
   absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxLookupKeys);
   if (!keys.ok()) return ToGrpc(keys.status());
-  const size_t prefix = dram_.PrefixLength(ns->id, *keys);
+  const std::vector<v1::Tier> tiers = store_.PrefixTiers(ns->id, *keys);
+  const size_t prefix = tiers.size();
   response->set_prefix_length(static_cast<uint32_t>(prefix));
-  for (size_t i = 0; i < prefix; ++i) response->add_tiers(v1::TIER_DRAM);
+  for (v1::Tier tier : tiers) response->add_tiers(tier);
   counters_.lookup_hit_blocks.fetch_add(prefix, std::memory_order_relaxed);
   counters_.lookup_miss_blocks.fetch_add(keys->size() - prefix, std::memory_order_relaxed);
   const uint64_t tokens_per_block = ns->spec.tokens_per_block();
@@ -328,11 +329,11 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
   response->mutable_status()->Resize(blocks.size(), v1::BLOCK_OK);
   size_t to_transfer = 0;
   for (int i = 0; i < blocks.size(); ++i) {
-    if (dram_.Find(ids[i], /*hit=*/false) != nullptr) {
+    if (store_.Contains(ids[i])) {
       response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
       continue;
     }
-    absl::StatusOr<std::shared_ptr<StoredBlock>> block = dram_.Reserve(ns->block_bytes);
+    absl::StatusOr<std::shared_ptr<StoredBlock>> block = store_.dram().Reserve(ns->block_bytes);
     if (!block.ok()) {
       response->set_status(i, v1::BLOCK_NO_SPACE);
       continue;
@@ -386,7 +387,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       reserved[i]->parent = *parents[i];
       reserved[i]->has_parent = true;
     }
-    if (dram_.Commit(ids[i], reserved[i])) {
+    if (store_.dram().Commit(ids[i], reserved[i])) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
     } else {
       response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
@@ -429,12 +430,9 @@ grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchR
   }
 
   // Pin what is stored; a miss is a per-block result, never an error.
-  std::vector<std::shared_ptr<StoredBlock>> pinned(blocks.size());
-  size_t hits = 0;
-  for (int i = 0; i < blocks.size(); ++i) {
-    pinned[i] = dram_.Find(ids[i], /*hit=*/true);
-    if (pinned[i] != nullptr) ++hits;
-  }
+  std::vector<std::shared_ptr<StoredBlock>> pinned = store_.Pin(ids);
+  const size_t hits = std::count_if(pinned.begin(), pinned.end(),
+                                    [](const auto& block) { return block != nullptr; });
   response->mutable_status()->Resize(blocks.size(), v1::BLOCK_NOT_FOUND);
   response->mutable_size()->Resize(blocks.size(), 0);
   response->mutable_checksum()->Resize(blocks.size(), 0);
@@ -484,14 +482,14 @@ grpc::Status NodeService::DoDelete(grpc::ServerContext*, const v1::DeleteRequest
   absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxDeleteKeys);
   if (!keys.ok()) return ToGrpc(keys.status());
   uint32_t deleted = 0;
-  for (const BlockKey& key : *keys) deleted += dram_.Erase(BlockId{ns->id, key}) ? 1 : 0;
+  for (const BlockKey& key : *keys) deleted += store_.Erase(BlockId{ns->id, key}) ? 1 : 0;
   response->set_deleted(deleted);
   return grpc::Status::OK;
 }
 
 grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
                                 v1::StatsResponse* response) {
-  const TierCounters dram = dram_.counters();
+  const TierCounters dram = store_.dram().counters();
   v1::TierStats* tier = response->add_tiers();
   tier->set_tier(v1::TIER_DRAM);
   tier->set_capacity_bytes(dram.capacity_bytes);
@@ -499,6 +497,23 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
   tier->set_stored_bytes(dram.stored_bytes);
   tier->set_blocks(dram.blocks);
   tier->set_evictions(dram.evictions);
+  if (store_.nvme() != nullptr) {
+    const NvmeCounters nvme = store_.nvme()->counters();
+    v1::TierStats* nvme_tier = response->add_tiers();
+    nvme_tier->set_tier(v1::TIER_NVME);
+    nvme_tier->set_capacity_bytes(nvme.capacity_bytes);
+    nvme_tier->set_used_bytes(nvme.used_bytes);
+    nvme_tier->set_stored_bytes(nvme.stored_bytes);
+    nvme_tier->set_blocks(nvme.blocks);
+    nvme_tier->set_evictions(nvme.evictions);
+    nvme_tier->set_errors(nvme.io_errors);
+    nvme_tier->set_last_error(nvme.last_error);
+    response->set_demoted_blocks(nvme.demoted_blocks);
+    response->set_demotion_drops(nvme.demotion_drops);
+    response->set_nvme_corrupt_blocks(nvme.corrupt_blocks);
+    response->set_nvme_corrupt_records(nvme.corrupt_records);
+  }
+  response->set_promoted_blocks(store_.promoted_blocks());
   response->set_namespaces(namespaces_.size());
   auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
   response->set_lookup_hit_blocks(load(counters_.lookup_hit_blocks));
@@ -518,7 +533,9 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
 
 grpc::Status NodeService::DoHealth(grpc::ServerContext*, const v1::HealthRequest*,
                                  v1::HealthResponse* response) {
-  response->set_serving(true);
+  const bool recovering = store_.nvme() != nullptr && !store_.nvme()->ready();
+  response->set_serving(!recovering);
+  response->set_recovering(recovering);
   response->set_version(KVSTRATA_VERSION);
   response->set_draining(draining_.load(std::memory_order_relaxed));
   response->set_incarnation(incarnation_);

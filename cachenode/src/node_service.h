@@ -9,9 +9,9 @@
 
 #include "absl/time/time.h"
 #include "kvstrata.grpc.pb.h"
-#include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
+#include "tiered_store.h"
 
 namespace kvstrata::cachenode {
 
@@ -55,7 +55,7 @@ class NodeMetrics;
 class NodeService final : public v1::CacheNode::Service {
  public:
   // `metrics` may be null (no /metrics endpoint).
-  NodeService(NamespaceRegistry& namespaces, DramTier& dram, transfer::Engine& engine,
+  NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
               NodeCounters& counters, NodeMetrics* metrics, absl::Duration transfer_timeout,
               bool allow_client_rkeys);
 
@@ -87,7 +87,7 @@ class NodeService final : public v1::CacheNode::Service {
 
 
   NamespaceRegistry& namespaces_;
-  DramTier& dram_;
+  TieredStore& store_;
   transfer::Engine& engine_;
   const absl::Duration transfer_timeout_;
   const bool allow_client_rkeys_;

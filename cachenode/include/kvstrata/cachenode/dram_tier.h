@@ -7,6 +7,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
@@ -49,6 +50,14 @@ class DramTier {
   bool Erase(const BlockId& id);
 
   TierCounters counters() const;
+
+  // Receives each block evicted to make room (not those erased), outside the
+  // tier's lock; the NVMe tier demotes them. Keeping the block keeps its
+  // memory allocated, so Reserve evicts further until room is really free.
+  // Set once, before the tier is used.
+  using EvictionHook = std::function<void(const BlockId&, std::shared_ptr<StoredBlock>)>;
+  void set_eviction_hook(EvictionHook hook) { eviction_hook_ = std::move(hook); }
+
   uint64_t max_block_bytes() const { return allocator_->max_allocation(); }
 
  private:
@@ -57,6 +66,7 @@ class DramTier {
   BlockIndex index_;
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
+  EvictionHook eviction_hook_;
   // Serializes the policy, and eviction with commit so a victim chosen is
   // really in the index.
   mutable absl::Mutex mu_;

@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "kvstrata/cachenode/nvme_tier.h"
 
 namespace kvstrata::cachenode {
 
@@ -33,6 +34,9 @@ struct NodeOptions {
   // Vet each new client UCX worker address in a child process first (see
   // src/peer_check.h): UCX crashes on malformed addresses.
   bool check_peer_addresses = true;
+  // The NVMe tier; none when `nvme.directories` is empty. A zero
+  // write_queue_bytes means a quarter of the DRAM tier, at most 256 MiB.
+  NvmeTierOptions nvme{.write_queue_bytes = 0};
 };
 
 class Node {

@@ -1,0 +1,43 @@
+// The node's view over its tiers: the DRAM tier, and the NVMe tier when one
+// is configured. Finds a block wherever it is, promotes NVMe hits into DRAM
+// and demotes DRAM evictions to NVMe (wired at construction).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "kvstrata.pb.h"
+#include "kvstrata/cachenode/dram_tier.h"
+#include "kvstrata/cachenode/nvme_tier.h"
+
+namespace kvstrata::cachenode {
+
+class TieredStore {
+ public:
+  // `nvme` may be null. Both must outlive the store.
+  TieredStore(DramTier& dram, NvmeTier* nvme);
+
+  DramTier& dram() { return dram_; }
+  NvmeTier* nvme() { return nvme_; }
+
+  // The tier of each leading stored key (the longest cached prefix); tells
+  // the policies of the tiers they were hit.
+  std::vector<v1::Tier> PrefixTiers(uint64_t namespace_id, absl::Span<const BlockKey> keys);
+  bool Contains(const BlockId& id);
+  // Pins each block that is stored, null for a miss. Blocks on NVMe are read
+  // into DRAM (verified against their checksums) and committed there: a hit
+  // promotes. A block whose NVMe bytes are damaged is a miss.
+  std::vector<std::shared_ptr<StoredBlock>> Pin(absl::Span<const BlockId> ids);
+  bool Erase(const BlockId& id);
+
+  uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
+
+ private:
+  DramTier& dram_;
+  NvmeTier* const nvme_;
+  std::atomic<uint64_t> promoted_{0};
+};
+
+}  // namespace kvstrata::cachenode
