@@ -93,6 +93,24 @@ bool DramTier::Erase(const BlockId& id) {
   return true;
 }
 
+void DramTier::Drain(const EvictionHook& sink) {
+  while (true) {
+    std::shared_ptr<StoredBlock> block;
+    BlockId id;
+    {
+      absl::MutexLock lock(&mu_);
+      std::optional<BlockId> victim = policy_->Victim();
+      if (!victim.has_value()) return;
+      block = index_.Erase(*victim);
+      policy_->OnErase(*victim);
+      id = *victim;
+    }
+    if (block == nullptr) continue;
+    stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+    sink(id, std::move(block));
+  }
+}
+
 TierCounters DramTier::counters() const {
   TierCounters c;
   c.capacity_bytes = allocator_->capacity();

@@ -71,6 +71,9 @@ ABSL_FLAG(uint32_t, nvme_queue_depth, 32, "io_uring operations in flight per NVM
 ABSL_FLAG(uint64_t, nvme_write_queue_bytes, 0,
           "Bytes of DRAM-evicted blocks waiting to be written to NVMe; beyond it evicted blocks "
           "are dropped, never waited for. 0: a quarter of the DRAM tier, at most 256 MiB.");
+ABSL_FLAG(bool, nvme_flush_on_shutdown, true,
+          "On SIGTERM/SIGINT, write what the DRAM tier holds to NVMe before exiting, so a restart "
+          "finds every block (a crash keeps only what had been demoted).");
 ABSL_FLAG(std::string, nvme_eviction_policy, "lru",
           "Eviction policy of the NVMe tier (same names as --eviction_policy).");
 
@@ -146,6 +149,7 @@ int main(int argc, char** argv) {
   options.nvme.queue_depth = absl::GetFlag(FLAGS_nvme_queue_depth);
   options.nvme.write_queue_bytes = absl::GetFlag(FLAGS_nvme_write_queue_bytes);
   options.nvme.eviction_policy = absl::GetFlag(FLAGS_nvme_eviction_policy);
+  options.nvme_flush_on_shutdown = absl::GetFlag(FLAGS_nvme_flush_on_shutdown);
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

@@ -57,6 +57,7 @@ class NvmeTier::Impl {
       stopping_ = true;
     }
     queue_cv_.notify_all();
+    space_cv_.notify_all();
     if (writer_.joinable()) writer_.join();
     absl::MutexLock lock(&mu_);
     entries_.clear();  // frees extents while the files still exist
@@ -161,9 +162,13 @@ class NvmeTier::Impl {
       }
       if (entries_.contains(id)) return true;  // promoted earlier: still on NVMe
     }
-    std::lock_guard lock(queue_mu_);
+    std::unique_lock lock(queue_mu_);
     if (queued_.contains(id)) return true;
-    if (queued_bytes_ + block->size() > options_.write_queue_bytes) {
+    const bool room = space_cv_.wait_for(
+        lock, absl::ToChronoNanoseconds(options_.max_demotion_wait), [&] {
+          return stopping_ || queued_bytes_ + block->size() <= options_.write_queue_bytes;
+        });
+    if (!room || stopping_) {
       absl::MutexLock stats(&mu_);
       ++demotion_drops_;
       return false;
@@ -361,6 +366,7 @@ class NvmeTier::Impl {
 
   bool Erase(const BlockId& id) {
     bool was_queued = false;
+    space_cv_.notify_all();
     {
       std::lock_guard lock(queue_mu_);
       if (auto q = queued_.find(id); q != queued_.end()) {
@@ -578,6 +584,7 @@ class NvmeTier::Impl {
         }
         cancelled.swap(cancelled_);
       }
+      space_cv_.notify_all();
       for (const BlockId& id : cancelled) EraseStored(id);  // deleted while being written
       if (dropped > 0) {
         absl::MutexLock lock(&mu_);
@@ -613,6 +620,7 @@ class NvmeTier::Impl {
   mutable std::mutex queue_mu_;
   std::condition_variable queue_cv_;
   std::condition_variable flushed_cv_;
+  std::condition_variable space_cv_;
   std::deque<std::pair<BlockId, std::shared_ptr<StoredBlock>>> queue_;
   absl::flat_hash_map<BlockId, std::shared_ptr<StoredBlock>> queued_;
   uint64_t queued_bytes_ = 0;

@@ -296,6 +296,11 @@ absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
     absl::Status status = FromGrpc(client_->impl().stub->Lookup(&context, request, &response));
     if (!status.ok()) return status;
     result.prefix_length += response.prefix_length();
+    for (int tier : response.tiers()) {
+      result.tiers.push_back(tier == v1::TIER_NVME  ? Tier::kNvme
+                             : tier == v1::TIER_HBM ? Tier::kHbm
+                                                    : Tier::kDram);
+    }
     if (response.prefix_length() < slice.size()) break;  // the prefix ends in this slice
   }
   return result;

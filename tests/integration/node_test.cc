@@ -21,6 +21,7 @@
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
+#include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
 
 namespace kvstrata {
@@ -56,54 +57,8 @@ std::unique_ptr<Client> Connect(
   return client.ok() ? *std::move(client) : nullptr;
 }
 
-// Publishes `count` chained blocks of stream `seed`; returns the outcomes.
-absl::StatusOr<client::TransferResult> PublishStream(Client& c, Namespace& ns, uint64_t seed,
-                                                     size_t count, size_t batch = 64) {
-  const std::vector<BlockKey> keys = ns.Keys(Tokens(seed, count));
-  auto buffer = c.Allocate(batch * ns.block_bytes());
-  if (!buffer.ok()) return buffer.status();
-  client::TransferResult all;
-  for (size_t start = 0; start < count; start += batch) {
-    std::vector<PublishItem> items;
-    for (size_t i = start; i < std::min(count, start + batch); ++i) {
-      const size_t offset = (i - start) * ns.block_bytes();
-      FillBlock(seed, i, (*buffer)->data() + offset, ns.block_bytes());
-      items.push_back(
-          {keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), offset});
-    }
-    auto result = ns.Publish(items);
-    if (!result.ok()) return result.status();
-    all.outcomes.insert(all.outcomes.end(), result->outcomes.begin(), result->outcomes.end());
-    all.bytes += result->bytes;
-  }
-  return all;
-}
-
-// Fetches blocks [0, count) of stream `seed` and counts those whose bytes match.
-size_t FetchAndVerify(Client& c, Namespace& ns, uint64_t seed, size_t count, size_t batch = 64) {
-  const std::vector<BlockKey> keys = ns.Keys(Tokens(seed, count));
-  auto buffer = c.Allocate(batch * ns.block_bytes());
-  EXPECT_TRUE(buffer.ok());
-  std::vector<uint8_t> expected(ns.block_bytes());
-  size_t good = 0;
-  for (size_t start = 0; start < count; start += batch) {
-    std::vector<FetchItem> items;
-    for (size_t i = start; i < std::min(count, start + batch); ++i) {
-      items.push_back({keys[i], buffer->get(), (i - start) * ns.block_bytes()});
-    }
-    std::memset((*buffer)->data(), 0, batch * ns.block_bytes());
-    auto result = ns.Fetch(items);
-    EXPECT_TRUE(result.ok()) << result.status();
-    if (!result.ok()) return good;
-    for (size_t i = start; i < std::min(count, start + batch); ++i) {
-      if (result->outcomes[i - start] != BlockOutcome::kOk) continue;
-      FillBlock(seed, i, expected.data(), expected.size());
-      good += std::memcmp(expected.data(), (*buffer)->data() + (i - start) * ns.block_bytes(),
-                          expected.size()) == 0;
-    }
-  }
-  return good;
-}
+using testing::FetchAndVerify;
+using testing::PublishStream;
 
 class NodeTest : public ::testing::Test {
  protected:

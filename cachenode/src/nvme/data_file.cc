@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -28,8 +29,24 @@ absl::StatusOr<std::unique_ptr<DataFile>> DataFile::Open(const std::string& dire
         absl::StrCat("cannot open ", path, " for O_DIRECT I/O: ", std::strerror(errno)));
   }
   capacity = capacity / kExtentAlignment * kExtentAlignment;
+  // Refuse up front what cannot fit: a failing fallocate may have filled the
+  // disk before it gave up.
+  struct stat st {};
+  struct statvfs fs {};
+  if (::fstat(fd, &st) == 0 && ::fstatvfs(fd, &fs) == 0) {
+    const uint64_t have = static_cast<uint64_t>(st.st_blocks) * 512;
+    const uint64_t available = static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize;
+    if (capacity > have && capacity - have > available) {
+      ::close(fd);
+      if (have == 0) ::unlink(path.c_str());
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "cannot preallocate ", capacity, " bytes in ", path, ": only ", available,
+          " bytes free on its filesystem"));
+    }
+  }
   if (int rc = ::posix_fallocate(fd, 0, static_cast<off_t>(capacity)); rc != 0) {
     ::close(fd);
+    if (st.st_blocks == 0) ::unlink(path.c_str());
     return absl::ResourceExhaustedError(absl::StrCat("cannot preallocate ", capacity,
                                                      " bytes in ", path, ": ", std::strerror(rc)));
   }

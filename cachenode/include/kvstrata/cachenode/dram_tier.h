@@ -58,6 +58,10 @@ class DramTier {
   using EvictionHook = std::function<void(const BlockId&, std::shared_ptr<StoredBlock>)>;
   void set_eviction_hook(EvictionHook hook) { eviction_hook_ = std::move(hook); }
 
+  // Removes every block, in the policy's eviction order (least valuable
+  // first), handing each to `sink`. For shutdown: the node writes them to NVMe.
+  void Drain(const EvictionHook& sink);
+
   uint64_t max_block_bytes() const { return allocator_->max_allocation(); }
 
  private:

@@ -37,6 +37,8 @@ struct NodeOptions {
   // The NVMe tier; none when `nvme.directories` is empty. A zero
   // write_queue_bytes means a quarter of the DRAM tier, at most 256 MiB.
   NvmeTierOptions nvme{.write_queue_bytes = 0};
+  // On a clean shutdown, write what DRAM holds to NVMe so a restart finds it.
+  bool nvme_flush_on_shutdown = true;
 };
 
 class Node {

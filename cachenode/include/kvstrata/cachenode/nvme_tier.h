@@ -10,7 +10,7 @@
 // match is dropped when read. Either way it is a miss, never a wrong block.
 //
 // Thread-safe. Writes happen on one background thread fed by a bounded queue:
-// Demote() never blocks, it drops the block when the queue is full.
+// Demote() waits at most max_demotion_wait for room, then drops the block.
 #pragma once
 
 #include <memory>
@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvstrata/cachenode/block.h"
 
@@ -40,6 +41,11 @@ struct NvmeTierOptions {
   // dropped. Their DRAM stays allocated until written, so this also bounds
   // how much of the DRAM tier demotion may hold.
   uint64_t write_queue_bytes = 64ull << 20;
+  // How long a demotion may wait for room in a full write queue before the
+  // block is dropped: short bursts slow the publisher down to the disk's
+  // pace instead of losing blocks; a disk that cannot keep up never stalls
+  // it for longer than this.
+  absl::Duration max_demotion_wait = absl::Milliseconds(100);
   std::string eviction_policy = "lru";
 };
 
@@ -83,6 +89,7 @@ class NvmeTier {
   bool ready() const;
 
   // Queues a block evicted from DRAM for writing. False when it is dropped.
+  // Never blocks longer than max_demotion_wait.
   bool Demote(const BlockId& id, std::shared_ptr<StoredBlock> block);
   // A block still waiting to be written: its bytes are still in memory.
   std::shared_ptr<StoredBlock> FindQueued(const BlockId& id);

@@ -102,8 +102,15 @@ struct TransferResult {
   size_t count(BlockOutcome outcome) const;
 };
 
+// Where a stored block lives on its node. An NVMe block is read back into
+// DRAM by the Fetch that asks for it, so it costs a disk read once.
+enum class Tier { kHbm, kDram, kNvme };
+
 struct LookupResult {
   size_t prefix_length = 0;  // keys[0..prefix_length) are stored
+  // The tier of each key in the prefix (single-node Lookup; empty from a
+  // cluster, where the prefix spans nodes).
+  std::vector<Tier> tiers;
 };
 
 class Client;
