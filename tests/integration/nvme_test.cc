@@ -1,0 +1,306 @@
+// The NVMe tier through a real node process: spill past DRAM and promote on
+// hits, restart (clean and kill -9), damaged data files and index records,
+// unusable directories. Real files, real RocksDB, real UCX over loopback.
+#include <fcntl.h>
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstrata.grpc.pb.h"
+#include "kvstrata/client/client.h"
+#include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/process.h"
+#include "kvstrata/testing/streams.h"
+
+namespace kvstrata {
+namespace {
+
+using client::BlockOutcome;
+using client::Client;
+using client::Namespace;
+using testing::FetchAndVerify;
+using testing::NodeProcess;
+using testing::PublishStream;
+
+constexpr uint64_t kBlock = 256 * 1024;
+constexpr uint32_t kTokensPerBlock = 16;
+constexpr uint64_t kDramBytes = 16 << 20;  // 64 blocks
+
+v1::NamespaceSpec Spec() { return testing::OpaqueSpec("nvme-test", kBlock, kTokensPerBlock); }
+
+class NvmeNodeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char pattern[] = "/tmp/kvstrata-nvme-node-XXXXXX";
+    ASSERT_NE(::mkdtemp(pattern), nullptr);
+    dir_ = pattern;
+  }
+  void TearDown() override {
+    node_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  std::string DataDir() const { return dir_ + "/nvme0"; }
+
+  // Starts (or restarts) the node on the same NVMe directory and waits until
+  // its index is recovered.
+  void StartNode(std::vector<std::string> extra = {}) {
+    std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", kDramBytes),
+                                      "--slab_bytes=4194304", "--transfer_timeout=5s",
+                                      "--nvme_dirs=" + DataDir(),
+                                      "--nvme_capacity_bytes=268435456"};
+    flags.insert(flags.end(), extra.begin(), extra.end());
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, flags);
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = *std::move(node);
+    auto channel = grpc::CreateChannel(node_->address(), grpc::InsecureChannelCredentials());
+    auto stub = v1::CacheNode::NewStub(channel);
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (absl::Now() < deadline) {
+      grpc::ClientContext context;
+      v1::HealthResponse health;
+      if (stub->Health(&context, v1::HealthRequest(), &health).ok() && health.serving()) {
+        EXPECT_FALSE(health.recovering());
+        client_ = nullptr;
+        auto c = Client::Connect({.node_address = node_->address(), .timeout = absl::Seconds(20)});
+        ASSERT_TRUE(c.ok()) << c.status();
+        client_ = *std::move(c);
+        auto ns = client_->OpenNamespace(Spec());
+        ASSERT_TRUE(ns.ok()) << ns.status();
+        ns_ = *ns;
+        return;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    FAIL() << "node never finished recovering";
+  }
+
+  v1::StatsResponse Stats() {
+    v1::StatsResponse stats;
+    EXPECT_TRUE(client_->Stats(&stats).ok());
+    return stats;
+  }
+  static const v1::TierStats* Tier(const v1::StatsResponse& stats, v1::Tier tier) {
+    for (const auto& t : stats.tiers()) {
+      if (t.tier() == tier) return &t;
+    }
+    return nullptr;
+  }
+
+  // Waits until DRAM plus NVMe hold `blocks` blocks (demotion is behind).
+  void WaitStored(size_t blocks) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(20);
+    while (absl::Now() < deadline) {
+      const v1::StatsResponse s = Stats();
+      if (Tier(s, v1::TIER_DRAM)->blocks() + Tier(s, v1::TIER_NVME)->blocks() >= blocks) return;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    ADD_FAILURE() << "demotions never caught up: " << Stats().DebugString();
+  }
+
+  std::vector<BlockKey> Keys(uint64_t seed, size_t count) {
+    return ns_->Keys(testing::Tokens(seed, count, kTokensPerBlock));
+  }
+
+  std::string dir_;
+  std::unique_ptr<NodeProcess> node_;
+  std::unique_ptr<Client> client_;
+  std::optional<Namespace> ns_;
+};
+
+TEST_F(NvmeNodeTest, SpillsPastDramAndEveryBlockFetchesBackPromoted) {
+  StartNode();
+  constexpr size_t kCount = 200;  // 50 MiB through a 16 MiB DRAM tier
+  auto published = PublishStream(*client_, *ns_, 1, kCount, /*batch=*/16);
+  ASSERT_TRUE(published.ok()) << published.status();
+  ASSERT_EQ(published->count(BlockOutcome::kOk), kCount);
+  WaitStored(kCount);
+  v1::StatsResponse before = Stats();
+  EXPECT_GT(Tier(before, v1::TIER_NVME)->blocks(), kCount - kDramBytes / kBlock);
+  EXPECT_EQ(before.demotion_drops(), 0u);
+
+  auto lookup = ns_->Lookup(Keys(1, kCount));
+  ASSERT_TRUE(lookup.ok());
+  EXPECT_EQ(lookup->prefix_length, kCount);
+  ASSERT_EQ(lookup->tiers.size(), kCount);
+  EXPECT_EQ(lookup->tiers.front(), client::Tier::kNvme) << "the oldest blocks were demoted";
+  EXPECT_EQ(lookup->tiers.back(), client::Tier::kDram);
+
+  EXPECT_EQ(FetchAndVerify(*client_, *ns_, 1, kCount, /*batch=*/16), kCount);
+  const v1::StatsResponse after = Stats();
+  EXPECT_GT(after.promoted_blocks(), 0u);
+  EXPECT_EQ(after.fetch_miss_blocks(), 0u);
+  EXPECT_EQ(after.nvme_corrupt_blocks(), 0u);
+  // A promoted block is in DRAM now: fetching the tail again needs no NVMe read.
+  auto again = ns_->Lookup(Keys(1, kCount));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->tiers.back(), client::Tier::kDram);
+}
+
+TEST_F(NvmeNodeTest, RestartFindsEveryBlockThatReachedNvme) {
+  StartNode({"--nvme_flush_on_shutdown=false"});
+  constexpr size_t kCount = 120;
+  ASSERT_EQ(PublishStream(*client_, *ns_, 2, kCount, 16)->count(BlockOutcome::kOk), kCount);
+  WaitStored(kCount);
+  const uint64_t on_nvme = Tier(Stats(), v1::TIER_NVME)->blocks();
+  ASSERT_GT(on_nvme, 0u);
+  client_.reset();
+  node_.reset();  // SIGTERM; DRAM is not flushed with this flag
+
+  StartNode({"--nvme_flush_on_shutdown=false"});
+  auto lookup = ns_->Lookup(Keys(2, kCount));
+  ASSERT_TRUE(lookup.ok());
+  // Demotion is oldest-first, so the blocks on NVMe are the stream's head.
+  EXPECT_EQ(lookup->prefix_length, on_nvme);
+  EXPECT_EQ(FetchAndVerify(*client_, *ns_, 2, lookup->prefix_length, 16), lookup->prefix_length);
+}
+
+TEST_F(NvmeNodeTest, CleanShutdownFlushesDramSoNothingIsLost) {
+  StartNode();
+  constexpr size_t kCount = 100;
+  ASSERT_EQ(PublishStream(*client_, *ns_, 3, kCount, 16)->count(BlockOutcome::kOk), kCount);
+  client_.reset();
+  node_.reset();
+  StartNode();
+  auto lookup = ns_->Lookup(Keys(3, kCount));
+  ASSERT_TRUE(lookup.ok());
+  EXPECT_EQ(lookup->prefix_length, kCount);
+  EXPECT_EQ(FetchAndVerify(*client_, *ns_, 3, kCount, 16), kCount);
+}
+
+TEST_F(NvmeNodeTest, KillNineDuringHeavyPublishNeverServesAWrongBlock) {
+  StartNode();
+  // A publisher streams until the node dies under it.
+  std::atomic<size_t> published{0};
+  std::thread publisher([&, address = node_->address()] {
+    auto c = Client::Connect({.node_address = address, .timeout = absl::Seconds(5)});
+    if (!c.ok()) return;
+    auto ns = (*c)->OpenNamespace(Spec());
+    if (!ns.ok()) return;
+    for (uint64_t seed = 100;; ++seed) {
+      auto result = PublishStream(**c, *ns, seed, 32, 16);
+      if (!result.ok()) return;
+      published += result->count(BlockOutcome::kOk);
+    }
+  });
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (published < 400 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  node_->process().Signal(SIGKILL);
+  node_->process().Wait();
+  publisher.join();
+  ASSERT_GE(published.load(), 400u);
+
+  client_.reset();
+  StartNode();
+  size_t found = 0;
+  for (uint64_t seed = 100; seed < 100 + published / 32 + 2; ++seed) {
+    auto lookup = ns_->Lookup(Keys(seed, 32));
+    ASSERT_TRUE(lookup.ok());
+    found += lookup->prefix_length;
+    // Everything Lookup reports comes back byte-exact (or, had its bytes been
+    // torn, as a miss: FetchAndVerify counts only matching blocks).
+    EXPECT_EQ(FetchAndVerify(*client_, *ns_, seed, lookup->prefix_length, 16),
+              lookup->prefix_length)
+        << "seed " << seed;
+  }
+  EXPECT_GT(found, 0u) << "demoted blocks survive kill -9";
+  const v1::StatsResponse stats = Stats();
+  EXPECT_EQ(stats.nvme_corrupt_blocks(), 0u);
+  EXPECT_EQ(stats.fetch_miss_blocks(), 0u);
+}
+
+TEST_F(NvmeNodeTest, DamagedDataAndIndexBecomeCountedMisses) {
+  StartNode();
+  constexpr size_t kCount = 64;
+  ASSERT_EQ(PublishStream(*client_, *ns_, 4, kCount, 16)->count(BlockOutcome::kOk), kCount);
+  const std::vector<BlockKey> keys = Keys(4, kCount);
+  client_.reset();
+  node_.reset();  // clean: all 64 blocks on NVMe
+
+  // Damage one index record (block 40) and the bytes of some blocks.
+  {
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(rocksdb::Options(), DataDir() + "/kvstrata-index", &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions()));
+    std::string victim_key;
+    for (it->Seek("b"); it->Valid() && it->key().starts_with("b"); it->Next()) {
+      if (it->key().ToString().substr(9) == std::string(keys[40].view())) {
+        victim_key = it->key().ToString();
+      }
+    }
+    ASSERT_FALSE(victim_key.empty());
+    std::string value;
+    ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), victim_key, &value).ok());
+    value[30] ^= 0x01;
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), victim_key, value).ok());
+  }
+  {
+    const int fd = ::open((DataDir() + "/kvstrata-data").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    for (off_t at : {off_t{1000}, off_t{10 * kBlock + 77}}) {
+      char byte;
+      ASSERT_EQ(::pread(fd, &byte, 1, at), 1);
+      byte ^= 0x20;
+      ASSERT_EQ(::pwrite(fd, &byte, 1, at), 1);
+    }
+    ::close(fd);
+  }
+
+  StartNode();
+  EXPECT_EQ(Stats().nvme_corrupt_records(), 1u);
+  auto lookup = ns_->Lookup(keys);
+  ASSERT_TRUE(lookup.ok());
+  EXPECT_EQ(lookup->prefix_length, 40u) << "the prefix ends at the dropped record";
+  // Fetch everything but block 40: exactly the blocks whose bytes were hit
+  // are misses; every block served is right.
+  const size_t good = FetchAndVerify(*client_, *ns_, 4, kCount, 16);
+  const v1::StatsResponse stats = Stats();
+  EXPECT_EQ(stats.nvme_corrupt_blocks(), 2u);
+  EXPECT_EQ(good, kCount - 1 - 2);
+  EXPECT_EQ(stats.fetch_miss_blocks(), 3u);
+  EXPECT_TRUE(client_->Ping().ok()) << "the node keeps running";
+}
+
+TEST_F(NvmeNodeTest, UnusableDirectoryLeavesDramServingAndReportsWhy) {
+  { std::ofstream(dir_ + "/not-a-dir") << "x"; }
+  // An NVMe "directory" under a regular file cannot be created.
+  std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", kDramBytes),
+                                    "--slab_bytes=4194304", "--nvme_dirs=" + dir_ + "/not-a-dir/nvme",
+                                    "--nvme_capacity_bytes=268435456"};
+  auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, flags);
+  ASSERT_TRUE(node.ok()) << node.status();
+  node_ = *std::move(node);
+  auto c = Client::Connect({.node_address = node_->address(), .timeout = absl::Seconds(20)});
+  ASSERT_TRUE(c.ok());
+  client_ = *std::move(c);
+  auto ns = client_->OpenNamespace(Spec());
+  ASSERT_TRUE(ns.ok());
+  ns_ = *ns;
+  auto published = PublishStream(*client_, *ns_, 5, 100, 16);  // more than DRAM holds
+  ASSERT_TRUE(published.ok());
+  EXPECT_EQ(published->count(BlockOutcome::kOk), 100u) << "DRAM keeps taking publishes";
+  const v1::StatsResponse stats = Stats();
+  const v1::TierStats* nvme = Tier(stats, v1::TIER_NVME);
+  ASSERT_NE(nvme, nullptr);
+  EXPECT_NE(nvme->last_error().find("Not a directory"), std::string::npos) << nvme->last_error();
+  EXPECT_EQ(nvme->capacity_bytes(), 0u);
+  EXPECT_GT(stats.demotion_drops(), 0u);
+}
+
+}  // namespace
+}  // namespace kvstrata
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
