@@ -567,7 +567,7 @@ class NvmeTier::Impl {
         if (queue_.empty()) flushed_cv_.notify_all();
         queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) return;  // stopping, and everything queued is written
-        while (!queue_.empty() && batch.size() < rings_.queue_depth()) {
+        while (!queue_.empty() && batch.size() < options_.write_batch_blocks) {
           batch.push_back(std::move(queue_.front()));
           queue_.pop_front();
         }
@@ -644,6 +644,9 @@ absl::StatusOr<std::unique_ptr<NvmeTier>> NvmeTier::Open(const NvmeTierOptions& 
   }
   if (options.queue_depth == 0 || options.queue_depth > 4096) {
     return absl::InvalidArgumentError("NVMe queue depth must be 1..4096");
+  }
+  if (options.write_batch_blocks == 0) {
+    return absl::InvalidArgumentError("NVMe write batches need at least one block");
   }
   auto impl = std::make_unique<Impl>(options);
   if (absl::Status s = impl->Open(); !s.ok()) return s;

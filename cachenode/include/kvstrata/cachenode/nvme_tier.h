@@ -37,6 +37,9 @@ struct NvmeTierOptions {
   double high_watermark = 0.95;
   double low_watermark = 0.85;
   unsigned queue_depth = 32;  // I/O operations in flight per batch
+  // Blocks the write-behind thread writes per batch (one index write each);
+  // larger batches keep the queue full across more of the stream.
+  unsigned write_batch_blocks = 128;
   // Bytes of evicted DRAM blocks waiting to be written; beyond it blocks are
   // dropped. Their DRAM stays allocated until written, so this also bounds
   // how much of the DRAM tier demotion may hold.
