@@ -71,6 +71,9 @@ ABSL_FLAG(uint32_t, nvme_queue_depth, 32, "io_uring operations in flight per NVM
 ABSL_FLAG(uint64_t, nvme_write_queue_bytes, 0,
           "Bytes of DRAM-evicted blocks waiting to be written to NVMe; beyond it evicted blocks "
           "are dropped, never waited for. 0: a quarter of the DRAM tier, at most 256 MiB.");
+ABSL_FLAG(absl::Duration, nvme_demotion_wait, absl::Milliseconds(100),
+          "Longest a DRAM eviction waits for room in the full NVMe write queue before the block "
+          "is dropped (publishers slow to the disk's pace for at most this long).");
 ABSL_FLAG(bool, nvme_flush_on_shutdown, true,
           "On SIGTERM/SIGINT, write what the DRAM tier holds to NVMe before exiting, so a restart "
           "finds every block (a crash keeps only what had been demoted).");
@@ -150,6 +153,7 @@ int main(int argc, char** argv) {
   options.nvme.write_queue_bytes = absl::GetFlag(FLAGS_nvme_write_queue_bytes);
   options.nvme.eviction_policy = absl::GetFlag(FLAGS_nvme_eviction_policy);
   options.nvme_flush_on_shutdown = absl::GetFlag(FLAGS_nvme_flush_on_shutdown);
+  options.nvme.max_demotion_wait = absl::GetFlag(FLAGS_nvme_demotion_wait);
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

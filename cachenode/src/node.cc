@@ -79,6 +79,8 @@ class Node::Impl {
 
 namespace {
 
+constexpr char kLivenessService[] = "kvstrata.liveness";
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     const NodeOptions& options) {
   if (options.tls_cert_file.empty() && options.tls_key_file.empty()) {
@@ -176,14 +178,17 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   if (impl->server == nullptr || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
   }
+  grpc::HealthCheckServiceInterface* health = impl->server->GetHealthCheckService();
+  // "kvstrata.liveness" answers SERVING while the process works (liveness
+  // probes); the overall status "" is readiness.
+  if (health != nullptr) health->SetServingStatus(kLivenessService, true);
   if (impl->nvme != nullptr) {
     // Serve at once (DRAM works), but report not-ready until the NVMe index
     // is recovered, so orchestrators and clusters wait for it.
-    grpc::HealthCheckServiceInterface* health = impl->server->GetHealthCheckService();
-    if (health != nullptr) health->SetServingStatus(false);
+    if (health != nullptr) health->SetServingStatus("", false);
     impl->recovery = std::thread([nvme = impl->nvme.get(), health] {
       nvme->Recover();
-      if (health != nullptr) health->SetServingStatus(true);
+      if (health != nullptr) health->SetServingStatus("", true);
     });
   }
   KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port

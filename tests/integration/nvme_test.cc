@@ -57,7 +57,10 @@ class NvmeNodeTest : public ::testing::Test {
     std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", kDramBytes),
                                       "--slab_bytes=4194304", "--transfer_timeout=5s",
                                       "--nvme_dirs=" + DataDir(),
-                                      "--nvme_capacity_bytes=268435456"};
+                                      "--nvme_capacity_bytes=268435456",
+                                      // A loaded test machine may stall the writer; these
+                                      // tests are about what is kept, not about timing.
+                                      "--nvme_demotion_wait=10s"};
     flags.insert(flags.end(), extra.begin(), extra.end());
     auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, flags);
     ASSERT_TRUE(node.ok()) << node.status();

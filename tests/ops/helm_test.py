@@ -28,6 +28,13 @@ def render(renderer, chart, values=None, notes=False):
     return subprocess.run(command + [chart], check=True, capture_output=True, text=True).stdout
 
 
+def parse_quantity(text):
+    """Bytes of a Kubernetes quantity such as 100Gi or 500G."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    match = re.fullmatch(r"(\d+)([KMGT]i?)?", str(text))
+    return int(match.group(1)) * units.get(match.group(2) or "", 1)
+
+
 def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor):
     expect("<no value>" not in text, label + ": a template used an unset value")
     docs = [d for d in yaml.safe_load_all(text) if d]
@@ -77,9 +84,18 @@ def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor):
         volume = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"][0]
         expect("secret" in volume, label + ": TLS volume is not a Secret")
     expect(("nvme" in mounts) == nvme, label + ": NVMe mount")
+    expect(("--nvme_dirs=" + mounts.get("nvme", "") in flags) == nvme,
+           label + ": the NVMe tier is not pointed at its volume")
     if nvme:
         claims = [c["metadata"]["name"] for c in sts["spec"].get("volumeClaimTemplates", [])]
         expect("nvme" in claims, label + ": no NVMe volume claim")
+        capacity = int(re.search(r"^--nvme_capacity_bytes=(\d+)$", flags, re.M).group(1))
+        claim = [c for c in sts["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == "nvme"][0]
+        size = claim["spec"]["resources"]["requests"]["storage"]
+        expect(capacity < parse_quantity(size), label + ": NVMe data file larger than its volume")
+    liveness = container["livenessProbe"]["grpc"]
+    expect(liveness.get("service") == "kvstrata.liveness",
+           label + ": liveness must not wait for NVMe recovery (readiness does)")
 
 
 def main():
