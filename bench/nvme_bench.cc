@@ -152,18 +152,6 @@ int main(int argc, char** argv) {
     Buffer raw_buffer = Aligned(size * depth);
     for (unsigned i = 0; i < depth; ++i) kvstrata::testing::FillBlock(7, i, raw_buffer.get() + i * size, size);
     absl::Duration raw_write = absl::InfiniteDuration(), raw_read = absl::InfiniteDuration();
-    for (int r = 0; r < repeats; ++r) {
-      const std::string raw_path = absl::StrCat(dir, "/raw", r);
-      const int fd = ::open(raw_path.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
-      if (fd < 0 || ::posix_fallocate(fd, 0, per_size) != 0) {
-        std::perror("raw file");
-        return 1;
-      }
-      raw_write = std::min(raw_write, RawIo(fd, true, raw_buffer.get(), size, count, depth));
-      raw_read = std::min(raw_read, RawIo(fd, false, raw_buffer.get(), size, count, depth));
-      ::close(fd);
-      std::filesystem::remove(raw_path);
-    }
 
     // The tier: a fresh data file and index per repeat, same capacity.
     std::vector<std::shared_ptr<StoredBlock>> sources;
@@ -175,13 +163,26 @@ int main(int argc, char** argv) {
       block->checksum = BlockChecksum(data, size);
       sources.push_back(block);
     }
-    Buffer dest_memory = Aligned(size * depth);
+    // Reads go in batches as one Fetch of 4 x depth blocks would issue them.
+    const uint64_t read_batch = 4 * depth;
+    Buffer dest_memory = Aligned(size * read_batch);
     std::vector<std::shared_ptr<StoredBlock>> dests;
-    for (unsigned i = 0; i < depth; ++i) {
+    for (unsigned i = 0; i < read_batch; ++i) {
       dests.push_back(std::make_shared<StoredBlock>(dest_memory.get() + i * size, size, nullptr));
     }
     absl::Duration tier_write = absl::InfiniteDuration(), tier_read = absl::InfiniteDuration();
+    // Raw and tier alternate, so both see the same drift of a shared disk.
     for (int r = 0; r < repeats; ++r) {
+      const std::string raw_path = absl::StrCat(dir, "/raw", r);
+      const int fd = ::open(raw_path.c_str(), O_RDWR | O_CREAT | O_DIRECT, 0600);
+      if (fd < 0 || ::posix_fallocate(fd, 0, per_size) != 0) {
+        std::perror("raw file");
+        return 1;
+      }
+      raw_write = std::min(raw_write, RawIo(fd, true, raw_buffer.get(), size, count, depth));
+      raw_read = std::min(raw_read, RawIo(fd, false, raw_buffer.get(), size, count, depth));
+      ::close(fd);
+      std::filesystem::remove(raw_path);
       const std::string tier_dir = absl::StrCat(dir, "/tier", size, "_", r);
       NvmeTierOptions options{.directories = {tier_dir},
                               .capacity_per_directory = per_size + (64ull << 20),
@@ -211,10 +212,10 @@ int main(int argc, char** argv) {
       }
       tier_write = std::min(tier_write, absl::Now() - start);
       start = absl::Now();
-      for (uint64_t first = 0; first < count; first += depth) {
+      for (uint64_t first = 0; first < count; first += read_batch) {
         std::vector<BlockId> ids;
         std::vector<StoredBlock*> into;
-        for (uint64_t i = first; i < std::min<uint64_t>(count, first + depth); ++i) {
+        for (uint64_t i = first; i < std::min<uint64_t>(count, first + read_batch); ++i) {
           ids.push_back(Id(size, i));
           into.push_back(dests[i - first].get());
         }

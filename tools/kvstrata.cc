@@ -314,8 +314,18 @@ int Stat() {
   for (const auto& tier : stats.tiers()) {
     std::cout << "tier " << kvstrata::v1::Tier_Name(tier.tier()) << " blocks=" << tier.blocks()
               << " stored_bytes=" << tier.stored_bytes() << " used_bytes=" << tier.used_bytes()
-              << " capacity_bytes=" << tier.capacity_bytes() << " evictions=" << tier.evictions()
-              << "\n";
+              << " capacity_bytes=" << tier.capacity_bytes() << " evictions=" << tier.evictions();
+    if (tier.tier() == kvstrata::v1::TIER_NVME) {
+      std::cout << " errors=" << tier.errors();
+      if (!tier.last_error().empty()) std::cout << " last_error=\"" << tier.last_error() << "\"";
+    }
+    std::cout << "\n";
+  }
+  if (stats.demoted_blocks() + stats.demotion_drops() + stats.promoted_blocks() > 0) {
+    std::cout << "nvme demoted=" << stats.demoted_blocks() << " dropped=" << stats.demotion_drops()
+              << " promoted=" << stats.promoted_blocks()
+              << " corrupt_blocks=" << stats.nvme_corrupt_blocks()
+              << " corrupt_records=" << stats.nvme_corrupt_records() << "\n";
   }
   const uint64_t lookups = stats.lookup_hit_blocks() + stats.lookup_miss_blocks();
   std::cout << "namespaces " << stats.namespaces() << "\n"
