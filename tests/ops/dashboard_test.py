@@ -16,7 +16,10 @@ def scrape_names(node_binary, cli_binary):
     with tempfile.TemporaryDirectory() as tmp:
         port_file = os.path.join(tmp, "port")
         node = subprocess.Popen([node_binary, "--listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-                                 "--port_file=" + port_file, "--dram_bytes=268435456"],
+                                 "--port_file=" + port_file, "--dram_bytes=268435456",
+                                 # The NVMe tier too: its families are on the dashboard.
+                                 "--nvme_dirs=" + os.path.join(tmp, "nvme"),
+                                 "--nvme_capacity_bytes=67108864"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             for _ in range(300):
