@@ -46,7 +46,8 @@ ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines w
 ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
           "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
           "blocks (> 1), comma-separated.");
-ABSL_FLAG(std::string, policy, "lru", "replay: the eviction policy to measure.");
+ABSL_FLAG(std::string, policy, "lru,prefix-lru,chain-protect,chain-slru",
+          "replay: the eviction policies to measure, comma-separated.");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
 ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
@@ -272,36 +273,25 @@ int Drain() {
   return 0;
 }
 
-// Offline replay of a trace: the policy against LRU and Belady's optimum.
+// Offline replay of a trace: each policy against LRU and Belady's optimum.
 int Replay() {
   auto trace = kvstrata::cachenode::LoadMooncakeTrace(absl::GetFlag(FLAGS_trace));
   if (!trace.ok()) return Die(trace.status());
   const size_t distinct = kvstrata::cachenode::DistinctBlocks(*trace);
-  std::printf("trace: %zu requests, %zu distinct blocks; policy %s\n", trace->size(), distinct,
-              absl::GetFlag(FLAGS_policy).c_str());
+  std::vector<size_t> capacities;
   for (absl::string_view text : absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
     double value = 0;
     if (!absl::SimpleAtod(text, &value) || value <= 0) {
       return Die(absl::InvalidArgumentError(absl::StrCat("bad capacity '", text, "'")));
     }
-    const size_t blocks = value <= 1 ? static_cast<size_t>(value * distinct) : static_cast<size_t>(value);
-    auto policy = kvstrata::cachenode::MakeEvictionPolicy(absl::GetFlag(FLAGS_policy));
-    if (!policy.ok()) return Die(policy.status());
-    auto lru = kvstrata::cachenode::MakeLruPolicy();
-    const auto measured = kvstrata::cachenode::Replay(*trace, blocks, **policy);
-    const auto baseline = kvstrata::cachenode::Replay(*trace, blocks, *lru);
-    const auto belady = kvstrata::cachenode::ReplayBelady(*trace, blocks);
-    const double gap = belady.token_hit_rate() - baseline.token_hit_rate();
-    std::printf(
-        "capacity %zu blocks (%.1f%%): token hit rate %s %.3f, lru %.3f, belady %.3f; gap closed "
-        "%.2f; block hit rate %.3f (lru %.3f, belady %.3f); %.0f ns/op vs lru %.0f ns/op\n",
-        blocks, 100.0 * blocks / distinct, absl::GetFlag(FLAGS_policy).c_str(),
-        measured.token_hit_rate(), baseline.token_hit_rate(), belady.token_hit_rate(),
-        gap > 0 ? (measured.token_hit_rate() - baseline.token_hit_rate()) / gap : 0.0,
-        measured.block_hit_rate(), baseline.block_hit_rate(), belady.block_hit_rate(),
-        1e9 * measured.seconds / std::max<uint64_t>(measured.operations, 1),
-        1e9 * baseline.seconds / std::max<uint64_t>(baseline.operations, 1));
+    capacities.push_back(value <= 1 ? static_cast<size_t>(value * distinct) : static_cast<size_t>(value));
   }
+  std::vector<std::string> policies =
+      absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
+  std::printf("trace: %zu requests, %zu distinct blocks\n", trace->size(), distinct);
+  auto rows = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies);
+  if (!rows.ok()) return Die(rows.status());
+  std::fputs(kvstrata::cachenode::FormatComparisons(*rows, distinct).c_str(), stdout);
   return 0;
 }
 

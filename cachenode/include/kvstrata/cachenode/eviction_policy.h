@@ -35,7 +35,20 @@ std::unique_ptr<EvictionPolicy> MakeLruPolicy();
 // operation; about 150 bytes per block.
 std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy();
 
-// A policy by its flag name ("lru", "prefix-lru").
+// Three classes, each in LRU order, evicted in this order: dead (a block whose
+// parent has since gained a newer child: the previous request's partial tail),
+// probation (blocks of a chain never seen before: most are never reused),
+// protected (blocks hit at least once, extensions of protected blocks, chains
+// whose root was seen before, blocks seen again after eviction). Probation
+// yields first only while it holds more than `probation_share` of the blocks.
+// Ghost lists of evicted blocks and of seen roots hold at most as many ids as
+// the policy ever tracked. O(1) per operation; about 200 bytes per tracked
+// block plus about 100 bytes per ghost id (up to two ghosts per block).
+// "chain-protect" is share 0, "chain-slru" share 0.1 (S3-FIFO's small queue).
+std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
+
+// A policy by its flag name ("lru", "prefix-lru", "chain-protect", "chain-slru").
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
+inline constexpr char kEvictionPolicyNames[] = "lru, prefix-lru, chain-protect, chain-slru";
 
 }  // namespace kvstrata::cachenode

@@ -1,0 +1,142 @@
+// chain-protect and chain-slru: see eviction_policy.h and cachenode/README.md
+// ("Why Belady wins") for the trace facts behind the three classes.
+#include <list>
+
+#include "absl/container/flat_hash_map.h"
+#include "kvstrata/cachenode/eviction_policy.h"
+
+namespace kvstrata::cachenode {
+namespace {
+
+// A bounded set of ids, forgetting the least recently remembered first.
+class Ghost {
+ public:
+  bool Contains(const BlockId& id) const { return position_.contains(id); }
+  void Remember(const BlockId& id, size_t capacity) {
+    if (auto it = position_.find(id); it != position_.end()) {
+      order_.splice(order_.begin(), order_, it->second);
+    } else {
+      order_.push_front(id);
+      position_.emplace(id, order_.begin());
+    }
+    while (order_.size() > capacity) {
+      position_.erase(order_.back());
+      order_.pop_back();
+    }
+  }
+  void Forget(const BlockId& id) {
+    if (auto it = position_.find(id); it != position_.end()) {
+      order_.erase(it->second);
+      position_.erase(it);
+    }
+  }
+
+ private:
+  std::list<BlockId> order_;  // most recent first
+  absl::flat_hash_map<BlockId, std::list<BlockId>::iterator> position_;
+};
+
+class ChainProtectPolicy final : public EvictionPolicy {
+ public:
+  explicit ChainProtectPolicy(double probation_share) : probation_share_(probation_share) {}
+
+  void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
+    if (auto it = blocks_.find(id); it != blocks_.end()) {
+      Move(id, it->second, kProtected);
+      return;
+    }
+    Class cls = kProbation;
+    Entry* parent_entry = nullptr;
+    if (parent.has_value() && !(*parent == id)) {
+      if (auto p = blocks_.find(*parent); p != blocks_.end()) parent_entry = &p->second;
+    }
+    if (parent_entry != nullptr) {
+      // A new child of a cached block: the block it replaces (the previous
+      // request's partial tail, usually) is unlikely to be asked for again.
+      if (parent_entry->has_last_child && !(parent_entry->last_child == id.key)) {
+        if (auto old = blocks_.find(BlockId{id.namespace_id, parent_entry->last_child});
+            old != blocks_.end() && old->second.cls != kDead) {
+          Move(old->first, old->second, kDead);
+        }
+      }
+      parent_entry->last_child = id.key;
+      parent_entry->has_last_child = true;
+      // A chain that has been reused once is reused again (P ~ 0.8): its
+      // extensions inherit its protection.
+      if (parent_entry->cls == kProtected) cls = kProtected;
+    } else if (!parent.has_value()) {
+      // A root seen before starts a repeat of an earlier prefix.
+      if (roots_.Contains(id)) cls = kProtected;
+      roots_.Remember(id, high_water_);
+    }
+    if (evicted_.Contains(id)) {  // a second sighting of a block we let go
+      cls = kProtected;
+      evicted_.Forget(id);
+    }
+    Entry& entry = blocks_[id];
+    entry.cls = cls;
+    lists_[cls].push_front(id);
+    entry.position = lists_[cls].begin();
+    high_water_ = std::max(high_water_, blocks_.size());
+  }
+
+  void OnHit(const BlockId& id) override {
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return;
+    Move(id, it->second, kProtected);
+    if (roots_.Contains(id)) roots_.Remember(id, high_water_);
+  }
+
+  void OnErase(const BlockId& id) override {
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return;
+    lists_[it->second.cls].erase(it->second.position);
+    blocks_.erase(it);
+    evicted_.Remember(id, high_water_);
+  }
+
+  std::optional<BlockId> Victim() override {
+    if (!lists_[kDead].empty()) return lists_[kDead].back();
+    const auto& probation = lists_[kProbation];
+    if (!probation.empty() &&
+        (probation.size() > probation_share_ * blocks_.size() || lists_[kProtected].empty())) {
+      return probation.back();
+    }
+    if (!lists_[kProtected].empty()) return lists_[kProtected].back();
+    return std::nullopt;
+  }
+
+  size_t size() const override { return blocks_.size(); }
+
+ private:
+  enum Class : uint8_t { kDead = 0, kProbation = 1, kProtected = 2 };
+  struct Entry {
+    std::list<BlockId>::iterator position;
+    BlockKey last_child;  // the newest child inserted under this block
+    bool has_last_child = false;
+    Class cls = kProbation;
+  };
+  void Move(const BlockId& id, Entry& entry, Class to) {
+    lists_[entry.cls].erase(entry.position);
+    entry.cls = to;
+    lists_[to].push_front(id);
+    entry.position = lists_[to].begin();
+  }
+
+  const double probation_share_;
+  std::list<BlockId> lists_[3];  // per class, most recent first
+  absl::flat_hash_map<BlockId, Entry> blocks_;
+  // Both ghosts hold at most as many ids as the policy has ever tracked, so
+  // their size follows the tier's without the policy knowing its capacity.
+  Ghost roots_;    // chain roots seen
+  Ghost evicted_;  // blocks evicted
+  size_t high_water_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share) {
+  return std::make_unique<ChainProtectPolicy>(probation_share);
+}
+
+}  // namespace kvstrata::cachenode
