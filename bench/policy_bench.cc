@@ -7,6 +7,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "kvstrata/cachenode/replay.h"
 
@@ -14,7 +15,7 @@ ABSL_FLAG(std::string, trace, KVSTRATA_DEFAULT_TRACE, "A Mooncake-format trace."
 ABSL_FLAG(std::string, policies, "lru,prefix-lru,chain-protect,chain-slru", "Policies to compare.");
 ABSL_FLAG(std::string, fractions, "0.05,0.1,0.2", "Capacities as fractions of distinct blocks.");
 ABSL_FLAG(int, requests, 0, "Replay only the first N requests (0: all).");
-ABSL_FLAG(int, repeats, 3, "Replays per point; the fastest timing is kept.");
+ABSL_FLAG(int, repeats, 3, "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -38,26 +39,14 @@ int main(int argc, char** argv) {
   }
   const std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policies), ',', absl::SkipEmpty());
-  // Hit rates are deterministic; timings are noisy on a shared machine, so
-  // each point keeps its fastest policy and LRU replay.
-  std::vector<kvstrata::cachenode::PolicyComparison> best;
-  for (int round = 0; round < std::max(1, absl::GetFlag(FLAGS_repeats)); ++round) {
-    auto rows = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies);
-    if (!rows.ok()) {
-      std::fprintf(stderr, "%s\n", rows.status().ToString().c_str());
-      return 1;
-    }
-    if (best.empty()) {
-      best = *rows;
-      continue;
-    }
-    for (size_t i = 0; i < rows->size(); ++i) {
-      if ((*rows)[i].result.seconds < best[i].result.seconds) best[i].result = (*rows)[i].result;
-      if ((*rows)[i].lru.seconds < best[i].lru.seconds) best[i].lru = (*rows)[i].lru;
-    }
+  auto best = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies,
+                                                   absl::GetFlag(FLAGS_repeats));
+  if (!best.ok()) {
+    std::fprintf(stderr, "%s\n", best.status().ToString().c_str());
+    return 1;
   }
   std::printf("%s: %zu requests, %zu distinct blocks; gap = (policy - lru) / (belady - lru)\n",
               absl::GetFlag(FLAGS_trace).c_str(), trace->size(), distinct);
-  std::fputs(kvstrata::cachenode::FormatComparisons(best, distinct).c_str(), stdout);
+  std::fputs(kvstrata::cachenode::FormatComparisons(*best, distinct).c_str(), stdout);
   return 0;
 }

@@ -1,6 +1,8 @@
 // chain-protect and chain-slru: see eviction_policy.h and cachenode/README.md
 // ("Why Belady wins") for the trace facts behind the three classes.
+#include <deque>
 #include <list>
+#include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "kvstrata/cachenode/eviction_policy.h"
@@ -8,32 +10,27 @@
 namespace kvstrata::cachenode {
 namespace {
 
-// A bounded set of ids, forgetting the least recently remembered first.
+// A bounded set of ids, forgetting the least recently remembered first. A
+// FIFO of (id, stamp) with the newest stamp per id in a map: remembering an id
+// again appends it and leaves its old FIFO entry stale, so no operation
+// allocates a node or walks a list.
 class Ghost {
  public:
-  bool Contains(const BlockId& id) const { return position_.contains(id); }
+  bool Contains(const BlockId& id) const { return stamp_.contains(id); }
   void Remember(const BlockId& id, size_t capacity) {
-    if (auto it = position_.find(id); it != position_.end()) {
-      order_.splice(order_.begin(), order_, it->second);
-    } else {
-      order_.push_front(id);
-      position_.emplace(id, order_.begin());
-    }
-    while (order_.size() > capacity) {
-      position_.erase(order_.back());
-      order_.pop_back();
-    }
-  }
-  void Forget(const BlockId& id) {
-    if (auto it = position_.find(id); it != position_.end()) {
-      order_.erase(it->second);
-      position_.erase(it);
+    stamp_[id] = next_;
+    fifo_.push_back({id, next_++});
+    while (stamp_.size() > capacity || fifo_.size() > 2 * capacity + 16) {
+      const auto& [old, stamp] = fifo_.front();
+      if (auto it = stamp_.find(old); it != stamp_.end() && it->second == stamp) stamp_.erase(it);
+      fifo_.pop_front();
     }
   }
 
  private:
-  std::list<BlockId> order_;  // most recent first
-  absl::flat_hash_map<BlockId, std::list<BlockId>::iterator> position_;
+  std::deque<std::pair<BlockId, uint64_t>> fifo_;
+  absl::flat_hash_map<BlockId, uint64_t> stamp_;  // id -> its newest FIFO stamp
+  uint64_t next_ = 0;
 };
 
 class ChainProtectPolicy final : public EvictionPolicy {
@@ -69,10 +66,6 @@ class ChainProtectPolicy final : public EvictionPolicy {
       if (roots_.Contains(id)) cls = kProtected;
       roots_.Remember(id, high_water_);
     }
-    if (evicted_.Contains(id)) {  // a second sighting of a block we let go
-      cls = kProtected;
-      evicted_.Forget(id);
-    }
     Entry& entry = blocks_[id];
     entry.cls = cls;
     lists_[cls].push_front(id);
@@ -92,7 +85,6 @@ class ChainProtectPolicy final : public EvictionPolicy {
     if (it == blocks_.end()) return;
     lists_[it->second.cls].erase(it->second.position);
     blocks_.erase(it);
-    evicted_.Remember(id, high_water_);
   }
 
   std::optional<BlockId> Victim() override {
@@ -126,10 +118,11 @@ class ChainProtectPolicy final : public EvictionPolicy {
   const double probation_share_;
   std::list<BlockId> lists_[3];  // per class, most recent first
   absl::flat_hash_map<BlockId, Entry> blocks_;
-  // Both ghosts hold at most as many ids as the policy has ever tracked, so
-  // their size follows the tier's without the policy knowing its capacity.
-  Ghost roots_;    // chain roots seen
-  Ghost evicted_;  // blocks evicted
+  // Roots seen, at most as many as the blocks the policy ever tracked, so the
+  // memory follows the tier's size without the policy knowing it. (A ghost of
+  // evicted blocks as well changed no hit rate in the third decimal on the
+  // Mooncake trace and cost 1.5x more per call: dropped.)
+  Ghost roots_;
   size_t high_water_ = 0;
 };
 

@@ -39,11 +39,11 @@ std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy();
 // parent has since gained a newer child: the previous request's partial tail),
 // probation (blocks of a chain never seen before: most are never reused),
 // protected (blocks hit at least once, extensions of protected blocks, chains
-// whose root was seen before, blocks seen again after eviction). Probation
-// yields first only while it holds more than `probation_share` of the blocks.
-// Ghost lists of evicted blocks and of seen roots hold at most as many ids as
-// the policy ever tracked. O(1) per operation; about 200 bytes per tracked
-// block plus about 100 bytes per ghost id (up to two ghosts per block).
+// whose root was seen before). Probation yields first only while it holds more
+// than `probation_share` of the blocks. Roots seen are remembered, at most as
+// many as the blocks the policy ever tracked. O(1) per operation; about 120
+// bytes per block (map entry with the newest child's key, list node) plus
+// about 70 bytes per remembered root.
 // "chain-protect" is share 0, "chain-slru" share 0.1 (S3-FIFO's small queue).
 std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
 

@@ -68,10 +68,12 @@ struct PolicyComparison {
   double cost_vs_lru() const;
 };
 
-// Replays every named policy at every capacity (in blocks).
+// Replays every named policy at every capacity (in blocks). Each policy and
+// its LRU baseline are replayed `repeats` times, alternating, and keep their
+// fastest time: hit counts are deterministic, timings on a shared machine not.
 absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
     const std::vector<TraceRequest>& trace, const std::vector<size_t>& capacities_blocks,
-    const std::vector<std::string>& policies);
+    const std::vector<std::string>& policies, int repeats = 3);
 
 // The comparisons as a table, one line per policy and capacity.
 std::string FormatComparisons(const std::vector<PolicyComparison>& rows, size_t distinct_blocks);
