@@ -42,6 +42,7 @@ class ChainProtectPolicy final : public EvictionPolicy {
       Move(id, it->second, kProtected);
       return;
     }
+    high_water_ = std::max(high_water_, blocks_.size() + 1);
     Class cls = kProbation;
     Entry* parent_entry = nullptr;
     if (parent.has_value() && !(*parent == id)) {
@@ -70,7 +71,6 @@ class ChainProtectPolicy final : public EvictionPolicy {
     entry.cls = cls;
     lists_[cls].push_front(id);
     entry.position = lists_[cls].begin();
-    high_water_ = std::max(high_water_, blocks_.size());
   }
 
   void OnHit(const BlockId& id) override {
