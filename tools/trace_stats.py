@@ -71,3 +71,28 @@ print("capacity %d blocks (%.0f%%): prefix-hit blocks by turn and gap since the 
 print("turn  gap<      requests blocks belady lru")
 for (t, g), v in sorted(tab.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
     print("%4d  %-9s %8d %6d %6d %5d" % (t, "inf" if g == 1 << 60 else g, *v))
+
+# Clairvoyant bounds for recency-ordered policies: LRU that never caches a
+# chain with no second turn (perfect admission), and that also evicts first
+# the blocks of a chain whose last turn has passed (perfect end-of-chain
+# knowledge). Neither knows when a chain's next turn comes; Belady does.
+byroot_last = {c: v[-1] for c, v in byroot.items()}
+def oracle_lru(know_end):
+    cached = OrderedDict(); dead = OrderedDict(); hit = tot = 0
+    for i, r in enumerate(T):
+        h = r["hash_ids"]; j = 0
+        while j < len(h) and h[j] in cached: j += 1
+        hit += min(j * 512, r["input_length"]); tot += r["input_length"]
+        ended = byroot_last[h[0]] == i
+        if ended and len(byroot[h[0]]) == 1: continue  # never returns: not cached
+        for x in h:
+            if x not in cached:
+                while len(cached) >= cap:
+                    if dead: v, _ = dead.popitem(last=False); cached.pop(v, None)
+                    else: v, _ = cached.popitem(last=False); dead.pop(v, None)
+                cached[x] = 1
+            cached.move_to_end(x)
+            if ended and know_end: dead[x] = 1
+    return hit / tot
+print("clairvoyant LRU token hit rate: perfect admission %.3f; + knows each chain's last turn %.3f" %
+      (oracle_lru(False), oracle_lru(True)))
