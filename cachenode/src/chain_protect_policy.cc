@@ -38,11 +38,13 @@ class ChainProtectPolicy final : public EvictionPolicy {
   explicit ChainProtectPolicy(double probation_share) : probation_share_(probation_share) {}
 
   void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
-    if (auto it = blocks_.find(id); it != blocks_.end()) {
-      Move(id, it->second, kProtected);
+    auto [it, inserted] = blocks_.try_emplace(id);
+    Entry& entry = it->second;  // stable: nothing is inserted below
+    if (!inserted) {
+      Move(entry, kProtected);
       return;
     }
-    high_water_ = std::max(high_water_, blocks_.size() + 1);
+    high_water_ = std::max(high_water_, blocks_.size());
     Class cls = kProbation;
     Entry* parent_entry = nullptr;
     if (parent.has_value() && !(*parent == id)) {
@@ -54,7 +56,7 @@ class ChainProtectPolicy final : public EvictionPolicy {
       if (parent_entry->has_last_child && !(parent_entry->last_child == id.key)) {
         if (auto old = blocks_.find(BlockId{id.namespace_id, parent_entry->last_child});
             old != blocks_.end() && old->second.cls != kDead) {
-          Move(old->first, old->second, kDead);
+          Move(old->second, kDead);
         }
       }
       parent_entry->last_child = id.key;
@@ -66,8 +68,8 @@ class ChainProtectPolicy final : public EvictionPolicy {
       // A root seen before starts a repeat of an earlier prefix.
       if (roots_.Contains(id)) cls = kProtected;
       roots_.Remember(id, high_water_);
+      entry.is_root = true;
     }
-    Entry& entry = blocks_[id];
     entry.cls = cls;
     lists_[cls].push_front(id);
     entry.position = lists_[cls].begin();
@@ -76,15 +78,25 @@ class ChainProtectPolicy final : public EvictionPolicy {
   void OnHit(const BlockId& id) override {
     auto it = blocks_.find(id);
     if (it == blocks_.end()) return;
-    Move(id, it->second, kProtected);
-    if (roots_.Contains(id)) roots_.Remember(id, high_water_);
+    Move(it->second, kProtected);
+    if (it->second.is_root) roots_.Remember(id, high_water_);
   }
 
   void OnErase(const BlockId& id) override {
     auto it = blocks_.find(id);
     if (it == blocks_.end()) return;
     lists_[it->second.cls].erase(it->second.position);
+    const bool had_child = it->second.has_last_child;
+    const BlockKey child = it->second.last_child;
     blocks_.erase(it);
+    // Its newest child can no longer extend a cached prefix (older children
+    // are dead already): it goes next, and so on down the chain.
+    if (had_child) {
+      if (auto c = blocks_.find(BlockId{id.namespace_id, child});
+          c != blocks_.end() && c->second.cls != kDead) {
+        Move(c->second, kDead);
+      }
+    }
   }
 
   std::optional<BlockId> Victim() override {
@@ -106,13 +118,13 @@ class ChainProtectPolicy final : public EvictionPolicy {
     std::list<BlockId>::iterator position;
     BlockKey last_child;  // the newest child inserted under this block
     bool has_last_child = false;
+    bool is_root = false;  // inserted without a parent
     Class cls = kProbation;
   };
-  void Move(const BlockId& id, Entry& entry, Class to) {
-    lists_[entry.cls].erase(entry.position);
+  // To the front of class `to`; splicing keeps the node and its iterator.
+  void Move(Entry& entry, Class to) {
+    lists_[to].splice(lists_[to].begin(), lists_[entry.cls], entry.position);
     entry.cls = to;
-    lists_[to].push_front(id);
-    entry.position = lists_[to].begin();
   }
 
   const double probation_share_;

@@ -36,7 +36,8 @@ std::unique_ptr<EvictionPolicy> MakeLruPolicy();
 std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy();
 
 // Three classes, each in LRU order, evicted in this order: dead (a block whose
-// parent has since gained a newer child: the previous request's partial tail),
+// parent has since gained a newer child — the previous request's partial
+// tail — or was evicted: it cannot extend a cached prefix),
 // probation (blocks of a chain never seen before: most are never reused),
 // protected (blocks hit at least once, extensions of protected blocks, chains
 // whose root was seen before). Probation yields first only while it holds more
