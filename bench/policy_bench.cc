@@ -16,7 +16,8 @@ ABSL_FLAG(std::string, trace, KVSTRATA_DEFAULT_TRACE, "A Mooncake-format trace."
 ABSL_FLAG(std::string, policies, "lru,prefix-lru,chain-protect,chain-slru", "Policies to compare.");
 ABSL_FLAG(std::string, fractions, "0.05,0.1,0.2", "Capacities as fractions of distinct blocks.");
 ABSL_FLAG(int, requests, 0, "Replay only the first N requests (0: all).");
-ABSL_FLAG(int, repeats, 3, "Replays per point, alternating with LRU; the fastest timing of each is kept.");
+ABSL_FLAG(int, repeats, 3,
+          "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
@@ -31,7 +32,8 @@ int main(int argc, char** argv) {
   }
   const size_t distinct = kvstrata::cachenode::DistinctBlocks(*trace);
   std::vector<size_t> capacities;
-  for (absl::string_view text : absl::StrSplit(absl::GetFlag(FLAGS_fractions), ',', absl::SkipEmpty())) {
+  for (absl::string_view text :
+       absl::StrSplit(absl::GetFlag(FLAGS_fractions), ',', absl::SkipEmpty())) {
     double fraction = 0;
     if (!absl::SimpleAtod(text, &fraction) || fraction <= 0 || fraction > 1) {
       std::fprintf(stderr, "bad fraction '%s'\n", std::string(text).c_str());

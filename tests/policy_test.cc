@@ -174,7 +174,8 @@ TEST(BeladyPrefixTest, NoPolicyBeatsThePrefixOptimum) {
     for (int n = 2 + rng() % 3; n > 0; --n) {
       std::vector<uint64_t> ids;
       const uint64_t root = rng() % 3;
-      for (int d = 0, m = 1 + rng() % 3; d < m; ++d) ids.push_back(root * 10 + d + (rng() % 4 == 0));
+      for (int d = 0, m = 1 + rng() % 3; d < m; ++d)
+        ids.push_back(root * 10 + d + (rng() % 4 == 0));
       trace.push_back(Request(ids));
     }
     const size_t capacity = 1 + rng() % 3;
@@ -185,7 +186,8 @@ TEST(BeladyPrefixTest, NoPolicyBeatsThePrefixOptimum) {
     for (const char* name : {"lru", "prefix-lru", "chain-protect", "chain-slru"}) {
       auto policy = MakeEvictionPolicy(name);
       ASSERT_TRUE(policy.ok());
-      ASSERT_LE(Replay(trace, capacity, **policy).prefix_hit_blocks, best) << name << " round " << round;
+      ASSERT_LE(Replay(trace, capacity, **policy).prefix_hit_blocks, best)
+          << name << " round " << round;
     }
   }
   // Recorded, not required: how often Belady misses the prefix optimum.

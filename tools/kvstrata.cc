@@ -54,8 +54,9 @@ ABSL_FLAG(bool, live, false,
           "replay: replay against the node at --node through the client (Lookup, Fetch of the "
           "cached prefix, Publish of the rest) instead of offline; --block_bytes sets the block "
           "size (default 65536).");
-ABSL_FLAG(double, time_scale, 0,
-          "replay --live: issue request i at its trace timestamp (ms) times this; 0: back to back.");
+ABSL_FLAG(
+    double, time_scale, 0,
+    "replay --live: issue request i at its trace timestamp (ms) times this; 0: back to back.");
 ABSL_FLAG(int64_t, requests, 0, "replay: only the first N requests of the trace (0: all).");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
@@ -288,18 +289,21 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace);
 int Replay() {
   auto trace = kvstrata::cachenode::LoadMooncakeTrace(absl::GetFlag(FLAGS_trace));
   if (!trace.ok()) return Die(trace.status());
-  if (const int64_t n = absl::GetFlag(FLAGS_requests); n > 0 && static_cast<size_t>(n) < trace->size()) {
+  if (const int64_t n = absl::GetFlag(FLAGS_requests);
+      n > 0 && static_cast<size_t>(n) < trace->size()) {
     trace->resize(n);
   }
   if (absl::GetFlag(FLAGS_live)) return LiveReplay(*trace);
   const size_t distinct = kvstrata::cachenode::DistinctBlocks(*trace);
   std::vector<size_t> capacities;
-  for (absl::string_view text : absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
+  for (absl::string_view text :
+       absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
     double value = 0;
     if (!absl::SimpleAtod(text, &value) || value <= 0) {
       return Die(absl::InvalidArgumentError(absl::StrCat("bad capacity '", text, "'")));
     }
-    capacities.push_back(value <= 1 ? static_cast<size_t>(value * distinct) : static_cast<size_t>(value));
+    capacities.push_back(value <= 1 ? static_cast<size_t>(value * distinct)
+                                    : static_cast<size_t>(value));
   }
   std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
@@ -339,19 +343,23 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
       result->block_hit_rate(), static_cast<unsigned long long>(result->published_blocks),
       static_cast<unsigned long long>(evictions),
       static_cast<unsigned long long>(result->lookup_fetch_mismatches));
-  for (const auto& [name, latency] : {std::pair{"lookup", result->lookup}, std::pair{"fetch", result->fetch},
-                                      std::pair{"publish", result->publish}}) {
+  for (const auto& [name, latency] :
+       {std::pair{"lookup", result->lookup}, std::pair{"fetch", result->fetch},
+        std::pair{"publish", result->publish}}) {
     std::printf("live: %-7s %6zu calls, p50 %8.1f us, p99 %8.1f us\n", name, latency.count,
                 latency.p50_us, latency.p99_us);
   }
   const size_t capacity_blocks = capacity_bytes / ns->block_bytes();
-  std::printf("offline, same slice, capacity %zu blocks (node DRAM / block bytes):\n", capacity_blocks);
+  std::printf("offline, same slice, capacity %zu blocks (node DRAM / block bytes):\n",
+              capacity_blocks);
   std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
   auto rows = kvstrata::cachenode::ComparePolicies(trace, {capacity_blocks}, policies, 1);
   if (!rows.ok()) return Die(rows.status());
-  std::fputs(kvstrata::cachenode::FormatComparisons(*rows, kvstrata::cachenode::DistinctBlocks(trace)).c_str(),
-             stdout);
+  std::fputs(
+      kvstrata::cachenode::FormatComparisons(*rows, kvstrata::cachenode::DistinctBlocks(trace))
+          .c_str(),
+      stdout);
   return 0;
 }
 
@@ -531,9 +539,10 @@ int main(int argc, char** argv) {
       "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
       "  stat   [--nodes=a,b,c | --dns=name:port]     node counters, or the whole cluster\n"
       "  drain  --node=ADDR [--undrain] [--nodes=...] a node refuses (or accepts again) new blocks\n"
-      "  replay --trace=FILE [--capacity=0.05,0.1] [--policy=lru,chain-protect]  offline policies vs LRU vs Belady\n"
-      "  replay --live --trace=FILE [--node=ADDR] [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
-      "                                               the trace against a running node\n"
+      "  replay --trace=FILE [--capacity=0.1] [--policy=lru,chain-protect]\n"
+      "                                               offline: policies vs LRU vs Belady\n"
+      "  replay --live --trace=FILE [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
+      "                                               the trace against the node at --node\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {

@@ -72,12 +72,14 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
     size_t prefix = 0;  // blocks actually fetched, in order from the first
     if (found->prefix_length > 0) {
       std::vector<client::FetchItem> items;
-      for (size_t b = 0; b < found->prefix_length; ++b) items.push_back({keys[b], buffer->get(), b * block_bytes});
+      for (size_t b = 0; b < found->prefix_length; ++b)
+        items.push_back({keys[b], buffer->get(), b * block_bytes});
       t = absl::Now();
       absl::StatusOr<client::TransferResult> fetched = ns.Fetch(items);
       fetches.push_back(Micros(t));
       if (!fetched.ok()) return fetched.status();
-      while (prefix < items.size() && fetched->outcomes[prefix] == client::BlockOutcome::kOk) ++prefix;
+      while (prefix < items.size() && fetched->outcomes[prefix] == client::BlockOutcome::kOk)
+        ++prefix;
       if (prefix < items.size()) ++result.lookup_fetch_mismatches;
     }
 

@@ -27,7 +27,7 @@ struct LatencySummary {
 
 struct LiveReplayResult {
   uint64_t requests = 0;
-  uint64_t hit_tokens = 0;    // tokens of the prefix fetched intact
+  uint64_t hit_tokens = 0;  // tokens of the prefix fetched intact
   uint64_t total_tokens = 0;
   uint64_t hit_blocks = 0;
   uint64_t total_blocks = 0;

@@ -227,18 +227,19 @@ absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
 }
 
 std::string FormatComparisons(const std::vector<PolicyComparison>& rows, size_t distinct_blocks) {
-  std::string out = absl::StrFormat("%-14s %9s %6s | %-21s | %-21s | %6s | %13s\n", "policy",
-                                    "capacity", "%", "token hit: pol lru bel", "block hit: pol lru bel",
-                                    "gap", "ns/op (xLRU)");
+  std::string out =
+      absl::StrFormat("%-14s %9s %6s | %-21s | %-21s | %6s | %13s\n", "policy", "capacity", "%",
+                      "token hit: pol lru bel", "block hit: pol lru bel", "gap", "ns/op (xLRU)");
   for (const PolicyComparison& row : rows) {
     absl::StrAppend(
-        &out, absl::StrFormat("%-14s %9zu %5.1f%% | %.3f %.3f %.3f   | %.3f %.3f %.3f   | %6.2f | %5.0f (%.2fx)\n",
-                              row.policy, row.capacity_blocks,
-                              distinct_blocks ? 100.0 * row.capacity_blocks / distinct_blocks : 0.0,
-                              row.result.token_hit_rate(), row.lru.token_hit_rate(),
-                              row.belady.token_hit_rate(), row.result.block_hit_rate(),
-                              row.lru.block_hit_rate(), row.belady.block_hit_rate(), row.gap_closed(),
-                              NsPerOp(row.result), row.cost_vs_lru()));
+        &out,
+        absl::StrFormat(
+            "%-14s %9zu %5.1f%% | %.3f %.3f %.3f   | %.3f %.3f %.3f   | %6.2f | %5.0f (%.2fx)\n",
+            row.policy, row.capacity_blocks,
+            distinct_blocks ? 100.0 * row.capacity_blocks / distinct_blocks : 0.0,
+            row.result.token_hit_rate(), row.lru.token_hit_rate(), row.belady.token_hit_rate(),
+            row.result.block_hit_rate(), row.lru.block_hit_rate(), row.belady.block_hit_rate(),
+            row.gap_closed(), NsPerOp(row.result), row.cost_vs_lru()));
   }
   return out;
 }

@@ -48,18 +48,21 @@ class LiveReplayTest : public ::testing::Test {
     ASSERT_TRUE(dir.ok());
     dir_ = std::move(*dir);
     // 16 slabs of 1 MiB: 256 blocks of 64 KiB.
-    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
-                                   {"--dram_bytes=16777216", "--slab_bytes=1048576",
-                                    "--eviction_policy=chain-protect"},
-                                   dir_->File("node.log"));
+    auto node = NodeProcess::Start(
+        KVSTRATA_NODE_BINARY,
+        {"--dram_bytes=16777216", "--slab_bytes=1048576", "--eviction_policy=chain-protect"},
+        dir_->File("node.log"));
     ASSERT_TRUE(node.ok()) << node.status();
     node_ = std::move(*node);
   }
 
   // Runs the CLI; returns its output.
   std::string RunCli(const std::vector<std::string>& args) {
-    std::vector<std::string> argv = {KVSTRATA_CLI_BINARY, "replay", "--live",
-                                     "--node=" + node_->address(), "--block_bytes=65536",
+    std::vector<std::string> argv = {KVSTRATA_CLI_BINARY,
+                                     "replay",
+                                     "--live",
+                                     "--node=" + node_->address(),
+                                     "--block_bytes=65536",
                                      "--policy=chain-protect"};
     argv.insert(argv.end(), args.begin(), args.end());
     const std::string log = dir_->File(absl::StrCat("cli", ++runs_, ".log"));
@@ -77,7 +80,8 @@ class LiveReplayTest : public ::testing::Test {
 
 TEST_F(LiveReplayTest, HandMadeTraceGivesKnownNumbers) {
   const std::string trace = dir_->File("trace.jsonl");
-  std::ofstream(trace) << R"({"timestamp": 0, "input_length": 1536, "output_length": 1, "hash_ids": [1, 2, 3]}
+  std::ofstream(trace)
+      << R"({"timestamp": 0, "input_length": 1536, "output_length": 1, "hash_ids": [1, 2, 3]}
 {"timestamp": 5, "input_length": 2048, "output_length": 1, "hash_ids": [1, 2, 4, 5]}
 {"timestamp": 9, "input_length": 300, "output_length": 1, "hash_ids": [6]}
 {"timestamp": 12, "input_length": 2400, "output_length": 1, "hash_ids": [1, 2, 4, 5, 7]}
