@@ -6,6 +6,7 @@
 //   kvstrata stat [--nodes=a,b,c | --dns=name:port]         node or cluster counters
 //   kvstrata drain --node=ADDR [--undrain]                  stop (or resume) new publishes
 //   kvstrata replay --trace=FILE [--capacity=0.1]           offline policy replay vs Belady
+//   kvstrata replay --live --trace=FILE                     the trace against a running node
 //   kvstrata demo                                           prefill -> decode handoff
 //
 // Blocks belong to a namespace given by --tenant/--model and either
@@ -35,6 +36,7 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/cachenode/replay.h"
 #include "kvstrata/client/cluster.h"
+#include "live_replay.h"
 
 ABSL_FLAG(std::string, node, "127.0.0.1:50151", "Cache node address, host:port.");
 ABSL_FLAG(std::string, nodes, "",
@@ -46,7 +48,16 @@ ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines w
 ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
           "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
           "blocks (> 1), comma-separated.");
-ABSL_FLAG(std::string, policy, "lru", "replay: the eviction policy to measure.");
+ABSL_FLAG(std::string, policy, "lru,prefix-lru,chain-protect,chain-slru",
+          "replay: the eviction policies to measure, comma-separated.");
+ABSL_FLAG(bool, live, false,
+          "replay: replay against the node at --node through the client (Lookup, Fetch of the "
+          "cached prefix, Publish of the rest) instead of offline; --block_bytes sets the block "
+          "size (default 65536).");
+ABSL_FLAG(
+    double, time_scale, 0,
+    "replay --live: issue request i at its trace timestamp (ms) times this; 0: back to back.");
+ABSL_FLAG(int64_t, requests, 0, "replay: only the first N requests of the trace (0: all).");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
 ABSL_FLAG(std::string, model, "cli", "Namespace model id.");
@@ -272,36 +283,83 @@ int Drain() {
   return 0;
 }
 
-// Offline replay of a trace: the policy against LRU and Belady's optimum.
+// Offline replay of a trace: each policy against LRU and Belady's optimum.
+int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace);
+
 int Replay() {
   auto trace = kvstrata::cachenode::LoadMooncakeTrace(absl::GetFlag(FLAGS_trace));
   if (!trace.ok()) return Die(trace.status());
+  if (const int64_t n = absl::GetFlag(FLAGS_requests);
+      n > 0 && static_cast<size_t>(n) < trace->size()) {
+    trace->resize(n);
+  }
+  if (absl::GetFlag(FLAGS_live)) return LiveReplay(*trace);
   const size_t distinct = kvstrata::cachenode::DistinctBlocks(*trace);
-  std::printf("trace: %zu requests, %zu distinct blocks; policy %s\n", trace->size(), distinct,
-              absl::GetFlag(FLAGS_policy).c_str());
-  for (absl::string_view text : absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
+  std::vector<size_t> capacities;
+  for (absl::string_view text :
+       absl::StrSplit(absl::GetFlag(FLAGS_capacity), ',', absl::SkipEmpty())) {
     double value = 0;
     if (!absl::SimpleAtod(text, &value) || value <= 0) {
       return Die(absl::InvalidArgumentError(absl::StrCat("bad capacity '", text, "'")));
     }
-    const size_t blocks = value <= 1 ? static_cast<size_t>(value * distinct) : static_cast<size_t>(value);
-    auto policy = kvstrata::cachenode::MakeEvictionPolicy(absl::GetFlag(FLAGS_policy));
-    if (!policy.ok()) return Die(policy.status());
-    auto lru = kvstrata::cachenode::MakeLruPolicy();
-    const auto measured = kvstrata::cachenode::Replay(*trace, blocks, **policy);
-    const auto baseline = kvstrata::cachenode::Replay(*trace, blocks, *lru);
-    const auto belady = kvstrata::cachenode::ReplayBelady(*trace, blocks);
-    const double gap = belady.token_hit_rate() - baseline.token_hit_rate();
-    std::printf(
-        "capacity %zu blocks (%.1f%%): token hit rate %s %.3f, lru %.3f, belady %.3f; gap closed "
-        "%.2f; block hit rate %.3f (lru %.3f, belady %.3f); %.0f ns/op vs lru %.0f ns/op\n",
-        blocks, 100.0 * blocks / distinct, absl::GetFlag(FLAGS_policy).c_str(),
-        measured.token_hit_rate(), baseline.token_hit_rate(), belady.token_hit_rate(),
-        gap > 0 ? (measured.token_hit_rate() - baseline.token_hit_rate()) / gap : 0.0,
-        measured.block_hit_rate(), baseline.block_hit_rate(), belady.block_hit_rate(),
-        1e9 * measured.seconds / std::max<uint64_t>(measured.operations, 1),
-        1e9 * baseline.seconds / std::max<uint64_t>(baseline.operations, 1));
+    capacities.push_back(value <= 1 ? static_cast<size_t>(value * distinct)
+                                    : static_cast<size_t>(value));
   }
+  std::vector<std::string> policies =
+      absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
+  std::printf("trace: %zu requests, %zu distinct blocks\n", trace->size(), distinct);
+  auto rows = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies);
+  if (!rows.ok()) return Die(rows.status());
+  std::fputs(kvstrata::cachenode::FormatComparisons(*rows, distinct).c_str(), stdout);
+  return 0;
+}
+
+// The trace against a running node; then the offline replay of the same slice
+// at the node's DRAM capacity in blocks, for comparison.
+int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
+  auto client = ConnectFromFlags();
+  if (!client.ok()) return Die(client.status());
+  kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
+  spec.set_tokens_per_block(kvstrata::cachenode::kTraceTokensPerBlock);
+  auto ns = (*client)->OpenNamespace(spec);
+  if (!ns.ok()) return Die(ns.status());
+  kvstrata::tools::LiveReplayOptions options;
+  options.time_scale = absl::GetFlag(FLAGS_time_scale);
+  auto result = kvstrata::tools::LiveReplay(**client, *ns, trace, options);
+  if (!result.ok()) return Die(result.status());
+  kvstrata::v1::StatsResponse stats;
+  if (absl::Status s = (*client)->Stats(&stats); !s.ok()) return Die(s);
+  uint64_t capacity_bytes = 0, evictions = 0;
+  for (const auto& tier : stats.tiers()) {
+    capacity_bytes += tier.capacity_bytes();
+    evictions += tier.evictions();
+  }
+  std::printf(
+      "live: %llu requests in %.1f s, block %llu bytes; token hit rate %.4f, block hit rate "
+      "%.4f; published %llu blocks; node evictions %llu; prefixes shortened between lookup and "
+      "fetch %llu\n",
+      static_cast<unsigned long long>(result->requests), result->seconds,
+      static_cast<unsigned long long>(ns->block_bytes()), result->token_hit_rate(),
+      result->block_hit_rate(), static_cast<unsigned long long>(result->published_blocks),
+      static_cast<unsigned long long>(evictions),
+      static_cast<unsigned long long>(result->lookup_fetch_mismatches));
+  for (const auto& [name, latency] :
+       {std::pair{"lookup", result->lookup}, std::pair{"fetch", result->fetch},
+        std::pair{"publish", result->publish}}) {
+    std::printf("live: %-7s %6zu calls, p50 %8.1f us, p99 %8.1f us\n", name, latency.count,
+                latency.p50_us, latency.p99_us);
+  }
+  const size_t capacity_blocks = capacity_bytes / ns->block_bytes();
+  std::printf("offline, same slice, capacity %zu blocks (node DRAM / block bytes):\n",
+              capacity_blocks);
+  std::vector<std::string> policies =
+      absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
+  auto rows = kvstrata::cachenode::ComparePolicies(trace, {capacity_blocks}, policies, 1);
+  if (!rows.ok()) return Die(rows.status());
+  std::fputs(
+      kvstrata::cachenode::FormatComparisons(*rows, kvstrata::cachenode::DistinctBlocks(trace))
+          .c_str(),
+      stdout);
   return 0;
 }
 
@@ -491,7 +549,10 @@ int main(int argc, char** argv) {
       "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
       "  stat   [--nodes=a,b,c | --dns=name:port]     node counters, or the whole cluster\n"
       "  drain  --node=ADDR [--undrain] [--nodes=...] a node refuses (or accepts again) new blocks\n"
-      "  replay --trace=FILE [--capacity=0.1] [--policy=lru]  offline policy vs LRU vs Belady\n"
+      "  replay --trace=FILE [--capacity=0.1] [--policy=lru,chain-protect]\n"
+      "                                               offline: policies vs LRU vs Belady\n"
+      "  replay --live --trace=FILE [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
+      "                                               the trace against the node at --node\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {

@@ -115,8 +115,10 @@ std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy() { return std::make_unique<
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name) {
   if (name == "lru") return MakeLruPolicy();
   if (name == "prefix-lru") return MakePrefixLruPolicy();
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown eviction policy '", std::string(name), "' (known: lru, prefix-lru)"));
+  if (name == "chain-protect") return MakeChainProtectPolicy(0.0);
+  if (name == "chain-slru") return MakeChainProtectPolicy(0.1);
+  return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", std::string(name),
+                                                 "' (known: ", kEvictionPolicyNames, ")"));
 }
 
 }  // namespace kvstrata::cachenode

@@ -39,8 +39,10 @@ ABSL_FLAG(
     uint64_t, slab_bytes, 64ull << 20,
     "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
 ABSL_FLAG(std::string, eviction_policy, "lru",
-          "Eviction policy of the DRAM tier: lru, or prefix-lru (never evicts a block whose "
-          "descendants are cached; chains leave from their tail).");
+          "Eviction policy of the DRAM tier: lru; prefix-lru (never evicts a block whose "
+          "descendants are cached; chains leave from their tail); chain-protect (new chains and "
+          "superseded tails leave before chains that were reused); chain-slru (the same, keeping "
+          "up to 10% of the tier for new chains).");
 ABSL_FLAG(std::string, ucx_transports, "",
           "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
           "or UCX's choice.");

@@ -35,7 +35,21 @@ std::unique_ptr<EvictionPolicy> MakeLruPolicy();
 // operation; about 150 bytes per block.
 std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy();
 
-// A policy by its flag name ("lru", "prefix-lru").
+// Three classes, each in LRU order, evicted in this order: dead (a block whose
+// parent has since gained a newer child — the previous request's partial
+// tail — or was evicted: it cannot extend a cached prefix),
+// probation (blocks of a chain never seen before: most are never reused),
+// protected (blocks hit at least once, extensions of protected blocks, chains
+// whose root was seen before). Probation yields first only while it holds more
+// than `probation_share` of the blocks. Roots seen are remembered, at most as
+// many as the blocks the policy ever tracked. O(1) per operation; about 120
+// bytes per block (map entry with the newest child's key, list node) plus
+// about 70 bytes per remembered root.
+// "chain-protect" is share 0, "chain-slru" share 0.1 (S3-FIFO's small queue).
+std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
+
+// A policy by its flag name ("lru", "prefix-lru", "chain-protect", "chain-slru").
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
+inline constexpr char kEvictionPolicyNames[] = "lru, prefix-lru, chain-protect, chain-slru";
 
 }  // namespace kvstrata::cachenode

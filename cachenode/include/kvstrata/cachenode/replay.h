@@ -57,4 +57,25 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
 // bound, since keeping a block only pays while its whole prefix is kept too.
 ReplayResult ReplayBelady(const std::vector<TraceRequest>& trace, size_t capacity_blocks);
 
+// One policy at one capacity, beside LRU and Belady replayed in the same run.
+struct PolicyComparison {
+  std::string policy;
+  size_t capacity_blocks = 0;
+  ReplayResult result, lru, belady;
+  // (policy - LRU) / (Belady - LRU) in token hit rate; 0 when Belady = LRU.
+  double gap_closed() const;
+  // Policy time per policy call over LRU's, both measured here.
+  double cost_vs_lru() const;
+};
+
+// Replays every named policy at every capacity (in blocks). Each policy and
+// its LRU baseline are replayed `repeats` times, alternating, and keep their
+// fastest time: hit counts are deterministic, timings on a shared machine not.
+absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
+    const std::vector<TraceRequest>& trace, const std::vector<size_t>& capacities_blocks,
+    const std::vector<std::string>& policies, int repeats = 3);
+
+// The comparisons as a table, one line per policy and capacity.
+std::string FormatComparisons(const std::vector<PolicyComparison>& rows, size_t distinct_blocks);
+
 }  // namespace kvstrata::cachenode

@@ -1,0 +1,118 @@
+// `kvstrata replay --live` against a real node: the CLI binary replays a
+// trace through the client (Lookup, Fetch, Publish over UCX) and reports hit
+// rates that agree with the offline replay.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "kvstrata/testing/process.h"
+
+namespace kvstrata {
+namespace {
+
+using testing::ChildProcess;
+using testing::NodeProcess;
+using testing::TempDir;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The number after `label` on the first line containing `line_marker`.
+double NumberAfter(const std::string& output, const std::string& line_marker,
+                   const std::string& label) {
+  for (absl::string_view line : absl::StrSplit(output, '\n')) {
+    if (line.find(line_marker) == absl::string_view::npos) continue;
+    size_t at = line.find(label);
+    if (at == absl::string_view::npos) continue;
+    absl::string_view rest = line.substr(at + label.size());
+    while (!rest.empty() && rest.front() == ' ') rest.remove_prefix(1);
+    rest = rest.substr(0, rest.find_first_of(",; "));
+    double value;
+    if (absl::SimpleAtod(rest, &value)) return value;
+  }
+  return -1;
+}
+
+class LiveReplayTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto dir = TempDir::Create("live-replay");
+    ASSERT_TRUE(dir.ok());
+    dir_ = std::move(*dir);
+    // 16 slabs of 1 MiB: 256 blocks of 64 KiB.
+    auto node = NodeProcess::Start(
+        KVSTRATA_NODE_BINARY,
+        {"--dram_bytes=16777216", "--slab_bytes=1048576", "--eviction_policy=chain-protect"},
+        dir_->File("node.log"));
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = std::move(*node);
+  }
+
+  // Runs the CLI; returns its output.
+  std::string RunCli(const std::vector<std::string>& args) {
+    std::vector<std::string> argv = {KVSTRATA_CLI_BINARY,
+                                     "replay",
+                                     "--live",
+                                     "--node=" + node_->address(),
+                                     "--block_bytes=65536",
+                                     "--policy=chain-protect"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    const std::string log = dir_->File(absl::StrCat("cli", ++runs_, ".log"));
+    auto cli = ChildProcess::Spawn(argv, log);
+    EXPECT_TRUE(cli.ok());
+    if (!cli.ok()) return "";
+    EXPECT_EQ((*cli)->Wait(), 0) << ReadFile(log);
+    return ReadFile(log);
+  }
+
+  std::unique_ptr<TempDir> dir_;
+  std::unique_ptr<NodeProcess> node_;
+  int runs_ = 0;
+};
+
+TEST_F(LiveReplayTest, HandMadeTraceGivesKnownNumbers) {
+  const std::string trace = dir_->File("trace.jsonl");
+  std::ofstream(trace)
+      << R"({"timestamp": 0, "input_length": 1536, "output_length": 1, "hash_ids": [1, 2, 3]}
+{"timestamp": 5, "input_length": 2048, "output_length": 1, "hash_ids": [1, 2, 4, 5]}
+{"timestamp": 9, "input_length": 300, "output_length": 1, "hash_ids": [6]}
+{"timestamp": 12, "input_length": 2400, "output_length": 1, "hash_ids": [1, 2, 4, 5, 7]}
+{"timestamp": 20, "input_length": 1000, "output_length": 1, "hash_ids": [6, 8]}
+)";
+  // Everything fits: hits are 2, 0, 4 and 1 blocks of 512 tokens, 3584 of
+  // 7284 tokens; 7 of 15 blocks. time_scale 10: the last request is due at
+  // 200 ms, so the run takes at least that long.
+  const std::string out = RunCli({"--trace=" + trace, "--time_scale=10"});
+  EXPECT_NEAR(NumberAfter(out, "live:", "token hit rate "), 3584.0 / 7284, 1e-4) << out;
+  EXPECT_NEAR(NumberAfter(out, "live:", "block hit rate "), 7.0 / 15, 1e-4) << out;
+  EXPECT_EQ(NumberAfter(out, "live:", "published "), 8) << out;
+  EXPECT_EQ(NumberAfter(out, "live: fetch", "fetch "), 3) << out;  // three requests hit
+  EXPECT_GE(NumberAfter(out, "live:", "requests in "), 0.2) << out;
+}
+
+TEST_F(LiveReplayTest, SliceOfTheSharedTraceAgreesWithOfflineReplay) {
+  const std::string trace = KVSTRATA_SHARED_TRACE;
+  if (!std::ifstream(trace)) GTEST_SKIP() << "no shared trace at " << trace;
+  // 400 requests overflow the 256-block tier many times over.
+  const std::string out = RunCli({"--trace=" + trace, "--requests=400"});
+  const double live = NumberAfter(out, "live:", "token hit rate ");
+  const double offline = NumberAfter(out, "chain-protect", "| ");
+  ASSERT_GE(live, 0) << out;
+  ASSERT_GE(offline, 0) << out;
+  EXPECT_GT(NumberAfter(out, "live:", "node evictions "), 1000) << out;
+  // The tier evicts for a whole publish batch before committing it, the
+  // simulation block by block, so the two differ a little.
+  EXPECT_NEAR(live, offline, 0.03) << out;
+  EXPECT_GT(live, 0.0) << out;
+}
+
+}  // namespace
+}  // namespace kvstrata
