@@ -267,6 +267,9 @@ class KvstrataConnector(KVConnectorBase_V1):
         # Whole cache blocks the node already has need no publish.
         state["saved"] = max(state["saved"], stored // self._layout.cache_block_tokens
                              * self._layout.cache_block_tokens)
+        # The scheduler allocates for its last get_num_new_matched_tokens answer;
+        # never load past what that lookup found.
+        num_external_tokens = min(num_external_tokens, max(0, stored - computed))
         if num_external_tokens > 0:
             block_ids = _block_ids_of(blocks)
             state["block_ids"] = list(block_ids)

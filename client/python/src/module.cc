@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -260,8 +261,9 @@ class PyNamespace {
     return py::cast<client::TransferResult>(future->wait(std::nullopt));
   }
   // A registered buffer for `object`: itself when it already is one, else a
-  // registration for this call only.
-  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object);
+  // registration for this call only, shared by every item naming the object.
+  using Registrations = std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>>;
+  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object, Registrations& made);
 
   std::shared_ptr<client::Client> client_;
   client::Namespace ns_;
@@ -377,8 +379,10 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
   std::shared_ptr<client::Client> client_;
 };
 
-std::shared_ptr<PyBuffer> PyNamespace::BufferFor(const py::handle& object) {
+std::shared_ptr<PyBuffer> PyNamespace::BufferFor(const py::handle& object, Registrations& made) {
   if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
+  auto it = made.find(object.ptr());
+  if (it != made.end()) return it->second;
   py::object owned = py::reinterpret_borrow<py::object>(object);
   Memory m = MemoryOf(owned);
   absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
@@ -386,19 +390,22 @@ std::shared_ptr<PyBuffer> PyNamespace::BufferFor(const py::handle& object) {
     py::gil_scoped_release release;
     buffer = client_->Register(m.data, m.size);
   }
-  return std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), owned, m.read_only);
+  auto registered = std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), owned, m.read_only);
+  made.emplace(object.ptr(), registered);
+  return registered;
 }
 
 std::unique_ptr<PyFuture> PyNamespace::PublishAsync(const py::iterable& items,
                                                     std::optional<double> timeout) {
   std::vector<client::PublishItem> list;
   std::vector<std::shared_ptr<PyBuffer>> keep;
+  Registrations made;
   for (py::handle handle : items) {
     py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
     if (item.size() != 4) {
       throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
     }
-    std::shared_ptr<PyBuffer> buffer = BufferFor(item[2]);
+    std::shared_ptr<PyBuffer> buffer = BufferFor(item[2], made);
     client::PublishItem p;
     p.key = KeyFrom(item[0]);
     if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
@@ -419,12 +426,13 @@ std::unique_ptr<PyFuture> PyNamespace::FetchAsync(const py::iterable& items,
                                                   std::optional<double> timeout) {
   std::vector<client::FetchItem> list;
   std::vector<std::shared_ptr<PyBuffer>> keep;
+  Registrations made;
   for (py::handle handle : items) {
     py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
     if (item.size() != 3) {
       throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
     }
-    std::shared_ptr<PyBuffer> buffer = BufferFor(item[1]);
+    std::shared_ptr<PyBuffer> buffer = BufferFor(item[1], made);
     if (buffer->read_only()) {
       throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
     }
