@@ -196,6 +196,9 @@ class KvstrataConnector(KVConnectorBase_V1):
                                        ucx_transports=str(extra.get("ucx_transports", "")))
         # How many layer fetches may be in flight ahead of the layer being computed.
         self._load_window = max(1, int(extra.get("load_window", 2)))
+        # False: load every layer before the forward pass starts (no overlap;
+        # what bench/ttft_bench.py compares the layer-wise load against).
+        self._layerwise = str(extra.get("layerwise_load", True)).lower() not in ("false", "0")
         self._namespaces = {}  # layer index -> kvstrata.Namespace
         # Scheduler side.
         self._matched = {}  # req_id -> (num_computed_tokens, tokens stored in every layer)
@@ -364,6 +367,12 @@ class KvstrataConnector(KVConnectorBase_V1):
                 slots += last - first
             self._loads[name] = {"plan": plan, "slots": slots, "future": None}
             self._load_queue.append(name)
+        if not self._layerwise:
+            while self._load_queue:
+                self._issue_next_load()
+            for name in list(self._layer_order):
+                self.wait_for_layer_load(name)
+            return
         for _ in range(self._load_window):
             self._issue_next_load()
 
