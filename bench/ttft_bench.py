@@ -7,7 +7,8 @@ KvstrataConnector, then a decode worker (its own engine and client) that loads
 the prefix from the node and computes only the rest. Prints each TTFT and the
 ratio local / cached, measured in this run against the same node. The column
 cached_nolayer_s is the decode worker loading every layer before computing
-(layerwise_load=false): the difference is what the layer-wise overlap saves.
+(layerwise_load=false); load_wait_s / nolayer_wait_s are the time each spent
+blocked in the connector's load path (the part of the load not overlapped).
 
     PYTHONPATH=build/client/python /usr/bin/python3 bench/ttft_bench.py \
         --node_binary=build/cachenode/kvstrata-node
@@ -77,29 +78,34 @@ def run(args, address):
           "engine blocks %d tokens, cache blocks %d; torch threads %d; node %s"
           % (cfg.num_layers, cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.seed,
              cfg.block_size, args.cache_block_tokens, args.threads, address))
-    print("%8s %10s %14s %10s %15s %8s %10s %9s %8s" % (
-        "tokens", "local_s", "prefill+pub_s", "cached_s", "cached_nolayer_s", "loaded",
-        "fetch_MiB", "identical", "ratio"))
+    print("%7s %9s %13s %9s %10s %16s %13s %7s %9s %9s %7s" % (
+        "tokens", "local_s", "prefill+pub_s", "cached_s", "load_wait_s", "cached_nolayer_s",
+        "nolayer_wait_s", "loaded", "fetch_MiB", "identical", "ratio"))
     ratios = []
     for n in lengths:
         prompt = make_prompt(cfg, n, 100 + n)
         baseline = local.generate(prompt)
         published = prefill.generate(prompt)
-        runs = []
+        runs, waits, flat_runs, flat_waits = [], [], [], []
         for _ in range(args.repeats):
-            before = decode.worker_connector.stats["fetched_bytes"]
+            stats = decode.worker_connector.stats
+            before, waited = stats["fetched_bytes"], stats["load_wait_s"]
             runs.append(decode.generate(prompt))
-            fetched = decode.worker_connector.stats["fetched_bytes"] - before
+            fetched = stats["fetched_bytes"] - before
+            waits.append(stats["load_wait_s"] - waited)
+            waited = flat.worker_connector.stats["load_wait_s"]
+            flat_runs.append(flat.generate(prompt))
+            flat_waits.append(flat.worker_connector.stats["load_wait_s"] - waited)
         cached_ttft = statistics.median(r["ttft"] for r in runs)
-        flat_runs = [flat.generate(prompt) for _ in range(args.repeats)]
         flat_ttft = statistics.median(r["ttft"] for r in flat_runs)
         identical = (torch.equal(runs[0]["logits"][0], baseline["logits"][0]) and
                      torch.equal(flat_runs[0]["logits"][0], baseline["logits"][0]))
         ratio = baseline["ttft"] / cached_ttft
         ratios.append(ratio)
-        print("%8d %10.3f %14.3f %10.3f %15.3f %8d %10.1f %9s %7.1fx"
-              % (n, baseline["ttft"], published["ttft"], cached_ttft, flat_ttft,
-                 runs[0]["loaded_tokens"], fetched / (1 << 20), identical, ratio))
+        print("%7d %9.3f %13.3f %9.3f %11.4f %16.3f %14.4f %7d %9.1f %9s %6.1fx"
+              % (n, baseline["ttft"], published["ttft"], cached_ttft, statistics.median(waits),
+                 flat_ttft, statistics.median(flat_waits), runs[0]["loaded_tokens"],
+                 fetched / (1 << 20), identical, ratio))
         sys.stdout.flush()
         if runs[0]["loaded_tokens"] == 0 or not identical:
             raise SystemExit("FAIL: the cached run loaded nothing or its logits differ")

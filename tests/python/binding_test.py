@@ -14,6 +14,16 @@ from kvstrata.testing import NodeProcess
 BLOCK = 64 << 10
 
 
+class DlpackOnly:
+    """An object that exports its memory only through __dlpack__."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, stream=None):
+        return self.array.__dlpack__()
+
+
 class BindingTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -70,6 +80,7 @@ class BindingTest(unittest.TestCase):
             "torch": torch.zeros(5 * BLOCK // 4, dtype=torch.float32),
             "registered": self.client.register(np.zeros(5 * BLOCK, dtype=np.uint8)),
             "allocated": self.client.allocate(5 * BLOCK),
+            "dlpack": DlpackOnly(np.zeros(5 * BLOCK // 8, dtype=np.float64)),
         }
         for name, destination in destinations.items():
             with self.subTest(name):
@@ -77,6 +88,8 @@ class BindingTest(unittest.TestCase):
                 self.assertEqual(result.count(kvstrata.Outcome.OK), 5)
                 if isinstance(destination, torch.Tensor):
                     got = destination.view(torch.uint8).numpy()
+                elif isinstance(destination, DlpackOnly):
+                    got = destination.array.view(np.uint8)
                 elif isinstance(destination, kvstrata.Buffer):
                     got = np.frombuffer(memoryview(destination), dtype=np.uint8)
                 else:
@@ -124,6 +137,9 @@ class BindingTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
         with self.assertRaises(kvstrata.Error) as caught:
             self.client.register(torch.zeros(4, 4).t())  # not contiguous
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            self.client.register(DlpackOnly(np.zeros((4, 4), dtype=np.float32).T))
         self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
         with self.assertRaises(kvstrata.Error) as caught:
             self.client.open_namespace(model="too-big", tokens_per_block=4, block_bytes=1 << 40)

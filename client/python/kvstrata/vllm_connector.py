@@ -36,6 +36,7 @@ blocks are scattered over the paged tensor.
 import dataclasses
 import logging
 import re
+import time
 from typing import Any, Optional
 
 import torch
@@ -213,7 +214,10 @@ class KvstrataConnector(KVConnectorBase_V1):
         self._load_queue = []  # layer names whose fetch is not issued yet
         self._saves = []  # (layer name, Future)
         self._load_errors = set()
-        self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0, "published_bytes": 0}
+        # load_wait_s: time the step spent in start_load_kv and wait_for_layer_load
+        # (issuing fetches, waiting for bytes, scattering): what overlap did not hide.
+        self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
+                      "published_bytes": 0, "load_wait_s": 0.0}
 
     # ------------------------------------------------------------------ helpers
 
@@ -351,6 +355,13 @@ class KvstrataConnector(KVConnectorBase_V1):
         return self._namespace(self._layer_of[name]).block_bytes
 
     def start_load_kv(self, forward_context, **kwargs):
+        began = time.perf_counter()
+        try:
+            self._start_load()
+        finally:
+            self.stats["load_wait_s"] += time.perf_counter() - began
+
+    def _start_load(self):
         meta = self._get_connector_metadata()
         self._loads = {}
         self._load_queue = []
@@ -371,7 +382,7 @@ class KvstrataConnector(KVConnectorBase_V1):
             while self._load_queue:
                 self._issue_next_load()
             for name in list(self._layer_order):
-                self.wait_for_layer_load(name)
+                self._finish_layer_load(name, self._loads.pop(name))
             return
         for _ in range(self._load_window):
             self._issue_next_load()
@@ -393,6 +404,13 @@ class KvstrataConnector(KVConnectorBase_V1):
         state = self._loads.pop(layer_name, None)
         if state is None:
             return
+        began = time.perf_counter()
+        try:
+            self._finish_layer_load(layer_name, state)
+        finally:
+            self.stats["load_wait_s"] += time.perf_counter() - began
+
+    def _finish_layer_load(self, layer_name, state):
         if state["future"] is None:  # still queued (called out of order): issue it now
             self._load_queue.remove(layer_name)
             self._load_queue.insert(0, layer_name)

@@ -92,14 +92,78 @@ std::vector<uint32_t> TokensFrom(const py::handle& tokens) {
 }
 
 // Where an object's bytes are: the buffer protocol (numpy, bytearray,
-// memoryview), or a torch tensor's data_ptr (contiguous; CUDA only in CUDA builds).
+// memoryview), a torch tensor's data_ptr, or __dlpack__ (contiguous; CUDA
+// memory only in CUDA builds). MemoryOf may replace `object` with what must
+// stay alive for the memory to.
 struct Memory {
   void* data = nullptr;
   size_t size = 0;
   bool read_only = false;
 };
 
-Memory MemoryOf(const py::object& object) {
+// DLPack's ABI (dlpack.h v0.x, which every producer speaks), declared here
+// because Debian ships no dlpack header.
+struct DLDevice {
+  int32_t device_type;  // 1 CPU, 2 CUDA, 3 CUDA host (pinned)
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// Memory of an object exporting __dlpack__. The capsule is left unconsumed
+// and kept alive by the caller (it owns the producer's reference), so its
+// destructor releases the tensor once the registration is gone.
+Memory DlpackMemory(const py::object& capsule) {
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (managed == nullptr) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  const bool cuda = t.device.device_type == 2;
+#ifndef KVSTRATA_PYTHON_CUDA
+  if (cuda) throw StatusError{absl::UnimplementedError("CUDA memory needs a kvstrata built with CUDA")};
+#endif
+  if (t.device.device_type != 1 && t.device.device_type != 3 && !cuda) {
+    throw StatusError{absl::UnimplementedError("unsupported DLPack device")};
+  }
+  size_t elements = 1;
+  int64_t expected = 1;
+  bool compact = true;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    if (t.strides != nullptr && t.shape[i] > 1 && t.strides[i] != expected) compact = false;
+    expected *= t.shape[i];
+    elements *= static_cast<size_t>(t.shape[i]);
+  }
+  if (!compact) throw StatusError{absl::InvalidArgumentError("tensor must be contiguous")};
+  Memory m;
+  m.data = static_cast<uint8_t*>(t.data) + t.byte_offset;
+  m.size = elements * ((t.dtype.bits * t.dtype.lanes + 7) / 8);
+  return m;
+}
+
+Memory MemoryOf(py::object& object) {
+  if (!PyObject_CheckBuffer(object.ptr()) && !py::hasattr(object, "data_ptr") &&
+      py::hasattr(object, "__dlpack__")) {
+    py::object capsule = object.attr("__dlpack__")();
+    Memory m = DlpackMemory(capsule);
+    object = py::make_tuple(object, capsule);  // the registration's owner keeps both
+    return m;
+  }
   if (py::hasattr(object, "data_ptr") && py::hasattr(object, "element_size")) {
     if (!py::cast<bool>(object.attr("is_contiguous")())) {
       throw StatusError{absl::InvalidArgumentError("tensor must be contiguous")};
@@ -312,7 +376,7 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
     return PyNamespace(client_, Check(std::move(ns)));
   }
 
-  std::shared_ptr<PyBuffer> Register(const py::object& object) {
+  std::shared_ptr<PyBuffer> Register(py::object object) {
     Memory m = MemoryOf(object);
     if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
     absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
