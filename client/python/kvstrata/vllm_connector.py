@@ -192,6 +192,12 @@ class KvstrataConnector(KVConnectorBase_V1):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", None) or {})
         self._layout = _layout_from(vllm_config)
+        if HAVE_VLLM and role == KVConnectorRole.WORKER and "tp_rank" not in extra:
+            try:  # each tensor-parallel rank stores its own heads, in its own namespaces
+                from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+                self._layout.tp_rank = get_tensor_model_parallel_rank()
+            except Exception:  # not initialised (tests): rank 0
+                pass
         self._client = kvstrata.Client(str(extra.get("node", "127.0.0.1:50151")),
                                        timeout=float(extra.get("timeout", 30.0)),
                                        ucx_transports=str(extra.get("ucx_transports", "")))
@@ -301,6 +307,9 @@ class KvstrataConnector(KVConnectorBase_V1):
                 if state is None:
                     continue
                 new_ids = cached.new_block_ids[i] if cached.new_block_ids else None
+                resumed = getattr(cached, "resumed_from_preemption", None)
+                if (resumed and resumed[i]) or req_id in (getattr(cached, "resumed_req_ids", None) or ()):
+                    state["block_ids"] = []  # a resumed request's blocks are all new
                 if new_ids:
                     state["block_ids"].extend(_block_ids_of(new_ids))
                 state["computed"] = cached.num_computed_tokens[i]
