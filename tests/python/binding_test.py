@@ -139,6 +139,9 @@ class BindingTest(unittest.TestCase):
             self.client.register(torch.zeros(4, 4).t())  # not contiguous
         self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
         with self.assertRaises(kvstrata.Error) as caught:
+            self.client.register(np.zeros((4, 4), dtype=np.float32).T)
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
             self.client.register(DlpackOnly(np.zeros((4, 4), dtype=np.float32).T))
         self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
         with self.assertRaises(kvstrata.Error) as caught:

@@ -183,12 +183,8 @@ Memory MemoryOf(py::object& object) {
         "expected an object with the buffer protocol or a torch tensor")};
   }
   Py_buffer view;
-  if (PyObject_GetBuffer(object.ptr(), &view, PyBUF_SIMPLE | PyBUF_C_CONTIGUOUS) != 0) {
-    PyErr_Clear();
-    if (PyObject_GetBuffer(object.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
-    const bool read_only = view.readonly;
-    PyBuffer_Release(&view);
-    (void)read_only;
+  if (PyObject_GetBuffer(object.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();  // numpy: "ndarray is not C-contiguous"
     throw StatusError{absl::InvalidArgumentError("buffer must be C-contiguous")};
   }
   Memory m{view.buf, static_cast<size_t>(view.len), view.readonly != 0};
