@@ -1,0 +1,616 @@
+// kvstrata._kvstrata: the C++ client for Python (package `kvstrata` re-exports it).
+//
+// Lifetime: a Namespace and a Buffer keep their Client alive (shared_ptr);
+// a Buffer keeps the Python object whose memory it registered alive; a
+// Future keeps every Buffer its items name alive until the transfer is over,
+// so a caller may drop its own references right after publish_async/fetch_async.
+//
+// The GIL is released around every call that can block (RPCs, waits,
+// registration), so other Python threads run while bytes move.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "kvstrata.pb.h"
+#include "kvstrata/client/client.h"
+#include "kvstrata/common/block_key.h"
+
+namespace py = pybind11;
+
+namespace kvstrata::python {
+namespace {
+
+using client::BlockOutcome;
+
+// A failed absl::Status on its way to Python as kvstrata.Error(code, message).
+struct StatusError {
+  absl::Status status;
+};
+
+template <typename T>
+T Check(absl::StatusOr<T> value) {
+  if (!value.ok()) throw StatusError{value.status()};
+  return *std::move(value);
+}
+void Check(const absl::Status& status) {
+  if (!status.ok()) throw StatusError{status};
+}
+
+std::optional<absl::Duration> Timeout(std::optional<double> seconds) {
+  if (!seconds.has_value()) return std::nullopt;
+  return absl::Seconds(*seconds);
+}
+
+BlockKey KeyFrom(const py::handle& object) {
+  std::string bytes = py::cast<std::string>(py::bytes(py::reinterpret_borrow<py::object>(object)));
+  if (bytes.size() != 16) {
+    throw StatusError{absl::InvalidArgumentError("a block key is 16 bytes")};
+  }
+  BlockKey key;
+  std::memcpy(key.bytes.data(), bytes.data(), 16);
+  return key;
+}
+
+py::bytes KeyTo(const BlockKey& key) { return py::bytes(std::string(key.view())); }
+
+// Token ids from any sequence of ints, or a buffer of uint32/int32/int64.
+std::vector<uint32_t> TokensFrom(const py::handle& tokens) {
+  std::vector<uint32_t> out;
+  if (PyObject_CheckBuffer(tokens.ptr()) && !py::isinstance<py::bytes>(tokens)) {
+    py::buffer_info info = py::reinterpret_borrow<py::buffer>(tokens).request();
+    if (info.ndim != 1) throw StatusError{absl::InvalidArgumentError("tokens must be 1-D")};
+    out.resize(info.shape[0]);
+    const char* base = static_cast<const char*>(info.ptr);
+    for (py::ssize_t i = 0; i < info.shape[0]; ++i) {
+      const char* at = base + i * info.strides[0];
+      if (info.itemsize == 4) {
+        uint32_t v;
+        std::memcpy(&v, at, 4);
+        out[i] = v;
+      } else if (info.itemsize == 8) {
+        int64_t v;
+        std::memcpy(&v, at, 8);
+        out[i] = static_cast<uint32_t>(v);
+      } else {
+        throw StatusError{absl::InvalidArgumentError("token buffer items must be 4 or 8 bytes")};
+      }
+    }
+    return out;
+  }
+  if (py::hasattr(tokens, "tolist")) return py::cast<std::vector<uint32_t>>(tokens.attr("tolist")());
+  return py::cast<std::vector<uint32_t>>(tokens);
+}
+
+// Where an object's bytes are: the buffer protocol (numpy, bytearray,
+// memoryview), a torch tensor's data_ptr, or __dlpack__ (contiguous; CUDA
+// memory only in CUDA builds). MemoryOf may replace `object` with what must
+// stay alive for the memory to.
+struct Memory {
+  void* data = nullptr;
+  size_t size = 0;
+  bool read_only = false;
+};
+
+// DLPack's ABI (dlpack.h v0.x, which every producer speaks), declared here
+// because Debian ships no dlpack header.
+struct DLDevice {
+  int32_t device_type;  // 1 CPU, 2 CUDA, 3 CUDA host (pinned)
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // null: compact row-major
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor*);
+};
+
+// Memory of an object exporting __dlpack__. The capsule is left unconsumed
+// and kept alive by the caller (it owns the producer's reference), so its
+// destructor releases the tensor once the registration is gone.
+Memory DlpackMemory(const py::object& capsule) {
+  auto* managed = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule.ptr(), "dltensor"));
+  if (managed == nullptr) throw py::error_already_set();
+  const DLTensor& t = managed->dl_tensor;
+  const bool cuda = t.device.device_type == 2;
+#ifndef KVSTRATA_PYTHON_CUDA
+  if (cuda) throw StatusError{absl::UnimplementedError("CUDA memory needs a kvstrata built with CUDA")};
+#endif
+  if (t.device.device_type != 1 && t.device.device_type != 3 && !cuda) {
+    throw StatusError{absl::UnimplementedError("unsupported DLPack device")};
+  }
+  size_t elements = 1;
+  int64_t expected = 1;
+  bool compact = true;
+  for (int i = t.ndim - 1; i >= 0; --i) {
+    if (t.strides != nullptr && t.shape[i] > 1 && t.strides[i] != expected) compact = false;
+    expected *= t.shape[i];
+    elements *= static_cast<size_t>(t.shape[i]);
+  }
+  if (!compact) throw StatusError{absl::InvalidArgumentError("tensor must be contiguous")};
+  Memory m;
+  m.data = static_cast<uint8_t*>(t.data) + t.byte_offset;
+  m.size = elements * ((t.dtype.bits * t.dtype.lanes + 7) / 8);
+  return m;
+}
+
+Memory MemoryOf(py::object& object) {
+  if (!PyObject_CheckBuffer(object.ptr()) && !py::hasattr(object, "data_ptr") &&
+      py::hasattr(object, "__dlpack__")) {
+    py::object capsule = object.attr("__dlpack__")();
+    Memory m = DlpackMemory(capsule);
+    object = py::make_tuple(object, capsule);  // the registration's owner keeps both
+    return m;
+  }
+  if (py::hasattr(object, "data_ptr") && py::hasattr(object, "element_size")) {
+    if (!py::cast<bool>(object.attr("is_contiguous")())) {
+      throw StatusError{absl::InvalidArgumentError("tensor must be contiguous")};
+    }
+#ifndef KVSTRATA_PYTHON_CUDA
+    if (py::hasattr(object, "is_cuda") && py::cast<bool>(object.attr("is_cuda"))) {
+      throw StatusError{absl::UnimplementedError("CUDA tensors need a kvstrata built with CUDA")};
+    }
+#endif
+    Memory m;
+    m.data = reinterpret_cast<void*>(py::cast<uintptr_t>(object.attr("data_ptr")()));
+    m.size = py::cast<size_t>(object.attr("numel")()) * py::cast<size_t>(object.attr("element_size")());
+    return m;
+  }
+  if (!PyObject_CheckBuffer(object.ptr())) {
+    throw StatusError{absl::InvalidArgumentError(
+        "expected an object with the buffer protocol or a torch tensor")};
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(object.ptr(), &view, PyBUF_C_CONTIGUOUS) != 0) {
+    PyErr_Clear();  // numpy: "ndarray is not C-contiguous"
+    throw StatusError{absl::InvalidArgumentError("buffer must be C-contiguous")};
+  }
+  Memory m{view.buf, static_cast<size_t>(view.len), view.readonly != 0};
+  // The registration keeps `object` itself alive, which keeps the memory.
+  PyBuffer_Release(&view);
+  return m;
+}
+
+class PyClient;
+
+// Registered memory: either ours (allocate) or a Python object's (register).
+class PyBuffer {
+ public:
+  PyBuffer(std::shared_ptr<client::Client> client, std::unique_ptr<client::Buffer> buffer,
+           py::object owner, bool read_only)
+      : client_(std::move(client)), buffer_(std::move(buffer)), owner_(std::move(owner)),
+        read_only_(read_only) {}
+  ~PyBuffer() {
+    buffer_.reset();  // deregisters before the client or the owner can go
+  }
+  client::Buffer* get() const { return buffer_.get(); }
+  size_t size() const { return buffer_->size(); }
+  uintptr_t address() const { return reinterpret_cast<uintptr_t>(buffer_->data()); }
+  bool read_only() const { return read_only_; }
+  const py::object& owner() const { return owner_; }
+
+ private:
+  std::shared_ptr<client::Client> client_;
+  std::unique_ptr<client::Buffer> buffer_;
+  py::object owner_;  // None for allocate()
+  bool read_only_;
+};
+
+// The result of publish_async/fetch_async.
+class PyFuture {
+ public:
+  PyFuture(std::future<absl::StatusOr<client::TransferResult>> future,
+           std::vector<std::shared_ptr<PyBuffer>> keep)
+      : future_(std::move(future)), keep_(std::move(keep)) {}
+  ~PyFuture() {
+    // The transfer uses the buffers: finish it before letting them go.
+    if (future_.valid()) {
+      py::gil_scoped_release release;
+      future_.wait();
+    }
+  }
+  bool done() const {
+    if (!future_.valid()) return true;
+    return future_.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+  }
+  // The TransferResult; raises kvstrata.Error when the call failed. Repeatable.
+  py::object wait(std::optional<double> timeout) {
+    if (!result_.has_value()) {
+      {
+        py::gil_scoped_release release;
+        if (timeout.has_value()) {
+          if (future_.wait_for(std::chrono::duration<double>(*timeout)) !=
+              std::future_status::ready) {
+            py::gil_scoped_acquire acquire;
+            throw StatusError{absl::DeadlineExceededError("transfer still running")};
+          }
+        }
+        result_ = future_.get();
+      }
+      keep_.clear();
+    }
+    return py::cast(Check(*result_));
+  }
+
+ private:
+  std::future<absl::StatusOr<client::TransferResult>> future_;
+  std::vector<std::shared_ptr<PyBuffer>> keep_;
+  std::optional<absl::StatusOr<client::TransferResult>> result_;
+};
+
+class PyNamespace {
+ public:
+  PyNamespace(std::shared_ptr<client::Client> client, client::Namespace ns)
+      : client_(std::move(client)), ns_(ns) {}
+
+  uint64_t id() const { return ns_.id(); }
+  uint64_t block_bytes() const { return ns_.block_bytes(); }
+  uint32_t tokens_per_block() const { return ns_.tokens_per_block(); }
+
+  py::list Keys(const py::handle& tokens, const std::optional<py::bytes>& parent) const {
+    std::vector<uint32_t> ids = TokensFrom(tokens);
+    BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
+    std::vector<BlockKey> keys;
+    {
+      py::gil_scoped_release release;
+      keys = ns_.Keys(ids, start);
+    }
+    py::list out;
+    for (const BlockKey& k : keys) out.append(KeyTo(k));
+    return out;
+  }
+
+  size_t Lookup(const py::iterable& keys, std::optional<double> timeout) {
+    std::vector<BlockKey> list;
+    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    absl::StatusOr<client::LookupResult> result;
+    {
+      py::gil_scoped_release release;
+      result = ns_.Lookup(list, Timeout(timeout));
+    }
+    return Check(std::move(result)).prefix_length;
+  }
+
+  size_t Delete(const py::iterable& keys, std::optional<double> timeout) {
+    std::vector<BlockKey> list;
+    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    absl::StatusOr<size_t> result;
+    {
+      py::gil_scoped_release release;
+      result = ns_.Delete(list, Timeout(timeout));
+    }
+    return Check(std::move(result));
+  }
+
+  // items: (key, parent or None, buffer, offset)
+  std::unique_ptr<PyFuture> PublishAsync(const py::iterable& items, std::optional<double> timeout);
+  // items: (key, buffer, offset)
+  std::unique_ptr<PyFuture> FetchAsync(const py::iterable& items, std::optional<double> timeout);
+
+  client::TransferResult Publish(const py::iterable& items, std::optional<double> timeout) {
+    return WaitResult(PublishAsync(items, timeout));
+  }
+  client::TransferResult Fetch(const py::iterable& items, std::optional<double> timeout) {
+    return WaitResult(FetchAsync(items, timeout));
+  }
+
+ private:
+  static client::TransferResult WaitResult(std::unique_ptr<PyFuture> future) {
+    return py::cast<client::TransferResult>(future->wait(std::nullopt));
+  }
+  // A registered buffer for `object`: itself when it already is one, else a
+  // registration for this call only, shared by every item naming the object.
+  using Registrations = std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>>;
+  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object, Registrations& made);
+
+  std::shared_ptr<client::Client> client_;
+  client::Namespace ns_;
+};
+
+class PyClient : public std::enable_shared_from_this<PyClient> {
+ public:
+  explicit PyClient(std::shared_ptr<client::Client> client) : client_(std::move(client)) {}
+
+  static std::shared_ptr<PyClient> Connect(const std::string& address, double timeout,
+                                           const std::string& ucx_transports,
+                                           bool verify_checksums) {
+    client::ClientOptions options;
+    options.node_address = address;
+    options.timeout = absl::Seconds(timeout);
+    options.ucx_transports = ucx_transports;
+    options.verify_checksums = verify_checksums;
+    absl::StatusOr<std::unique_ptr<client::Client>> made;
+    {
+      py::gil_scoped_release release;
+      made = client::Client::Connect(options);
+    }
+    return std::make_shared<PyClient>(std::shared_ptr<client::Client>(Check(std::move(made))));
+  }
+
+  PyNamespace OpenNamespace(const std::string& tenant, const std::string& model, int dtype,
+                            uint32_t num_layers, uint32_t num_kv_heads, uint32_t head_dim,
+                            uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
+                            uint64_t block_bytes, std::optional<double> timeout) {
+    v1::NamespaceSpec spec;
+    spec.set_tenant(tenant);
+    spec.set_model(model);
+    spec.set_dtype(static_cast<v1::DType>(dtype));
+    spec.set_num_layers(num_layers);
+    spec.set_num_kv_heads(num_kv_heads);
+    spec.set_head_dim(head_dim);
+    spec.set_tokens_per_block(tokens_per_block);
+    spec.set_tp_rank(tp_rank);
+    spec.set_tp_size(tp_size);
+    spec.set_block_bytes(block_bytes);
+    absl::StatusOr<client::Namespace> ns;
+    {
+      py::gil_scoped_release release;
+      ns = client_->OpenNamespace(spec, Timeout(timeout));
+    }
+    return PyNamespace(client_, Check(std::move(ns)));
+  }
+
+  std::shared_ptr<PyBuffer> Register(py::object object) {
+    Memory m = MemoryOf(object);
+    if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = client_->Register(m.data, m.size);
+    }
+    return std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), object, m.read_only);
+  }
+
+  std::shared_ptr<PyBuffer> Allocate(size_t size) {
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = client_->Allocate(size);
+    }
+    return std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), py::none(), false);
+  }
+
+  py::dict Stats(std::optional<double> timeout) {
+    v1::StatsResponse stats;
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      status = client_->Stats(&stats, Timeout(timeout));
+    }
+    Check(status);
+    py::dict d;
+    const google::protobuf::Reflection* reflection = stats.GetReflection();
+    const google::protobuf::Descriptor* descriptor = stats.GetDescriptor();
+    for (int i = 0; i < descriptor->field_count(); ++i) {
+      const google::protobuf::FieldDescriptor* field = descriptor->field(i);
+      if (field->is_repeated()) continue;
+      switch (field->cpp_type()) {
+        case google::protobuf::FieldDescriptor::CPPTYPE_UINT64:
+          d[py::str(field->name())] = reflection->GetUInt64(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_UINT32:
+          d[py::str(field->name())] = reflection->GetUInt32(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_INT64:
+          d[py::str(field->name())] = reflection->GetInt64(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_STRING:
+          d[py::str(field->name())] = reflection->GetString(stats, field);
+          break;
+        default:
+          break;
+      }
+    }
+    return d;
+  }
+
+  void Ping(std::optional<double> timeout) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      status = client_->Ping(Timeout(timeout));
+    }
+    Check(status);
+  }
+
+ private:
+  std::shared_ptr<client::Client> client_;
+};
+
+std::shared_ptr<PyBuffer> PyNamespace::BufferFor(const py::handle& object, Registrations& made) {
+  if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
+  auto it = made.find(object.ptr());
+  if (it != made.end()) return it->second;
+  py::object owned = py::reinterpret_borrow<py::object>(object);
+  Memory m = MemoryOf(owned);
+  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+  {
+    py::gil_scoped_release release;
+    buffer = client_->Register(m.data, m.size);
+  }
+  auto registered = std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), owned, m.read_only);
+  made.emplace(object.ptr(), registered);
+  return registered;
+}
+
+std::unique_ptr<PyFuture> PyNamespace::PublishAsync(const py::iterable& items,
+                                                    std::optional<double> timeout) {
+  std::vector<client::PublishItem> list;
+  std::vector<std::shared_ptr<PyBuffer>> keep;
+  Registrations made;
+  for (py::handle handle : items) {
+    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+    if (item.size() != 4) {
+      throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
+    }
+    std::shared_ptr<PyBuffer> buffer = BufferFor(item[2], made);
+    client::PublishItem p;
+    p.key = KeyFrom(item[0]);
+    if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
+    p.buffer = buffer->get();
+    p.offset = py::cast<size_t>(item[3]);
+    list.push_back(p);
+    keep.push_back(std::move(buffer));
+  }
+  std::future<absl::StatusOr<client::TransferResult>> future;
+  {
+    py::gil_scoped_release release;
+    future = ns_.PublishAsync(std::move(list), Timeout(timeout));
+  }
+  return std::make_unique<PyFuture>(std::move(future), std::move(keep));
+}
+
+std::unique_ptr<PyFuture> PyNamespace::FetchAsync(const py::iterable& items,
+                                                  std::optional<double> timeout) {
+  std::vector<client::FetchItem> list;
+  std::vector<std::shared_ptr<PyBuffer>> keep;
+  Registrations made;
+  for (py::handle handle : items) {
+    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+    if (item.size() != 3) {
+      throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
+    }
+    std::shared_ptr<PyBuffer> buffer = BufferFor(item[1], made);
+    if (buffer->read_only()) {
+      throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
+    }
+    client::FetchItem f;
+    f.key = KeyFrom(item[0]);
+    f.buffer = buffer->get();
+    f.offset = py::cast<size_t>(item[2]);
+    list.push_back(f);
+    keep.push_back(std::move(buffer));
+  }
+  std::future<absl::StatusOr<client::TransferResult>> future;
+  {
+    py::gil_scoped_release release;
+    future = ns_.FetchAsync(std::move(list), Timeout(timeout));
+  }
+  return std::make_unique<PyFuture>(std::move(future), std::move(keep));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kvstrata, m) {
+  m.doc() = "kvstrata client (C++ binding); use the `kvstrata` package.";
+
+  // kvstrata.Error(message) with .code (absl/gRPC status code) and .code_name.
+  static py::exception<StatusError> error(m, "Error", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const StatusError& e) {
+      py::object type = py::reinterpret_borrow<py::object>(error.ptr());
+      py::object instance = type(py::str(std::string(e.status.message())));
+      instance.attr("code") = static_cast<int>(e.status.code());
+      instance.attr("code_name") = absl::StatusCodeToString(e.status.code());
+      PyErr_SetObject(error.ptr(), instance.ptr());
+    }
+  });
+
+  py::enum_<BlockOutcome>(m, "Outcome")
+      .value("OK", BlockOutcome::kOk)
+      .value("ALREADY_PRESENT", BlockOutcome::kAlreadyPresent)
+      .value("NOT_FOUND", BlockOutcome::kNotFound)
+      .value("CHECKSUM_MISMATCH", BlockOutcome::kChecksumMismatch)
+      .value("NO_SPACE", BlockOutcome::kNoSpace)
+      .value("TRANSFER_FAILED", BlockOutcome::kTransferFailed);
+
+  py::class_<client::TransferResult>(m, "TransferResult")
+      .def_readonly("outcomes", &client::TransferResult::outcomes)
+      .def_readonly("bytes", &client::TransferResult::bytes)
+      .def("count", &client::TransferResult::count)
+      .def("__repr__", [](const client::TransferResult& r) {
+        return "TransferResult(blocks=" + std::to_string(r.outcomes.size()) +
+               ", ok=" + std::to_string(r.count(BlockOutcome::kOk)) +
+               ", bytes=" + std::to_string(r.bytes) + ")";
+      });
+
+  py::class_<PyBuffer, std::shared_ptr<PyBuffer>>(m, "Buffer", py::buffer_protocol())
+      .def_property_readonly("size", &PyBuffer::size)
+      .def_property_readonly("address", &PyBuffer::address)
+      .def_property_readonly("owner", &PyBuffer::owner)
+      .def("__len__", &PyBuffer::size)
+      .def_buffer([](PyBuffer& b) {
+        return py::buffer_info(b.get()->data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {1}, b.read_only());
+      });
+
+  py::class_<PyFuture>(m, "Future")
+      .def("done", &PyFuture::done)
+      .def("wait", &PyFuture::wait, py::arg("timeout") = py::none());
+
+  py::class_<PyNamespace>(m, "Namespace")
+      .def_property_readonly("id", &PyNamespace::id)
+      .def_property_readonly("block_bytes", &PyNamespace::block_bytes)
+      .def_property_readonly("tokens_per_block", &PyNamespace::tokens_per_block)
+      .def("keys", &PyNamespace::Keys, py::arg("tokens"), py::arg("parent") = py::none())
+      .def("lookup", &PyNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("delete", &PyNamespace::Delete, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("publish", &PyNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
+      .def("fetch", &PyNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
+      .def("publish_async", &PyNamespace::PublishAsync, py::arg("items"),
+           py::arg("timeout") = py::none())
+      .def("fetch_async", &PyNamespace::FetchAsync, py::arg("items"),
+           py::arg("timeout") = py::none());
+
+  py::class_<PyClient, std::shared_ptr<PyClient>>(m, "Client")
+      .def(py::init(&PyClient::Connect), py::arg("address") = "127.0.0.1:50151",
+           py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
+           py::arg("verify_checksums") = true)
+      .def("open_namespace", &PyClient::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
+           py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
+           py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
+           py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
+           py::arg("block_bytes") = 0, py::arg("timeout") = py::none())
+      .def("register", &PyClient::Register, py::arg("memory"))
+      .def("allocate", &PyClient::Allocate, py::arg("size"))
+      .def("stats", &PyClient::Stats, py::arg("timeout") = py::none())
+      .def("ping", &PyClient::Ping, py::arg("timeout") = py::none());
+
+  m.def(
+      "keys",
+      [](uint64_t namespace_id, const py::handle& tokens, uint32_t tokens_per_block,
+         const std::optional<py::bytes>& parent) {
+        std::vector<uint32_t> ids = TokensFrom(tokens);
+        BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
+        if (tokens_per_block == 0) {
+          throw StatusError{absl::InvalidArgumentError("tokens_per_block must be >= 1")};
+        }
+        std::vector<BlockKey> keys;
+        {
+          py::gil_scoped_release release;
+          keys = ComputeBlockKeys(namespace_id, ids, tokens_per_block, start);
+        }
+        py::list out;
+        for (const BlockKey& k : keys) out.append(KeyTo(k));
+        return out;
+      },
+      py::arg("namespace_id"), py::arg("tokens"), py::arg("tokens_per_block"),
+      py::arg("parent") = py::none(),
+      "Chained block keys (DESIGN.md §3) of every full block of `tokens`.");
+}
+
+}  // namespace kvstrata::python

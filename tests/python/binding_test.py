@@ -1,0 +1,172 @@
+#!/usr/bin/python3
+"""The kvstrata Python binding against a real kvstrata-node ($KVSTRATA_NODE)."""
+import gc
+import hashlib
+import struct
+import unittest
+
+import numpy as np
+import torch
+
+import kvstrata
+from kvstrata.testing import NodeProcess
+
+BLOCK = 64 << 10
+
+
+class DlpackOnly:
+    """An object that exports its memory only through __dlpack__."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, stream=None):
+        return self.array.__dlpack__()
+
+
+class BindingTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.node = NodeProcess(dram_bytes=64 << 20)
+        cls.client = kvstrata.Client(cls.node.address, timeout=10.0)
+
+    @classmethod
+    def tearDownClass(cls):
+        del cls.client
+        cls.node.stop()
+
+    def namespace(self, model):
+        return self.client.open_namespace(tenant="test", model=model, tokens_per_block=4,
+                                          block_bytes=BLOCK)
+
+    def test_keys_match_the_specification(self):
+        # DESIGN.md §3, computed here with hashlib.
+        def reference(ns_id, tokens, per_block):
+            keys, previous = [], bytes(16)
+            for start in range(0, len(tokens) - per_block + 1, per_block):
+                data = struct.pack("<Q", ns_id) + previous + b"".join(
+                    struct.pack("<I", t) for t in tokens[start:start + per_block])
+                previous = hashlib.sha256(data).digest()[:16]
+                keys.append(previous)
+            return keys
+
+        tokens = list(range(1000, 1010))
+        ns = self.namespace("keys")
+        self.assertEqual(ns.keys(tokens), reference(ns.id, tokens, 4))
+        self.assertEqual(len(ns.keys(tokens)), 2)  # the partial block gets no key
+        self.assertEqual(kvstrata.keys(0x0123456789ABCDEF, np.arange(8, dtype=np.uint32), 4)[0].hex(),
+                         "fca41ba1df85097534eac94507e4c469")
+        # numpy int64, torch and lists agree; chaining from a parent continues the chain.
+        self.assertEqual(ns.keys(np.array(tokens)), ns.keys(torch.tensor(tokens)))
+        self.assertEqual(ns.keys(tokens[4:], parent=ns.keys(tokens)[0])[0], ns.keys(tokens)[1])
+
+    def test_round_trip_through_every_kind_of_buffer(self):
+        ns = self.namespace("roundtrip")
+        keys = ns.keys(list(range(5 * 4)))
+        rng = np.random.default_rng(1)
+        source = rng.integers(0, 256, size=5 * BLOCK, dtype=np.uint8)
+        items = [(k, keys[i - 1] if i else None, source, i * BLOCK) for i, k in enumerate(keys)]
+        result = ns.publish(items)
+        self.assertEqual(result.outcomes, [kvstrata.Outcome.OK] * 5)
+        self.assertEqual(result.bytes, 5 * BLOCK)
+        self.assertEqual(ns.publish(items[:1]).outcomes, [kvstrata.Outcome.ALREADY_PRESENT])
+        self.assertEqual(ns.lookup(keys), 5)
+        self.assertEqual(ns.lookup(keys[:2] + [bytes(16)] + keys[3:]), 2)
+
+        destinations = {
+            "numpy": np.zeros(5 * BLOCK, dtype=np.uint8),
+            "bytearray": bytearray(5 * BLOCK),
+            "memoryview": memoryview(bytearray(5 * BLOCK)),
+            "torch": torch.zeros(5 * BLOCK // 4, dtype=torch.float32),
+            "registered": self.client.register(np.zeros(5 * BLOCK, dtype=np.uint8)),
+            "allocated": self.client.allocate(5 * BLOCK),
+            "dlpack": DlpackOnly(np.zeros(5 * BLOCK // 8, dtype=np.float64)),
+        }
+        for name, destination in destinations.items():
+            with self.subTest(name):
+                result = ns.fetch([(k, destination, i * BLOCK) for i, k in enumerate(keys)])
+                self.assertEqual(result.count(kvstrata.Outcome.OK), 5)
+                if isinstance(destination, torch.Tensor):
+                    got = destination.view(torch.uint8).numpy()
+                elif isinstance(destination, DlpackOnly):
+                    got = destination.array.view(np.uint8)
+                elif isinstance(destination, kvstrata.Buffer):
+                    got = np.frombuffer(memoryview(destination), dtype=np.uint8)
+                else:
+                    got = np.frombuffer(destination, dtype=np.uint8)
+                np.testing.assert_array_equal(got, source)
+
+    def test_async_keeps_buffers_alive_and_reports_misses(self):
+        ns = self.namespace("async")
+        keys = ns.keys(list(range(64 * 4)))
+        source = torch.arange(64 * BLOCK // 4, dtype=torch.int32)
+        future = ns.publish_async([(k, keys[i - 1] if i else None, source.clone(), i * BLOCK)
+                                   for i, k in enumerate(keys)])
+        gc.collect()  # the clone has no other reference: the future holds it
+        self.assertEqual(future.wait().count(kvstrata.Outcome.OK), 64)
+        self.assertTrue(future.done())
+        self.assertEqual(future.wait().bytes, 64 * BLOCK)  # wait() is repeatable
+
+        destination = torch.zeros_like(source)
+        missing = ns.keys(list(range(900, 904)))[0]
+        future = ns.fetch_async([(k, destination, i * BLOCK) for i, k in enumerate(keys)] +
+                                [(missing, bytearray(BLOCK), 0)])
+        del destination  # the future keeps it alive until the bytes have landed
+        gc.collect()
+        result = future.wait(timeout=30.0)
+        self.assertEqual(result.outcomes[:64], [kvstrata.Outcome.OK] * 64)
+        self.assertEqual(result.outcomes[64], kvstrata.Outcome.NOT_FOUND)
+        # A future dropped without wait() finishes its transfer first.
+        target = torch.zeros_like(source)
+        ns.fetch_async([(k, target, i * BLOCK) for i, k in enumerate(keys)])
+        gc.collect()
+        self.assertTrue(torch.equal(target, source))
+
+    def test_errors_carry_the_status_code(self):
+        ns = self.namespace("errors")
+        key = ns.keys([1, 2, 3, 4])[0]
+        with self.assertRaises(kvstrata.Error) as caught:
+            ns.fetch([(key, bytearray(BLOCK - 1), 0)])
+        self.assertEqual(caught.exception.code, kvstrata.OUT_OF_RANGE)
+        self.assertEqual(caught.exception.code_name, "OUT_OF_RANGE")
+        with self.assertRaises(kvstrata.Error) as caught:
+            ns.lookup([b"short"])
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            ns.fetch([(key, bytes(BLOCK), 0)])  # read-only destination
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            self.client.register(torch.zeros(4, 4).t())  # not contiguous
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            self.client.register(np.zeros((4, 4), dtype=np.float32).T)
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            self.client.register(DlpackOnly(np.zeros((4, 4), dtype=np.float32).T))
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(kvstrata.Error) as caught:
+            self.client.open_namespace(model="too-big", tokens_per_block=4, block_bytes=1 << 40)
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        self.assertIsInstance(caught.exception, RuntimeError)
+
+    def test_unreachable_node_is_unavailable(self):
+        with NodeProcess(dram_bytes=64 << 20) as other:
+            address = other.address
+        client = kvstrata.Client(address, timeout=2.0)
+        with self.assertRaises(kvstrata.Error) as caught:
+            client.open_namespace(model="gone", tokens_per_block=4, block_bytes=BLOCK)
+        self.assertIn(caught.exception.code, (kvstrata.UNAVAILABLE, kvstrata.DEADLINE_EXCEEDED))
+
+    def test_stats_count_the_traffic(self):
+        ns = self.namespace("stats")
+        before = self.client.stats()["published_blocks"]
+        keys = ns.keys(list(range(8)))
+        data = bytearray(2 * BLOCK)
+        ns.publish([(keys[0], None, data, 0), (keys[1], keys[0], data, BLOCK)])
+        self.assertEqual(self.client.stats()["published_blocks"], before + 2)
+        self.assertEqual(ns.delete(keys), 2)
+        self.assertEqual(ns.lookup(keys), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
