@@ -35,6 +35,7 @@
 #include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/cachenode/nvme_tier.h"
 #include "kvstrata/testing/blocks.h"
+#include "nvme/data_file.h"
 #include "tiered_store.h"
 
 ABSL_FLAG(std::string, dir, "/tmp", "Filesystem to measure (a scratch directory is made in it).");
@@ -57,13 +58,8 @@ using kvstrata::cachenode::NvmeTierOptions;
 using kvstrata::cachenode::StoredBlock;
 using kvstrata::cachenode::TieredStore;
 
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<uint8_t[], AlignedFree>;
-Buffer Aligned(uint64_t bytes) {
-  return Buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096)));
-}
+using Buffer = kvstrata::cachenode::nvme::AlignedBuffer;
+Buffer Aligned(uint64_t bytes) { return kvstrata::cachenode::nvme::AllocateAligned(bytes); }
 
 double GBps(uint64_t bytes, absl::Duration d) { return bytes / absl::ToDoubleSeconds(d) / 1e9; }
 
