@@ -1,0 +1,207 @@
+// Scalar arithmetic shared by the CPU path and the CUDA kernels.
+//
+// Every float step that decides an output byte lives here, written as plain
+// IEEE single operations (no FMA: the CPU side builds with -ffp-contract=off,
+// the CUDA side with -fmad=false; no fast-math, no flush-to-zero) and integer
+// bit manipulation. Both sides call these same functions in the same order, so
+// they produce the same bytes by construction; tests/kernels/ checks it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define KVQ_HD __host__ __device__ __forceinline__
+#else
+#define KVQ_HD inline
+#endif
+
+namespace kvstrata::kernels::math {
+
+KVQ_HD float AsFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+KVQ_HD uint32_t AsUint(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+KVQ_HD float Min(float a, float b) { return a < b ? a : b; }
+KVQ_HD float Max(float a, float b) { return a > b ? a : b; }
+KVQ_HD float Abs(float a) { return AsFloat(AsUint(a) & 0x7fffffffu); }
+
+// Round to nearest integer, ties to even (the default rounding mode on the
+// host; cvt.rni on the device).
+KVQ_HD float RoundEven(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  return __builtin_rintf(x);
+#endif
+}
+
+constexpr float kFltMinNormal = 1.17549435e-38f;  // 2^-126
+constexpr float kFltMax = 3.40282347e+38f;
+
+// ---- 16-bit float formats -------------------------------------------------
+
+KVQ_HD bool HalfIsFinite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+KVQ_HD bool Bf16IsFinite(uint16_t h) { return (h & 0x7f80u) != 0x7f80u; }
+
+// Exact for every finite half (subnormals included: the product by 2^112 is
+// exact because flush-to-zero is off on both sides).
+KVQ_HD float HalfToFloat(uint16_t h) {
+  uint32_t em = h & 0x7fffu;
+  float f = AsFloat(em << 13) * 5.192296858534828e+33f;  // 2^112
+  if (em >= 0x7c00u) f = AsFloat(0x7f800000u | (em & 0x3ffu) << 13);
+  return AsFloat(AsUint(f) | (uint32_t(h & 0x8000u) << 16));
+}
+
+KVQ_HD float Bf16ToFloat(uint16_t h) { return AsFloat(uint32_t(h) << 16); }
+
+// Round to nearest even; overflow goes to infinity, NaN stays NaN.
+KVQ_HD uint16_t FloatToHalf(float x) {
+  uint32_t f = AsUint(x);
+  uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  uint32_t o;
+  if (f >= 0x47800000u) {  // >= 65536, Inf or NaN
+    o = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (f < 0x38800000u) {  // below 2^-14: the result is subnormal
+    // Adding 0.5 lines the half's subnormal lsb up with the float's lsb, so
+    // the (round-to-nearest-even) float add does the rounding.
+    float t = AsFloat(f) + 0.5f;
+    o = AsUint(t) - 0x3f000000u;
+  } else {
+    uint32_t odd = (f >> 13) & 1u;
+    f += 0xc8000fffu;  // rebias exponent (15 - 127) << 23, plus 0x0fff
+    f += odd;
+    o = f >> 13;
+  }
+  return uint16_t(o | (sign >> 16));
+}
+
+KVQ_HD uint16_t FloatToBf16(float x) {
+  uint32_t f = AsUint(x);
+  if ((f & 0x7fffffffu) > 0x7f800000u) return uint16_t((f >> 16) | 0x40u);  // quiet NaN
+  f += 0x7fffu + ((f >> 16) & 1u);
+  return uint16_t(f >> 16);
+}
+
+template <bool kBf16>
+KVQ_HD float ToFloat(uint16_t h) {
+  if constexpr (kBf16) return Bf16ToFloat(h); else return HalfToFloat(h);
+}
+template <bool kBf16>
+KVQ_HD uint16_t FromFloat(float x) {
+  if constexpr (kBf16) return FloatToBf16(x); else return FloatToHalf(x);
+}
+template <bool kBf16>
+KVQ_HD bool IsFinite(uint16_t h) {
+  if constexpr (kBf16) return Bf16IsFinite(h); else return HalfIsFinite(h);
+}
+// Largest finite value of the 16-bit type, as a float.
+template <bool kBf16>
+KVQ_HD float MaxFinite() {
+  if constexpr (kBf16) return 3.38953139e+38f; else return 65504.0f;
+}
+
+// What dequantizing writes: a decoded value beyond the type's range (a KIVI
+// scale rounded up at the top of fp16's range) saturates instead of
+// becoming infinity.
+template <bool kBf16>
+KVQ_HD uint16_t FromFloatSat(float x) {
+  const float m = MaxFinite<kBf16>();
+  return FromFloat<kBf16>(Min(Max(x, -m), m));
+}
+
+// ---- fp8 e4m3 (OCP "fn": bias 7, no infinities, max 448) -------------------
+
+// x must be finite. Saturates to +-448; rounds to nearest even.
+KVQ_HD uint8_t FloatToE4m3(float x) {
+  uint32_t f = AsUint(x);
+  uint32_t sign = (f >> 24) & 0x80u;
+  float a = AsFloat(f & 0x7fffffffu);
+  uint32_t code;
+  if (a >= 448.0f) {
+    code = 0x7eu;
+  } else if (a < 0.015625f) {  // below 2^-6: subnormal, steps of 2^-9
+    code = uint32_t(RoundEven(a * 512.0f));  // exact scaling; 8 becomes 2^-6
+  } else {
+    uint32_t b = AsUint(a);
+    uint32_t exp = (b >> 23) - 127u + 7u;  // 1..15
+    uint32_t mant = b & 0x7fffffu;
+    uint32_t keep = mant >> 20;
+    uint32_t rest = mant & 0xfffffu;
+    uint32_t up = (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) ? 1u : 0u;
+    code = (exp << 3) + keep + up;  // a carry moves into the exponent
+    if (code > 0x7eu) code = 0x7eu;
+  }
+  return uint8_t(code | sign);
+}
+
+KVQ_HD float E4m3ToFloat(uint8_t c) {
+  uint32_t exp = (c >> 3) & 0xfu;
+  uint32_t mant = c & 7u;
+  float v;
+  if (exp == 0) {
+    v = float(mant) * 0.001953125f;  // 2^-9, exact
+  } else {
+    v = AsFloat(((exp + 120u) << 23) | (mant << 20));
+  }
+  if ((c & 0x7fu) == 0x7fu) v = AsFloat(0x7fc00000u);  // the NaN code; never produced
+  return (c & 0x80u) ? -v : v;
+}
+
+// ---- scales ------------------------------------------------------------------
+
+// Scale of a symmetric format with `qmax` as the largest code magnitude.
+// Kept at or above the smallest normal float so its reciprocal is finite.
+KVQ_HD float SymmetricScale(float amax, float qmax) {
+  float s = amax / qmax;
+  return s < kFltMinNormal ? kFltMinNormal : s;
+}
+KVQ_HD float Reciprocal(float s) { return 1.0f / s; }
+
+KVQ_HD int8_t Int8Code(float x, float rcp) {
+  float v = x * rcp;
+  v = Min(Max(v, -127.0f), 127.0f);
+  return int8_t(int(RoundEven(v)));
+}
+
+// KIVI scale before it is stored in the block's 16-bit type.
+template <bool kBf16>
+KVQ_HD float KiviScale(float mn, float mx, float qmax) {
+  float s = (mx - mn) / qmax;
+  return Min(s, MaxFinite<kBf16>());
+}
+// Reciprocal of the stored (rounded) scale; 0 for a zero scale so a
+// constant group gets code 0 and decodes to its zero point.
+KVQ_HD float KiviReciprocal(float s) {
+  if (!(s > 0.0f)) return 0.0f;
+  float r = 1.0f / s;
+  return r > kFltMax ? kFltMax : r;
+}
+KVQ_HD uint32_t KiviCode(float x, float zero, float rcp, float qmax) {
+  float v = (x - zero) * rcp;
+  v = Min(Max(v, 0.0f), qmax);
+  return uint32_t(RoundEven(v));
+}
+KVQ_HD float KiviDecode(uint32_t q, float scale, float zero) {
+  float t = float(q) * scale;
+  return t + zero;
+}
+
+}  // namespace kvstrata::kernels::math
