@@ -41,9 +41,21 @@ void Pack(const uint8_t* c, uint32_t n, uint32_t bits, uint8_t* out) {
   }
 }
 
-uint32_t Unpacked(const uint8_t* codes, uint64_t e, uint32_t bits) {
-  uint64_t bit = e * bits;
-  return (codes[bit >> 3] >> (bit & 7)) & ((1u << bits) - 1);
+// Inverse of Pack().
+void Unpack(const uint8_t* in, uint32_t n, uint32_t bits, uint8_t* c) {
+  if (bits == 4) {
+    for (uint32_t i = 0; i < n / 2; ++i) {
+      c[2 * i] = in[i] & 15;
+      c[2 * i + 1] = in[i] >> 4;
+    }
+  } else {
+    for (uint32_t i = 0; i < n / 4; ++i) {
+      c[4 * i] = in[i] & 3;
+      c[4 * i + 1] = (in[i] >> 2) & 3;
+      c[4 * i + 2] = (in[i] >> 4) & 3;
+      c[4 * i + 3] = in[i] >> 6;
+    }
+  }
 }
 
 template <bool B>
@@ -201,28 +213,42 @@ void DequantInt8(const Layout& y, const float* scales, const uint8_t* codes, uin
   }
 }
 
+// Decodes one row of codes with per-element scale and zero point.
+template <bool B>
+void DecodeRow(const uint8_t* c, const float* scale, const float* zero, uint32_t n, uint16_t* out) {
+  for (uint32_t j = 0; j < n; ++j) out[j] = FromFloatSat<B>(KiviDecode(c[j], scale[j], zero[j]));
+}
+
 template <bool B>
 void DequantKivi(const Layout& y, const uint16_t* meta, const uint8_t* codes, uint16_t* out) {
-  const uint64_t row_elems = uint64_t(y.H) * y.D;
-  const uint64_t slab = y.T * row_elems;
+  const uint32_t row_elems = y.H * y.D;
+  const uint64_t slab = uint64_t(y.T) * row_elems;
   const uint16_t* kmeta = meta;
   const uint16_t* vmeta = meta + 2 * y.k_meta_entries;
+  std::vector<float> scale(row_elems), zero(row_elems);
+  std::vector<uint8_t> c(row_elems);
   for (uint32_t l = 0; l < y.L; ++l) {
     for (uint32_t t = 0; t < y.T; ++t) {
-      const uint16_t* m = kmeta + 2 * (uint64_t(l) * y.TG + t / y.G) * row_elems;
-      uint64_t e0 = (2ull * l) * slab + t * row_elems;
-      for (uint64_t j = 0; j < row_elems; ++j)
-        out[e0 + j] = FromFloatSat<B>(KiviDecode(Unpacked(codes, e0 + j, y.bits), ToFloat<B>(m[2 * j]),
-                                              ToFloat<B>(m[2 * j + 1])));
+      if (t % y.G == 0) {  // a new key group: its per-channel scales and zero points
+        const uint16_t* m = kmeta + 2 * (uint64_t(l) * y.TG + t / y.G) * row_elems;
+        for (uint32_t j = 0; j < row_elems; ++j) {
+          scale[j] = ToFloat<B>(m[2 * j]);
+          zero[j] = ToFloat<B>(m[2 * j + 1]);
+        }
+      }
+      uint64_t e0 = (2ull * l) * slab + uint64_t(t) * row_elems;
+      Unpack(codes + e0 * y.bits / 8, row_elems, y.bits, c.data());
+      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, out + e0);
     }
     for (uint64_t r = 0; r < uint64_t(y.T) * y.H; ++r) {
       const uint16_t* m = vmeta + 2 * (uint64_t(l) * y.T * y.H + r) * y.DG;
-      uint64_t e0 = (2ull * l + 1) * slab + r * y.D;
       for (uint32_t d = 0; d < y.D; ++d) {
-        uint32_t g = d / y.G;
-        out[e0 + d] = FromFloatSat<B>(KiviDecode(Unpacked(codes, e0 + d, y.bits), ToFloat<B>(m[2 * g]),
-                                              ToFloat<B>(m[2 * g + 1])));
+        scale[d] = ToFloat<B>(m[2 * (d / y.G)]);
+        zero[d] = ToFloat<B>(m[2 * (d / y.G) + 1]);
       }
+      uint64_t e0 = (2ull * l + 1) * slab + r * y.D;
+      Unpack(codes + e0 * y.bits / 8, y.D, y.bits, c.data());
+      DecodeRow<B>(c.data(), scale.data(), zero.data(), y.D, out + e0);
     }
   }
 }

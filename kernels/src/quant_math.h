@@ -42,14 +42,15 @@ KVQ_HD float Min(float a, float b) { return a < b ? a : b; }
 KVQ_HD float Max(float a, float b) { return a > b ? a : b; }
 KVQ_HD float Abs(float a) { return AsFloat(AsUint(a) & 0x7fffffffu); }
 
-// Round to nearest integer, ties to even (the default rounding mode on the
-// host; cvt.rni on the device).
+// Round to nearest integer, ties to even, for |x| <= 2^22: adding and
+// removing 1.5 * 2^23 leaves the float add's own round-to-nearest-even on the
+// integer grid. Plain IEEE adds (no libm call), so it vectorises on any x86-64
+// and gives the same result on the device. Every caller's argument is small
+// (|x| <= 127).
 KVQ_HD float RoundEven(float x) {
-#if defined(__CUDA_ARCH__)
-  return rintf(x);
-#else
-  return __builtin_rintf(x);
-#endif
+  const float kMagic = 12582912.0f;
+  float t = x + kMagic;
+  return t - kMagic;
 }
 
 constexpr float kFltMinNormal = 1.17549435e-38f;  // 2^-126
@@ -76,20 +77,17 @@ KVQ_HD uint16_t FloatToHalf(float x) {
   uint32_t f = AsUint(x);
   uint32_t sign = f & 0x80000000u;
   f ^= sign;
-  uint32_t o;
-  if (f >= 0x47800000u) {  // >= 65536, Inf or NaN
-    o = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (f < 0x38800000u) {  // below 2^-14: the result is subnormal
-    // Adding 0.5 lines the half's subnormal lsb up with the float's lsb, so
-    // the (round-to-nearest-even) float add does the rounding.
-    float t = AsFloat(f) + 0.5f;
-    o = AsUint(t) - 0x3f000000u;
-  } else {
-    uint32_t odd = (f >> 13) & 1u;
-    f += 0xc8000fffu;  // rebias exponent (15 - 127) << 23, plus 0x0fff
-    f += odd;
-    o = f >> 13;
-  }
+  // All three cases are computed and one selected, so loops vectorise.
+  // Infinity or NaN (>= 65536 rounds to infinity):
+  uint32_t big = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // Below 2^-14 the result is subnormal: adding 0.5 lines the half's
+  // subnormal lsb up with the float's lsb, so the (round-to-nearest-even)
+  // float add does the rounding.
+  uint32_t sub = AsUint(AsFloat(f) + 0.5f) - 0x3f000000u;
+  // Normal: rebias the exponent ((15 - 127) << 23) and round the 13 dropped
+  // bits to nearest even.
+  uint32_t norm = (f + 0xc8000fffu + ((f >> 13) & 1u)) >> 13;
+  uint32_t o = f >= 0x47800000u ? big : (f < 0x38800000u ? sub : norm);
   return uint16_t(o | (sign >> 16));
 }
 
@@ -129,26 +127,21 @@ KVQ_HD uint16_t FromFloatSat(float x) {
 
 // ---- fp8 e4m3 (OCP "fn": bias 7, no infinities, max 448) -------------------
 
-// x must be finite. Saturates to +-448; rounds to nearest even.
+// x must be finite. Saturates to +-448; rounds to nearest even. Branch-free
+// (both cases computed, one selected) so loops vectorise.
 KVQ_HD uint8_t FloatToE4m3(float x) {
   uint32_t f = AsUint(x);
   uint32_t sign = (f >> 24) & 0x80u;
   float a = AsFloat(f & 0x7fffffffu);
-  uint32_t code;
-  if (a >= 448.0f) {
-    code = 0x7eu;
-  } else if (a < 0.015625f) {  // below 2^-6: subnormal, steps of 2^-9
-    code = uint32_t(RoundEven(a * 512.0f));  // exact scaling; 8 becomes 2^-6
-  } else {
-    uint32_t b = AsUint(a);
-    uint32_t exp = (b >> 23) - 127u + 7u;  // 1..15
-    uint32_t mant = b & 0x7fffffu;
-    uint32_t keep = mant >> 20;
-    uint32_t rest = mant & 0xfffffu;
-    uint32_t up = (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) ? 1u : 0u;
-    code = (exp << 3) + keep + up;  // a carry moves into the exponent
-    if (code > 0x7eu) code = 0x7eu;
-  }
+  // Below 2^-6: subnormal, steps of 2^-9 (the scaling is exact; 8 becomes
+  // the smallest normal, code 0x08).
+  uint32_t sub = uint32_t(RoundEven(Min(a, 0.015625f) * 512.0f));
+  // Normal: round the float's mantissa to 3 bits (a carry moves into the
+  // exponent), then rebias the exponent from 127 to 7.
+  uint32_t b = AsUint(a);
+  uint32_t norm = ((b + 0x7ffffu + ((b >> 20) & 1u)) >> 20) - (120u << 3);
+  norm = norm > 0x7eu ? 0x7eu : norm;
+  uint32_t code = a >= 448.0f ? 0x7eu : (a < 0.015625f ? sub : norm);
   return uint8_t(code | sign);
 }
 
