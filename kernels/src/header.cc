@@ -73,6 +73,8 @@ Status Validate(const QuantParams& p) {
   if (s.head_dim % 8 != 0 || s.head_dim > 256)
     return Error(Code::kInvalidArgument, "head_dim must be a multiple of 8 and at most 256, got " +
                                              std::to_string(s.head_dim));
+  // The CUDA kernels put layer * 2 + K/V on grid z (at most 65535).
+  if (s.layers > 32767) return Error(Code::kInvalidArgument, "more than 32767 layers");
   // The CUDA kernels index rows (layer, K/V, token, head) with 32 bits.
   if (uint64_t(s.layers) * 2 * s.tokens * s.kv_heads >= (uint64_t(1) << 31))
     return Error(Code::kInvalidArgument, "block too large: layers*2*tokens*kv_heads >= 2^31");

@@ -11,7 +11,9 @@
 #include <vector>
 
 #include "kv_random.h"
+#include "layout.h"
 #include "ordered.h"
+#include "quant_cpu_variants.h"
 #include "quant_math.h"
 #include "kvstrata/kernels/quant.h"
 
@@ -402,6 +404,30 @@ TEST(Math, OrderKeysSortLikeValues) {
     ASSERT_EQ(math::FromOrderKey(math::OrderKey(uint16_t(a))), a);
   }
 }
+
+// ---- CPU variants ----
+
+#if defined(__x86_64__)
+TEST(CpuVariants, Avx2AndGenericWriteTheSameBytes) {
+  if (!__builtin_cpu_supports("avx2")) GTEST_SKIP() << "this processor has no AVX2";
+  for (Format f : {Format::kFp8E4m3, Format::kInt8, Format::kInt4Kivi, Format::kInt2Kivi}) {
+    for (DType dt : {DType::kFp16, DType::kBf16}) {
+      QuantParams p{f, dt, {2, 70, 3, 80}, 16};
+      std::vector<uint16_t> in = RandomBlock(p, FreshSeed());
+      Header h = MakeHeader(p);
+      Layout y = MakeLayout(h.params);
+      std::vector<uint8_t> a(h.total_bytes()), b(h.total_bytes());
+      ASSERT_TRUE(generic::QuantizeRows(y, f, dt, in.data(), a.data(), a.data() + h.meta_bytes).ok());
+      ASSERT_TRUE(avx2::QuantizeRows(y, f, dt, in.data(), b.data(), b.data() + h.meta_bytes).ok());
+      ASSERT_EQ(a, b) << FormatName(f) << " " << DTypeName(dt);
+      std::vector<uint16_t> da(in.size()), db(in.size());
+      generic::DequantizeRows(y, f, dt, a.data(), a.data() + h.meta_bytes, da.data());
+      avx2::DequantizeRows(y, f, dt, a.data(), a.data() + h.meta_bytes, db.data());
+      ASSERT_EQ(da, db) << FormatName(f) << " " << DTypeName(dt);
+    }
+  }
+}
+#endif
 
 }  // namespace
 }  // namespace kvstrata::kernels
