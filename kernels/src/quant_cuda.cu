@@ -134,6 +134,7 @@ __global__ void Fp8AmaxKernel(const uint16_t* in, Layout y, uint32_t* amax, uint
   if (c >= cols) return;
   const uint16_t* slab = in + uint64_t(blockIdx.z) * y.T * y.H * y.D + uint64_t(c) * 8;
   uint32_t m = 0;
+#pragma unroll 4
   for (uint32_t t = blockIdx.y; t < y.T; t += gridDim.y) m = max(m, ChunkAbsMax(Load(slab + uint64_t(t) * y.H * y.D)));
   if (m >= InfBits<B>()) atomicOr(err, 1u);
   atomicMax(&amax[blockIdx.z * y.H + c / (y.D / 8)], m);
@@ -146,6 +147,7 @@ __global__ void Fp8EncodeKernel(const uint16_t* in, Layout y, const uint32_t* am
   if (c >= cols) return;
   float rcp = Reciprocal(SymmetricScale(ToFloat<B>(uint16_t(amax[blockIdx.z * y.H + c / (y.D / 8)])), 448.0f));
   uint64_t base = uint64_t(blockIdx.z) * y.T * y.H * y.D + uint64_t(c) * 8;
+#pragma unroll 4
   for (uint32_t t = blockIdx.y; t < y.T; t += gridDim.y) {
     uint64_t e0 = base + uint64_t(t) * y.H * y.D;
     Chunk x = Load(in + e0);
@@ -251,6 +253,7 @@ __global__ void KiviKeyKernel(const uint16_t* in, Layout y, uint32_t* meta, uint
     lo[i] = 0xffffu;
     hi[i] = 0;
   }
+#pragma unroll 8
   for (uint32_t t = t0; t < t1; ++t) {
     Chunk x = Load(in + base + t * row_elems);
     am = max(am, ChunkAbsMax(x));
@@ -274,6 +277,7 @@ __global__ void KiviKeyKernel(const uint16_t* in, Layout y, uint32_t* meta, uint
   uint4* m = reinterpret_cast<uint4*>(meta + (uint64_t(l) * y.TG + tg) * row_elems + uint64_t(c) * 8);
   m[0] = make_uint4(words[0], words[1], words[2], words[3]);
   m[1] = make_uint4(words[4], words[5], words[6], words[7]);
+#pragma unroll 8
   for (uint32_t t = t0; t < t1; ++t) {
     uint64_t e0 = base + t * row_elems;
     Chunk x = Load(in + e0);
@@ -358,9 +362,17 @@ unsigned GridFor(uint64_t work, int sms) {
   return unsigned(want < cap ? (want ? want : 1) : cap);
 }
 
+// Threads per block for kernels over the H*D/8 chunk columns of a token row:
+// no more than the columns (rounded up to a warp), so small rows (8 heads of
+// 128 are 128 columns) do not leave half of each block idle.
+unsigned ColumnThreads(const Layout& y) {
+  uint32_t cols = y.H * y.D / 8;
+  return cols >= uint32_t(kThreads) ? kThreads : (cols + 31) / 32 * 32;
+}
+
 // Token-strided grid (fp8): enough blocks along tokens to fill the GPU.
 dim3 ColumnGrid(const Layout& y, int sms, uint32_t slabs) {
-  uint32_t bx = (y.H * y.D / 8 + kThreads - 1) / kThreads;
+  uint32_t bx = (y.H * y.D / 8 + ColumnThreads(y) - 1) / ColumnThreads(y);
   uint64_t blocks_wanted = uint64_t(sms) * 8;
   uint64_t per_token = uint64_t(bx) * slabs;
   uint32_t by = uint32_t(std::min<uint64_t>(y.T, std::max<uint64_t>(1, blocks_wanted / per_token)));
@@ -382,8 +394,8 @@ Status QuantizeTyped(const QuantParams& p, const Layout& y, const Header& h, con
       uint32_t n = 2 * y.L * y.H;
       cudaMemsetAsync(meta, 0, n * 4, st);
       dim3 grid = ColumnGrid(y, sms, 2 * y.L);
-      Fp8AmaxKernel<B><<<grid, kThreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), err);
-      Fp8EncodeKernel<B><<<grid, kThreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes);
+      Fp8AmaxKernel<B><<<grid, ColumnThreads(y), 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), err);
+      Fp8EncodeKernel<B><<<grid, ColumnThreads(y), 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes);
       Fp8ScaleKernel<B><<<GridFor(n, sms), kThreads, 0, st>>>(reinterpret_cast<uint32_t*>(meta), n, tail, out);
       return LastLaunch("fp8 quantize");
     }
@@ -397,13 +409,14 @@ Status QuantizeTyped(const QuantParams& p, const Layout& y, const Header& h, con
     default: {
       uint64_t rows = uint64_t(y.L) * y.T * y.H;
       uint32_t lanes = y.G / 8;
-      dim3 kgrid((y.H * y.D / 8 + kThreads - 1) / kThreads, y.TG, y.L);
+      const unsigned kthreads = ColumnThreads(y);
+      dim3 kgrid((y.H * y.D / 8 + kthreads - 1) / kthreads, y.TG, y.L);
       if (y.bits == 4) {
-        KiviKeyKernel<B, 4><<<kgrid, kThreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes, err);
+        KiviKeyKernel<B, 4><<<kgrid, kthreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes, err);
         RowGroupKernel<B, 4><<<GridFor(rows * y.DG * lanes, sms), kThreads, 0, st>>>(
             in, y, y.G, lanes, y.DG, rows, meta, codes, err, tail, out);
       } else {
-        KiviKeyKernel<B, 2><<<kgrid, kThreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes, err);
+        KiviKeyKernel<B, 2><<<kgrid, kthreads, 0, st>>>(in, y, reinterpret_cast<uint32_t*>(meta), codes, err);
         RowGroupKernel<B, 2><<<GridFor(rows * y.DG * lanes, sms), kThreads, 0, st>>>(
             in, y, y.G, lanes, y.DG, rows, meta, codes, err, tail, out);
       }

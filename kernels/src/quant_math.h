@@ -11,6 +11,11 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#if defined(__CUDACC__)
 #define KVQ_HD __host__ __device__ __forceinline__
 #else
 #define KVQ_HD inline
@@ -62,8 +67,12 @@ KVQ_HD bool HalfIsFinite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
 KVQ_HD bool Bf16IsFinite(uint16_t h) { return (h & 0x7f80u) != 0x7f80u; }
 
 // Exact for every finite half (subnormals included: the product by 2^112 is
-// exact because flush-to-zero is off on both sides).
+// exact because flush-to-zero is off on both sides). The device uses its
+// conversion instruction: an exact conversion has only one answer.
 KVQ_HD float HalfToFloat(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#endif
   uint32_t em = h & 0x7fffu;
   float f = AsFloat(em << 13) * 5.192296858534828e+33f;  // 2^112
   if (em >= 0x7c00u) f = AsFloat(0x7f800000u | (em & 0x3ffu) << 13);
@@ -72,8 +81,15 @@ KVQ_HD float HalfToFloat(uint16_t h) {
 
 KVQ_HD float Bf16ToFloat(uint16_t h) { return AsFloat(uint32_t(h) << 16); }
 
-// Round to nearest even; overflow goes to infinity, NaN stays NaN.
+// Round to nearest even; overflow goes to infinity, NaN stays NaN. The device
+// uses its round-to-nearest-even conversion instruction: a correctly rounded
+// result is unique, and tests check this bit version against the host
+// compiler's conversion for every half and a million random floats. (NaN
+// payloads could differ; no NaN reaches a conversion that writes output.)
 KVQ_HD uint16_t FloatToHalf(float x) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(x));
+#endif
   uint32_t f = AsUint(x);
   uint32_t sign = f & 0x80000000u;
   f ^= sign;
@@ -91,7 +107,11 @@ KVQ_HD uint16_t FloatToHalf(float x) {
   return uint16_t(o | (sign >> 16));
 }
 
+// Round to nearest even (the device: its correctly rounded instruction).
 KVQ_HD uint16_t FloatToBf16(float x) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+#endif
   uint32_t f = AsUint(x);
   if ((f & 0x7fffffffu) > 0x7f800000u) return uint16_t((f >> 16) | 0x40u);  // quiet NaN
   f += 0x7fffu + ((f >> 16) & 1u);
