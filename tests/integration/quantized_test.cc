@@ -14,6 +14,11 @@
 #include "kvstrata/kernels/quant.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
+#if defined(KVSTRATA_KERNELS_CUDA)
+#include <cuda_runtime.h>
+
+#include "kvstrata/kernels/quant_cuda.h"
+#endif
 
 namespace kvstrata {
 namespace {
@@ -148,6 +153,41 @@ TEST_F(QuantizedStoreTest, Int4KiviIsStoredSmallerAndFetchesBackWithinBound) {
   }
   EXPECT_EQ(client::DequantizeBlock((*buffer)->data(), 100, decoded.data(), decoded.size()).code(),
             absl::StatusCode::kDataLoss);
+}
+
+TEST_F(QuantizedStoreTest, GpuDecodeGivesTheCpuBytes) {
+#if defined(KVSTRATA_KERNELS_CUDA)
+  if (kernels::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA GPU: DequantizeBlockOnGpu not run";
+#endif
+  auto ns = client_->OpenNamespace(LayoutSpec("kivi2-gpu", v1::FORMAT_INT2_KIVI, v1::DTYPE_BF16));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  const uint64_t block = ns->block_bytes();
+  auto buffer = client_->Allocate(block);
+  ASSERT_TRUE(buffer.ok());
+  FillKv(11, (*buffer)->data(), block);  // fp16 bit patterns read as bf16: finite, wide range
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(80, 1, kTokens));
+  auto published = ns->Publish({{keys[0], std::nullopt, buffer->get(), 0}});
+  ASSERT_TRUE(published.ok() && published->outcomes[0] == BlockOutcome::kOk);
+  auto fetched = ns->Fetch({{keys[0], buffer->get(), 0}});
+  ASSERT_TRUE(fetched.ok() && fetched->outcomes[0] == BlockOutcome::kOk);
+  const size_t stored = fetched->sizes[0];
+  std::vector<uint8_t> cpu(block);
+  ASSERT_TRUE(client::DequantizeBlock((*buffer)->data(), stored, cpu.data(), block).ok());
+#if defined(KVSTRATA_KERNELS_CUDA)
+  void *d_scratch = nullptr, *d_out = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_scratch, stored), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_out, block), cudaSuccess);
+  absl::Status gpu = client::DequantizeBlockOnGpu((*buffer)->data(), stored, d_scratch, d_out, block, nullptr);
+  ASSERT_TRUE(gpu.ok()) << gpu;
+  std::vector<uint8_t> from_gpu(block);
+  ASSERT_EQ(cudaMemcpy(from_gpu.data(), d_out, block, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(from_gpu, cpu);
+  cudaFree(d_scratch);
+  cudaFree(d_out);
+#else
+  EXPECT_EQ(client::DequantizeBlockOnGpu((*buffer)->data(), stored, nullptr, nullptr, block, nullptr).code(),
+            absl::StatusCode::kUnimplemented);
+#endif
 }
 
 TEST_F(QuantizedStoreTest, NonFiniteBlocksAreRejected) {

@@ -24,6 +24,16 @@ namespace kvstrata::client {
 // INVALID_ARGUMENT when `out_bytes` is too small.
 absl::Status DequantizeBlock(const void* stored, size_t stored_bytes, void* out, size_t out_bytes);
 
+// The same on the engine's GPU, when the library is built with CUDA (else
+// UNIMPLEMENTED): copies the `stored_bytes` encoded bytes (host memory, e.g.
+// the fetch buffer) to `d_scratch` (device memory of at least stored_bytes)
+// and decodes them into `d_out` (device, out_bytes), both 16-byte aligned, on
+// `stream` (a cudaStream_t; nullptr: the default stream). Asynchronous: leave
+// `stored` unchanged until the stream has passed this point. The bytes equal
+// DequantizeBlock()'s.
+absl::Status DequantizeBlockOnGpu(const void* stored, size_t stored_bytes, void* d_scratch, void* d_out,
+                                  size_t out_bytes, void* stream);
+
 // True when `stored` begins with a valid encoded-block header.
 bool IsEncodedBlock(const void* stored, size_t stored_bytes);
 
