@@ -24,7 +24,7 @@ namespace {
 
 using namespace math;
 
-Status NonFinite(const Layout& y, uint64_t row) {
+Status NonFinite(const Layout y, uint64_t row) {
   // row = ((l * 2 + kv) * T + t) * H + h
   uint64_t h = row % y.H, t = row / y.H % y.T, kv = row / y.H / y.T % 2, l = row / y.H / y.T / 2;
   return Status{Code::kNonFinite, "input holds NaN or Inf at layer " + std::to_string(l) +
@@ -66,7 +66,7 @@ void Unpack(const uint8_t* in, uint32_t n, uint32_t bits, uint8_t* c) {
 }
 
 template <bool B>
-Status QuantFp8(const Layout& y, const uint16_t* in, float* scales, uint8_t* codes) {
+Status QuantFp8(const Layout y, const uint16_t* in, float* scales, uint8_t* codes) {
   const uint64_t slab = uint64_t(y.T) * y.H * y.D;
   std::vector<uint32_t> amax(y.H);
   std::vector<float> rcp(y.H);
@@ -97,7 +97,7 @@ Status QuantFp8(const Layout& y, const uint16_t* in, float* scales, uint8_t* cod
 }
 
 template <bool B>
-Status QuantInt8(const Layout& y, const uint16_t* in, float* scales, uint8_t* codes) {
+Status QuantInt8(const Layout y, const uint16_t* in, float* scales, uint8_t* codes) {
   const uint64_t rows = 2ull * y.L * y.T * y.H;
   for (uint64_t r = 0; r < rows; ++r) {
     const uint16_t* x = in + r * y.D;
@@ -112,31 +112,32 @@ Status QuantInt8(const Layout& y, const uint16_t* in, float* scales, uint8_t* co
   return Status{};
 }
 
-// One KIVI group's stored metadata and the values quantizing needs.
-struct KiviGroup {
-  uint16_t scale16, zero16;
-  float zero, rcp;
-};
-
+// KIVI groups' stored metadata (scale16, zero16 interleaved into `meta`) and
+// the values quantizing needs (zero, rcp), for n groups from their min and
+// max keys. One counted loop, so it vectorises (divisions included).
 template <bool B>
-KiviGroup MakeGroup(uint32_t min_key, uint32_t max_key, float qmax) {
-  KiviGroup g;
-  g.zero16 = FromOrderKey(min_key);
-  float mn = ToFloat<B>(g.zero16), mx = ToFloat<B>(FromOrderKey(max_key));
-  g.scale16 = FromFloat<B>(KiviScale<B>(mn, mx, qmax));
-  g.zero = mn;
-  g.rcp = KiviReciprocal(ToFloat<B>(g.scale16));
-  return g;
+void MakeGroups(const uint32_t* lo, const uint32_t* hi, uint32_t n, float qmax, uint16_t* meta, float* zero,
+                float* rcp) {
+  for (uint32_t j = 0; j < n; ++j) {
+    uint16_t z16 = FromOrderKey(lo[j]);
+    float mn = ToFloat<B>(z16), mx = ToFloat<B>(FromOrderKey(hi[j]));
+    uint16_t s16 = FromFloat<B>(KiviScale<B>(mn, mx, qmax));
+    meta[2 * j] = s16;
+    meta[2 * j + 1] = z16;
+    zero[j] = mn;
+    rcp[j] = KiviReciprocal(ToFloat<B>(s16));
+  }
 }
 
 template <bool B>
-Status QuantKivi(const Layout& y, const uint16_t* in, uint16_t* meta, uint8_t* codes) {
+Status QuantKivi(const Layout y, const uint16_t* in, uint16_t* meta, uint8_t* codes) {
   const float qmax = float((1u << y.bits) - 1);
-  const uint64_t row_elems = uint64_t(y.H) * y.D;  // one token of one slab
-  const uint64_t slab = y.T * row_elems;
+  const uint32_t row_elems = y.H * y.D;  // one token of one slab
+  const uint64_t slab = uint64_t(y.T) * row_elems;
+  const uint32_t row_groups = y.H * y.DG;  // value groups in one token
   std::vector<uint32_t> mn(row_elems), mx(row_elems), am(row_elems);
-  std::vector<float> zero(row_elems), rcp(row_elems);
-  std::vector<uint8_t> c(std::max<uint64_t>(row_elems, y.D));
+  std::vector<float> zero(row_elems), rcp(row_elems), gzero(row_groups), grcp(row_groups);
+  std::vector<uint8_t> c(row_elems);
   uint16_t* kmeta = meta;
   uint16_t* vmeta = meta + 2 * y.k_meta_entries;
   for (uint32_t l = 0; l < y.L; ++l) {
@@ -148,59 +149,61 @@ Status QuantKivi(const Layout& y, const uint16_t* in, uint16_t* meta, uint8_t* c
       std::fill(mx.begin(), mx.end(), 0u);
       std::fill(am.begin(), am.end(), 0u);
       for (uint32_t t = t0; t < t1; ++t) {
-        const uint16_t* x = k + t * row_elems;
-        for (uint64_t j = 0; j < row_elems; ++j) {
+        const uint16_t* x = k + t * uint64_t(row_elems);
+        for (uint32_t j = 0; j < row_elems; ++j) {
           uint32_t key = OrderKey(x[j]);
           mn[j] = std::min(mn[j], key);
           mx[j] = std::max(mx[j], key);
           am[j] = std::max(am[j], AbsBits(x[j]));
         }
       }
-      for (uint64_t j = 0; j < row_elems; ++j) {
-        if (am[j] >= InfBits<B>()) {
-          for (uint32_t t = t0; t < t1; ++t)
-            if (RowAbsMax(k + t * row_elems + j / y.D * y.D, y.D) >= InfBits<B>())
-              return NonFinite(y, ((2ull * l) * y.T + t) * y.H + j / y.D);
-        }
-        KiviGroup g = MakeGroup<B>(mn[j], mx[j], qmax);
-        uint16_t* m = kmeta + 2 * ((uint64_t(l) * y.TG + tg) * row_elems + j);
-        m[0] = g.scale16;
-        m[1] = g.zero16;
-        zero[j] = g.zero;
-        rcp[j] = g.rcp;
+      if (*std::max_element(am.begin(), am.end()) >= InfBits<B>()) {
+        for (uint32_t t = t0; t < t1; ++t)
+          for (uint32_t h = 0; h < y.H; ++h)
+            if (RowAbsMax(k + t * uint64_t(row_elems) + h * y.D, y.D) >= InfBits<B>())
+              return NonFinite(y, ((2ull * l) * y.T + t) * y.H + h);
       }
+      MakeGroups<B>(mn.data(), mx.data(), row_elems, qmax,
+                    kmeta + 2 * ((uint64_t(l) * y.TG + tg) * row_elems), zero.data(), rcp.data());
       for (uint32_t t = t0; t < t1; ++t) {
-        const uint16_t* x = k + t * row_elems;
-        for (uint64_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(ToFloat<B>(x[j]), zero[j], rcp[j], qmax));
-        Pack(c.data(), uint32_t(row_elems), y.bits, codes + ((2ull * l) * slab + t * row_elems) * y.bits / 8);
+        const uint16_t* x = k + t * uint64_t(row_elems);
+        for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(ToFloat<B>(x[j]), zero[j], rcp[j], qmax));
+        Pack(c.data(), row_elems, y.bits, codes + ((2ull * l) * slab + t * uint64_t(row_elems)) * y.bits / 8);
       }
     }
-    // Values: per token, groups of G channels.
+    // Values: per token, groups of G channels; one token (all heads) at a time.
     const uint16_t* v = in + (2ull * l + 1) * slab;
-    for (uint64_t r = 0; r < uint64_t(y.T) * y.H; ++r) {
-      const uint16_t* x = v + r * y.D;
-      if (RowAbsMax(x, y.D) >= InfBits<B>()) return NonFinite(y, (2ull * l + 1) * y.T * y.H + r);
-      for (uint32_t g = 0; g < y.DG; ++g) {
-        uint32_t d0 = g * y.G, d1 = std::min(y.D, d0 + y.G);
-        uint32_t lo = 0xffffu, hi = 0;
-        for (uint32_t d = d0; d < d1; ++d) {
-          lo = std::min(lo, OrderKey(x[d]));
-          hi = std::max(hi, OrderKey(x[d]));
+    for (uint32_t t = 0; t < y.T; ++t) {
+      const uint16_t* x = v + t * uint64_t(row_elems);
+      for (uint32_t h = 0; h < y.H; ++h) {
+        if (RowAbsMax(x + h * y.D, y.D) >= InfBits<B>()) return NonFinite(y, ((2ull * l + 1) * y.T + t) * y.H + h);
+        for (uint32_t g = 0; g < y.DG; ++g) {
+          uint32_t d0 = h * y.D + g * y.G, d1 = h * y.D + std::min(y.D, (g + 1) * y.G);
+          uint32_t lo = 0xffffu, hi = 0;
+          for (uint32_t d = d0; d < d1; ++d) {
+            lo = std::min(lo, OrderKey(x[d]));
+            hi = std::max(hi, OrderKey(x[d]));
+          }
+          mn[h * y.DG + g] = lo;
+          mx[h * y.DG + g] = hi;
         }
-        KiviGroup q = MakeGroup<B>(lo, hi, qmax);
-        uint16_t* m = vmeta + 2 * ((uint64_t(l) * y.T * y.H + r) * y.DG + g);
-        m[0] = q.scale16;
-        m[1] = q.zero16;
-        for (uint32_t d = d0; d < d1; ++d) c[d] = uint8_t(KiviCode(ToFloat<B>(x[d]), q.zero, q.rcp, qmax));
       }
-      Pack(c.data(), y.D, y.bits, codes + ((2ull * l + 1) * slab + r * y.D) * y.bits / 8);
+      MakeGroups<B>(mn.data(), mx.data(), row_groups, qmax, vmeta + 2 * (uint64_t(l) * y.T + t) * row_groups,
+                    gzero.data(), grcp.data());
+      for (uint32_t g = 0; g < row_groups; ++g) {  // each channel's group constants
+        uint32_t h = g / y.DG, d0 = h * y.D + g % y.DG * y.G, d1 = std::min(d0 + y.G, (h + 1) * y.D);
+        std::fill(zero.begin() + d0, zero.begin() + d1, gzero[g]);
+        std::fill(rcp.begin() + d0, rcp.begin() + d1, grcp[g]);
+      }
+      for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(ToFloat<B>(x[j]), zero[j], rcp[j], qmax));
+      Pack(c.data(), row_elems, y.bits, codes + ((2ull * l + 1) * slab + t * uint64_t(row_elems)) * y.bits / 8);
     }
   }
   return Status{};
 }
 
 template <bool B>
-void DequantFp8(const Layout& y, const float* scales, const uint8_t* codes, uint16_t* out) {
+void DequantFp8(const Layout y, const float* scales, const uint8_t* codes, uint16_t* out) {
   const uint64_t slab_rows = uint64_t(y.T) * y.H;
   for (uint64_t r = 0; r < 2ull * y.L * slab_rows; ++r) {
     const float s = scales[r / slab_rows * y.H + r % y.H];
@@ -211,7 +214,7 @@ void DequantFp8(const Layout& y, const float* scales, const uint8_t* codes, uint
 }
 
 template <bool B>
-void DequantInt8(const Layout& y, const float* scales, const uint8_t* codes, uint16_t* out) {
+void DequantInt8(const Layout y, const float* scales, const uint8_t* codes, uint16_t* out) {
   for (uint64_t r = 0; r < 2ull * y.L * y.T * y.H; ++r) {
     const float s = scales[r];
     const int8_t* c = reinterpret_cast<const int8_t*>(codes + r * y.D);
@@ -227,12 +230,13 @@ void DecodeRow(const uint8_t* c, const float* scale, const float* zero, uint32_t
 }
 
 template <bool B>
-void DequantKivi(const Layout& y, const uint16_t* meta, const uint8_t* codes, uint16_t* out) {
+void DequantKivi(const Layout y, const uint16_t* meta, const uint8_t* codes, uint16_t* out) {
   const uint32_t row_elems = y.H * y.D;
   const uint64_t slab = uint64_t(y.T) * row_elems;
   const uint16_t* kmeta = meta;
   const uint16_t* vmeta = meta + 2 * y.k_meta_entries;
-  std::vector<float> scale(row_elems), zero(row_elems);
+  const uint32_t row_groups = y.H * y.DG;
+  std::vector<float> scale(row_elems), zero(row_elems), gscale(row_groups), gzero(row_groups);
   std::vector<uint8_t> c(row_elems);
   for (uint32_t l = 0; l < y.L; ++l) {
     for (uint32_t t = 0; t < y.T; ++t) {
@@ -247,21 +251,26 @@ void DequantKivi(const Layout& y, const uint16_t* meta, const uint8_t* codes, ui
       Unpack(codes + e0 * y.bits / 8, row_elems, y.bits, c.data());
       DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, out + e0);
     }
-    for (uint64_t r = 0; r < uint64_t(y.T) * y.H; ++r) {
-      const uint16_t* m = vmeta + 2 * (uint64_t(l) * y.T * y.H + r) * y.DG;
-      for (uint32_t d = 0; d < y.D; ++d) {
-        scale[d] = ToFloat<B>(m[2 * (d / y.G)]);
-        zero[d] = ToFloat<B>(m[2 * (d / y.G) + 1]);
+    for (uint32_t t = 0; t < y.T; ++t) {  // values: one token (all heads) at a time
+      const uint16_t* m = vmeta + 2 * (uint64_t(l) * y.T + t) * row_groups;
+      for (uint32_t g = 0; g < row_groups; ++g) {
+        gscale[g] = ToFloat<B>(m[2 * g]);
+        gzero[g] = ToFloat<B>(m[2 * g + 1]);
       }
-      uint64_t e0 = (2ull * l + 1) * slab + r * y.D;
-      Unpack(codes + e0 * y.bits / 8, y.D, y.bits, c.data());
-      DecodeRow<B>(c.data(), scale.data(), zero.data(), y.D, out + e0);
+      for (uint32_t g = 0; g < row_groups; ++g) {
+        uint32_t h = g / y.DG, d0 = h * y.D + g % y.DG * y.G, d1 = std::min(d0 + y.G, (h + 1) * y.D);
+        std::fill(scale.begin() + d0, scale.begin() + d1, gscale[g]);
+        std::fill(zero.begin() + d0, zero.begin() + d1, gzero[g]);
+      }
+      uint64_t e0 = (2ull * l + 1) * slab + uint64_t(t) * row_elems;
+      Unpack(codes + e0 * y.bits / 8, row_elems, y.bits, c.data());
+      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, out + e0);
     }
   }
 }
 
 template <bool B>
-Status QuantizeTyped(const Layout& y, Format f, const uint16_t* in, uint8_t* meta, uint8_t* codes) {
+Status QuantizeTyped(const Layout y, Format f, const uint16_t* in, uint8_t* meta, uint8_t* codes) {
   switch (f) {
     case Format::kFp8E4m3: return QuantFp8<B>(y, in, reinterpret_cast<float*>(meta), codes);
     case Format::kInt8: return QuantInt8<B>(y, in, reinterpret_cast<float*>(meta), codes);
@@ -270,7 +279,7 @@ Status QuantizeTyped(const Layout& y, Format f, const uint16_t* in, uint8_t* met
 }
 
 template <bool B>
-void DequantizeTyped(const Layout& y, Format f, const uint8_t* meta, const uint8_t* codes, uint16_t* out) {
+void DequantizeTyped(const Layout y, Format f, const uint8_t* meta, const uint8_t* codes, uint16_t* out) {
   switch (f) {
     case Format::kFp8E4m3: return DequantFp8<B>(y, reinterpret_cast<const float*>(meta), codes, out);
     case Format::kInt8: return DequantInt8<B>(y, reinterpret_cast<const float*>(meta), codes, out);
