@@ -10,10 +10,10 @@
 namespace kvstrata::kernels {
 namespace {
 
-// AVX2 when the build has the variant and the processor runs it.
+// AVX2 (with F16C) when the build has the variant and the processor runs it.
 bool Avx2() {
 #if defined(KVQ_HAVE_AVX2_VARIANT)
-  static const bool yes = __builtin_cpu_supports("avx2");
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return yes;
 #else
   return false;

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "layout.h"
 #include "ordered.h"
 #include "quant_cpu_variants.h"
@@ -65,11 +69,25 @@ void Unpack(const uint8_t* in, uint32_t n, uint32_t bits, uint8_t* c) {
   }
 }
 
+// Reads a row of the block's dtype as floats: ToFloat(). With F16C, fp16
+// rows use the processor's conversion (exact, so the same values).
+template <bool B>
+void LoadRow(const uint16_t* x, uint32_t n, float* f) {
+  uint32_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if constexpr (!B) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+#endif
+  for (; i < n; ++i) f[i] = ToFloat<B>(x[i]);
+}
+
 template <bool B>
 Status QuantFp8(const Layout y, const uint16_t* in, float* scales, uint8_t* codes) {
   const uint64_t slab = uint64_t(y.T) * y.H * y.D;
   std::vector<uint32_t> amax(y.H);
-  std::vector<float> rcp(y.H);
+  std::vector<float> rcp(y.H), f(y.D);
   for (uint64_t s = 0; s < 2ull * y.L; ++s) {
     const uint16_t* x = in + s * slab;
     std::fill(amax.begin(), amax.end(), 0);
@@ -90,7 +108,8 @@ Status QuantFp8(const Layout y, const uint16_t* in, float* scales, uint8_t* code
       const float k = rcp[r % y.H];
       const uint16_t* xr = x + r * y.D;
       uint8_t* cr = c + r * y.D;
-      for (uint32_t d = 0; d < y.D; ++d) cr[d] = FloatToE4m3(ToFloat<B>(xr[d]) * k);
+      LoadRow<B>(xr, y.D, f.data());
+      for (uint32_t d = 0; d < y.D; ++d) cr[d] = FloatToE4m3(f[d] * k);
     }
   }
   return Status{};
@@ -98,6 +117,7 @@ Status QuantFp8(const Layout y, const uint16_t* in, float* scales, uint8_t* code
 
 template <bool B>
 Status QuantInt8(const Layout y, const uint16_t* in, float* scales, uint8_t* codes) {
+  std::vector<float> f(y.D);
   const uint64_t rows = 2ull * y.L * y.T * y.H;
   for (uint64_t r = 0; r < rows; ++r) {
     const uint16_t* x = in + r * y.D;
@@ -107,7 +127,8 @@ Status QuantInt8(const Layout y, const uint16_t* in, float* scales, uint8_t* cod
     scales[r] = sc;
     const float k = Reciprocal(sc);
     int8_t* c = reinterpret_cast<int8_t*>(codes + r * y.D);
-    for (uint32_t d = 0; d < y.D; ++d) c[d] = Int8Code(ToFloat<B>(x[d]), k);
+    LoadRow<B>(x, y.D, f.data());
+    for (uint32_t d = 0; d < y.D; ++d) c[d] = Int8Code(f[d], k);
   }
   return Status{};
 }
@@ -136,7 +157,7 @@ Status QuantKivi(const Layout y, const uint16_t* in, uint16_t* meta, uint8_t* co
   const uint64_t slab = uint64_t(y.T) * row_elems;
   const uint32_t row_groups = y.H * y.DG;  // value groups in one token
   std::vector<uint32_t> mn(row_elems), mx(row_elems), am(row_elems);
-  std::vector<float> zero(row_elems), rcp(row_elems), gzero(row_groups), grcp(row_groups);
+  std::vector<float> zero(row_elems), rcp(row_elems), gzero(row_groups), grcp(row_groups), f(row_elems);
   std::vector<uint8_t> c(row_elems);
   uint16_t* kmeta = meta;
   uint16_t* vmeta = meta + 2 * y.k_meta_entries;
@@ -167,7 +188,8 @@ Status QuantKivi(const Layout y, const uint16_t* in, uint16_t* meta, uint8_t* co
                     kmeta + 2 * ((uint64_t(l) * y.TG + tg) * row_elems), zero.data(), rcp.data());
       for (uint32_t t = t0; t < t1; ++t) {
         const uint16_t* x = k + t * uint64_t(row_elems);
-        for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(ToFloat<B>(x[j]), zero[j], rcp[j], qmax));
+        LoadRow<B>(x, row_elems, f.data());
+        for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(f[j], zero[j], rcp[j], qmax));
         Pack(c.data(), row_elems, y.bits, codes + ((2ull * l) * slab + t * uint64_t(row_elems)) * y.bits / 8);
       }
     }
@@ -195,38 +217,63 @@ Status QuantKivi(const Layout y, const uint16_t* in, uint16_t* meta, uint8_t* co
         std::fill(zero.begin() + d0, zero.begin() + d1, gzero[g]);
         std::fill(rcp.begin() + d0, rcp.begin() + d1, grcp[g]);
       }
-      for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(ToFloat<B>(x[j]), zero[j], rcp[j], qmax));
+      LoadRow<B>(x, row_elems, f.data());
+      for (uint32_t j = 0; j < row_elems; ++j) c[j] = uint8_t(KiviCode(f[j], zero[j], rcp[j], qmax));
       Pack(c.data(), row_elems, y.bits, codes + ((2ull * l + 1) * slab + t * uint64_t(row_elems)) * y.bits / 8);
     }
   }
   return Status{};
 }
 
+// Writes decoded floats as the block's dtype: FromFloatSat(). With F16C,
+// fp16 rows use the processor's conversion (round to nearest even, the one
+// correctly rounded answer) after the same saturating clamp (max/min with
+// the same NaN and signed-zero behaviour as Max/Min).
+template <bool B>
+void StoreRow(const float* v, uint32_t n, uint16_t* out) {
+  uint32_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  if constexpr (!B) {
+    const __m256 lo = _mm256_set1_ps(-65504.0f), hi = _mm256_set1_ps(65504.0f);
+    for (; i + 8 <= n; i += 8) {
+      __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_loadu_ps(v + i), lo), hi);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                       _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+  }
+#endif
+  for (; i < n; ++i) out[i] = FromFloatSat<B>(v[i]);
+}
+
 template <bool B>
 void DequantFp8(const Layout y, const float* scales, const uint8_t* codes, uint16_t* out) {
   const uint64_t slab_rows = uint64_t(y.T) * y.H;
+  std::vector<float> f(y.D);
   for (uint64_t r = 0; r < 2ull * y.L * slab_rows; ++r) {
     const float s = scales[r / slab_rows * y.H + r % y.H];
     const uint8_t* c = codes + r * y.D;
-    uint16_t* o = out + r * y.D;
-    for (uint32_t d = 0; d < y.D; ++d) o[d] = FromFloatSat<B>(E4m3ToFloat(c[d]) * s);
+    for (uint32_t d = 0; d < y.D; ++d) f[d] = E4m3ToFloat(c[d]) * s;
+    StoreRow<B>(f.data(), y.D, out + r * y.D);
   }
 }
 
 template <bool B>
 void DequantInt8(const Layout y, const float* scales, const uint8_t* codes, uint16_t* out) {
+  std::vector<float> f(y.D);
   for (uint64_t r = 0; r < 2ull * y.L * y.T * y.H; ++r) {
     const float s = scales[r];
     const int8_t* c = reinterpret_cast<const int8_t*>(codes + r * y.D);
-    uint16_t* o = out + r * y.D;
-    for (uint32_t d = 0; d < y.D; ++d) o[d] = FromFloatSat<B>(float(c[d]) * s);
+    for (uint32_t d = 0; d < y.D; ++d) f[d] = float(c[d]) * s;
+    StoreRow<B>(f.data(), y.D, out + r * y.D);
   }
 }
 
-// Decodes one row of codes with per-element scale and zero point.
+// Decodes one row of codes with per-element scale and zero point; `f` is
+// scratch of n floats.
 template <bool B>
-void DecodeRow(const uint8_t* c, const float* scale, const float* zero, uint32_t n, uint16_t* out) {
-  for (uint32_t j = 0; j < n; ++j) out[j] = FromFloatSat<B>(KiviDecode(c[j], scale[j], zero[j]));
+void DecodeRow(const uint8_t* c, const float* scale, const float* zero, uint32_t n, float* f, uint16_t* out) {
+  for (uint32_t j = 0; j < n; ++j) f[j] = KiviDecode(c[j], scale[j], zero[j]);
+  StoreRow<B>(f, n, out);
 }
 
 template <bool B>
@@ -236,7 +283,7 @@ void DequantKivi(const Layout y, const uint16_t* meta, const uint8_t* codes, uin
   const uint16_t* kmeta = meta;
   const uint16_t* vmeta = meta + 2 * y.k_meta_entries;
   const uint32_t row_groups = y.H * y.DG;
-  std::vector<float> scale(row_elems), zero(row_elems), gscale(row_groups), gzero(row_groups);
+  std::vector<float> scale(row_elems), zero(row_elems), gscale(row_groups), gzero(row_groups), f(row_elems);
   std::vector<uint8_t> c(row_elems);
   for (uint32_t l = 0; l < y.L; ++l) {
     for (uint32_t t = 0; t < y.T; ++t) {
@@ -249,7 +296,7 @@ void DequantKivi(const Layout y, const uint16_t* meta, const uint8_t* codes, uin
       }
       uint64_t e0 = (2ull * l) * slab + uint64_t(t) * row_elems;
       Unpack(codes + e0 * y.bits / 8, row_elems, y.bits, c.data());
-      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, out + e0);
+      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, f.data(), out + e0);
     }
     for (uint32_t t = 0; t < y.T; ++t) {  // values: one token (all heads) at a time
       const uint16_t* m = vmeta + 2 * (uint64_t(l) * y.T + t) * row_groups;
@@ -264,7 +311,7 @@ void DequantKivi(const Layout y, const uint16_t* meta, const uint8_t* codes, uin
       }
       uint64_t e0 = (2ull * l + 1) * slab + uint64_t(t) * row_elems;
       Unpack(codes + e0 * y.bits / 8, row_elems, y.bits, c.data());
-      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, out + e0);
+      DecodeRow<B>(c.data(), scale.data(), zero.data(), row_elems, f.data(), out + e0);
     }
   }
 }
