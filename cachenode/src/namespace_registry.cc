@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvstrata/common/limits.h"
+#include "kvstrata/cachenode/stored_format.h"
 #include "kvstrata/common/namespace_spec.h"
 
 namespace kvstrata::cachenode {
@@ -9,6 +10,7 @@ namespace kvstrata::cachenode {
 absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& spec) {
   absl::StatusOr<uint64_t> block_bytes = ValidateNamespaceSpec(spec, max_block_bytes_);
   if (!block_bytes.ok()) return block_bytes.status();
+  if (absl::Status s = ValidateStoredFormat(spec); !s.ok()) return s;
   NamespaceInfo info{NamespaceId(spec), *block_bytes, spec};
   absl::MutexLock lock(&mu_);
   if (auto it = namespaces_.find(info.id); it != namespaces_.end()) return it->second;

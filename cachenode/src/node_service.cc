@@ -9,6 +9,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "kvstrata/cachenode/stored_format.h"
 #include "kvstrata/common/block_key.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
@@ -383,6 +384,15 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       continue;
     }
     reserved[i]->checksum = checksum;
+    // Quantized namespaces store the encoded block instead (stored_format.h).
+    absl::StatusOr<std::shared_ptr<StoredBlock>> stored =
+        ApplyStoredFormat(store_.dram(), ns->spec, reserved[i]);
+    if (!stored.ok()) {
+      response->set_status(i, absl::IsResourceExhausted(stored.status()) ? v1::BLOCK_NO_SPACE
+                                                                         : v1::BLOCK_REJECTED);
+      continue;
+    }
+    reserved[i] = *std::move(stored);
     if (parents[i].has_value()) {
       reserved[i]->parent = *parents[i];
       reserved[i]->has_parent = true;

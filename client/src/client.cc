@@ -40,6 +40,8 @@ BlockOutcome FromWire(v1::BlockStatus status) {
       return BlockOutcome::kChecksumMismatch;
     case v1::BLOCK_NO_SPACE:
       return BlockOutcome::kNoSpace;
+    case v1::BLOCK_REJECTED:
+      return BlockOutcome::kRejected;
     default:
       return BlockOutcome::kTransferFailed;
   }
@@ -140,6 +142,7 @@ absl::StatusOr<TransferResult> RunBatches(
     if (!status.ok()) {
       if (first_error.ok()) first_error = FromGrpc(status);
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
+      result.sizes.resize(result.outcomes.size(), 0);
       continue;
     }
     const size_t before = result.outcomes.size();
@@ -149,7 +152,9 @@ absl::StatusOr<TransferResult> RunBatches(
       if (first_error.ok()) first_error = collected;
       result.outcomes.resize(before);
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
+      result.sizes.resize(before);
     }
+    result.sizes.resize(result.outcomes.size(), 0);  // Publish collects no sizes
   }
   // One batch: its error is the call's error. Several: report per block,
   // unless every batch failed.
@@ -181,6 +186,8 @@ const char* BlockOutcomeName(BlockOutcome outcome) {
       return "no_space";
     case BlockOutcome::kTransferFailed:
       return "transfer_failed";
+    case BlockOutcome::kRejected:
+      return "rejected";
   }
   return "?";
 }
@@ -461,6 +468,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
             if (checksum != response.checksum(i)) outcome = BlockOutcome::kChecksumMismatch;
           }
           result->outcomes.push_back(outcome);
+          result->sizes.push_back(outcome == BlockOutcome::kOk ? response.size(i) : 0);
         }
         result->bytes += response.bytes_transferred();
         return absl::OkStatus();

@@ -450,6 +450,7 @@ absl::StatusOr<TransferResult> ClusterNamespace::Publish(absl::Span<const Publis
   }
   TransferResult result;
   result.outcomes.assign(items.size(), BlockOutcome::kTransferFailed);
+  result.sizes.assign(items.size(), 0);
   std::vector<bool> tried(items.size(), false);
   auto calls = TransferFanOut(cluster, id_, spec, plan, items,
                               [](Namespace& ns, const std::vector<PublishItem>& batch) {
@@ -473,6 +474,7 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
   std::vector<NodePtr> live = cluster.Live(false);
   TransferResult result;
   result.outcomes.assign(items.size(), BlockOutcome::kNotFound);
+  result.sizes.assign(items.size(), 0);
   const size_t candidates = CandidateCount(cluster, live);
   std::vector<std::vector<NodePtr>> owners(items.size());
   for (size_t i = 0; i < items.size(); ++i) owners[i] = OwnerNodes(items[i].key, live, candidates);
@@ -492,8 +494,10 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
     for (auto& [indices, done] : calls) {
       if (!done.ok()) continue;  // that node's blocks stay misses
       for (size_t k = 0; k < indices.size(); ++k) {
-        if (done->outcomes[k] == BlockOutcome::kOk) result.outcomes[indices[k]] = BlockOutcome::kOk;
-        else if (done->outcomes[k] == BlockOutcome::kChecksumMismatch) {
+        if (done->outcomes[k] == BlockOutcome::kOk) {
+          result.outcomes[indices[k]] = BlockOutcome::kOk;
+          result.sizes[indices[k]] = done->sizes[k];
+        } else if (done->outcomes[k] == BlockOutcome::kChecksumMismatch) {
           result.outcomes[indices[k]] = BlockOutcome::kChecksumMismatch;
         }
       }

@@ -72,6 +72,7 @@ enum class BlockOutcome {
   kChecksumMismatch,  // bytes did not match their checksum; nothing stored / do not use
   kNoSpace,           // Publish: the node could not make room.
   kTransferFailed,
+  kRejected,          // Publish: not storable in the namespace's format (NaN/Inf under quantization)
 };
 const char* BlockOutcomeName(BlockOutcome outcome);
 
@@ -95,9 +96,15 @@ struct FetchItem {
   Buffer* buffer = nullptr;
   size_t offset = 0;  // the block lands in buffer[offset, offset + block_bytes)
 };
+// A namespace with a quantized stored format (NamespaceSpec.format) gets back
+// fewer bytes than block_bytes: the encoded block, which
+// kvstrata/client/quantized.h decodes.
 
 struct TransferResult {
   std::vector<BlockOutcome> outcomes;  // one per item, same order
+  // Fetch: the bytes each kOk block filled (block_bytes, or less for a
+  // quantized stored format); 0 for other outcomes, and for Publish.
+  std::vector<uint64_t> sizes;
   uint64_t bytes = 0;                  // bytes moved
   size_t count(BlockOutcome outcome) const;
 };
