@@ -79,6 +79,9 @@ ABSL_FLAG(absl::Duration, nvme_demotion_wait, absl::Milliseconds(100),
 ABSL_FLAG(bool, nvme_flush_on_shutdown, true,
           "On SIGTERM/SIGINT, write what the DRAM tier holds to NVMe before exiting, so a restart "
           "finds every block (a crash keeps only what had been demoted).");
+ABSL_FLAG(bool, nvme_prefetch_on_lookup, true,
+          "When a Lookup finds blocks on NVMe, start promoting them to DRAM in the background so "
+          "the Fetch that follows finds them in memory.");
 ABSL_FLAG(std::string, nvme_eviction_policy, "lru",
           "Eviction policy of the NVMe tier (same names as --eviction_policy).");
 
@@ -155,6 +158,7 @@ int main(int argc, char** argv) {
   options.nvme.write_queue_bytes = absl::GetFlag(FLAGS_nvme_write_queue_bytes);
   options.nvme.eviction_policy = absl::GetFlag(FLAGS_nvme_eviction_policy);
   options.nvme_flush_on_shutdown = absl::GetFlag(FLAGS_nvme_flush_on_shutdown);
+  options.nvme_prefetch_on_lookup = absl::GetFlag(FLAGS_nvme_prefetch_on_lookup);
   options.nvme.max_demotion_wait = absl::GetFlag(FLAGS_nvme_demotion_wait);
 
   auto node = kvstrata::cachenode::Node::Start(options);

@@ -66,6 +66,7 @@ class Node::Impl {
     service.reset();
     metrics.reset();
     if (recovery.joinable()) recovery.join();
+    if (store != nullptr) store->StopPrefetch();
     if (nvme != nullptr && flush_on_shutdown) FlushDramToNvme();
     store.reset();
     // Writes what is queued for NVMe: it reads DRAM chunks, so before the arena goes.
@@ -154,7 +155,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
     impl->nvme = *std::move(tier);
     impl->flush_on_shutdown = options.nvme_flush_on_shutdown;
   }
-  impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get());
+  impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get(),
+                                              options.nvme_prefetch_on_lookup);
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
   if (!options.metrics_listen.empty()) {
     impl->metrics = std::make_unique<NodeMetrics>(impl->counters, *impl->store,

@@ -250,24 +250,22 @@ class NvmeTier::Impl {
       verified[i] = BlockChecksum(destinations[i]->data(), r.size) == r.checksum;
     });
     uint64_t read = 0, corrupt = 0, io_errors = 0;
-    std::vector<BlockId> damaged;
     for (size_t op = 0; op < ops.size(); ++op) {
       const size_t i = block_of[op];
       if (!ops[op].result.ok()) {
         results[i] = ops[op].result;
         ++io_errors;
         ReportError(ops[op].result);
-        damaged.push_back(ids[i]);
+        EraseStored(ids[i]);
       } else if (!verified[i]) {
         results[i] = absl::DataLossError(absl::StrCat(
             "block ", ids[i].key.Hex(), " failed its checksum on NVMe; dropped"));
-        ++corrupt;
-        damaged.push_back(ids[i]);
+        // Counted once, by whichever concurrent reader drops it.
+        if (EraseStored(ids[i])) ++corrupt;
       } else {
         ++read;
       }
     }
-    for (const BlockId& id : damaged) EraseStored(id);
     absl::MutexLock lock(&mu_);
     read_blocks_ += read;
     corrupt_blocks_ += corrupt;

@@ -1,30 +1,86 @@
 #include "tiered_store.h"
 
+#include "absl/container/flat_hash_set.h"
+#include "nvme/data_file.h"
+
 namespace kvstrata::cachenode {
 
-TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme) : dram_(dram), nvme_(nvme) {
+TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch)
+    : dram_(dram), nvme_(nvme) {
   if (nvme_ != nullptr) {
     dram_.set_eviction_hook([nvme](const BlockId& id, std::shared_ptr<StoredBlock> block) {
       nvme->Demote(id, std::move(block));
     });
+    if (prefetch) prefetcher_ = std::thread([this] { PrefetchLoop(); });
+  }
+}
+
+TieredStore::~TieredStore() { StopPrefetch(); }
+
+void TieredStore::StopPrefetch() {
+  {
+    std::lock_guard lock(prefetch_mu_);
+    prefetch_stopping_ = true;
+    prefetch_queue_.clear();
+  }
+  prefetch_cv_.notify_all();
+  if (prefetcher_.joinable()) prefetcher_.join();
+}
+
+void TieredStore::Prefetch(std::vector<BlockId> ids) {
+  if (ids.empty() || !prefetcher_.joinable()) return;
+  {
+    std::lock_guard lock(prefetch_mu_);
+    for (const BlockId& id : ids) {
+      if (prefetch_queue_.size() >= kMaxPrefetchQueue) break;
+      prefetch_queue_.push_back(id);
+    }
+  }
+  prefetch_cv_.notify_one();
+}
+
+void TieredStore::PrefetchLoop() {
+  while (true) {
+    std::vector<BlockId> batch;
+    {
+      std::unique_lock lock(prefetch_mu_);
+      prefetch_cv_.wait(lock, [&] { return prefetch_stopping_ || !prefetch_queue_.empty(); });
+      if (prefetch_stopping_) return;
+      // Small batches: a prefetch never holds much DRAM while its reads run.
+      while (!prefetch_queue_.empty() && batch.size() < 8) {
+        batch.push_back(prefetch_queue_.front());
+        prefetch_queue_.pop_front();
+      }
+    }
+    Pin(batch);  // promotes what is still on NVMe only; the pins drop at once
   }
 }
 
 std::vector<v1::Tier> TieredStore::PrefixTiers(uint64_t namespace_id,
                                                absl::Span<const BlockKey> keys) {
   std::vector<v1::Tier> tiers;
+  std::vector<BlockId> on_nvme;
+  uint64_t prefetch_bytes = 0;
   for (const BlockKey& key : keys) {
     const BlockId id{namespace_id, key};
     if (dram_.Find(id, /*hit=*/true) != nullptr) {
       tiers.push_back(v1::TIER_DRAM);
     } else if (nvme_ != nullptr && nvme_->FindQueued(id) != nullptr) {
       tiers.push_back(v1::TIER_DRAM);  // evicted, still in memory until written
-    } else if (nvme_ != nullptr && nvme_->Find(id, /*hit=*/true).has_value()) {
+    } else if (std::optional<NvmeBlockInfo> info =
+                   nvme_ != nullptr ? nvme_->Find(id, /*hit=*/true) : std::nullopt) {
       tiers.push_back(v1::TIER_NVME);
+      // Prefetch at most a quarter of DRAM per Lookup: more would evict
+      // what it just brought in.
+      if (prefetch_bytes + info->size <= dram_.counters().capacity_bytes / 4) {
+        prefetch_bytes += info->size;
+        on_nvme.push_back(id);
+      }
     } else {
       break;
     }
   }
+  Prefetch(std::move(on_nvme));
   return tiers;
 }
 
@@ -37,6 +93,7 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
   std::vector<BlockId> to_read;
   std::vector<size_t> read_index;
   std::vector<std::shared_ptr<StoredBlock>> staged;
+  absl::flat_hash_set<size_t> unpromotable;  // indices into staged
   for (size_t i = 0; i < ids.size(); ++i) {
     pinned[i] = dram_.Find(ids[i], /*hit=*/true);
     if (pinned[i] != nullptr || nvme_ == nullptr) continue;
@@ -49,7 +106,14 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
     std::optional<NvmeBlockInfo> info = nvme_->Find(ids[i], /*hit=*/false);
     if (!info.has_value()) continue;
     absl::StatusOr<std::shared_ptr<StoredBlock>> block = dram_.Reserve(info->size);
-    if (!block.ok()) continue;  // DRAM is all pinned: a miss, not an error
+    if (!block.ok()) {
+      // DRAM is all pinned (transfers, promotions, demotions in flight): read
+      // into memory of our own and serve from it, without promoting.
+      uint8_t* heap = nvme::AllocateAligned(info->size).release();
+      if (heap == nullptr) continue;
+      block = std::make_shared<StoredBlock>(heap, info->size, [heap] { nvme::AlignedFree()(heap); });
+      unpromotable.insert(read_index.size());
+    }
     (*block)->checksum = info->checksum;
     if (info->parent.has_value()) {
       (*block)->parent = *info->parent;
@@ -65,9 +129,11 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
   std::vector<absl::Status> results = nvme_->Read(to_read, destinations);
   for (size_t r = 0; r < to_read.size(); ++r) {
     if (!results[r].ok()) continue;  // the NVMe tier counted and dropped it
-    dram_.Commit(to_read[r], staged[r]);  // a concurrent promotion may have won: same bytes
+    if (!unpromotable.contains(r)) {
+      dram_.Commit(to_read[r], staged[r]);  // a concurrent promotion may have won: same bytes
+      promoted_.fetch_add(1, std::memory_order_relaxed);
+    }
     pinned[read_index[r]] = std::move(staged[r]);
-    promoted_.fetch_add(1, std::memory_order_relaxed);
   }
   return pinned;
 }

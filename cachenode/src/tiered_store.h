@@ -4,7 +4,11 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "absl/types/span.h"
@@ -16,8 +20,13 @@ namespace kvstrata::cachenode {
 
 class TieredStore {
  public:
-  // `nvme` may be null. Both must outlive the store.
-  TieredStore(DramTier& dram, NvmeTier* nvme);
+  // `nvme` may be null. Both must outlive the store. With `prefetch`,
+  // PrefixTiers queues the NVMe blocks it finds for promotion in the
+  // background, so the Fetch that usually follows a Lookup finds them in DRAM.
+  TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch = false);
+  ~TieredStore();
+  // Ends background promotion (before the node flushes DRAM at shutdown).
+  void StopPrefetch();
 
   DramTier& dram() { return dram_; }
   NvmeTier* nvme() { return nvme_; }
@@ -35,9 +44,21 @@ class TieredStore {
   uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
 
  private:
+  void Prefetch(std::vector<BlockId> ids);
+  void PrefetchLoop();
+
   DramTier& dram_;
   NvmeTier* const nvme_;
   std::atomic<uint64_t> promoted_{0};
+
+  // Background promotion: a bounded queue (beyond it, Lookup hints are
+  // dropped; the Fetch then promotes) and one thread.
+  static constexpr size_t kMaxPrefetchQueue = 4096;
+  std::mutex prefetch_mu_;
+  std::condition_variable prefetch_cv_;
+  std::deque<BlockId> prefetch_queue_;
+  bool prefetch_stopping_ = false;
+  std::thread prefetcher_;
 };
 
 }  // namespace kvstrata::cachenode

@@ -149,6 +149,30 @@ TEST_F(NvmeNodeTest, SpillsPastDramAndEveryBlockFetchesBackPromoted) {
   EXPECT_EQ(again->tiers.back(), client::Tier::kDram);
 }
 
+TEST_F(NvmeNodeTest, LookupPrefetchesNvmeBlocksIntoDram) {
+  StartNode();
+  constexpr size_t kCount = 200;
+  ASSERT_EQ(PublishStream(*client_, *ns_, 6, kCount, 16)->count(BlockOutcome::kOk), kCount);
+  WaitStored(kCount);
+  const std::vector<BlockKey> head = Keys(6, 16);
+  auto first = ns_->Lookup(head);
+  ASSERT_TRUE(first.ok());
+  ASSERT_EQ(first->tiers.size(), 16u);
+  EXPECT_EQ(first->tiers.front(), client::Tier::kNvme);
+  // Without any Fetch, the Lookup alone brings the prefix into DRAM.
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  bool in_dram = false;
+  while (!in_dram && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+    v1::StatsResponse stats = Stats();
+    in_dram = stats.promoted_blocks() >= 16;
+  }
+  EXPECT_TRUE(in_dram) << Stats().DebugString();
+  EXPECT_EQ(Stats().fetch_hit_blocks(), 0u);
+  EXPECT_EQ(FetchAndVerify(*client_, *ns_, 6, 16, 16), 16u);
+  EXPECT_EQ(Stats().promoted_blocks(), 16u) << "the Fetch found them promoted already";
+}
+
 TEST_F(NvmeNodeTest, RestartFindsEveryBlockThatReachedNvme) {
   StartNode({"--nvme_flush_on_shutdown=false"});
   constexpr size_t kCount = 120;

@@ -39,6 +39,9 @@ struct NodeOptions {
   NvmeTierOptions nvme{.write_queue_bytes = 0};
   // On a clean shutdown, write what DRAM holds to NVMe so a restart finds it.
   bool nvme_flush_on_shutdown = true;
+  // A Lookup that finds blocks on NVMe starts promoting them to DRAM in the
+  // background, so the Fetch that follows does not wait for the disk.
+  bool nvme_prefetch_on_lookup = true;
 };
 
 class Node {
