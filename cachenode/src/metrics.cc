@@ -90,7 +90,7 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                          "UCX transfer batches that failed or missed their deadline.",
                          MetricType::Counter, {Sample(Load(c.transfer_failures), MetricType::Counter)}));
     std::vector<ClientMetric> bytes;
-    for (const auto& [key, value] : c.TransferBytes()) {
+    for (const auto& [key, value] : c.transfer_bytes.Snapshot()) {
       bytes.push_back(Sample(static_cast<double>(value), MetricType::Counter,
                              {{"direction", key.first}, {"transport", key.second}}));
     }
@@ -136,10 +136,15 @@ class NodeMetrics::Collector : public prometheus::Collectable {
       out.push_back(Family("kvstrata_nvme_ready", "1 once the NVMe index is recovered.",
                            MetricType::Gauge, {Sample(nvme->ready ? 1 : 0, MetricType::Gauge)}));
     }
-    out.push_back(Family("kvstrata_stored_format_bytes",
-                         "Stored bytes by stored format (compression shows against raw).",
-                         MetricType::Gauge,
-                         {Sample(tier.stored_bytes, MetricType::Gauge, {{"format", "raw"}})}));
+    std::vector<ClientMetric> ingest;
+    for (const auto& [key, value] : c.ingest_bytes.Snapshot()) {
+      ingest.push_back(Sample(static_cast<double>(value), MetricType::Counter,
+                              {{"format", key.first}, {"kind", key.second}}));
+    }
+    out.push_back(Family("kvstrata_ingest_bytes_total",
+                         "Published block bytes by stored format, as received and as stored "
+                         "(stored / received is what quantization saves).",
+                         MetricType::Counter, std::move(ingest)));
     out.push_back(Family("kvstrata_namespaces", "Namespaces opened on this node.", MetricType::Gauge,
                          {Sample(namespaces_.size(), MetricType::Gauge)}));
     std::vector<ClientMetric> transports;

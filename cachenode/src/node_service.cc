@@ -7,6 +7,8 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/random/random.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "kvstrata/cachenode/stored_format.h"
@@ -16,6 +18,13 @@
 
 namespace kvstrata::cachenode {
 namespace {
+
+// "raw", "int4_kivi", ...: the metric label of a stored format.
+std::string StoredFormatLabel(v1::StoredFormat format) {
+  std::string name = v1::StoredFormat_Name(format);
+  if (absl::StartsWith(name, "FORMAT_")) name = name.substr(7);
+  return absl::AsciiStrToLower(name);
+}
 
 grpc::Status ToGrpc(const absl::Status& status) {
   if (status.ok()) return grpc::Status::OK;
@@ -399,13 +408,16 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
     }
     if (store_.dram().Commit(ids[i], reserved[i])) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
+      const std::string format = StoredFormatLabel(ns->spec.format());
+      counters_.ingest_bytes.Add(format, "received", ns->block_bytes);
+      counters_.ingest_bytes.Add(format, "stored", reserved[i]->size());
     } else {
       response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
       counters_.duplicate_blocks.fetch_add(1, std::memory_order_relaxed);
     }
   }
   response->set_bytes_transferred(bytes);
-  counters_.AddTransferBytes("in", endpoint->peer->transport(), bytes);
+  counters_.transfer_bytes.Add("in", endpoint->peer->transport(), bytes);
   return grpc::Status::OK;
 }
 
@@ -481,7 +493,7 @@ grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchR
     response->set_checksum(i, pinned[i]->checksum);
   }
   response->set_bytes_transferred(bytes);
-  counters_.AddTransferBytes("out", endpoint->peer->transport(), bytes);
+  counters_.transfer_bytes.Add("out", endpoint->peer->transport(), bytes);
   return grpc::Status::OK;
 }
 
@@ -534,8 +546,8 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
   response->set_duplicate_blocks(load(counters_.duplicate_blocks));
   response->set_checksum_failures(load(counters_.checksum_failures));
   response->set_transfer_failures(load(counters_.transfer_failures));
-  response->set_bytes_in(counters_.TotalTransferBytes("in"));
-  response->set_bytes_out(counters_.TotalTransferBytes("out"));
+  response->set_bytes_in(counters_.transfer_bytes.Total("in"));
+  response->set_bytes_out(counters_.transfer_bytes.Total("out"));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
   response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
   return grpc::Status::OK;

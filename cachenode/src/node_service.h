@@ -15,6 +15,31 @@
 
 namespace kvstrata::cachenode {
 
+// Byte counters labelled by two strings, e.g. (direction, transport).
+class PairCounters {
+ public:
+  using Key = std::pair<std::string, std::string>;
+  void Add(const std::string& first, const std::string& second, uint64_t value) {
+    absl::MutexLock lock(&mu_);
+    values_[{first, second}] += value;
+  }
+  std::map<Key, uint64_t> Snapshot() const {
+    absl::MutexLock lock(&mu_);
+    return values_;
+  }
+  // Summed over every second label.
+  uint64_t Total(const std::string& first) const {
+    absl::MutexLock lock(&mu_);
+    uint64_t total = 0;
+    for (const auto& [key, value] : values_) total += key.first == first ? value : 0;
+    return total;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::map<Key, uint64_t> values_ ABSL_GUARDED_BY(mu_);
+};
+
 // What the node counts; Stats and the /metrics collector both read it.
 struct NodeCounters {
   std::atomic<uint64_t> lookup_hit_blocks{0};
@@ -29,25 +54,11 @@ struct NodeCounters {
   std::atomic<uint64_t> transfer_failures{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
-  void AddTransferBytes(const std::string& direction, const std::string& transport, uint64_t bytes) {
-    absl::MutexLock lock(&mu);
-    by_transport[{direction, transport}] += bytes;
-  }
-  std::map<std::pair<std::string, std::string>, uint64_t> TransferBytes() const {
-    absl::MutexLock lock(&mu);
-    return by_transport;
-  }
-  // Over all transports.
-  uint64_t TotalTransferBytes(const std::string& direction) const {
-    absl::MutexLock lock(&mu);
-    uint64_t total = 0;
-    for (const auto& [key, bytes] : by_transport) total += key.first == direction ? bytes : 0;
-    return total;
-  }
-
- private:
-  mutable absl::Mutex mu;
-  std::map<std::pair<std::string, std::string>, uint64_t> by_transport ABSL_GUARDED_BY(mu);
+  PairCounters transfer_bytes;
+  // Published bytes by stored format ("raw", "int4_kivi", ...) and kind
+  // ("received": as published, "stored": after encoding): their ratio is
+  // what quantization saves.
+  PairCounters ingest_bytes;
 };
 
 class NodeMetrics;
