@@ -285,6 +285,20 @@ TEST_F(NvmeTierTest, UnusableDirectoryIsReportedNotFatal) {
   EXPECT_FALSE((*tier)->Demote(Id(1), MakeBlock(1, 4096)));
 }
 
+TEST_F(NvmeTierTest, BadOptionsAreRefusedClearly) {
+  auto twice = NvmeTier::Open({.directories = {dir_ + "/a", dir_ + "/./a"},
+                               .capacity_per_directory = 1 << 20});
+  EXPECT_TRUE(absl::IsInvalidArgument(twice.status())) << twice.status();
+  auto watermarks = NvmeTier::Open({.directories = {dir_ + "/a"},
+                                    .capacity_per_directory = 1 << 20,
+                                    .high_watermark = 0.5,
+                                    .low_watermark = 0.9});
+  EXPECT_TRUE(absl::IsInvalidArgument(watermarks.status()));
+  auto tiny = NvmeTier::Open({.directories = {dir_ + "/a"}, .capacity_per_directory = 100});
+  EXPECT_TRUE(absl::IsInvalidArgument(tiny.status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(NvmeTier::Open({}).status()));
+}
+
 TEST_F(NvmeTierTest, CapacityBeyondTheDiskIsRefusedWithoutFillingIt) {
   NvmeTierOptions options{.directories = {dir_ + "/huge"},
                           .capacity_per_directory = uint64_t{8} << 40};  // 8 TiB

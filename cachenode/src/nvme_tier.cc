@@ -7,11 +7,13 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -632,6 +634,18 @@ absl::StatusOr<std::unique_ptr<NvmeTier>> NvmeTier::Open(const NvmeTierOptions& 
   if (options.directories.empty()) return absl::InvalidArgumentError("no NVMe directories");
   if (options.directories.size() > 1024) {
     return absl::InvalidArgumentError("at most 1024 NVMe directories");
+  }
+  {
+    // Two entries naming one directory would share one data file with two
+    // allocators: refuse rather than overwrite blocks.
+    absl::flat_hash_set<std::string> seen;
+    for (const std::string& dir : options.directories) {
+      std::error_code ec;
+      const std::string canonical = std::filesystem::weakly_canonical(dir, ec).string();
+      if (!seen.insert(ec ? dir : canonical).second) {
+        return absl::InvalidArgumentError(absl::StrCat("NVMe directory ", dir, " is listed twice"));
+      }
+    }
   }
   if (options.capacity_per_directory < nvme::kExtentAlignment) {
     return absl::InvalidArgumentError("NVMe capacity per directory must be at least 4 KiB");
