@@ -71,6 +71,7 @@ class BindingTest(unittest.TestCase):
         self.assertEqual(result.bytes, 5 * BLOCK)
         self.assertEqual(ns.publish(items[:1]).outcomes, [kvstrata.Outcome.ALREADY_PRESENT])
         self.assertEqual(ns.lookup(keys), 5)
+        self.assertEqual(ns.lookup_tiers(keys), ["dram"] * 5)
         self.assertEqual(ns.lookup(keys[:2] + [bytes(16)] + keys[3:]), 2)
 
         destinations = {

@@ -283,6 +283,19 @@ class PyNamespace {
   }
 
   size_t Lookup(const py::iterable& keys, std::optional<double> timeout) {
+    return LookupResult(keys, timeout).prefix_length;
+  }
+
+  // The tier of each block of the cached prefix: "dram", "nvme" or "hbm".
+  std::vector<std::string> LookupTiers(const py::iterable& keys, std::optional<double> timeout) {
+    std::vector<std::string> tiers;
+    for (client::Tier tier : LookupResult(keys, timeout).tiers) {
+      tiers.push_back(tier == client::Tier::kNvme ? "nvme" : tier == client::Tier::kHbm ? "hbm" : "dram");
+    }
+    return tiers;
+  }
+
+  client::LookupResult LookupResult(const py::iterable& keys, std::optional<double> timeout) {
     std::vector<BlockKey> list;
     for (py::handle k : keys) list.push_back(KeyFrom(k));
     absl::StatusOr<client::LookupResult> result;
@@ -290,7 +303,7 @@ class PyNamespace {
       py::gil_scoped_release release;
       result = ns_.Lookup(list, Timeout(timeout));
     }
-    return Check(std::move(result)).prefix_length;
+    return Check(std::move(result));
   }
 
   size_t Delete(const py::iterable& keys, std::optional<double> timeout) {
@@ -568,6 +581,7 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def_property_readonly("tokens_per_block", &PyNamespace::tokens_per_block)
       .def("keys", &PyNamespace::Keys, py::arg("tokens"), py::arg("parent") = py::none())
       .def("lookup", &PyNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("lookup_tiers", &PyNamespace::LookupTiers, py::arg("keys"), py::arg("timeout") = py::none())
       .def("delete", &PyNamespace::Delete, py::arg("keys"), py::arg("timeout") = py::none())
       .def("publish", &PyNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
       .def("fetch", &PyNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
