@@ -421,14 +421,9 @@ class NvmeTier::Impl {
       c.io_errors = io_errors_;
       c.last_error = last_error_;
     }
-    {
-      absl::MutexLock lock(&alloc_mu_);
-      for (const auto& file : files_) {
-        if (file == nullptr) continue;
-        c.capacity_bytes += file->extents().capacity();
-        c.used_bytes += file->extents().used_bytes();
-      }
-    }
+    const Space space = UsedSpace();
+    c.capacity_bytes = space.capacity;
+    c.used_bytes = space.used;
     std::lock_guard lock(queue_mu_);
     c.queued_blocks = queue_.size();
     return c;
@@ -531,22 +526,27 @@ class NvmeTier::Impl {
     return victims.size();  // `released` frees the extents (unless read now)
   }
 
+  struct Space {
+    uint64_t used = 0;
+    uint64_t capacity = 0;
+  };
+  // Over the usable data files.
+  Space UsedSpace() const {
+    absl::MutexLock lock(&alloc_mu_);
+    Space space;
+    for (const auto& file : files_) {
+      if (file == nullptr) continue;
+      space.used += file->extents().used_bytes();
+      space.capacity += file->extents().capacity();
+    }
+    return space;
+  }
+
   void EvictToWatermark() {
-    auto used = [&] {
-      absl::MutexLock lock(&alloc_mu_);
-      uint64_t used = 0, capacity = 0;
-      for (const auto& file : files_) {
-        if (file == nullptr) continue;
-        used += file->extents().used_bytes();
-        capacity += file->extents().capacity();
-      }
-      return std::pair(used, capacity);
-    };
-    auto [in_use, capacity] = used();
-    if (capacity == 0 || in_use <= options_.high_watermark * capacity) return;
-    while (in_use > options_.low_watermark * capacity) {
-      if (EvictSome(16) == 0) break;
-      in_use = used().first;
+    Space space = UsedSpace();
+    if (space.capacity == 0 || space.used <= options_.high_watermark * space.capacity) return;
+    while (space.used > options_.low_watermark * space.capacity && EvictSome(16) > 0) {
+      space = UsedSpace();
     }
   }
 

@@ -58,21 +58,23 @@ void TieredStore::PrefetchLoop() {
 
 std::vector<v1::Tier> TieredStore::PrefixTiers(uint64_t namespace_id,
                                                absl::Span<const BlockKey> keys) {
-  std::vector<v1::Tier> tiers;
+  // The common case, a prefix wholly in DRAM, in one pass under one lock.
+  const size_t in_dram = dram_.PrefixLength(namespace_id, keys);
+  std::vector<v1::Tier> tiers(in_dram, v1::TIER_DRAM);
+  if (nvme_ == nullptr) return tiers;
+  // Past it, blocks may be on NVMe (or in DRAM again, promoted).
   std::vector<BlockId> on_nvme;
   uint64_t prefetch_bytes = 0;
-  for (const BlockKey& key : keys) {
+  // Prefetch at most a quarter of DRAM per Lookup: more would evict what it
+  // just brought in.
+  const uint64_t prefetch_limit = dram_.capacity_bytes() / 4;
+  for (const BlockKey& key : keys.subspan(in_dram)) {
     const BlockId id{namespace_id, key};
-    if (dram_.Find(id, /*hit=*/true) != nullptr) {
-      tiers.push_back(v1::TIER_DRAM);
-    } else if (nvme_ != nullptr && nvme_->FindQueued(id) != nullptr) {
-      tiers.push_back(v1::TIER_DRAM);  // evicted, still in memory until written
-    } else if (std::optional<NvmeBlockInfo> info =
-                   nvme_ != nullptr ? nvme_->Find(id, /*hit=*/true) : std::nullopt) {
+    if (dram_.Find(id, /*hit=*/true) != nullptr || nvme_->FindQueued(id) != nullptr) {
+      tiers.push_back(v1::TIER_DRAM);  // a queued block is still in memory until written
+    } else if (std::optional<NvmeBlockInfo> info = nvme_->Find(id, /*hit=*/true)) {
       tiers.push_back(v1::TIER_NVME);
-      // Prefetch at most a quarter of DRAM per Lookup: more would evict
-      // what it just brought in.
-      if (prefetch_bytes + info->size <= dram_.counters().capacity_bytes / 4) {
+      if (prefetch_bytes + info->size <= prefetch_limit) {
         prefetch_bytes += info->size;
         on_nvme.push_back(id);
       }

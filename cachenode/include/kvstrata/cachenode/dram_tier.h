@@ -50,6 +50,7 @@ class DramTier {
   bool Erase(const BlockId& id);
 
   TierCounters counters() const;
+  uint64_t capacity_bytes() const { return allocator_->capacity(); }
 
   // Receives each block evicted to make room (not those erased), outside the
   // tier's lock; the NVMe tier demotes them. Keeping the block keeps its
