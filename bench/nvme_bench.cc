@@ -35,6 +35,7 @@
 #include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/cachenode/nvme_tier.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/process.h"
 #include "nvme/data_file.h"
 #include "tiered_store.h"
 
@@ -53,6 +54,7 @@ using kvstrata::BlockChecksum;
 using kvstrata::cachenode::BlockId;
 using kvstrata::cachenode::DramTier;
 using kvstrata::cachenode::MakeEvictionPolicy;
+using kvstrata::cachenode::NumberedBlockId;
 using kvstrata::cachenode::NvmeTier;
 using kvstrata::cachenode::NvmeTierOptions;
 using kvstrata::cachenode::StoredBlock;
@@ -100,11 +102,6 @@ absl::Duration RawIo(int fd, bool write, uint8_t* buffer, uint64_t size, uint64_
   return elapsed;
 }
 
-BlockId Id(uint64_t size, uint64_t n) {
-  BlockId id{.namespace_id = size};
-  std::memcpy(id.key.bytes.data(), &n, sizeof(n));
-  return id;
-}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -124,16 +121,12 @@ int main(int argc, char** argv) {
   for (const std::string& s : absl::GetFlag(FLAGS_block_sizes)) sizes.push_back(std::stoull(s));
   if (quick) sizes = {262144, 1048576};
 
-  std::string pattern = absl::GetFlag(FLAGS_dir) + "/kvstrata-nvme-bench-XXXXXX";
-  if (::mkdtemp(pattern.data()) == nullptr) {
-    std::perror("mkdtemp");
+  auto scratch = kvstrata::testing::TempDir::Create("kvstrata-nvme-bench", absl::GetFlag(FLAGS_dir));
+  if (!scratch.ok()) {
+    std::fprintf(stderr, "%s\n", scratch.status().ToString().c_str());
     return 1;
   }
-  const std::string dir = pattern;
-  struct Cleanup {
-    std::string dir;
-    ~Cleanup() { std::filesystem::remove_all(dir); }
-  } cleanup{dir};
+  const std::string dir = (*scratch)->path();
 
   std::printf("nvme_bench: %s, queue depth %u, %.0f MiB per block size, best of %d\n",
               dir.c_str(), depth, per_size / 1048576.0, repeats);
@@ -197,7 +190,7 @@ int main(int argc, char** argv) {
       for (uint64_t first = 0; first < count; first += batch_blocks) {
         std::vector<std::pair<BlockId, std::shared_ptr<StoredBlock>>> batch;
         for (uint64_t i = first; i < std::min<uint64_t>(count, first + batch_blocks); ++i) {
-          batch.emplace_back(Id(size, i), sources[i % depth]);
+          batch.emplace_back(NumberedBlockId(i, size), sources[i % depth]);
         }
         for (const absl::Status& s : (*tier)->Write(batch)) {
           if (!s.ok()) {
@@ -212,7 +205,7 @@ int main(int argc, char** argv) {
         std::vector<BlockId> ids;
         std::vector<StoredBlock*> into;
         for (uint64_t i = first; i < std::min<uint64_t>(count, first + read_batch); ++i) {
-          ids.push_back(Id(size, i));
+          ids.push_back(NumberedBlockId(i, size));
           into.push_back(dests[i - first].get());
         }
         for (const absl::Status& s : (*tier)->Read(ids, into)) {
@@ -259,7 +252,7 @@ int main(int argc, char** argv) {
     kvstrata::testing::FillBlock(11, i, source.get(), kMiB);
     auto block = std::make_shared<StoredBlock>(source.get(), kMiB, nullptr);
     block->checksum = BlockChecksum(source.get(), kMiB);
-    std::pair<BlockId, std::shared_ptr<StoredBlock>> one(Id(kMiB, i), block);
+    std::pair<BlockId, std::shared_ptr<StoredBlock>> one(NumberedBlockId(i, kMiB), block);
     if (!(*nvme)->Write({&one, 1})[0].ok()) return 1;
   }
   const std::string raw_path = dir + "/raw-latency";
@@ -272,7 +265,7 @@ int main(int argc, char** argv) {
   }
   std::vector<double> promote_us, raw_us;
   for (int i = 0; i < promotions; ++i) {
-    const BlockId id = Id(kMiB, i % blocks);
+    const BlockId id = NumberedBlockId(i % blocks, kMiB);
     absl::Time start = absl::Now();
     auto pinned = store.Pin({&id, 1});
     promote_us.push_back(absl::ToDoubleMicroseconds(absl::Now() - start));

@@ -13,6 +13,7 @@
 
 #include "kvstrata/cachenode/nvme_tier.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/process.h"
 #include "nvme/extent_allocator.h"
 #include "nvme/index_record.h"
 
@@ -109,20 +110,16 @@ std::shared_ptr<StoredBlock> MakeBlock(uint64_t seed, uint64_t size, bool aligne
   return block;
 }
 
-BlockId Id(uint64_t n) {
-  BlockId id{.namespace_id = 42};
-  std::memcpy(id.key.bytes.data(), &n, sizeof(n));
-  return id;
-}
+BlockId Id(uint64_t n) { return NumberedBlockId(n, /*namespace_id=*/42); }
 
 class NvmeTierTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char pattern[] = "/tmp/kvstrata-nvme-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern), nullptr);
-    dir_ = pattern;
+    auto temp = testing::TempDir::Create("kvstrata-nvme-test");
+    ASSERT_TRUE(temp.ok()) << temp.status();
+    temp_ = *std::move(temp);
+    dir_ = temp_->path();
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::unique_ptr<NvmeTier> Open(uint64_t capacity = 16 << 20) {
     NvmeTierOptions options{.directories = {dir_ + "/a", dir_ + "/b"},
@@ -150,6 +147,7 @@ class NvmeTierTest : public ::testing::Test {
     return absl::OkStatus();
   }
 
+  std::unique_ptr<testing::TempDir> temp_;
   std::string dir_;
 };
 

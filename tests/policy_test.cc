@@ -15,11 +15,7 @@
 namespace kvstrata::cachenode {
 namespace {
 
-BlockId Id(uint64_t n) {
-  BlockId id;
-  std::memcpy(id.key.bytes.data(), &n, sizeof(n));
-  return id;
-}
+BlockId Id(uint64_t n) { return NumberedBlockId(n); }
 
 uint64_t Number(const BlockId& id) {
   uint64_t n;

@@ -123,11 +123,7 @@ TEST(ReplayTest, LoadsMooncakeLines) {
 namespace kvstrata::cachenode {
 namespace {
 
-BlockId Node(uint64_t n) {
-  BlockId id;
-  std::memcpy(id.key.bytes.data(), &n, sizeof(n));
-  return id;
-}
+BlockId Node(uint64_t n) { return NumberedBlockId(n); }
 
 TEST(PrefixLruTest, NeverEvictsABlockWithCachedChildren) {
   auto policy = MakePrefixLruPolicy();

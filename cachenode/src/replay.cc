@@ -31,11 +31,7 @@ absl::string_view JsonField(absl::string_view line, absl::string_view key) {
   return line.substr(at, end - at);
 }
 
-BlockId IdOf(uint64_t hash) {
-  BlockId id;
-  std::memcpy(id.key.bytes.data(), &hash, sizeof(hash));
-  return id;
-}
+BlockId IdOf(uint64_t hash) { return NumberedBlockId(hash); }
 
 }  // namespace
 

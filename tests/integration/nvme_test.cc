@@ -40,13 +40,10 @@ v1::NamespaceSpec Spec() { return testing::OpaqueSpec("nvme-test", kBlock, kToke
 class NvmeNodeTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char pattern[] = "/tmp/kvstrata-nvme-node-XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern), nullptr);
-    dir_ = pattern;
-  }
-  void TearDown() override {
-    node_.reset();
-    std::filesystem::remove_all(dir_);
+    auto temp = testing::TempDir::Create("kvstrata-nvme-node");
+    ASSERT_TRUE(temp.ok()) << temp.status();
+    temp_ = *std::move(temp);
+    dir_ = temp_->path();
   }
 
   std::string DataDir() const { return dir_ + "/nvme0"; }
@@ -114,6 +111,7 @@ class NvmeNodeTest : public ::testing::Test {
     return ns_->Keys(testing::Tokens(seed, count, kTokensPerBlock));
   }
 
+  std::unique_ptr<testing::TempDir> temp_;  // outlives the node using it
   std::string dir_;
   std::unique_ptr<NodeProcess> node_;
   std::unique_ptr<Client> client_;

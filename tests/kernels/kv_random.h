@@ -1,9 +1,12 @@
-// Random KV blocks for the kernels tests (fresh seed per run, printed on failure).
+// Shared by the kernels tests: random KV blocks (fresh seed per run, printed
+// on failure) and the names of (format, dtype, shape) test parameters.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "kvstrata/kernels/quant.h"
@@ -35,6 +38,14 @@ inline std::vector<uint16_t> RandomBlock(const QuantParams& p, uint64_t seed) {
     v[i] = FromFloat(p.dtype, mag[d] * (offset[d] + n(rng)));
   }
   return v;
+}
+
+// gtest name of a (format, dtype, shape) parameter, e.g. int4_kivi_fp16_2x100x4x128.
+inline std::string ParamName(const std::tuple<Format, DType, BlockShape>& param) {
+  const BlockShape& s = std::get<2>(param);
+  return std::string(FormatName(std::get<0>(param))) + "_" + DTypeName(std::get<1>(param)) + "_" +
+         std::to_string(s.layers) + "x" + std::to_string(s.tokens) + "x" + std::to_string(s.kv_heads) + "x" +
+         std::to_string(s.head_dim);
 }
 
 }  // namespace kvstrata::kernels::testing

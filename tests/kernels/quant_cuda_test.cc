@@ -79,12 +79,7 @@ INSTANTIATE_TEST_SUITE_P(
     AllFormats, CpuGpuBytes,
     ::testing::Combine(::testing::Values(Format::kFp8E4m3, Format::kInt8, Format::kInt4Kivi, Format::kInt2Kivi),
                        ::testing::Values(DType::kFp16, DType::kBf16), ::testing::ValuesIn(kShapes)),
-    [](const auto& info) {
-      const BlockShape& s = std::get<2>(info.param);
-      return std::string(FormatName(std::get<0>(info.param))) + "_" + DTypeName(std::get<1>(info.param)) + "_" +
-             std::to_string(s.layers) + "x" + std::to_string(s.tokens) + "x" + std::to_string(s.kv_heads) + "x" +
-             std::to_string(s.head_dim);
-    });
+    [](const auto& info) { return testing::ParamName(info.param); });
 
 TEST(CudaQuant, NonFiniteInputIsReported) {
   SKIP_WITHOUT_GPU();

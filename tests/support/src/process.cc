@@ -20,8 +20,11 @@ extern char** environ;
 
 namespace kvstrata::testing {
 
-absl::StatusOr<std::unique_ptr<TempDir>> TempDir::Create(const std::string& prefix) {
-  std::string pattern = (std::filesystem::temp_directory_path() / (prefix + ".XXXXXX")).string();
+absl::StatusOr<std::unique_ptr<TempDir>> TempDir::Create(const std::string& prefix,
+                                                         const std::string& parent) {
+  const std::filesystem::path base =
+      parent.empty() ? std::filesystem::temp_directory_path() : std::filesystem::path(parent);
+  std::string pattern = (base / (prefix + ".XXXXXX")).string();
   if (mkdtemp(pattern.data()) == nullptr) {
     return absl::InternalError(absl::StrCat("mkdtemp: ", strerror(errno)));
   }

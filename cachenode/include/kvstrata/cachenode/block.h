@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 
 #include "kvstrata/common/block_key.h"
@@ -18,6 +19,15 @@ struct BlockId {
     return H::combine(std::move(h), id.namespace_id, id.key);
   }
 };
+
+// A block named by a number: its 8 bytes (host order) lead the key. Trace
+// replay names blocks by the trace's hash ids this way; tests and benchmarks
+// too.
+inline BlockId NumberedBlockId(uint64_t number, uint64_t namespace_id = 0) {
+  BlockId id{.namespace_id = namespace_id};
+  std::memcpy(id.key.bytes.data(), &number, sizeof(number));
+  return id;
+}
 
 // A block's bytes in a tier and what is known about them. Shared ownership is
 // the pin: the index holds one reference, every transfer in flight another,

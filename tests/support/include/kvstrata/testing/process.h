@@ -16,10 +16,13 @@ namespace kvstrata::testing {
 // A scratch directory, removed with everything in it on destruction.
 class TempDir {
  public:
-  static absl::StatusOr<std::unique_ptr<TempDir>> Create(const std::string& prefix);
+  // Under `parent` (the system's temporary directory when empty).
+  static absl::StatusOr<std::unique_ptr<TempDir>> Create(const std::string& prefix,
+                                                         const std::string& parent = "");
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
   std::string File(const std::string& name) const { return path_ + "/" + name; }
 
  private:
