@@ -18,27 +18,19 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
                                                    allocator_->max_allocation()));
   }
   std::optional<uint64_t> offset = allocator_->Allocate(size);
+  // Evict until the allocation fits. A victim's memory returns when its last
+  // reader (or the NVMe write-behind queue) lets go, so a pinned victim only
+  // makes room later and the loop evicts further.
   while (!offset.has_value()) {
-    std::shared_ptr<StoredBlock> evicted;
-    BlockId evicted_id;
-    {
-      absl::MutexLock lock(&mu_);
-      std::optional<BlockId> victim = policy_->Victim();
-      if (!victim.has_value()) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
-      }
-      evicted = index_.Erase(*victim);
-      policy_->OnErase(*victim);
-      evicted_id = *victim;
+    std::optional<bool> evicted =
+        RemoveVictim([&](const BlockId& id, std::shared_ptr<StoredBlock> block) {
+          evictions_.fetch_add(1, std::memory_order_relaxed);
+          if (eviction_hook_) eviction_hook_(id, std::move(block));
+        });
+    if (!evicted.has_value()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
     }
-    if (evicted != nullptr) {
-      stored_bytes_.fetch_sub(evicted->size(), std::memory_order_relaxed);
-      evictions_.fetch_add(1, std::memory_order_relaxed);
-      if (eviction_hook_) eviction_hook_(evicted_id, std::move(evicted));
-    }
-    // Memory returns when the last reader lets go; a pinned victim frees later.
-    evicted.reset();
     offset = allocator_->Allocate(size);
   }
   std::weak_ptr<SlabAllocator> allocator = allocator_;
@@ -93,21 +85,25 @@ bool DramTier::Erase(const BlockId& id) {
   return true;
 }
 
+std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
+  std::shared_ptr<StoredBlock> block;
+  BlockId id;
+  {
+    absl::MutexLock lock(&mu_);
+    std::optional<BlockId> victim = policy_->Victim();
+    if (!victim.has_value()) return std::nullopt;
+    block = index_.Erase(*victim);
+    policy_->OnErase(*victim);
+    id = *victim;
+  }
+  if (block == nullptr) return false;
+  stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  sink(id, std::move(block));
+  return true;
+}
+
 void DramTier::Drain(const EvictionHook& sink) {
-  while (true) {
-    std::shared_ptr<StoredBlock> block;
-    BlockId id;
-    {
-      absl::MutexLock lock(&mu_);
-      std::optional<BlockId> victim = policy_->Victim();
-      if (!victim.has_value()) return;
-      block = index_.Erase(*victim);
-      policy_->OnErase(*victim);
-      id = *victim;
-    }
-    if (block == nullptr) continue;
-    stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
-    sink(id, std::move(block));
+  while (RemoveVictim(sink).has_value()) {
   }
 }
 

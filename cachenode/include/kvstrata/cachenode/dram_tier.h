@@ -66,6 +66,11 @@ class DramTier {
   uint64_t max_block_bytes() const { return allocator_->max_allocation(); }
 
  private:
+  // Takes the policy's victim out of the index and hands it to `sink`:
+  // nullopt when the policy holds none, false when the victim was already
+  // gone from the index (nothing handed over).
+  std::optional<bool> RemoveVictim(const EvictionHook& sink);
+
   uint8_t* const arena_;
   std::shared_ptr<SlabAllocator> allocator_;  // shared with blocks' release hooks
   BlockIndex index_;
