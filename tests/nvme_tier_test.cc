@@ -11,11 +11,14 @@
 #include <fstream>
 #include <random>
 
+#include "kvstrata/cachenode/dram_tier.h"
+#include "kvstrata/cachenode/eviction_policy.h"
 #include "kvstrata/cachenode/nvme_tier.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
 #include "nvme/extent_allocator.h"
 #include "nvme/index_record.h"
+#include "tiered_store.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -269,6 +272,42 @@ TEST_F(NvmeTierTest, DemotionQueueWritesBehindAndServesQueuedBlocks) {
   EXPECT_EQ(tier->counters().blocks, 32u);
   EXPECT_EQ(tier->counters().queued_blocks, 0u);
   for (uint64_t i = 0; i < 32; ++i) EXPECT_TRUE(ReadBack(*tier, Id(i), i + 1, 32 * 1024).ok());
+}
+
+TEST_F(NvmeTierTest, PinServesNvmeBlocksEvenWhenDramIsAllPinned) {
+  constexpr uint64_t kSize = 256 * 1024;
+  auto nvme = Open();
+  ASSERT_NE(nvme, nullptr);
+  std::pair<BlockId, std::shared_ptr<StoredBlock>> on_disk(Id(1), MakeBlock(2, kSize));
+  ASSERT_TRUE(nvme->Write({&on_disk, 1})[0].ok());
+  on_disk.second.reset();
+
+  constexpr uint64_t kArena = 4 * kSize;  // four chunks
+  auto arena = MakeBlock(0, kArena);      // aligned memory standing in for the arena
+  DramTier dram(arena->data(), kArena, kArena, std::move(*MakeEvictionPolicy("lru")));
+  TieredStore store(dram, nvme.get());
+  const BlockId id = Id(1);
+
+  // Room in DRAM: a hit promotes.
+  auto pinned = store.Pin({&id, 1});
+  ASSERT_NE(pinned[0], nullptr);
+  EXPECT_EQ(store.promoted_blocks(), 1u);
+  EXPECT_NE(dram.Find(id, false), nullptr);
+  pinned.clear();
+  ASSERT_TRUE(dram.Erase(id));
+
+  // Every chunk held by someone else (transfers in flight): still served,
+  // from memory of the Pin's own, and not promoted.
+  std::vector<std::shared_ptr<StoredBlock>> held;
+  for (int i = 0; i < 4; ++i) held.push_back(*dram.Reserve(kSize));
+  ASSERT_FALSE(dram.Reserve(kSize).ok());
+  pinned = store.Pin({&id, 1});
+  ASSERT_NE(pinned[0], nullptr);
+  std::vector<uint8_t> expected(kSize);
+  testing::FillBlock(2, 0, expected.data(), kSize);
+  EXPECT_EQ(std::memcmp(expected.data(), pinned[0]->data(), kSize), 0);
+  EXPECT_EQ(store.promoted_blocks(), 1u);
+  EXPECT_EQ(dram.Find(id, false), nullptr);
 }
 
 TEST_F(NvmeTierTest, UnusableDirectoryIsReportedNotFatal) {
