@@ -3,6 +3,7 @@
 // room. Policies are not thread-safe: the tier serializes calls.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -24,6 +25,14 @@ class EvictionPolicy {
   // remove it: the tier erases it and then calls OnErase.
   virtual std::optional<BlockId> Victim() = 0;
   virtual size_t size() const = 0;
+  // The engine finished the request whose prompt ended with `last_block`,
+  // generating `output_tokens` tokens (vLLM's request_finished). A hint that
+  // arrives after the request's blocks were inserted, maybe after other
+  // requests; policies that do not use it ignore it. Unknown ids are ignored.
+  virtual void OnRequestFinished(const BlockId& last_block, uint32_t output_tokens) {
+    (void)last_block;
+    (void)output_tokens;
+  }
 };
 
 // Least recently used: O(1) per operation; about 80 bytes per block.
