@@ -85,6 +85,13 @@ bool DramTier::Erase(const BlockId& id) {
   return true;
 }
 
+bool DramTier::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
+  const bool stored = index_.Find(last_block) != nullptr;
+  absl::MutexLock lock(&mu_);
+  policy_->OnRequestFinished(last_block, output_tokens);
+  return stored;
+}
+
 std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
   std::shared_ptr<StoredBlock> block;
   BlockId id;

@@ -89,6 +89,17 @@ class NodeMetrics::Collector : public prometheus::Collectable {
     out.push_back(Family("kvstrata_transfer_failures_total",
                          "UCX transfer batches that failed or missed their deadline.",
                          MetricType::Counter, {Sample(Load(c.transfer_failures), MetricType::Counter)}));
+    // Known first: a hint is counted before it is counted as known, so this
+    // order never reads more known hints than hints.
+    const uint64_t known_hints = c.request_hints_known.load(std::memory_order_acquire);
+    const uint64_t hints = c.request_hints.load(std::memory_order_acquire);
+    out.push_back(Family(
+        "kvstrata_request_hints_total",
+        "RequestFinished hints passed to the eviction policies, by whether a tier held the "
+        "request's last block (unknown: evicted already, or never published).",
+        MetricType::Counter,
+        {Sample(known_hints, MetricType::Counter, {{"result", "known"}}),
+         Sample(hints - known_hints, MetricType::Counter, {{"result", "unknown"}})}));
     std::vector<ClientMetric> bytes;
     for (const auto& [key, value] : c.transfer_bytes.Snapshot()) {
       bytes.push_back(Sample(static_cast<double>(value), MetricType::Counter,

@@ -250,6 +250,12 @@ grpc::Status NodeService::Drain(grpc::ServerContext* context, const v1::DrainReq
   return Observed("Drain", [&] { return DoDrain(context, request, response); });
 }
 
+grpc::Status NodeService::RequestFinished(grpc::ServerContext* context,
+                                          const v1::RequestFinishedRequest* request,
+                                          v1::RequestFinishedResponse* response) {
+  return Observed("RequestFinished", [&] { return DoRequestFinished(context, request, response); });
+}
+
 absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
   const absl::Time own = absl::Now() + transfer_timeout_;
   const absl::Time client = absl::FromChrono(context->deadline());
@@ -546,6 +552,7 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
   response->set_duplicate_blocks(load(counters_.duplicate_blocks));
   response->set_checksum_failures(load(counters_.checksum_failures));
   response->set_transfer_failures(load(counters_.transfer_failures));
+  response->set_request_hints(load(counters_.request_hints));
   response->set_bytes_in(counters_.transfer_bytes.Total("in"));
   response->set_bytes_out(counters_.transfer_bytes.Total("out"));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
@@ -569,6 +576,21 @@ grpc::Status NodeService::DoDrain(grpc::ServerContext*, const v1::DrainRequest* 
   draining_.store(request->draining(), std::memory_order_relaxed);
   KVS_LOG(Info) << (request->draining() ? "draining: refusing new publishes" : "back in service");
   response->set_draining(request->draining());
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::DoRequestFinished(grpc::ServerContext*,
+                                            const v1::RequestFinishedRequest* request,
+                                            v1::RequestFinishedResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  absl::StatusOr<BlockKey> key = BlockKey::FromWire(request->last_key());
+  if (!key.ok()) return ToGrpc(key.status());
+  const bool known = store_.RequestFinished(BlockId{ns->id, *key}, request->output_tokens());
+  response->set_known(known);
+  // Release order: a reader that sees the known count also sees the total.
+  counters_.request_hints.fetch_add(1, std::memory_order_release);
+  if (known) counters_.request_hints_known.fetch_add(1, std::memory_order_release);
   return grpc::Status::OK;
 }
 

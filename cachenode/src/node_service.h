@@ -52,6 +52,9 @@ struct NodeCounters {
   std::atomic<uint64_t> duplicate_blocks{0};
   std::atomic<uint64_t> checksum_failures{0};
   std::atomic<uint64_t> transfer_failures{0};
+  // RequestFinished hints, and those for a block some tier held.
+  std::atomic<uint64_t> request_hints{0};
+  std::atomic<uint64_t> request_hints_known{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
   PairCounters transfer_bytes;
@@ -80,6 +83,8 @@ class NodeService final : public v1::CacheNode::Service {
   grpc::Status Stats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*) override;
   grpc::Status Health(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse*) override;
   grpc::Status Drain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*) override;
+  grpc::Status RequestFinished(grpc::ServerContext*, const v1::RequestFinishedRequest*,
+                               v1::RequestFinishedResponse*) override;
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
@@ -95,6 +100,8 @@ class NodeService final : public v1::CacheNode::Service {
   grpc::Status DoStats(grpc::ServerContext*, const v1::StatsRequest*, v1::StatsResponse*);
   grpc::Status DoHealth(grpc::ServerContext*, const v1::HealthRequest*, v1::HealthResponse*);
   grpc::Status DoDrain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*);
+  grpc::Status DoRequestFinished(grpc::ServerContext*, const v1::RequestFinishedRequest*,
+                                 v1::RequestFinishedResponse*);
 
 
   NamespaceRegistry& namespaces_;

@@ -197,6 +197,12 @@ class NvmeTier::Impl {
     return NvmeBlockInfo{.size = r.size, .checksum = r.checksum, .parent = r.parent};
   }
 
+  bool RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
+    absl::MutexLock lock(&mu_);
+    policy_->OnRequestFinished(last_block, output_tokens);
+    return entries_.contains(last_block);
+  }
+
   bool Contains(const BlockId& id) {
     {
       absl::MutexLock lock(&mu_);
@@ -688,6 +694,9 @@ std::vector<absl::Status> NvmeTier::Write(
   return impl_->Write(blocks);
 }
 bool NvmeTier::Erase(const BlockId& id) { return impl_->Erase(id); }
+bool NvmeTier::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
+  return impl_->RequestFinished(last_block, output_tokens);
+}
 void NvmeTier::Flush() { impl_->Flush(); }
 NvmeCounters NvmeTier::counters() const { return impl_->counters(); }
 

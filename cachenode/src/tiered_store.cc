@@ -146,4 +146,13 @@ bool TieredStore::Erase(const BlockId& id) {
   return in_dram || in_nvme;
 }
 
+bool TieredStore::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
+  bool known = dram_.RequestFinished(last_block, output_tokens);
+  if (nvme_ != nullptr) {
+    known = nvme_->RequestFinished(last_block, output_tokens) || known;
+    known = known || nvme_->FindQueued(last_block) != nullptr;
+  }
+  return known;
+}
+
 }  // namespace kvstrata::cachenode

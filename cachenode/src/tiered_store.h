@@ -40,6 +40,11 @@ class TieredStore {
   // promotes. A block whose NVMe bytes are damaged is a miss.
   std::vector<std::shared_ptr<StoredBlock>> Pin(absl::Span<const BlockId> ids);
   bool Erase(const BlockId& id);
+  // The engine's hint that the request whose prompt ended with `last_block`
+  // finished, generating `output_tokens` tokens: passed to the policy of
+  // every tier. True when some tier holds the block (or it is queued for
+  // NVMe).
+  bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);
 
   uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
 

@@ -48,6 +48,9 @@ class DramTier {
   // Number of leading keys stored (the longest cached prefix); hits them.
   size_t PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> keys);
   bool Erase(const BlockId& id);
+  // Passes the engine's request-finished hint to the policy (which ignores
+  // blocks it does not track). True when the block is stored here.
+  bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);
 
   TierCounters counters() const;
   uint64_t capacity_bytes() const { return allocator_->capacity(); }

@@ -110,6 +110,10 @@ class NvmeTier {
   std::vector<absl::Status> Write(
       absl::Span<const std::pair<BlockId, std::shared_ptr<StoredBlock>>> blocks);
   bool Erase(const BlockId& id);
+  // Passes the engine's request-finished hint to the policy (which ignores
+  // blocks it does not track: one still queued is not tracked yet). True
+  // when the block is on NVMe.
+  bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);
   // Waits until every queued block has been written or dropped.
   void Flush();
 
