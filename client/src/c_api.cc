@@ -179,4 +179,15 @@ int kvs_delete(kvs_namespace* ns, const kvs_key* keys, size_t count, size_t* del
   return 0;
 }
 
+int kvs_request_finished(kvs_namespace* ns, const kvs_key* last_key, uint32_t output_tokens,
+                         int* known) {
+  if (ns == nullptr || last_key == nullptr) {
+    return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  }
+  auto result = ns->ns.RequestFinished(ToKey(*last_key), output_tokens);
+  if (!result.ok()) return Fail(result.status());
+  if (known != nullptr) *known = *result ? 1 : 0;
+  return 0;
+}
+
 }  // extern "C"

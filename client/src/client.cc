@@ -515,4 +515,19 @@ absl::StatusOr<size_t> Namespace::Delete(absl::Span<const BlockKey> keys,
   return deleted;
 }
 
+absl::StatusOr<bool> Namespace::RequestFinished(const BlockKey& last_key, uint32_t output_tokens,
+                                                std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, client_->impl().Timeout(timeout));
+  v1::RequestFinishedRequest request;
+  request.set_namespace_id(id_);
+  request.set_last_key(std::string(last_key.view()));
+  request.set_output_tokens(output_tokens);
+  v1::RequestFinishedResponse response;
+  absl::Status status =
+      FromGrpc(client_->impl().stub->RequestFinished(&context, request, &response));
+  if (!status.ok()) return status;
+  return response.known();
+}
+
 }  // namespace kvstrata::client

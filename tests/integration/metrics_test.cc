@@ -126,6 +126,9 @@ TEST_F(PrometheusTest, CountersMoveAsTheTrafficImplies) {
   std::vector<client::FetchItem> missing;
   for (size_t i = 0; i < 5; ++i) missing.push_back({unknown[i], buffer->get(), i * kBlock});
   EXPECT_EQ(ns->Fetch(missing)->count(client::BlockOutcome::kNotFound), 5u);  // 5 misses
+  EXPECT_TRUE(*ns->RequestFinished(keys.back(), 100));     // a known hint
+  EXPECT_FALSE(*ns->RequestFinished(unknown.back(), 100));  // an unknown one
+  EXPECT_FALSE(*ns->RequestFinished(unknown.front(), 1));
 
   EXPECT_EQ(AwaitValue(R"(up{job="kvstrata"})", 1), 1);
   EXPECT_EQ(AwaitValue(R"(kvstrata_lookup_blocks_total{result="hit"})", 20), 20);
@@ -143,6 +146,8 @@ TEST_F(PrometheusTest, CountersMoveAsTheTrafficImplies) {
   EXPECT_EQ(AwaitValue(R"(kvstrata_tier_blocks{tier="dram"})", 20), 20);
   EXPECT_EQ(AwaitValue(R"(sum(kvstrata_rpc_requests_total{method="Publish",code="0"}))", 1), 1);
   EXPECT_EQ(AwaitValue(R"(kvstrata_checksum_failures_total)", 0), 0);
+  EXPECT_EQ(AwaitValue(R"(kvstrata_request_hints_total{result="known"})", 1), 1);
+  EXPECT_EQ(AwaitValue(R"(kvstrata_request_hints_total{result="unknown"})", 2), 2);
   // deploy/'s alert rules are loaded and evaluated.
   auto rules = HttpGet("127.0.0.1", prometheus_port_, "/api/v1/rules");
   ASSERT_TRUE(rules.ok());

@@ -275,6 +275,12 @@ TEST_F(NodeTest, CApiRoundTrip) {
   ASSERT_EQ(kvs_fetch(ns, buffer, keys, offsets, 3, outcomes), 0) << kvs_last_error();
   for (int o : outcomes) EXPECT_EQ(o, KVS_BLOCK_OK);
   EXPECT_EQ(std::memcmp(original.data(), bytes, original.size()), 0);
+  int known = -1;
+  ASSERT_EQ(kvs_request_finished(ns, &keys[2], 17, &known), 0) << kvs_last_error();
+  EXPECT_EQ(known, 1);
+  kvs_key unpublished{};
+  ASSERT_EQ(kvs_request_finished(ns, &unpublished, 17, &known), 0) << kvs_last_error();
+  EXPECT_EQ(known, 0);
   // Errors come back as codes with a message.
   EXPECT_EQ(kvs_lookup(ns, keys, 3, nullptr), 3);
   EXPECT_NE(std::string(kvs_last_error()), "");
@@ -564,6 +570,58 @@ TEST_F(BadInputTest, ChecksumMismatchStoresNothing) {
   v1::StatsResponse after;
   ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &after).ok());
   EXPECT_EQ(after.checksum_failures(), before.checksum_failures() + 1);
+}
+
+TEST_F(BadInputTest, RequestFinishedHintsReachTheNodeAndBadOnesAreRefused) {
+  v1::PublishResponse published;
+  ASSERT_TRUE(PublishRaw(GoodPublish(8), &published).ok());
+  ASSERT_EQ(published.status(0), v1::BLOCK_OK);
+  v1::StatsResponse before;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &before).ok());
+  auto hint = [&](uint64_t ns, std::string key, v1::RequestFinishedResponse* response) {
+    v1::RequestFinishedRequest request;
+    request.set_namespace_id(ns);
+    request.set_last_key(std::move(key));
+    request.set_output_tokens(250);
+    return Call(&v1::CacheNode::Stub::RequestFinished, request, response);
+  };
+  v1::RequestFinishedResponse response;
+  ASSERT_TRUE(hint(ns_id_, std::string(16, 8), &response).ok());
+  EXPECT_TRUE(response.known());
+  response.Clear();
+  ASSERT_TRUE(hint(ns_id_, std::string(16, 0x55), &response).ok());
+  EXPECT_FALSE(response.known());
+  ASSERT_TRUE(hint(ns_id_, std::string(32, 0x55), &response).ok());  // an engine's own hash
+  EXPECT_FALSE(response.known());
+  EXPECT_EQ(hint(ns_id_ ^ 1, std::string(16, 8), &response).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(hint(ns_id_, "seven b", &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(hint(ns_id_, "", &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  v1::StatsResponse after;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &after).ok());
+  EXPECT_EQ(after.request_hints(), before.request_hints() + 3);  // refused hints do not count
+  // The hinted block is still stored: a hint removes nothing.
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns_id_);
+  lookup.add_keys(std::string(16, 8));
+  v1::LookupResponse found;
+  ASSERT_TRUE(Call(&v1::CacheNode::Stub::Lookup, lookup, &found).ok());
+  EXPECT_EQ(found.prefix_length(), 1u);
+}
+
+TEST_F(NodeTest, ClientRequestFinishedSaysWhetherTheNodeHoldsTheBlock) {
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(OpaqueSpec("hints", 64 * 1024));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  constexpr uint64_t kSeed = 777;
+  ASSERT_TRUE(PublishStream(*c, *ns, kSeed, 3).ok());
+  const auto keys = ns->Keys(Tokens(kSeed, 4));
+  auto known = ns->RequestFinished(keys[2], 1000);
+  ASSERT_TRUE(known.ok()) << known.status();
+  EXPECT_TRUE(*known);
+  known = ns->RequestFinished(keys[3], 1000, absl::Seconds(5));
+  ASSERT_TRUE(known.ok()) << known.status();
+  EXPECT_FALSE(*known);
 }
 
 TEST_F(NodeTest, ClientDyingMidTransferLeavesTheNodeServing) {

@@ -171,6 +171,23 @@ TEST_F(NvmeNodeTest, LookupPrefetchesNvmeBlocksIntoDram) {
   EXPECT_EQ(Stats().promoted_blocks(), 16u) << "the Fetch found them promoted already";
 }
 
+TEST_F(NvmeNodeTest, RequestFinishedKnowsABlockOnlyOnNvme) {
+  StartNode();
+  constexpr size_t kCount = 120;  // 30 MiB through a 16 MiB DRAM tier
+  ASSERT_EQ(PublishStream(*client_, *ns_, 4, kCount, 16)->count(BlockOutcome::kOk), kCount);
+  WaitStored(kCount);
+  const std::vector<BlockKey> keys = Keys(4, kCount);
+  auto known = ns_->RequestFinished(keys.front(), 64);
+  ASSERT_TRUE(known.ok()) << known.status();
+  EXPECT_TRUE(*known) << "the oldest block was demoted, and the NVMe tier holds it";
+  EXPECT_EQ(Stats().request_hints(), 1u);
+  // The hint moved nothing: the block is still on NVMe only.
+  auto lookup = ns_->Lookup({keys.front()});
+  ASSERT_TRUE(lookup.ok());
+  ASSERT_EQ(lookup->tiers.size(), 1u);
+  EXPECT_EQ(lookup->tiers.front(), client::Tier::kNvme);
+}
+
 TEST_F(NvmeNodeTest, RestartFindsEveryBlockThatReachedNvme) {
   StartNode({"--nvme_flush_on_shutdown=false"});
   constexpr size_t kCount = 120;

@@ -168,6 +168,21 @@ class BindingTest(unittest.TestCase):
         self.assertEqual(ns.delete(keys), 2)
         self.assertEqual(ns.lookup(keys), 0)
 
+    def test_request_finished_hints_the_node(self):
+        ns = self.namespace("hints")
+        keys = ns.keys(list(range(100, 108)))
+        ns.publish([(keys[0], None, bytearray(BLOCK), 0)])
+        before = self.client.stats()["request_hints"]
+        self.assertIs(ns.request_finished(keys[0], 321), True)
+        self.assertIs(ns.request_finished(keys[1], 0, timeout=5.0), False)  # never published
+        self.assertEqual(self.client.stats()["request_hints"], before + 2)
+        with self.assertRaises(kvstrata.Error) as caught:
+            ns.request_finished(b"seven b", 1)
+        self.assertEqual(caught.exception.code, kvstrata.INVALID_ARGUMENT)
+        with self.assertRaises(TypeError):
+            ns.request_finished(keys[0], -1)  # output_tokens is unsigned
+        self.assertEqual(self.client.stats()["request_hints"], before + 2)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -86,6 +86,12 @@ int kvs_publish(kvs_namespace* ns, const kvs_buffer* buffer, const kvs_publish_i
 int kvs_fetch(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys, const size_t* offsets,
               size_t count, int* outcomes);
 int kvs_delete(kvs_namespace* ns, const kvs_key* keys, size_t count, size_t* deleted);
+/* A hint for the node's eviction policies: the request whose prompt ended
+ * with block last_key finished, generating output_tokens tokens. known (may
+ * be NULL) is set to 1 when the node holds that block, else 0. A failed hint
+ * changes nothing: log it and go on. */
+int kvs_request_finished(kvs_namespace* ns, const kvs_key* last_key, uint32_t output_tokens,
+                         int* known);
 
 #ifdef __cplusplus
 }

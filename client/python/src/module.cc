@@ -317,6 +317,17 @@ class PyNamespace {
     return Check(std::move(result));
   }
 
+  bool RequestFinished(const py::handle& last_key, uint32_t output_tokens,
+                       std::optional<double> timeout) {
+    const BlockKey key = KeyFrom(last_key);
+    absl::StatusOr<bool> known;
+    {
+      py::gil_scoped_release release;
+      known = ns_.RequestFinished(key, output_tokens, Timeout(timeout));
+    }
+    return Check(std::move(known));
+  }
+
   // items: (key, parent or None, buffer, offset)
   std::unique_ptr<PyFuture> PublishAsync(const py::iterable& items, std::optional<double> timeout);
   // items: (key, buffer, offset)
@@ -583,6 +594,11 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("lookup", &PyNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
       .def("lookup_tiers", &PyNamespace::LookupTiers, py::arg("keys"), py::arg("timeout") = py::none())
       .def("delete", &PyNamespace::Delete, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("request_finished", &PyNamespace::RequestFinished, py::arg("last_key"),
+           py::arg("output_tokens"), py::arg("timeout") = py::none(),
+           "Hints the node that the request whose prompt ended with block last_key finished, "
+           "generating output_tokens tokens (for its eviction policies). True when the node "
+           "holds the block.")
       .def("publish", &PyNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
       .def("fetch", &PyNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
       .def("publish_async", &PyNamespace::PublishAsync, py::arg("items"),

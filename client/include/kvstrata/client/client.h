@@ -157,6 +157,15 @@ class Namespace {
   absl::StatusOr<size_t> Delete(absl::Span<const BlockKey> keys,
                                 std::optional<absl::Duration> timeout = std::nullopt);
 
+  // Tells the node that the engine finished the request whose prompt ended
+  // with `last_key` (its last published block), generating `output_tokens`
+  // tokens. A hint for the node's eviction policies (how long the output was
+  // says something about whether the conversation comes back); it stores and
+  // removes nothing. True when the node holds that block. An engine should
+  // log a failed hint and go on: the cache works without it.
+  absl::StatusOr<bool> RequestFinished(const BlockKey& last_key, uint32_t output_tokens,
+                                       std::optional<absl::Duration> timeout = std::nullopt);
+
  private:
   friend class Client;
   Namespace(Client* client, uint64_t id, uint64_t block_bytes, uint32_t tokens_per_block)
