@@ -8,7 +8,7 @@ import torch
 import kvstrata
 from kvstrata.testing import NodeProcess
 from kvstrata.vllm_connector import (KVConnectorBase_V1, KVConnectorRole, KvstrataConnector,
-                                     KvstrataConnectorMetadata)
+                                     KvstrataConnectorMetadata, _output_tokens)
 
 LAYERS, HEADS, HEAD, BS, CACHE = 3, 2, 8, 16, 64  # cache blocks of 4 engine blocks
 
@@ -25,9 +25,11 @@ def config(node, **extra):
 
 
 class FakeRequest:
-    def __init__(self, request_id, tokens):
+    def __init__(self, request_id, tokens, output_token_ids=None):
         self.request_id = request_id
         self.prompt_token_ids = tokens
+        if output_token_ids is not None:
+            self.output_token_ids = output_token_ids
 
 
 class FakeBlocks:  # vLLM's KVCacheBlocks: one group of block ids
@@ -202,6 +204,53 @@ class ConnectorTest(unittest.TestCase):
         scheduler = KvstrataConnector(config(address, timeout=2.0), KVConnectorRole.SCHEDULER)
         self.assertEqual(scheduler.get_num_new_matched_tokens(FakeRequest("x", list(range(100))), 0),
                          (0, False))
+
+    def finish_after_prefill(self, address, tokens, output_token_ids, **extra):
+        """A scheduler that published `tokens` (as far as whole cache blocks go),
+        after the request finished with `output_token_ids`."""
+        scheduler = KvstrataConnector(config(address, **extra), KVConnectorRole.SCHEDULER)
+        request = FakeRequest("h", tokens, output_token_ids)
+        scheduler.update_state_after_alloc(request, FakeBlocks([]), 0)
+        scheduler.build_connector_meta(scheduler_output("h", tokens, list(range(10)), 0,
+                                                        len(tokens)))
+        self.assertEqual(scheduler.request_finished(request, []), (False, None))
+        return scheduler
+
+    def test_request_finished_hints_the_last_published_block_of_every_layer(self):
+        tokens = list(range(15000, 15000 + 150))  # 2 whole cache blocks
+        side = self.prefill("hp", tokens, kv_caches(16, seed=5), list(range(10)))
+        stats = side.scheduler._client.stats
+        self.assertTrue(side.scheduler.wait_for_hints(10))  # prefill()'s own finish
+        before = stats()["request_hints"]
+        scheduler = self.finish_after_prefill(self.node.address, tokens, [1] * 37)
+        self.assertTrue(scheduler.wait_for_hints(10))
+        self.assertEqual(scheduler.stats["request_hints"], LAYERS)
+        self.assertEqual(scheduler.stats["hint_errors"], 0)
+        self.assertEqual(stats()["request_hints"], before + LAYERS)
+        # vLLM's Request has num_output_tokens; else output_token_ids; else unknown (0).
+        self.assertEqual(_output_tokens(types.SimpleNamespace(num_output_tokens=5,
+                                                              output_token_ids=[1])), 5)
+        self.assertEqual(_output_tokens(FakeRequest("o", [], [1] * 37)), 37)
+        self.assertEqual(_output_tokens(FakeRequest("o", [])), 0)
+        # Nothing whole was published: no hint.
+        short = self.finish_after_prefill(self.node.address, tokens[:50], [1])
+        self.assertTrue(short.wait_for_hints(10))
+        self.assertEqual(short.stats["request_hints"], 0)
+        # Hints off.
+        off = self.finish_after_prefill(self.node.address, tokens, [1], request_hints=False)
+        self.assertTrue(off.wait_for_hints(10))
+        self.assertEqual(off.stats["request_hints"], 0)
+        self.assertEqual(stats()["request_hints"], before + LAYERS)
+
+    def test_a_failing_hint_never_raises(self):
+        with NodeProcess(dram_bytes=64 << 20) as other:
+            address = other.address
+        scheduler = self.finish_after_prefill(address, list(range(150)), [1, 2],
+                                              timeout=2.0, hint_timeout=1.0)
+        self.assertTrue(scheduler.wait_for_hints(30))
+        self.assertEqual(scheduler.stats["hint_errors"], 1)  # stops at the first failing layer
+        self.assertEqual(scheduler.stats["request_hints"], 0)
+        scheduler.shutdown()
 
 
 if __name__ == "__main__":

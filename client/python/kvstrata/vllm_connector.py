@@ -32,10 +32,18 @@ at least one token to produce logits.
 Loads and saves go through staging buffers registered once with the client
 (a gather/scatter copy on the engine's side), because a cache block's engine
 blocks are scattered over the paged tensor.
+
+When a request finishes, the scheduler side tells the node (RequestFinished)
+which block ended its published prompt and how many tokens it generated, for
+every layer's namespace: a hint the node's eviction policy may use to guess
+which conversations come back. Hints go out on a thread of their own, so the
+scheduler never waits for the node, and a failed hint is only logged.
 """
 import dataclasses
 import logging
+import queue
 import re
+import threading
 import time
 from typing import Any, Optional
 
@@ -98,6 +106,75 @@ _DTYPES = {torch.float16: kvstrata.DTYPE_FP16, torch.bfloat16: kvstrata.DTYPE_BF
            torch.float32: kvstrata.DTYPE_FP32, torch.int8: 5}
 if hasattr(torch, "float8_e4m3fn"):
     _DTYPES[torch.float8_e4m3fn] = 4
+
+
+def _output_tokens(request) -> int:
+    """Tokens the request generated: vLLM's Request.num_output_tokens, else
+    len(output_token_ids), else 0 (unknown)."""
+    count = getattr(request, "num_output_tokens", None)
+    if count is None:
+        ids = getattr(request, "output_token_ids", None)
+        count = len(ids) if ids is not None else 0
+    return max(0, min(int(count), 2**32 - 1))
+
+
+class _HintSender:
+    """Runs `send(*hint)` for each submitted hint on one daemon thread.
+
+    Bounded: beyond `max_pending` waiting hints, new ones are dropped (a hint
+    is optional; memory and the scheduler's time are not). Exceptions are
+    logged, never raised.
+    """
+
+    def __init__(self, send, max_pending=1024):
+        self._send = send
+        self._queue = queue.Queue(maxsize=max_pending)
+        self._thread = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def submit(self, *hint):
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvstrata-hints",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(hint)
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self):
+        while True:
+            hint = self._queue.get()
+            try:
+                if hint is None:
+                    return
+                self._send(*hint)
+            except Exception:  # a hint must never take anything down
+                logger.exception("kvstrata request-finished hint failed")
+            finally:
+                self._queue.task_done()
+
+    def wait(self, timeout=None) -> bool:
+        """True once every submitted hint was sent (or failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout=5.0):
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return  # daemon thread: it ends with the process
+        thread.join(timeout)
 
 
 @dataclasses.dataclass
@@ -206,6 +283,11 @@ class KvstrataConnector(KVConnectorBase_V1):
         # False: load every layer before the forward pass starts (no overlap;
         # what bench/ttft_bench.py compares the layer-wise load against).
         self._layerwise = str(extra.get("layerwise_load", True)).lower() not in ("false", "0")
+        # Request-finished hints to the node (scheduler side), each RPC bounded by hint_timeout.
+        self._send_hints = str(extra.get("request_hints", True)).lower() not in ("false", "0")
+        self._hint_timeout = float(extra.get("hint_timeout", 2.0))
+        self._hints = _HintSender(self._send_request_finished)
+        self._hints_failing = False  # log a failing node once, not once per request
         self._namespaces = {}  # layer index -> kvstrata.Namespace
         # Scheduler side.
         self._matched = {}  # req_id -> (num_computed_tokens, tokens stored in every layer)
@@ -222,12 +304,17 @@ class KvstrataConnector(KVConnectorBase_V1):
         self._load_errors = set()
         # load_wait_s: time the step spent in start_load_kv and wait_for_layer_load
         # (issuing fetches, waiting for bytes, scattering): what overlap did not hide.
+        # request_hints: hints the node answered (one per layer per request);
+        # hint_errors: requests whose hints failed.
         self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
-                      "published_bytes": 0, "load_wait_s": 0.0}
+                      "published_bytes": 0, "load_wait_s": 0.0, "request_hints": 0,
+                      "hint_errors": 0}
 
     # ------------------------------------------------------------------ helpers
 
     def _namespace(self, layer: int):
+        # Also called from the hint thread: a race opens a namespace twice,
+        # which is harmless (OpenNamespace is idempotent; dict updates are atomic).
         ns = self._namespaces.get(layer)
         if ns is None:
             lay = self._layout
@@ -329,9 +416,42 @@ class KvstrataConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids):
         # Saves finish inside the step that computed them (wait_for_save):
         # the blocks can be freed now.
-        self._requests.pop(request.request_id, None)
+        state = self._requests.pop(request.request_id, None)
         self._matched.pop(request.request_id, None)
+        try:
+            saved = state["saved"] if state else 0  # whole cache blocks, published or present
+            if self._send_hints and saved >= self._layout.cache_block_tokens:
+                self._hints.submit(state["tokens"][:saved], _output_tokens(request))
+        except Exception:  # a hint must never fail the engine
+            logger.exception("kvstrata: could not queue the request-finished hint")
         return False, None
+
+    def _send_request_finished(self, tokens, output_tokens):
+        """On the hint thread: the last published block of every layer's namespace."""
+        try:
+            for layer in range(self._layout.num_layers):
+                ns = self._namespace(layer)
+                last = ns.keys(tokens)[-1]
+                ns.request_finished(last, output_tokens, timeout=self._hint_timeout)
+                self.stats["request_hints"] += 1
+        except kvstrata.Error as e:  # the node is down or old: the cache works without hints
+            self.stats["hint_errors"] += 1
+            if not self._hints_failing:
+                logger.warning("kvstrata request-finished hint failed (%s); "
+                               "further failures are not logged until one succeeds", e)
+            self._hints_failing = True
+            return
+        self._hints_failing = False
+
+    def wait_for_hints(self, timeout=None) -> bool:
+        """Waits until the queued request-finished hints were sent (or failed)."""
+        return self._hints.wait(timeout)
+
+    def shutdown(self):
+        self._hints.wait(timeout=self._hint_timeout)
+        self._hints.close()
+        base = getattr(super(), "shutdown", None)  # older vLLM bases have none
+        return base() if base is not None else None
 
     # ---------------------------------------------------------- worker side
 
