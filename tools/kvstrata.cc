@@ -57,6 +57,10 @@ ABSL_FLAG(bool, live, false,
 ABSL_FLAG(
     double, time_scale, 0,
     "replay --live: issue request i at its trace timestamp (ms) times this; 0: back to back.");
+ABSL_FLAG(bool, hints, true,
+          "replay --live: after each request, send RequestFinished for its last block with the "
+          "trace's output_length (a hint for the node's eviction policy); false to compare "
+          "without.");
 ABSL_FLAG(int64_t, requests, 0, "replay: only the first N requests of the trace (0: all).");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
@@ -325,6 +329,7 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
   if (!ns.ok()) return Die(ns.status());
   kvstrata::tools::LiveReplayOptions options;
   options.time_scale = absl::GetFlag(FLAGS_time_scale);
+  options.hints = absl::GetFlag(FLAGS_hints);
   auto result = kvstrata::tools::LiveReplay(**client, *ns, trace, options);
   if (!result.ok()) return Die(result.status());
   kvstrata::v1::StatsResponse stats;
@@ -343,9 +348,15 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
       result->block_hit_rate(), static_cast<unsigned long long>(result->published_blocks),
       static_cast<unsigned long long>(evictions),
       static_cast<unsigned long long>(result->lookup_fetch_mismatches));
+  if (options.hints) {
+    std::printf("live: request-finished hints %llu, for a block the node held %llu, failed %llu\n",
+                static_cast<unsigned long long>(result->hints),
+                static_cast<unsigned long long>(result->hints_known),
+                static_cast<unsigned long long>(result->hint_failures));
+  }
   for (const auto& [name, latency] :
        {std::pair{"lookup", result->lookup}, std::pair{"fetch", result->fetch},
-        std::pair{"publish", result->publish}}) {
+        std::pair{"publish", result->publish}, std::pair{"hint", result->hint}}) {
     std::printf("live: %-7s %6zu calls, p50 %8.1f us, p99 %8.1f us\n", name, latency.count,
                 latency.p50_us, latency.p99_us);
   }
@@ -397,6 +408,7 @@ int Stat() {
             << "duplicate_blocks " << stats.duplicate_blocks() << "\n"
             << "checksum_failures " << stats.checksum_failures() << "\n"
             << "transfer_failures " << stats.transfer_failures() << "\n"
+            << "request_hints " << stats.request_hints() << "\n"
             << "bytes_in " << stats.bytes_in() << "\n"
             << "bytes_out " << stats.bytes_out() << "\n"
             << "transports " << absl::StrJoin(stats.transports(), ",") << "\n"
@@ -552,7 +564,7 @@ int main(int argc, char** argv) {
       "  replay --trace=FILE [--capacity=0.1] [--policy=lru,chain-protect]\n"
       "                                               offline: policies vs LRU vs Belady\n"
       "  replay --live --trace=FILE [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
-      "                                               the trace against the node at --node\n"
+      "         [--hints=false]                       the trace against the node at --node\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -50,7 +51,7 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
   if (!buffer.ok()) return buffer.status();
 
   LiveReplayResult result;
-  std::vector<double> lookups, fetches, publishes;
+  std::vector<double> lookups, fetches, publishes, hints;
   const absl::Time start = absl::Now();
   const double first_timestamp = trace.empty() ? 0 : trace.front().timestamp;
   for (const cachenode::TraceRequest& request : trace) {
@@ -98,6 +99,21 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
       result.published_blocks += published->count(client::BlockOutcome::kOk);
     }
 
+    // The engine generated the output and the request ended.
+    if (options.hints && !keys.empty()) {
+      const auto output_tokens = static_cast<uint32_t>(
+          std::min<uint64_t>(request.output_length, std::numeric_limits<uint32_t>::max()));
+      t = absl::Now();
+      absl::StatusOr<bool> known = ns.RequestFinished(keys.back(), output_tokens);
+      hints.push_back(Micros(t));
+      if (known.ok()) {
+        ++result.hints;
+        result.hints_known += *known ? 1 : 0;
+      } else {
+        ++result.hint_failures;
+      }
+    }
+
     ++result.requests;
     result.hit_blocks += prefix;
     result.total_blocks += keys.size();
@@ -109,6 +125,7 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
   result.lookup = Summarize(lookups);
   result.fetch = Summarize(fetches);
   result.publish = Summarize(publishes);
+  result.hint = Summarize(hints);
   return result;
 }
 

@@ -17,6 +17,10 @@ struct LiveReplayOptions {
   // are milliseconds); 0 issues requests back to back. A late request goes
   // at once: requests are sequential, one client, one at a time.
   double time_scale = 0;
+  // After each request, send RequestFinished for its last block with the
+  // trace's output_length, as an engine's connector does when the request
+  // ends. False leaves the node's policies without the hint (to compare).
+  bool hints = true;
 };
 
 struct LatencySummary {
@@ -33,7 +37,10 @@ struct LiveReplayResult {
   uint64_t total_blocks = 0;
   uint64_t published_blocks = 0;
   uint64_t lookup_fetch_mismatches = 0;  // looked-up blocks gone by the fetch
-  LatencySummary lookup, fetch, publish;
+  uint64_t hints = 0;          // RequestFinished hints sent and answered
+  uint64_t hints_known = 0;    // ... for a block the node held
+  uint64_t hint_failures = 0;  // hints that failed (counted, never fatal: a hint is optional)
+  LatencySummary lookup, fetch, publish, hint;
   double seconds = 0;
   double token_hit_rate() const {
     return total_tokens ? static_cast<double>(hit_tokens) / total_tokens : 0;
@@ -45,7 +52,8 @@ struct LiveReplayResult {
 
 // Per request: Lookup of its blocks' keys (one key per trace hash, chained by
 // parent), Fetch of the found prefix, Publish of the blocks after the prefix
-// that was fetched. Block bytes are derived from the key so fetches verify.
+// that was fetched, then (with options.hints) RequestFinished for its last
+// block. Block bytes are derived from the key so fetches verify.
 absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Namespace& ns,
                                             const std::vector<cachenode::TraceRequest>& trace,
                                             const LiveReplayOptions& options);

@@ -73,6 +73,16 @@ class LiveReplayTest : public ::testing::Test {
     return ReadFile(log);
   }
 
+  // The node's request_hints counter, read with `kvstrata stat`.
+  double NodeHints() {
+    const std::string log = dir_->File(absl::StrCat("stat", ++runs_, ".log"));
+    auto cli = ChildProcess::Spawn({KVSTRATA_CLI_BINARY, "stat", "--node=" + node_->address()}, log);
+    EXPECT_TRUE(cli.ok());
+    if (!cli.ok()) return -1;
+    EXPECT_EQ((*cli)->Wait(), 0) << ReadFile(log);
+    return NumberAfter(ReadFile(log), "request_hints", "request_hints");
+  }
+
   std::unique_ptr<TempDir> dir_;
   std::unique_ptr<NodeProcess> node_;
   int runs_ = 0;
@@ -96,6 +106,26 @@ TEST_F(LiveReplayTest, HandMadeTraceGivesKnownNumbers) {
   EXPECT_EQ(NumberAfter(out, "live:", "published "), 8) << out;
   EXPECT_EQ(NumberAfter(out, "live: fetch", "fetch "), 3) << out;  // three requests hit
   EXPECT_GE(NumberAfter(out, "live:", "requests in "), 0.2) << out;
+}
+
+TEST_F(LiveReplayTest, EachRequestHintsItsLastBlockUnlessHintsAreOff) {
+  const std::string trace = dir_->File("trace.jsonl");
+  std::ofstream(trace)
+      << R"({"timestamp": 0, "input_length": 1536, "output_length": 90, "hash_ids": [1, 2, 3]}
+{"timestamp": 5, "input_length": 2048, "output_length": 4000, "hash_ids": [1, 2, 4, 5]}
+{"timestamp": 9, "input_length": 300, "output_length": 1, "hash_ids": [6]}
+)";
+  std::string out = RunCli({"--trace=" + trace});
+  // Every last block was just published, so the node holds each one.
+  EXPECT_EQ(NumberAfter(out, "live: request-finished", "hints "), 3) << out;
+  EXPECT_EQ(NumberAfter(out, "live: request-finished", "held "), 3) << out;
+  EXPECT_EQ(NumberAfter(out, "live: request-finished", "failed "), 0) << out;
+  EXPECT_EQ(NumberAfter(out, "live: hint", "hint "), 3) << out;
+  EXPECT_EQ(NodeHints(), 3);
+
+  out = RunCli({"--trace=" + trace, "--hints=false"});
+  EXPECT_EQ(out.find("request-finished"), std::string::npos) << out;
+  EXPECT_EQ(NodeHints(), 3) << "--hints=false sent hints";
 }
 
 TEST_F(LiveReplayTest, SliceOfTheSharedTraceAgreesWithOfflineReplay) {
