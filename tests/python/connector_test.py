@@ -1,5 +1,8 @@
 #!/usr/bin/python3
 """KvstrataConnector with fake vLLM scheduler and request objects, against a real node."""
+import os
+import subprocess
+import sys
 import types
 import unittest
 
@@ -251,6 +254,28 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(scheduler.stats["hint_errors"], 1)  # stops at the first failing layer
         self.assertEqual(scheduler.stats["request_hints"], 0)
         scheduler.shutdown()
+
+    def test_exiting_with_hints_in_flight_exits_cleanly(self):
+        # A daemon thread inside an RPC when the interpreter finalizes aborts
+        # the process ("terminate called without an active exception"): the
+        # sender must stop its thread at exit.
+        script = """
+import sys
+sys.path.insert(0, %r)
+import connector_test as t
+s = t.KvstrataConnector(t.config(%r, num_layers=1000), t.KVConnectorRole.SCHEDULER)
+tokens = list(range(20000, 20150))
+r = t.FakeRequest("x", tokens, [1])
+s.update_state_after_alloc(r, t.FakeBlocks([]), 0)
+s.build_connector_meta(t.scheduler_output("x", tokens, list(range(10)), 0, len(tokens)))
+s.request_finished(r, [])
+import time
+time.sleep(0.2)  # the hint thread is now inside its RPCs (1000 layers' worth)
+""" % (os.path.dirname(os.path.abspath(__file__)), self.node.address)
+        for _ in range(3):
+            run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                 timeout=120)
+            self.assertEqual(run.returncode, 0, run.stderr)
 
 
 if __name__ == "__main__":

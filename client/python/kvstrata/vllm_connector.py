@@ -39,12 +39,14 @@ every layer's namespace: a hint the node's eviction policy may use to guess
 which conversations come back. Hints go out on a thread of their own, so the
 scheduler never waits for the node, and a failed hint is only logged.
 """
+import atexit
 import dataclasses
 import logging
 import queue
 import re
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -118,27 +120,41 @@ def _output_tokens(request) -> int:
     return max(0, min(int(count), 2**32 - 1))
 
 
+def _close_at_exit(sender_ref):
+    sender = sender_ref()
+    if sender is not None:
+        sender.close()
+
+
 class _HintSender:
     """Runs `send(*hint)` for each submitted hint on one daemon thread.
 
     Bounded: beyond `max_pending` waiting hints, new ones are dropped (a hint
     is optional; memory and the scheduler's time are not). Exceptions are
-    logged, never raised.
+    logged, never raised. At interpreter exit the thread is stopped and
+    joined (at most `exit_wait` s, which should exceed one send's timeout):
+    a daemon thread still inside an RPC when the interpreter finalizes would
+    abort the process.
     """
 
-    def __init__(self, send, max_pending=1024):
+    def __init__(self, send, max_pending=1024, exit_wait=5.0):
         self._send = send
         self._queue = queue.Queue(maxsize=max_pending)
         self._thread = None
         self._lock = threading.Lock()
+        self._exit_wait = exit_wait
+        self.closed = False
         self.dropped = 0
 
     def submit(self, *hint):
         with self._lock:
+            if self.closed:
+                return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvstrata-hints",
                                                 daemon=True)
                 self._thread.start()
+                atexit.register(_close_at_exit, weakref.ref(self))
         try:
             self._queue.put_nowait(hint)
         except queue.Full:
@@ -150,7 +166,8 @@ class _HintSender:
             try:
                 if hint is None:
                     return
-                self._send(*hint)
+                if not self.closed:  # closing: drop what is left
+                    self._send(*hint)
             except Exception:  # a hint must never take anything down
                 logger.exception("kvstrata request-finished hint failed")
             finally:
@@ -165,16 +182,18 @@ class _HintSender:
             time.sleep(0.005)
         return True
 
-    def close(self, timeout=5.0):
+    def close(self):
+        """Stops the thread: hints still queued are dropped, one in flight finishes."""
         with self._lock:
+            self.closed = True
             thread, self._thread = self._thread, None
         if thread is None:
             return
         try:
-            self._queue.put(None, timeout=timeout)
+            self._queue.put(None, timeout=self._exit_wait)  # the thread drains fast once closed
         except queue.Full:
-            return  # daemon thread: it ends with the process
-        thread.join(timeout)
+            return
+        thread.join(self._exit_wait)
 
 
 @dataclasses.dataclass
@@ -286,7 +305,8 @@ class KvstrataConnector(KVConnectorBase_V1):
         # Request-finished hints to the node (scheduler side), each RPC bounded by hint_timeout.
         self._send_hints = str(extra.get("request_hints", True)).lower() not in ("false", "0")
         self._hint_timeout = float(extra.get("hint_timeout", 2.0))
-        self._hints = _HintSender(self._send_request_finished)
+        self._hints = _HintSender(self._send_request_finished,
+                                  exit_wait=2 * self._hint_timeout + 1.0)
         self._hints_failing = False  # log a failing node once, not once per request
         self._namespaces = {}  # layer index -> kvstrata.Namespace
         # Scheduler side.
@@ -312,7 +332,7 @@ class KvstrataConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ helpers
 
-    def _namespace(self, layer: int):
+    def _namespace(self, layer: int, timeout=None):
         # Also called from the hint thread: a race opens a namespace twice,
         # which is harmless (OpenNamespace is idempotent; dict updates are atomic).
         ns = self._namespaces.get(layer)
@@ -322,7 +342,7 @@ class KvstrataConnector(KVConnectorBase_V1):
                 tenant=lay.tenant, model="%s#layer%d" % (lay.model, layer),
                 dtype=_DTYPES[lay.dtype], num_layers=1, num_kv_heads=lay.num_kv_heads,
                 head_dim=lay.head_size, tokens_per_block=lay.cache_block_tokens,
-                tp_rank=lay.tp_rank, tp_size=lay.tp_size)
+                tp_rank=lay.tp_rank, tp_size=lay.tp_size, timeout=timeout)
             self._namespaces[layer] = ns
         return ns
 
@@ -430,7 +450,9 @@ class KvstrataConnector(KVConnectorBase_V1):
         """On the hint thread: the last published block of every layer's namespace."""
         try:
             for layer in range(self._layout.num_layers):
-                ns = self._namespace(layer)
+                if self._hints.closed:
+                    return
+                ns = self._namespace(layer, timeout=self._hint_timeout)
                 last = ns.keys(tokens)[-1]
                 ns.request_finished(last, output_tokens, timeout=self._hint_timeout)
                 self.stats["request_hints"] += 1
@@ -448,7 +470,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         return self._hints.wait(timeout)
 
     def shutdown(self):
-        self._hints.wait(timeout=self._hint_timeout)
+        self._hints.wait(timeout=self._hint_timeout)  # a short grace for queued hints
         self._hints.close()
         base = getattr(super(), "shutdown", None)  # older vLLM bases have none
         return base() if base is not None else None
