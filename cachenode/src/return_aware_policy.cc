@@ -99,8 +99,10 @@ class ReturnStats {
 class ReturnAwarePolicy final : public EvictionPolicy {
  public:
   void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
-    if (auto it = blocks_.find(id); it != blocks_.end()) {
-      Touch(id, it->second);
+    auto [it, inserted] = blocks_.try_emplace(id);
+    Block& block = it->second;  // stable: blocks_ gains nothing else below
+    if (!inserted) {
+      Touch(id, block);
       return;
     }
     Chain* chain = nullptr;
@@ -123,11 +125,10 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     // A root starts a turn; so does a block whose parent is not here (the
     // tier above or below may hold it): it is treated as a chain of its own.
     if (chain == nullptr) chain = &StartTurn(id);
-    auto [it, inserted] = blocks_.try_emplace(id);
-    Block& block = it->second;
     block.chain = chain;
     block.touched = clock_;
     chain->live.push_back(id);
+    if (chain->output_class == kPending) ++pending_blocks_;
     block.position = std::prev(chain->live.end());
     ++chain->resident;
     if (chain->live.size() == 1) List(*chain);
@@ -147,6 +148,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       dead_.erase(block.position);
     } else {
       chain.live.erase(block.position);
+      if (chain.output_class == kPending) --pending_blocks_;
       if (chain.live.empty()) Unlist(chain);
     }
     const bool had_child = block.has_last_child;
@@ -161,6 +163,9 @@ class ReturnAwarePolicy final : public EvictionPolicy {
 
   std::optional<BlockId> Victim() override {
     if (!dead_.empty()) return dead_.back();
+    // A full tier asks again and again while one request is stored; the
+    // choice stands until a turn starts, a hint lands or a chain changes list.
+    if (victim_valid_) return victim_->live.back();
     Chain* victim = nullptr;
     double lowest = 0;
     for (int kind : {kFirst, kLater}) {
@@ -177,6 +182,8 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       }
     }
     if (victim == nullptr) return std::nullopt;
+    victim_ = victim;
+    victim_valid_ = true;
     return victim->live.back();  // deepest first: the prefix stays whole
   }
 
@@ -187,6 +194,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     Chain& chain = *block.chain;
     const int kind = block.touched == chain.first_turn ? kFirst : kLater;
     const int cls = OutputClass(output_tokens);
+    victim_valid_ = false;  // what is learned or the chain's class changes
     if (block.touched != chain.last_turn) {
       // The hint of an earlier turn, arriving after the chain came back.
       stats_.Turn(kind, cls);
@@ -200,6 +208,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     hints_seen_ = true;
     const bool listed = chain.listed;
     if (listed) Unlist(chain);
+    pending_blocks_ -= chain.live.size();
     chain.output_class = cls;
     if (listed) List(chain);
   }
@@ -228,14 +237,17 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   };
 
   // The value of keeping a chain one more turn: the chance it comes back.
-  // A turn still waiting for its hint is kept, unless the hint is overdue
-  // (twice the longest recent delay), or none was ever sent: then all chains
-  // are pending and rank by age alone, like LRU over whole chains.
+  // A turn waiting for its hint is kept (its hint may show it is worth
+  // keeping: deciding before it arrives would throw that away) while turns
+  // waiting hold at most a tenth of the blocks (S3-FIFO's small queue) and
+  // its hint is not overdue (twice the longest recent delay); past that it
+  // is valued by its kind alone. Without hints every chain ranks so.
   double Value(const Chain& chain) {
     const uint64_t silence = clock_ - chain.last_turn;
     if (chain.output_class == kPending) {
-      if (!hints_seen_ || silence <= 2 * hint_delay_ + 1) return 2;
-      return stats_.Alive(chain.kind, kAnyOutput, silence);
+      const bool waiting = pending_blocks_ * 10 <= blocks_.size() &&
+                           (!hints_seen_ || silence <= 2 * hint_delay_ + 1);
+      return waiting ? 2 : stats_.Alive(chain.kind, kAnyOutput, silence);
     }
     return stats_.Alive(chain.kind, chain.output_class, silence);
   }
@@ -244,6 +256,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // root never seen (or forgotten).
   Chain& StartTurn(const BlockId& root) {
     ++clock_;
+    victim_valid_ = false;
     auto [it, created] = chains_.try_emplace(root);
     Chain& chain = it->second;
     if (created) {
@@ -257,6 +270,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       chain.kind = kLater;
     }
     stats_.Turn(chain.kind, kAnyOutput);
+    if (chain.output_class != kPending) pending_blocks_ += chain.live.size();
     chain.output_class = kPending;
     chain.last_turn = clock_;
     if (chain.listed) {
@@ -271,6 +285,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     Chain& chain = *block.chain;
     if (block.dead) {  // asked for again after all
       chain.live.splice(chain.live.end(), dead_, block.position);
+      if (chain.output_class == kPending) ++pending_blocks_;
       block.dead = false;
       if (chain.live.size() == 1) List(chain);
     }
@@ -283,6 +298,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     if (block.dead) return;
     Chain& chain = *block.chain;
     dead_.splice(dead_.begin(), chain.live, block.position);
+    if (chain.output_class == kPending) --pending_blocks_;
     block.dead = true;
     if (chain.live.empty()) Unlist(chain);
   }
@@ -299,11 +315,13 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     }
     chain.class_position = chains.insert(at, &chain);
     chain.listed = true;
+    victim_valid_ = false;
   }
   void Unlist(Chain& chain) {
     if (!chain.listed) return;
     classes_[chain.kind][chain.output_class].erase(chain.class_position);
     chain.listed = false;
+    victim_valid_ = false;
   }
 
   // Chains are remembered after their blocks are gone, so a conversation
@@ -334,7 +352,10 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   ReturnStats stats_;
   double hint_delay_ = 0;  // longest recent hint delay, in turns (decays)
   bool hints_seen_ = false;
+  size_t pending_blocks_ = 0;  // live blocks of chains whose turn waits for its hint
   size_t high_water_ = 0;
+  Chain* victim_ = nullptr;  // Victim's last choice, while victim_valid_
+  bool victim_valid_ = false;
 };
 
 }  // namespace
