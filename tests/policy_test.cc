@@ -320,6 +320,31 @@ TEST(ReturnAwareTest, ATurnWaitingForItsHintIsKept) {
   EXPECT_LT(Position(order, 5), Position(order, 1));
 }
 
+TEST(ReturnAwareTest, AFetchBeforeTheHintIsTheSameRequest) {
+  auto policy = MakeReturnAwarePolicy();
+  // Taught: first turns ending after 8 tokens come back, their later turns
+  // (also 8 tokens) never do, and first turns ending after 1000 never do.
+  TeachOutputClasses(*policy, 1000);
+  // Hints arrive a few requests late here.
+  policy->OnInsert(Id(900), std::nullopt);
+  for (uint64_t n = 901; n <= 904; ++n) policy->OnInsert(Id(n), std::nullopt);
+  policy->OnRequestFinished(Id(900), 1000);
+  // X: a new chain, hit again (its Fetch) after another request came in, then
+  // finished after 8 tokens. Still X's first turn: worth keeping. Counted as a
+  // second turn it would be worth as little as Y.
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(5), std::nullopt);  // Y, another request
+  policy->OnHit(Id(1));
+  policy->OnHit(Id(2));
+  policy->OnRequestFinished(Id(2), 8);
+  policy->OnInsert(Id(6), Id(5));
+  policy->OnRequestFinished(Id(6), 1000);
+  const std::vector<uint64_t> order = EvictionOrder(*policy);
+  EXPECT_LT(Position(order, 5), Position(order, 1));
+  EXPECT_LT(Position(order, 6), Position(order, 2));
+}
+
 TEST(ReturnAwareTest, SupersededTailGoesFirst) {
   auto policy = MakeReturnAwarePolicy();
   policy->OnInsert(Id(1), std::nullopt);

@@ -245,11 +245,18 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   double Value(const Chain& chain) {
     const uint64_t silence = clock_ - chain.last_turn;
     if (chain.output_class == kPending) {
-      const bool waiting = pending_blocks_ * 10 <= blocks_.size() &&
-                           (!hints_seen_ || silence <= 2 * hint_delay_ + 1);
+      const bool waiting =
+          pending_blocks_ * 10 <= blocks_.size() && (!hints_seen_ || !Overdue(chain));
       return waiting ? 2 : stats_.Alive(chain.kind, kAnyOutput, silence);
     }
     return stats_.Alive(chain.kind, chain.output_class, silence);
+  }
+
+  bool Overdue(const Chain& chain) const {
+    return clock_ - chain.last_turn > 2 * hint_delay_ + 1;
+  }
+  bool InProgress(const Chain& chain) const {
+    return hints_seen_ && chain.output_class == kPending && !Overdue(chain);
   }
 
   // Starts a turn of the chain rooted at `root`, creating the chain for a
@@ -289,8 +296,12 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       block.dead = false;
       if (chain.live.size() == 1) List(chain);
     }
-    // A root hit starts a turn, once per request.
-    if (chain.root == id && chain.last_turn != clock_) StartTurn(id);
+    // A root hit starts a turn, unless it is the same request's: hit again
+    // in this turn, or (with hints flowing) while its turn still waits for
+    // its finished-hint, as a Fetch after the request's Lookup does when
+    // other requests came in between. A conversation's next request comes
+    // after the previous one finished.
+    if (chain.root == id && chain.last_turn != clock_ && !InProgress(chain)) StartTurn(id);
     block.touched = clock_;
   }
 
