@@ -7,7 +7,6 @@
 #include <list>
 #include <utility>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/container/node_hash_map.h"
 #include "kvstrata/cachenode/eviction_policy.h"
 
@@ -107,19 +106,24 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     }
     Chain* chain = nullptr;
     if (parent.has_value() && !(*parent == id)) {
-      if (auto p = blocks_.find(*parent); p != blocks_.end()) {
-        Block& parent_block = p->second;
+      // Blocks of a request arrive in order: the parent is usually the
+      // block touched just before.
+      Block* parent_block = last_touched_ != nullptr && last_touched_->first == *parent
+                                ? &last_touched_->second
+                                : nullptr;
+      if (parent_block == nullptr) {
+        if (auto p = blocks_.find(*parent); p != blocks_.end()) parent_block = &p->second;
+      }
+      if (parent_block != nullptr) {
         // A new child replaces the previous request's partial tail: that
         // block cannot extend a prefix any more.
-        if (parent_block.has_last_child && !(parent_block.last_child == id.key)) {
-          if (auto old = blocks_.find(BlockId{id.namespace_id, parent_block.last_child});
-              old != blocks_.end()) {
-            Kill(old->second);
-          }
+        if (Block* old = parent_block->newest_child; old != nullptr) {
+          old->parent = nullptr;
+          Kill(*old);
         }
-        parent_block.last_child = id.key;
-        parent_block.has_last_child = true;
-        chain = parent_block.chain;
+        parent_block->newest_child = &block;
+        block.parent = parent_block;
+        chain = parent_block->chain;
       }
     }
     // A root starts a turn; so does a block whose parent is not here (the
@@ -133,10 +137,14 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     ++chain->resident;
     if (chain->live.size() == 1) List(*chain);
     high_water_ = std::max(high_water_, blocks_.size());
+    last_touched_ = &*it;
   }
 
   void OnHit(const BlockId& id) override {
-    if (auto it = blocks_.find(id); it != blocks_.end()) Touch(id, it->second);
+    if (auto it = blocks_.find(id); it != blocks_.end()) {
+      Touch(id, it->second);
+      last_touched_ = &*it;
+    }
   }
 
   void OnErase(const BlockId& id) override {
@@ -151,13 +159,15 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       if (chain.output_class == kPending) --pending_blocks_;
       if (chain.live.empty()) Unlist(chain);
     }
-    const bool had_child = block.has_last_child;
-    const BlockKey child = block.last_child;
+    if (block.parent != nullptr) block.parent->newest_child = nullptr;
+    Block* child = block.newest_child;
+    if (last_touched_ == &*it) last_touched_ = nullptr;
     blocks_.erase(it);
     if (--chain.resident == 0) Remember(chain);
     // Its newest child can no longer extend a cached prefix.
-    if (had_child) {
-      if (auto c = blocks_.find(BlockId{id.namespace_id, child}); c != blocks_.end()) Kill(c->second);
+    if (child != nullptr) {
+      child->parent = nullptr;
+      Kill(*child);
     }
   }
 
@@ -230,8 +240,10 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   struct Block {
     Chain* chain = nullptr;
     std::list<BlockId>::iterator position;  // in chain->live, or in dead_
-    BlockKey last_child;                    // the newest child inserted under it
-    bool has_last_child = false;
+    // The newest child inserted under it, and that child's link back (only
+    // the newest child keeps one: older children are dead).
+    Block* newest_child = nullptr;
+    Block* parent = nullptr;
     bool dead = false;
     uint64_t touched = 0;  // the turn that last inserted or hit it
   };
@@ -355,7 +367,8 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   }
 
   uint64_t clock_ = 0;  // turns started
-  absl::flat_hash_map<BlockId, Block> blocks_;
+  absl::node_hash_map<BlockId, Block> blocks_;  // stable addresses: blocks link each other
+  std::pair<const BlockId, Block>* last_touched_ = nullptr;  // inserted or hit last
   absl::node_hash_map<BlockId, Chain> chains_;  // by root; stable addresses
   std::list<Chain*> classes_[2][kPending + 1];
   std::list<BlockId> dead_;  // newest first
