@@ -58,10 +58,12 @@ class ReturnStats {
 
   // P(the turn comes back | its class, no return in the `silence` turns since
   // it): Bayes with the class's return rate as prior and the kind's survival
-  // function of gaps as likelihood. Laplace's rule for the rate (an unseen
-  // class starts at one half).
+  // function of gaps as likelihood. The class's rate is shrunk toward its
+  // kind's with two pseudo-turns, so a class seldom seen starts at the kind's
+  // rate (empirical Bayes; the kind's own rate by Laplace's rule).
   double Alive(int kind, int output_class, uint64_t silence) {
-    const double p = (returns_[kind][output_class] + 1) / (turns_[kind][output_class] + 2);
+    const double kind_rate = (returns_[kind][kAnyOutput] + 1) / (turns_[kind][kAnyOutput] + 2);
+    const double p = (returns_[kind][output_class] + 2 * kind_rate) / (turns_[kind][output_class] + 2);
     const double x = p * Survival(kind, silence);
     return x / (x + (1 - p));
   }
