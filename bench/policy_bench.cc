@@ -13,9 +13,13 @@
 #include "kvstrata/cachenode/replay.h"
 
 ABSL_FLAG(std::string, trace, KVSTRATA_DEFAULT_TRACE, "A Mooncake-format trace.");
-ABSL_FLAG(std::string, policies, "lru,prefix-lru,chain-protect,chain-slru", "Policies to compare.");
+ABSL_FLAG(std::string, policies, "lru,prefix-lru,chain-protect,chain-slru,return-aware",
+          "Policies to compare.");
 ABSL_FLAG(std::string, fractions, "0.05,0.1,0.2", "Capacities as fractions of distinct blocks.");
 ABSL_FLAG(int, requests, 0, "Replay only the first N requests (0: all).");
+ABSL_FLAG(double, decode_ms_per_token, 50,
+          "A request's finished-hint reaches the policy at its timestamp + output_length x this "
+          "(ms); negative: no hints.");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
@@ -43,8 +47,10 @@ int main(int argc, char** argv) {
   }
   const std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policies), ',', absl::SkipEmpty());
+  kvstrata::cachenode::ReplayOptions options;
+  options.decode_ms_per_token = absl::GetFlag(FLAGS_decode_ms_per_token);
   auto best = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies,
-                                                   absl::GetFlag(FLAGS_repeats));
+                                                   absl::GetFlag(FLAGS_repeats), options);
   if (!best.ok()) {
     std::fprintf(stderr, "%s\n", best.status().ToString().c_str());
     return 1;

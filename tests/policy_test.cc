@@ -1,5 +1,5 @@
-// Invariants every eviction policy keeps, and what chain-protect does that
-// LRU does not.
+// Invariants every eviction policy keeps, and what chain-protect and
+// return-aware do that LRU does not.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -47,6 +47,8 @@ std::vector<TraceRequest> RandomConversations(uint32_t seed, int requests) {
     std::vector<uint64_t> ids = body;
     ids.push_back(next_id++);  // this turn's partial tail
     trace.push_back(Request(ids));
+    trace.back().timestamp = 100.0 * i;
+    trace.back().output_length = rng() % 600;  // hints for return-aware
   }
   return trace;
 }
@@ -94,6 +96,10 @@ TEST_P(PolicyInvariants, CapacityVictimsAndPrefixes) {
         ASSERT_EQ(policy.size(), cached.size());
         ASSERT_LE(policy.size(), capacity);
       }
+      // Hints, for the blocks held or long gone, change nothing here.
+      policy.OnRequestFinished(Id(request.hash_ids.back()), request.output_length);
+      policy.OnRequestFinished(Id(request.hash_ids.front() + 100000), 5);
+      ASSERT_EQ(policy.size(), cached.size());
     }
     // Draining through Victim empties the policy.
     while (std::optional<BlockId> victim = policy.Victim()) {
@@ -120,7 +126,8 @@ TEST_P(PolicyInvariants, DeterministicForAFixedTrace) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllPolicies, PolicyInvariants,
-                         ::testing::Values("lru", "prefix-lru", "chain-protect", "chain-slru"),
+                         ::testing::Values("lru", "prefix-lru", "chain-protect", "chain-slru",
+                                           "return-aware"),
                          [](const auto& info) {
                            std::string name = info.param;
                            for (char& c : name) c = c == '-' ? '_' : c;
@@ -179,7 +186,7 @@ TEST(BeladyPrefixTest, NoPolicyBeatsThePrefixOptimum) {
     const uint64_t belady = ReplayBelady(trace, capacity).prefix_hit_blocks;
     ASSERT_LE(belady, best) << "round " << round;
     belady_below += belady < best;
-    for (const char* name : {"lru", "prefix-lru", "chain-protect", "chain-slru"}) {
+    for (const char* name : {"lru", "prefix-lru", "chain-protect", "chain-slru", "return-aware"}) {
       auto policy = MakeEvictionPolicy(name);
       ASSERT_TRUE(policy.ok());
       ASSERT_LE(Replay(trace, capacity, **policy).prefix_hit_blocks, best)
@@ -247,6 +254,160 @@ TEST(ChainProtectTest, NodeFlagNamesThePolicies) {
   EXPECT_TRUE(MakeEvictionPolicy("chain-protect").ok());
   EXPECT_TRUE(MakeEvictionPolicy("chain-slru").ok());
   EXPECT_FALSE(MakeEvictionPolicy("belady").ok());
+}
+
+// Teaches a return-aware policy that chains whose requests ended after 8
+// output tokens come back and those ending after 1000 do not: 30 of each,
+// ids from `base`, two blocks per chain (root, then root + 1).
+void TeachOutputClasses(EvictionPolicy& policy, uint64_t base) {
+  for (uint64_t c = 0; c < 60; ++c) {
+    const uint64_t root = base + 10 * c;
+    policy.OnInsert(Id(root), std::nullopt);
+    policy.OnInsert(Id(root + 1), Id(root));
+    policy.OnRequestFinished(Id(root + 1), c % 2 == 0 ? 8 : 1000);
+  }
+  for (uint64_t c = 0; c < 60; c += 2) {  // the short ones come back
+    policy.OnHit(Id(base + 10 * c));
+    policy.OnHit(Id(base + 10 * c + 1));
+    policy.OnRequestFinished(Id(base + 10 * c + 1), 8);
+  }
+}
+
+// The order in which a policy gives up everything it holds.
+std::vector<uint64_t> EvictionOrder(EvictionPolicy& policy) {
+  std::vector<uint64_t> order;
+  while (std::optional<BlockId> victim = policy.Victim()) {
+    order.push_back(Number(*victim));
+    policy.OnErase(*victim);
+  }
+  return order;
+}
+
+size_t Position(const std::vector<uint64_t>& order, uint64_t n) {
+  return std::find(order.begin(), order.end(), n) - order.begin();
+}
+
+TEST(ReturnAwareTest, KeepsTheChainsItsHintsSayComeBack) {
+  auto policy = MakeReturnAwarePolicy();
+  TeachOutputClasses(*policy, 1000);
+  // Two new chains: A (short output) first, then B (long output). LRU would
+  // give up A first; return-aware gives up B, deepest block first.
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnRequestFinished(Id(2), 8);
+  policy->OnInsert(Id(5), std::nullopt);
+  policy->OnInsert(Id(6), Id(5));
+  policy->OnInsert(Id(7), Id(6));
+  policy->OnRequestFinished(Id(7), 1000);
+  const std::vector<uint64_t> order = EvictionOrder(*policy);
+  EXPECT_LT(Position(order, 7), Position(order, 6));
+  EXPECT_LT(Position(order, 6), Position(order, 5));
+  EXPECT_LT(Position(order, 5), Position(order, 1));
+  EXPECT_LT(Position(order, 2), Position(order, 1));  // A's tail before its root
+  EXPECT_LT(Position(order, 1010), Position(order, 1))
+      << "an unreturned long-output chain outlived a new short-output one";
+}
+
+TEST(ReturnAwareTest, ATurnWaitingForItsHintIsKept) {
+  auto policy = MakeReturnAwarePolicy();
+  TeachOutputClasses(*policy, 1000);
+  policy->OnInsert(Id(1), std::nullopt);  // D: no hint yet
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(5), std::nullopt);  // C: newer, but its hint says it will not return
+  policy->OnRequestFinished(Id(5), 1000);
+  const std::vector<uint64_t> order = EvictionOrder(*policy);
+  EXPECT_LT(Position(order, 5), Position(order, 2));
+  EXPECT_LT(Position(order, 5), Position(order, 1));
+}
+
+TEST(ReturnAwareTest, AFetchBeforeTheHintIsTheSameRequest) {
+  auto policy = MakeReturnAwarePolicy();
+  // Taught: first turns ending after 8 tokens come back, their later turns
+  // (also 8 tokens) never do, and first turns ending after 1000 never do.
+  TeachOutputClasses(*policy, 1000);
+  // Hints arrive a few requests late here.
+  policy->OnInsert(Id(900), std::nullopt);
+  for (uint64_t n = 901; n <= 904; ++n) policy->OnInsert(Id(n), std::nullopt);
+  policy->OnRequestFinished(Id(900), 1000);
+  // X: a new chain, hit again (its Fetch) after another request came in, then
+  // finished after 8 tokens. Still X's first turn: worth keeping. Counted as a
+  // second turn it would be worth as little as Y.
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(5), std::nullopt);  // Y, another request
+  policy->OnHit(Id(1));
+  policy->OnHit(Id(2));
+  policy->OnRequestFinished(Id(2), 8);
+  policy->OnInsert(Id(6), Id(5));
+  policy->OnRequestFinished(Id(6), 1000);
+  const std::vector<uint64_t> order = EvictionOrder(*policy);
+  EXPECT_LT(Position(order, 5), Position(order, 1));
+  EXPECT_LT(Position(order, 6), Position(order, 2));
+}
+
+TEST(ReturnAwareTest, SupersededTailGoesFirst) {
+  auto policy = MakeReturnAwarePolicy();
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(3), Id(2));
+  policy->OnInsert(Id(8), std::nullopt);  // another chain, newer
+  policy->OnHit(Id(1));                   // the next turn of the first
+  policy->OnHit(Id(2));
+  policy->OnInsert(Id(4), Id(2));  // 3 is replaced by 4
+  EXPECT_EQ(policy->Victim(), Id(3));
+}
+
+// Records when each hint reaches a policy, counted in requests replayed.
+class HintRecorder final : public EvictionPolicy {
+ public:
+  void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
+    if (!parent.has_value()) ++requests;
+    held.insert(Number(id));
+  }
+  void OnHit(const BlockId&) override {}
+  void OnErase(const BlockId& id) override { held.erase(Number(id)); }
+  std::optional<BlockId> Victim() override {
+    if (held.empty()) return std::nullopt;
+    return Id(*held.begin());
+  }
+  size_t size() const override { return held.size(); }
+  void OnRequestFinished(const BlockId& last, uint32_t output) override {
+    hints.push_back({Number(last), output, requests});
+  }
+  struct Hint {
+    uint64_t block;
+    uint32_t output;
+    int after_requests;
+  };
+  absl::flat_hash_set<uint64_t> held;
+  std::vector<Hint> hints;
+  int requests = 0;
+};
+
+TEST(ReplayHintsTest, HintsArriveAfterTheirDecodeTime) {
+  // Requests every 100 ms, all distinct; request 0 decodes 10 tokens (500 ms
+  // at 50 ms per token), the others one token (50 ms).
+  std::vector<TraceRequest> trace;
+  for (uint64_t i = 0; i < 8; ++i) {
+    trace.push_back(Request({100 * (i + 1), 100 * (i + 1) + 1}));
+    trace.back().timestamp = 100.0 * i;
+    trace.back().output_length = i == 0 ? 10 : 1;
+  }
+  HintRecorder policy;
+  Replay(trace, 100, policy, ReplayOptions{.decode_ms_per_token = 50});
+  ASSERT_EQ(policy.hints.size(), 7u);  // the last request's hint is never due
+  // Request 1's hint (due at 150 ms) lands before request 2 (200 ms)...
+  EXPECT_EQ(policy.hints[0].block, 201u);
+  EXPECT_EQ(policy.hints[0].after_requests, 2);
+  // ...and request 0's (due at 500 ms) with request 4's, before request 5.
+  auto first = std::find_if(policy.hints.begin(), policy.hints.end(),
+                            [](const auto& h) { return h.block == 101; });
+  ASSERT_NE(first, policy.hints.end());
+  EXPECT_EQ(first->output, 10u);
+  EXPECT_EQ(first->after_requests, 5);
+  HintRecorder silent;
+  Replay(trace, 100, silent, ReplayOptions{.decode_ms_per_token = -1});
+  EXPECT_TRUE(silent.hints.empty());
 }
 
 }  // namespace

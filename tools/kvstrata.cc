@@ -48,7 +48,7 @@ ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines w
 ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
           "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
           "blocks (> 1), comma-separated.");
-ABSL_FLAG(std::string, policy, "lru,prefix-lru,chain-protect,chain-slru",
+ABSL_FLAG(std::string, policy, "lru,prefix-lru,chain-protect,chain-slru,return-aware",
           "replay: the eviction policies to measure, comma-separated.");
 ABSL_FLAG(bool, live, false,
           "replay: replay against the node at --node through the client (Lookup, Fetch of the "
@@ -61,6 +61,9 @@ ABSL_FLAG(bool, hints, true,
           "replay --live: after each request, send RequestFinished for its last block with the "
           "trace's output_length (a hint for the node's eviction policy); false to compare "
           "without.");
+ABSL_FLAG(double, decode_ms_per_token, 50,
+          "replay: a request's finished-hint (its output length) reaches the policy at its "
+          "timestamp + output_length x this (ms); negative: no hints.");
 ABSL_FLAG(int64_t, requests, 0, "replay: only the first N requests of the trace (0: all).");
 ABSL_FLAG(absl::Duration, timeout, absl::Seconds(30), "Timeout of each call.");
 ABSL_FLAG(std::string, tenant, "cli", "Namespace tenant.");
@@ -312,7 +315,10 @@ int Replay() {
   std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
   std::printf("trace: %zu requests, %zu distinct blocks\n", trace->size(), distinct);
-  auto rows = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies);
+  kvstrata::cachenode::ReplayOptions replay_options;
+  replay_options.decode_ms_per_token = absl::GetFlag(FLAGS_decode_ms_per_token);
+  auto rows = kvstrata::cachenode::ComparePolicies(*trace, capacities, policies, /*repeats=*/3,
+                                                   replay_options);
   if (!rows.ok()) return Die(rows.status());
   std::fputs(kvstrata::cachenode::FormatComparisons(*rows, distinct).c_str(), stdout);
   return 0;
@@ -365,7 +371,11 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
               capacity_blocks);
   std::vector<std::string> policies =
       absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty());
-  auto rows = kvstrata::cachenode::ComparePolicies(trace, {capacity_blocks}, policies, 1);
+  // Offline hints as the live run sent them: right after each request, or none.
+  kvstrata::cachenode::ReplayOptions replay_options;
+  replay_options.decode_ms_per_token = options.hints ? 0 : -1;
+  auto rows =
+      kvstrata::cachenode::ComparePolicies(trace, {capacity_blocks}, policies, 1, replay_options);
   if (!rows.ok()) return Die(rows.status());
   std::fputs(
       kvstrata::cachenode::FormatComparisons(*rows, kvstrata::cachenode::DistinctBlocks(trace))

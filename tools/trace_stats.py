@@ -2,7 +2,8 @@
 """Why Belady beats LRU on a Mooncake trace (cachenode/README.md).
 
 Prints: request kinds, P(another turn | turns so far), inter-arrival of a
-chain's turns, and which reuses Belady and LRU catch by turn and gap.
+chain's turns, P(another turn | output length), and which reuses Belady and
+LRU catch by turn and gap.
 Usage: /usr/bin/python3 tools/trace_stats.py TRACE [capacity_fraction]
 """
 import collections, heapq, json, sys
@@ -39,6 +40,18 @@ for i in range(len(T)):
 for t, L in sorted(ia.items()):
     L.sort(); print("turn %d gap in requests: p25 %d p50 %d p75 %d p90 %d" %
                     (t, L[len(L) // 4], L[len(L) // 2], L[3 * len(L) // 4], L[9 * len(L) // 10]))
+
+# What a request's output length says about its chain coming back (known to
+# the engine when the request finishes: return-aware's hint).
+ret = collections.defaultdict(lambda: [0, 0])
+for v in byroot.values():
+    for t, i in enumerate(v):
+        if i >= len(T) - 500: continue  # too recent to have come back
+        k = ("first" if t == 0 else "later", min(T[i]["output_length"].bit_length() - 1, 10))
+        ret[k][0] += 1; ret[k][1] += t + 1 < len(v)
+for kind in ("first", "later"):
+    print("P(another turn | %s turn, output 2^k tokens):" % kind,
+          {k: "%.2f (%d)" % (b / a, a) for (kd, k), (a, b) in sorted(ret.items()) if kd == kind})
 
 def prefix_hits(belady):
     seq = [x for r in T for x in r["hash_ids"]]; nxt = [0] * len(seq); nx = {}

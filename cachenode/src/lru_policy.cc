@@ -117,6 +117,7 @@ absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_v
   if (name == "prefix-lru") return MakePrefixLruPolicy();
   if (name == "chain-protect") return MakeChainProtectPolicy(0.0);
   if (name == "chain-slru") return MakeChainProtectPolicy(0.1);
+  if (name == "return-aware") return MakeReturnAwarePolicy();
   return absl::InvalidArgumentError(absl::StrCat("unknown eviction policy '", std::string(name),
                                                  "' (known: ", kEvictionPolicyNames, ")"));
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <queue>
 
 #include "absl/container/flat_hash_map.h"
@@ -94,11 +95,25 @@ void CountPrefix(const TraceRequest& request, const Cached& cached, ReplayResult
 }  // namespace
 
 ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
-                    EvictionPolicy& policy) {
+                    EvictionPolicy& policy, const ReplayOptions& options) {
   ReplayResult result;
   absl::flat_hash_set<uint64_t> cached;
+  // Hints not delivered yet: (due time, request index), earliest first.
+  using Hint = std::pair<double, size_t>;
+  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
   const absl::Time start = absl::Now();
-  for (const TraceRequest& request : trace) {
+  for (size_t r = 0; r < trace.size(); ++r) {
+    const TraceRequest& request = trace[r];
+    while (!hints.empty() && hints.top().first <= request.timestamp) {
+      const TraceRequest& finished = trace[hints.top().second];
+      hints.pop();
+      ++result.operations;
+      policy.OnRequestFinished(IdOf(finished.hash_ids.back()),
+                               static_cast<uint32_t>(std::min<uint64_t>(finished.output_length, UINT32_MAX)));
+    }
+    if (options.decode_ms_per_token >= 0 && !request.hash_ids.empty()) {
+      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
+    }
     CountPrefix(request, [&](uint64_t id) { return cached.contains(id); }, result);
     for (size_t i = 0; i < request.hash_ids.size(); ++i) {
       const uint64_t id = request.hash_ids[i];
@@ -196,7 +211,7 @@ double PolicyComparison::cost_vs_lru() const {
 
 absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
     const std::vector<TraceRequest>& trace, const std::vector<size_t>& capacities_blocks,
-    const std::vector<std::string>& policies, int repeats) {
+    const std::vector<std::string>& policies, int repeats, const ReplayOptions& options) {
   std::vector<PolicyComparison> rows;
   for (size_t capacity : capacities_blocks) {
     const ReplayResult belady = ReplayBelady(trace, capacity);
@@ -211,8 +226,8 @@ absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
         absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = MakeEvictionPolicy(name);
         if (!policy.ok()) return policy.status();
         std::unique_ptr<EvictionPolicy> lru = MakeLruPolicy();
-        ReplayResult lru_run = Replay(trace, capacity, *lru);
-        ReplayResult run = Replay(trace, capacity, **policy);
+        ReplayResult lru_run = Replay(trace, capacity, *lru, options);
+        ReplayResult run = Replay(trace, capacity, **policy, options);
         if (round == 0 || lru_run.seconds < row.lru.seconds) row.lru = lru_run;
         if (round == 0 || run.seconds < row.result.seconds) row.result = run;
       }

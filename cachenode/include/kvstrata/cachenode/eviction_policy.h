@@ -57,8 +57,21 @@ std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy();
 // "chain-protect" is share 0, "chain-slru" share 0.1 (S3-FIFO's small queue).
 std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
 
+// Conversations ranked by the chance they come back, learned online from
+// the hints of OnRequestFinished: per turn kind (a chain's first request or a
+// later one) and output-length class (log2 of the output tokens), the share
+// of turns that came back, and per kind the gaps after which they did. A
+// chain's value is P(it comes back | its class, the turns since its last
+// request), by Bayes; the victim is the deepest block of the least valuable
+// chain (O(number of classes) = O(1) per call), after dead blocks as in
+// chain-protect. A turn waiting for its hint is kept; without hints the
+// policy is LRU over whole chains. About 150 bytes per block plus about 150
+// per remembered chain (as many as the blocks it ever held).
+std::unique_ptr<EvictionPolicy> MakeReturnAwarePolicy();
+
 // A policy by its flag name ("lru", "prefix-lru", "chain-protect", "chain-slru").
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
-inline constexpr char kEvictionPolicyNames[] = "lru, prefix-lru, chain-protect, chain-slru";
+inline constexpr char kEvictionPolicyNames[] =
+    "lru, prefix-lru, chain-protect, chain-slru, return-aware";
 
 }  // namespace kvstrata::cachenode

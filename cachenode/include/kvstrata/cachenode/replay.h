@@ -47,8 +47,18 @@ struct ReplayResult {
 
 inline constexpr uint64_t kTraceTokensPerBlock = 512;
 
+struct ReplayOptions {
+  // Each request's EvictionPolicy::OnRequestFinished hint reaches the policy
+  // when the trace's clock (its timestamps, in ms) passes the request's
+  // timestamp + output_length x this: an engine learns the output length
+  // when decoding ends, not when the prompt's blocks are stored. Hints due
+  // at one moment arrive in that order, before the next request. Negative:
+  // no hints.
+  double decode_ms_per_token = 50;
+};
+
 ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
-                    EvictionPolicy& policy);
+                    EvictionPolicy& policy, const ReplayOptions& options = {});
 
 // Belady's offline optimum for the same replay: on a miss with a full cache,
 // evict the cached block whose next access is farthest (or skip caching the
@@ -73,7 +83,7 @@ struct PolicyComparison {
 // fastest time: hit counts are deterministic, timings on a shared machine not.
 absl::StatusOr<std::vector<PolicyComparison>> ComparePolicies(
     const std::vector<TraceRequest>& trace, const std::vector<size_t>& capacities_blocks,
-    const std::vector<std::string>& policies, int repeats = 3);
+    const std::vector<std::string>& policies, int repeats = 3, const ReplayOptions& options = {});
 
 // The comparisons as a table, one line per policy and capacity.
 std::string FormatComparisons(const std::vector<PolicyComparison>& rows, size_t distinct_blocks);

@@ -1,0 +1,393 @@
+// return-aware: see eviction_policy.h and cachenode/README.md ("return-aware")
+// for the trace facts behind it.
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <deque>
+#include <list>
+#include <utility>
+
+#include "absl/container/node_hash_map.h"
+#include "kvstrata/cachenode/eviction_policy.h"
+
+namespace kvstrata::cachenode {
+namespace {
+
+// Turn kinds: a conversation's first request, or a later one. They differ
+// most (on the Mooncake trace 18% of first turns come back, 81% of later ones).
+constexpr int kFirst = 0;
+constexpr int kLater = 1;
+// Output classes: log2 of the output length, 1024+ tokens together.
+constexpr int kOutputClasses = 11;
+// A turn whose hint has not arrived, and the statistics of all turns.
+constexpr int kPending = kOutputClasses;
+constexpr int kAnyOutput = kOutputClasses + 1;
+constexpr int kGapBuckets = 64;  // half-octaves of a gap counted in turns
+// Counts are halved when a kind has seen this many turns, so the estimates
+// follow a workload that changes instead of averaging over its whole past.
+constexpr double kHalvingTurns = 1 << 20;
+
+int OutputClass(uint32_t tokens) {
+  return std::min<int>(std::bit_width(std::max<uint32_t>(tokens, 1)) - 1, kOutputClasses - 1);
+}
+
+// floor(2 * log2(gap + 1)), clamped.
+int GapBucket(uint64_t gap) {
+  const uint64_t v = gap + 1;
+  const int k = std::bit_width(v) - 1;  // 2^k <= v < 2^(k+1)
+  if (k >= 31) return kGapBuckets - 1;
+  const int upper = v * v >= (uint64_t{1} << (2 * k + 1)) ? 1 : 0;  // v >= 2^k * sqrt(2)
+  return std::min(2 * k + upper, kGapBuckets - 1);
+}
+
+// What the policy has learned so far: per kind and output class, how many
+// turns were seen and how many came back; per kind, the gaps (in turns)
+// after which they came back.
+class ReturnStats {
+ public:
+  void Turn(int kind, int output_class) {
+    turns_[kind][output_class] += 1;
+    if (output_class == kAnyOutput && turns_[kind][kAnyOutput] >= kHalvingTurns) Halve(kind);
+  }
+  void Returned(int kind, int output_class) { returns_[kind][output_class] += 1; }
+  void Gap(int kind, uint64_t gap) {
+    gaps_[kind][GapBucket(gap)] += 1;
+    gap_count_[kind] += 1;
+    survival_stale_[kind] = true;
+  }
+
+  // P(the turn comes back | its class, no return in the `silence` turns since
+  // it): Bayes with the class's return rate as prior and the kind's survival
+  // function of gaps as likelihood. The class's rate is shrunk toward its
+  // kind's with two pseudo-turns, so a class seldom seen starts at the kind's
+  // rate (empirical Bayes; the kind's own rate by Laplace's rule).
+  double Alive(int kind, int output_class, uint64_t silence) {
+    const double kind_rate = (returns_[kind][kAnyOutput] + 1) / (turns_[kind][kAnyOutput] + 2);
+    const double p = (returns_[kind][output_class] + 2 * kind_rate) / (turns_[kind][output_class] + 2);
+    const double x = p * Survival(kind, silence);
+    return x / (x + (1 - p));
+  }
+
+ private:
+  // P(gap > silence | it comes back), from the gap histogram; half of the
+  // silence's own bucket counts as beyond it.
+  double Survival(int kind, uint64_t silence) {
+    if (gap_count_[kind] == 0) return 1;
+    if (survival_stale_[kind]) {
+      double beyond = 0;
+      for (int b = kGapBuckets - 1; b >= 0; --b) {
+        survival_[kind][b] = (beyond + gaps_[kind][b] / 2) / gap_count_[kind];
+        beyond += gaps_[kind][b];
+      }
+      survival_stale_[kind] = false;
+    }
+    return survival_[kind][GapBucket(silence)];
+  }
+  void Halve(int kind) {
+    for (double& t : turns_[kind]) t /= 2;
+    for (double& r : returns_[kind]) r /= 2;
+    for (double& g : gaps_[kind]) g /= 2;
+    gap_count_[kind] /= 2;
+    survival_stale_[kind] = true;
+  }
+
+  std::array<std::array<double, kAnyOutput + 1>, 2> turns_{}, returns_{};
+  std::array<std::array<double, kGapBuckets>, 2> gaps_{}, survival_{};
+  std::array<double, 2> gap_count_{};
+  std::array<bool, 2> survival_stale_{true, true};
+};
+
+class ReturnAwarePolicy final : public EvictionPolicy {
+ public:
+  void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
+    auto [it, inserted] = blocks_.try_emplace(id);
+    Block& block = it->second;  // stable: blocks_ gains nothing else below
+    if (!inserted) {
+      Touch(id, block);
+      return;
+    }
+    Chain* chain = nullptr;
+    if (parent.has_value() && !(*parent == id)) {
+      // Blocks of a request arrive in order: the parent is usually the
+      // block touched just before.
+      Block* parent_block = last_touched_ != nullptr && last_touched_->first == *parent
+                                ? &last_touched_->second
+                                : nullptr;
+      if (parent_block == nullptr) {
+        if (auto p = blocks_.find(*parent); p != blocks_.end()) parent_block = &p->second;
+      }
+      if (parent_block != nullptr) {
+        // A new child replaces the previous request's partial tail: that
+        // block cannot extend a prefix any more.
+        if (Block* old = parent_block->newest_child; old != nullptr) {
+          old->parent = nullptr;
+          Kill(*old);
+        }
+        parent_block->newest_child = &block;
+        block.parent = parent_block;
+        chain = parent_block->chain;
+      }
+    }
+    // A root starts a turn; so does a block whose parent is not here (the
+    // tier above or below may hold it): it is treated as a chain of its own.
+    if (chain == nullptr) chain = &StartTurn(id);
+    block.chain = chain;
+    block.touched = clock_;
+    chain->live.push_back(id);
+    if (chain->output_class == kPending) ++pending_blocks_;
+    block.position = std::prev(chain->live.end());
+    ++chain->resident;
+    if (chain->live.size() == 1) List(*chain);
+    high_water_ = std::max(high_water_, blocks_.size());
+    last_touched_ = &*it;
+  }
+
+  void OnHit(const BlockId& id) override {
+    if (auto it = blocks_.find(id); it != blocks_.end()) {
+      Touch(id, it->second);
+      last_touched_ = &*it;
+    }
+  }
+
+  void OnErase(const BlockId& id) override {
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return;
+    Block& block = it->second;
+    Chain& chain = *block.chain;
+    if (block.dead) {
+      dead_.erase(block.position);
+    } else {
+      chain.live.erase(block.position);
+      if (chain.output_class == kPending) --pending_blocks_;
+      if (chain.live.empty()) Unlist(chain);
+    }
+    if (block.parent != nullptr) block.parent->newest_child = nullptr;
+    Block* child = block.newest_child;
+    if (last_touched_ == &*it) last_touched_ = nullptr;
+    blocks_.erase(it);
+    if (--chain.resident == 0) Remember(chain);
+    // Its newest child can no longer extend a cached prefix.
+    if (child != nullptr) {
+      child->parent = nullptr;
+      Kill(*child);
+    }
+  }
+
+  std::optional<BlockId> Victim() override {
+    if (!dead_.empty()) return dead_.back();
+    // A full tier asks again and again while one request is stored; the
+    // choice stands until a turn starts, a hint lands or a chain changes list.
+    if (victim_valid_) return victim_->live.back();
+    Chain* victim = nullptr;
+    double lowest = 0;
+    for (int kind : {kFirst, kLater}) {
+      for (int cls = 0; cls <= kPending; ++cls) {
+        const std::list<Chain*>& chains = classes_[kind][cls];
+        if (chains.empty()) continue;
+        Chain* oldest = chains.back();
+        const double value = Value(*oldest);
+        if (victim == nullptr || value < lowest ||
+            (value == lowest && oldest->last_turn < victim->last_turn)) {
+          victim = oldest;
+          lowest = value;
+        }
+      }
+    }
+    if (victim == nullptr) return std::nullopt;
+    victim_ = victim;
+    victim_valid_ = true;
+    return victim->live.back();  // deepest first: the prefix stays whole
+  }
+
+  void OnRequestFinished(const BlockId& last_block, uint32_t output_tokens) override {
+    auto it = blocks_.find(last_block);
+    if (it == blocks_.end()) return;
+    const Block& block = it->second;
+    Chain& chain = *block.chain;
+    const int kind = block.touched == chain.first_turn ? kFirst : kLater;
+    const int cls = OutputClass(output_tokens);
+    victim_valid_ = false;  // what is learned or the chain's class changes
+    if (block.touched != chain.last_turn) {
+      // The hint of an earlier turn, arriving after the chain came back.
+      stats_.Turn(kind, cls);
+      stats_.Returned(kind, cls);
+      return;
+    }
+    if (chain.output_class != kPending) return;  // a repeated hint
+    stats_.Turn(kind, cls);
+    const uint64_t delay = clock_ - chain.last_turn;
+    hint_delay_ = std::max<double>(delay, hint_delay_ * (1 - 1.0 / 1024));
+    hints_seen_ = true;
+    const bool listed = chain.listed;
+    if (listed) Unlist(chain);
+    pending_blocks_ -= chain.live.size();
+    chain.output_class = cls;
+    if (listed) List(chain);
+  }
+
+  size_t size() const override { return blocks_.size(); }
+
+ private:
+  struct Chain {
+    BlockId root;
+    uint64_t first_turn = 0;
+    uint64_t last_turn = 0;
+    int kind = kFirst;           // of its latest turn
+    int output_class = kPending;  // of its latest turn, once hinted
+    std::list<BlockId> live;      // blocks that can extend a prefix, in insertion order
+    size_t resident = 0;          // live and dead blocks
+    bool listed = false;
+    std::list<Chain*>::iterator class_position;
+  };
+  struct Block {
+    Chain* chain = nullptr;
+    std::list<BlockId>::iterator position;  // in chain->live, or in dead_
+    // The newest child inserted under it, and that child's link back (only
+    // the newest child keeps one: older children are dead).
+    Block* newest_child = nullptr;
+    Block* parent = nullptr;
+    bool dead = false;
+    uint64_t touched = 0;  // the turn that last inserted or hit it
+  };
+
+  // The value of keeping a chain one more turn: the chance it comes back.
+  // A turn waiting for its hint is kept (its hint may show it is worth
+  // keeping: deciding before it arrives would throw that away) while turns
+  // waiting hold at most a tenth of the blocks (S3-FIFO's small queue) and
+  // its hint is not overdue (twice the longest recent delay); past that it
+  // is valued by its kind alone. Without hints every chain ranks so.
+  double Value(const Chain& chain) {
+    const uint64_t silence = clock_ - chain.last_turn;
+    if (chain.output_class == kPending) {
+      const bool waiting =
+          pending_blocks_ * 10 <= blocks_.size() && (!hints_seen_ || !Overdue(chain));
+      return waiting ? 2 : stats_.Alive(chain.kind, kAnyOutput, silence);
+    }
+    return stats_.Alive(chain.kind, chain.output_class, silence);
+  }
+
+  bool Overdue(const Chain& chain) const {
+    return clock_ - chain.last_turn > 2 * hint_delay_ + 1;
+  }
+  bool InProgress(const Chain& chain) const {
+    return hints_seen_ && chain.output_class == kPending && !Overdue(chain);
+  }
+
+  // Starts a turn of the chain rooted at `root`, creating the chain for a
+  // root never seen (or forgotten).
+  Chain& StartTurn(const BlockId& root) {
+    ++clock_;
+    victim_valid_ = false;
+    auto [it, created] = chains_.try_emplace(root);
+    Chain& chain = it->second;
+    if (created) {
+      chain.root = root;
+      chain.first_turn = clock_;
+      chain.kind = kFirst;
+    } else {
+      stats_.Gap(chain.kind, clock_ - chain.last_turn);
+      stats_.Returned(chain.kind, kAnyOutput);
+      if (chain.output_class != kPending) stats_.Returned(chain.kind, chain.output_class);
+      chain.kind = kLater;
+    }
+    stats_.Turn(chain.kind, kAnyOutput);
+    if (chain.output_class != kPending) pending_blocks_ += chain.live.size();
+    chain.output_class = kPending;
+    chain.last_turn = clock_;
+    if (chain.listed) {
+      Unlist(chain);
+      List(chain);
+    }
+    if (created) Remember(chain);
+    return chain;
+  }
+
+  void Touch(const BlockId& id, Block& block) {
+    Chain& chain = *block.chain;
+    if (block.dead) {  // asked for again after all
+      chain.live.splice(chain.live.end(), dead_, block.position);
+      if (chain.output_class == kPending) ++pending_blocks_;
+      block.dead = false;
+      if (chain.live.size() == 1) List(chain);
+    }
+    // A root hit starts a turn, unless it is the same request's: hit again
+    // in this turn, or (with hints flowing) while its turn still waits for
+    // its finished-hint, as a Fetch after the request's Lookup does when
+    // other requests came in between. A conversation's next request comes
+    // after the previous one finished.
+    if (chain.root == id && chain.last_turn != clock_ && !InProgress(chain)) StartTurn(id);
+    block.touched = clock_;
+  }
+
+  void Kill(Block& block) {
+    if (block.dead) return;
+    Chain& chain = *block.chain;
+    dead_.splice(dead_.begin(), chain.live, block.position);
+    if (chain.output_class == kPending) --pending_blocks_;
+    block.dead = true;
+    if (chain.live.empty()) Unlist(chain);
+  }
+
+  // Class lists hold chains with live blocks, newest turn first. A chain
+  // changes list at a new turn (to the front) or at its hint (usually near
+  // the front: hints come within a few requests; the walk is bounded).
+  void List(Chain& chain) {
+    std::list<Chain*>& chains = classes_[chain.kind][chain.output_class];
+    auto at = chains.begin();
+    for (int steps = 0; at != chains.end() && (*at)->last_turn > chain.last_turn && steps < 64;
+         ++steps) {
+      ++at;
+    }
+    chain.class_position = chains.insert(at, &chain);
+    chain.listed = true;
+    victim_valid_ = false;
+  }
+  void Unlist(Chain& chain) {
+    if (!chain.listed) return;
+    classes_[chain.kind][chain.output_class].erase(chain.class_position);
+    chain.listed = false;
+    victim_valid_ = false;
+  }
+
+  // Chains are remembered after their blocks are gone, so a conversation
+  // that returns after eviction still teaches the policy its gap; at most as
+  // many as the blocks the policy ever held (the tier's size, without the
+  // policy knowing it), forgetting the longest idle first.
+  void Remember(const Chain& chain) {
+    forget_order_.push_back({chain.root, chain.last_turn});
+    const size_t limit = std::max<size_t>(high_water_, 64);
+    while (chains_.size() > limit || forget_order_.size() > 2 * limit + 16) {
+      const auto [root, stamp] = forget_order_.front();
+      forget_order_.pop_front();
+      auto it = chains_.find(root);
+      // (Never the chain whose turn is starting: its first block is not in yet.)
+      if (it != chains_.end() && it->second.resident == 0 && it->second.last_turn == stamp &&
+          stamp != clock_) {
+        chains_.erase(it);
+      }
+    }
+  }
+
+  uint64_t clock_ = 0;  // turns started
+  absl::node_hash_map<BlockId, Block> blocks_;  // stable addresses: blocks link each other
+  std::pair<const BlockId, Block>* last_touched_ = nullptr;  // inserted or hit last
+  absl::node_hash_map<BlockId, Chain> chains_;  // by root; stable addresses
+  std::list<Chain*> classes_[2][kPending + 1];
+  std::list<BlockId> dead_;  // newest first
+  std::deque<std::pair<BlockId, uint64_t>> forget_order_;
+  ReturnStats stats_;
+  double hint_delay_ = 0;  // longest recent hint delay, in turns (decays)
+  bool hints_seen_ = false;
+  size_t pending_blocks_ = 0;  // live blocks of chains whose turn waits for its hint
+  size_t high_water_ = 0;
+  Chain* victim_ = nullptr;  // Victim's last choice, while victim_valid_
+  bool victim_valid_ = false;
+};
+
+}  // namespace
+
+std::unique_ptr<EvictionPolicy> MakeReturnAwarePolicy() {
+  return std::make_unique<ReturnAwarePolicy>();
+}
+
+}  // namespace kvstrata::cachenode
