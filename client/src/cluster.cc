@@ -438,6 +438,27 @@ absl::StatusOr<LookupResult> ClusterNamespace::Lookup(absl::Span<const BlockKey>
   return LookupResult{prefix};
 }
 
+absl::StatusOr<bool> ClusterNamespace::RequestFinished(const BlockKey& last_key,
+                                                      uint32_t output_tokens) {
+  Cluster::Impl& cluster = *cluster_->impl_;
+  const auto& spec = *static_cast<const v1::NamespaceSpec*>(spec_.get());
+  const std::vector<NodePtr> live = cluster.Live(false);
+  Plan plan;
+  for (const NodePtr& owner : OwnerNodes(last_key, live, CandidateCount(cluster, live))) {
+    AddToPlan(plan, owner, 0);
+  }
+  bool known = false;
+  for (bool node_knows : FanOut(plan, [&](const NodePtr& node, const std::vector<size_t>&) {
+         absl::StatusOr<bool> done = cluster.WithNamespace<bool>(
+             *node, id_, spec,
+             [&](Namespace& ns) { return ns.RequestFinished(last_key, output_tokens); });
+         return done.ok() && *done;
+       })) {
+    known = known || node_knows;
+  }
+  return known;
+}
+
 absl::StatusOr<TransferResult> ClusterNamespace::Publish(absl::Span<const PublishItem> items) {
   Cluster::Impl& cluster = *cluster_->impl_;
   const auto& spec = *static_cast<const v1::NamespaceSpec*>(spec_.get());

@@ -1,6 +1,7 @@
 // Several real kvstrata-node processes as one cache, over real UCX.
 #include <signal.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <set>
@@ -172,6 +173,30 @@ TEST_F(ThreeNodeTest, OneClientPublishesAnotherFetches) {
     v1::StatsResponse stats;
     ASSERT_TRUE(cluster->Stats(address, &stats).ok());
     EXPECT_NEAR(stats.tiers(0).blocks(), kCount / 3.0, 0.15 * kCount / 3.0) << address;
+  }
+}
+
+TEST_F(ThreeNodeTest, RequestFinishedReachesTheOwnerOfTheLastBlock) {
+  ASSERT_NO_FATAL_FAILURE(Start());
+  constexpr size_t kCount = 12;
+  const client::TransferResult published = PublishStream(*cluster, *ns, 3, kCount);
+  ASSERT_EQ(std::count(published.outcomes.begin(), published.outcomes.end(),
+                       client::BlockOutcome::kOk),
+            kCount);
+  const auto keys = ns->Keys(testing::Tokens(3, kCount, kTokensPerBlock));
+  const std::string owner = client::RendezvousOwners(keys.back(), addresses, 1)[0];
+  absl::StatusOr<bool> known = ns->RequestFinished(keys.back(), 42);
+  ASSERT_TRUE(known.ok()) << known.status();
+  EXPECT_TRUE(*known);
+  absl::StatusOr<bool> unknown = ns->RequestFinished(BlockKey{}, 42);
+  ASSERT_TRUE(unknown.ok()) << unknown.status();
+  EXPECT_FALSE(*unknown);
+  for (const std::string& address : addresses) {
+    v1::StatsResponse stats;
+    ASSERT_TRUE(cluster->Stats(address, &stats).ok());
+    // The owner got both hints (the unknown key may be owned elsewhere).
+    const uint64_t unknown_owned = client::RendezvousOwners(BlockKey{}, addresses, 1)[0] == address;
+    EXPECT_EQ(stats.request_hints(), (address == owner ? 1u : 0u) + unknown_owned) << address;
   }
 }
 

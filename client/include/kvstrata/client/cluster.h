@@ -54,6 +54,12 @@ class ClusterNamespace {
   absl::StatusOr<LookupResult> Lookup(absl::Span<const BlockKey> keys);
   absl::StatusOr<TransferResult> Publish(absl::Span<const PublishItem> items);
   absl::StatusOr<TransferResult> Fetch(absl::Span<const FetchItem> items);
+  // Namespace::RequestFinished, sent to every node that may hold `last_key`
+  // (its replicas, in parallel). True when one of them holds it; nodes that
+  // do not answer are skipped, as elsewhere. Each node's policy sees the
+  // blocks placed on it: a chain's blocks are spread over the nodes, so a
+  // chain-aware policy there ranks fragments of chains.
+  absl::StatusOr<bool> RequestFinished(const BlockKey& last_key, uint32_t output_tokens);
 
  private:
   friend class Cluster;
