@@ -42,7 +42,9 @@ ABSL_FLAG(std::string, eviction_policy, "lru",
           "Eviction policy of the DRAM tier: lru; prefix-lru (never evicts a block whose "
           "descendants are cached; chains leave from their tail); chain-protect (new chains and "
           "superseded tails leave before chains that were reused); chain-slru (the same, keeping "
-          "up to 10% of the tier for new chains).");
+          "up to 10% of the tier for new chains); return-aware (conversations ranked by the "
+          "chance they come back, learned from engines' RequestFinished hints; with hints the "
+          "best on the Mooncake trace, see cachenode/README.md).");
 ABSL_FLAG(std::string, ucx_transports, "",
           "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
           "or UCX's choice.");
