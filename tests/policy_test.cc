@@ -345,6 +345,17 @@ TEST(ReturnAwareTest, AFetchBeforeTheHintIsTheSameRequest) {
   EXPECT_LT(Position(order, 6), Position(order, 2));
 }
 
+TEST(ReturnAwareTest, WithoutHintsNewChainsGoBeforeReusedOnes) {
+  auto policy = MakeReturnAwarePolicy();
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(5), std::nullopt);
+  policy->OnHit(Id(1));  // chain 1's second request
+  policy->OnInsert(Id(8), std::nullopt);
+  // New chains oldest first, then the reused chain from its tail (LRU: 2, 5, 1, 8).
+  EXPECT_EQ(EvictionOrder(*policy), (std::vector<uint64_t>{5, 8, 2, 1}));
+}
+
 TEST(ReturnAwareTest, SupersededTailGoesFirst) {
   auto policy = MakeReturnAwarePolicy();
   policy->OnInsert(Id(1), std::nullopt);

@@ -255,12 +255,14 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // keeping: deciding before it arrives would throw that away) while turns
   // waiting hold at most a tenth of the blocks (S3-FIFO's small queue) and
   // its hint is not overdue (twice the longest recent delay); past that it
-  // is valued by its kind alone. Without hints every chain ranks so.
+  // is valued by its kind alone.
   double Value(const Chain& chain) {
+    // No engine sends hints: chain-protect's order (new chains, oldest first,
+    // before reused ones), which does better here than the kinds' estimates.
+    if (!hints_seen_) return chain.kind == kFirst ? 0 : 1;
     const uint64_t silence = clock_ - chain.last_turn;
     if (chain.output_class == kPending) {
-      const bool waiting =
-          pending_blocks_ * 10 <= blocks_.size() && (!hints_seen_ || !Overdue(chain));
+      const bool waiting = pending_blocks_ * 10 <= blocks_.size() && !Overdue(chain);
       return waiting ? 2 : stats_.Alive(chain.kind, kAnyOutput, silence);
     }
     return stats_.Alive(chain.kind, chain.output_class, silence);

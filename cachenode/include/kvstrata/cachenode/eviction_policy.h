@@ -64,8 +64,8 @@ std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
 // chain's value is P(it comes back | its class, the turns since its last
 // request), by Bayes; the victim is the deepest block of the least valuable
 // chain (O(number of classes) = O(1) per call), after dead blocks as in
-// chain-protect. A turn waiting for its hint is kept; without hints the
-// policy is LRU over whole chains. About 150 bytes per block plus about 150
+// chain-protect. A turn waiting for its hint is kept; until a first hint
+// arrives, chains go in chain-protect's order (new ones first, oldest first). About 150 bytes per block plus about 150
 // per remembered chain (as many as the blocks it ever held).
 std::unique_ptr<EvictionPolicy> MakeReturnAwarePolicy();
 
