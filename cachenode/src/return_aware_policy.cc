@@ -2,6 +2,7 @@
 // for the trace facts behind it.
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <bit>
 #include <deque>
 #include <list>
@@ -282,6 +283,9 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     victim_valid_ = false;
     auto [it, created] = chains_.try_emplace(root);
     Chain& chain = it->second;
+    // Out of its class list before its class changes; back at the front after.
+    const bool listed = chain.listed;
+    Unlist(chain);
     if (created) {
       chain.root = root;
       chain.first_turn = clock_;
@@ -296,10 +300,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     if (chain.output_class != kPending) pending_blocks_ += chain.live.size();
     chain.output_class = kPending;
     chain.last_turn = clock_;
-    if (chain.listed) {
-      Unlist(chain);
-      List(chain);
-    }
+    if (listed) List(chain);
     if (created) Remember(chain);
     return chain;
   }
@@ -334,6 +335,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // changes list at a new turn (to the front) or at its hint (usually near
   // the front: hints come within a few requests; the walk is bounded).
   void List(Chain& chain) {
+    assert(!chain.listed);
     std::list<Chain*>& chains = classes_[chain.kind][chain.output_class];
     auto at = chains.begin();
     for (int steps = 0; at != chains.end() && (*at)->last_turn > chain.last_turn && steps < 64;
