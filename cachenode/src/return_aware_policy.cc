@@ -2,7 +2,6 @@
 // for the trace facts behind it.
 #include <algorithm>
 #include <array>
-#include <cassert>
 #include <bit>
 #include <deque>
 #include <list>
@@ -178,7 +177,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     if (!dead_.empty()) return dead_.back();
     // A full tier asks again and again while one request is stored; the
     // choice stands until a turn starts, a hint lands or a chain changes list.
-    if (victim_valid_) return victim_->live.back();
+    if (victim_ != nullptr) return victim_->live.back();
     Chain* victim = nullptr;
     double lowest = 0;
     for (int kind : {kFirst, kLater}) {
@@ -196,7 +195,6 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     }
     if (victim == nullptr) return std::nullopt;
     victim_ = victim;
-    victim_valid_ = true;
     return victim->live.back();  // deepest first: the prefix stays whole
   }
 
@@ -207,7 +205,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     Chain& chain = *block.chain;
     const int kind = block.touched == chain.first_turn ? kFirst : kLater;
     const int cls = OutputClass(output_tokens);
-    victim_valid_ = false;  // what is learned or the chain's class changes
+    victim_ = nullptr;  // what is learned or the chain's class changes
     if (block.touched != chain.last_turn) {
       // The hint of an earlier turn, arriving after the chain came back.
       stats_.Turn(kind, cls);
@@ -219,7 +217,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     const uint64_t delay = clock_ - chain.last_turn;
     hint_delay_ = std::max<double>(delay, hint_delay_ * (1 - 1.0 / 1024));
     hints_seen_ = true;
-    const bool listed = chain.listed;
+    const bool listed = !chain.live.empty();
     if (listed) Unlist(chain);
     pending_blocks_ -= chain.live.size();
     chain.output_class = cls;
@@ -237,8 +235,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     int output_class = kPending;  // of its latest turn, once hinted
     std::list<BlockId> live;      // blocks that can extend a prefix, in insertion order
     size_t resident = 0;          // live and dead blocks
-    bool listed = false;
-    std::list<Chain*>::iterator class_position;
+    std::list<Chain*>::iterator class_position;  // valid while `live` is not empty
   };
   struct Block {
     Chain* chain = nullptr;
@@ -280,12 +277,12 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // root never seen (or forgotten).
   Chain& StartTurn(const BlockId& root) {
     ++clock_;
-    victim_valid_ = false;
+    victim_ = nullptr;
     auto [it, created] = chains_.try_emplace(root);
     Chain& chain = it->second;
     // Out of its class list before its class changes; back at the front after.
-    const bool listed = chain.listed;
-    Unlist(chain);
+    const bool listed = !chain.live.empty();
+    if (listed) Unlist(chain);
     if (created) {
       chain.root = root;
       chain.first_turn = clock_;
@@ -331,11 +328,12 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     if (chain.live.empty()) Unlist(chain);
   }
 
-  // Class lists hold chains with live blocks, newest turn first. A chain
-  // changes list at a new turn (to the front) or at its hint (usually near
-  // the front: hints come within a few requests; the walk is bounded).
+  // Class lists hold exactly the chains with live blocks, newest turn first:
+  // a chain is listed when its first live block arrives and unlisted when
+  // its last one goes. It changes list at a new turn (to the front) or at its
+  // hint (usually near the front: hints come within a few requests; the walk
+  // is bounded).
   void List(Chain& chain) {
-    assert(!chain.listed);
     std::list<Chain*>& chains = classes_[chain.kind][chain.output_class];
     auto at = chains.begin();
     for (int steps = 0; at != chains.end() && (*at)->last_turn > chain.last_turn && steps < 64;
@@ -343,14 +341,11 @@ class ReturnAwarePolicy final : public EvictionPolicy {
       ++at;
     }
     chain.class_position = chains.insert(at, &chain);
-    chain.listed = true;
-    victim_valid_ = false;
+    victim_ = nullptr;
   }
   void Unlist(Chain& chain) {
-    if (!chain.listed) return;
     classes_[chain.kind][chain.output_class].erase(chain.class_position);
-    chain.listed = false;
-    victim_valid_ = false;
+    victim_ = nullptr;
   }
 
   // Chains are remembered after their blocks are gone, so a conversation
@@ -384,8 +379,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   bool hints_seen_ = false;
   size_t pending_blocks_ = 0;  // live blocks of chains whose turn waits for its hint
   size_t high_water_ = 0;
-  Chain* victim_ = nullptr;  // Victim's last choice, while victim_valid_
-  bool victim_valid_ = false;
+  Chain* victim_ = nullptr;  // Victim's last choice, until something changes it
 };
 
 }  // namespace

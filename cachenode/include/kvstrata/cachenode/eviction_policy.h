@@ -65,11 +65,12 @@ std::unique_ptr<EvictionPolicy> MakeChainProtectPolicy(double probation_share);
 // request), by Bayes; the victim is the deepest block of the least valuable
 // chain (O(number of classes) = O(1) per call), after dead blocks as in
 // chain-protect. A turn waiting for its hint is kept; until a first hint
-// arrives, chains go in chain-protect's order (new ones first, oldest first). About 150 bytes per block plus about 150
-// per remembered chain (as many as the blocks it ever held).
+// arrives, chains go in chain-protect's order (new ones first, oldest
+// first). About 150 bytes per block plus about 150 per remembered chain (as
+// many as the blocks it ever held).
 std::unique_ptr<EvictionPolicy> MakeReturnAwarePolicy();
 
-// A policy by its flag name ("lru", "prefix-lru", "chain-protect", "chain-slru").
+// A policy by its flag name (kEvictionPolicyNames).
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name);
 inline constexpr char kEvictionPolicyNames[] =
     "lru, prefix-lru, chain-protect, chain-slru, return-aware";
