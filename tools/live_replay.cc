@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -101,10 +100,8 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
 
     // The engine generated the output and the request ended.
     if (options.hints && !keys.empty()) {
-      const auto output_tokens = static_cast<uint32_t>(
-          std::min<uint64_t>(request.output_length, std::numeric_limits<uint32_t>::max()));
       t = absl::Now();
-      absl::StatusOr<bool> known = ns.RequestFinished(keys.back(), output_tokens);
+      absl::StatusOr<bool> known = ns.RequestFinished(keys.back(), request.output_tokens());
       hints.push_back(Micros(t));
       if (known.ok()) {
         ++result.hints;

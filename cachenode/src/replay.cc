@@ -108,8 +108,7 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
       const TraceRequest& finished = trace[hints.top().second];
       hints.pop();
       ++result.operations;
-      policy.OnRequestFinished(IdOf(finished.hash_ids.back()),
-                               static_cast<uint32_t>(std::min<uint64_t>(finished.output_length, UINT32_MAX)));
+      policy.OnRequestFinished(IdOf(finished.hash_ids.back()), finished.output_tokens());
     }
     if (options.decode_ms_per_token >= 0 && !request.hash_ids.empty()) {
       hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});

@@ -8,6 +8,7 @@
 // the cache is full.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -22,6 +23,10 @@ struct TraceRequest {
   uint64_t input_length = 0;  // prompt tokens
   uint64_t output_length = 0;
   std::vector<uint64_t> hash_ids;  // one per 512-token block, in prefix order
+  // output_length as a request-finished hint carries it (32 bits, saturated).
+  uint32_t output_tokens() const {
+    return static_cast<uint32_t>(std::min<uint64_t>(output_length, UINT32_MAX));
+  }
 };
 
 // Reads a Mooncake-format trace: JSON lines with timestamp, input_length,
