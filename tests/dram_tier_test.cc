@@ -7,6 +7,7 @@
 
 #include "kvstrata/cachenode/block_index.h"
 #include "kvstrata/cachenode/eviction_policy.h"
+#include "hint_recording_policy.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -142,42 +143,22 @@ TEST_F(DramTierTest, DuplicateCommitIsRefused) {
   EXPECT_EQ(tier_.counters().blocks, 1u);
 }
 
-// LRU that records the request-finished hints it receives.
-class HintRecordingPolicy : public EvictionPolicy {
- public:
-  explicit HintRecordingPolicy(std::vector<std::pair<BlockId, uint32_t>>* hints)
-      : lru_(MakeLruPolicy()), hints_(hints) {}
-  void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
-    lru_->OnInsert(id, parent);
-  }
-  void OnHit(const BlockId& id) override { lru_->OnHit(id); }
-  void OnErase(const BlockId& id) override { lru_->OnErase(id); }
-  std::optional<BlockId> Victim() override { return lru_->Victim(); }
-  size_t size() const override { return lru_->size(); }
-  void OnRequestFinished(const BlockId& last_block, uint32_t output_tokens) override {
-    hints_->emplace_back(last_block, output_tokens);
-  }
-
- private:
-  std::unique_ptr<EvictionPolicy> lru_;
-  std::vector<std::pair<BlockId, uint32_t>>* hints_;
-};
-
 TEST(DramTierHintTest, RequestFinishedReachesThePolicyAndSaysWhetherTheBlockIsStored) {
-  std::vector<std::pair<BlockId, uint32_t>> hints;
+  auto policy = std::make_unique<testing::HintRecordingPolicy>();
+  const testing::HintRecordingPolicy& recorder = *policy;  // owned by the tier below
   std::vector<uint8_t> arena(64 * 1024);
-  DramTier tier(arena.data(), arena.size(), arena.size(),
-                std::make_unique<HintRecordingPolicy>(&hints));
+  DramTier tier(arena.data(), arena.size(), arena.size(), std::move(policy));
   auto block = tier.Reserve(4096);
   ASSERT_TRUE(block.ok());
   ASSERT_TRUE(tier.Commit(Id(1, 1), *block));
   EXPECT_TRUE(tier.RequestFinished(Id(1, 1), 42));
   EXPECT_FALSE(tier.RequestFinished(Id(1, 2), 7));  // unknown: still the policy's to ignore
+  const auto& hints = recorder.hints();
   ASSERT_EQ(hints.size(), 2u);
-  EXPECT_EQ(hints[0].first, Id(1, 1));
-  EXPECT_EQ(hints[0].second, 42u);
-  EXPECT_EQ(hints[1].first, Id(1, 2));
-  EXPECT_EQ(hints[1].second, 7u);
+  EXPECT_EQ(hints[0].block, Id(1, 1));
+  EXPECT_EQ(hints[0].output_tokens, 42u);
+  EXPECT_EQ(hints[1].block, Id(1, 2));
+  EXPECT_EQ(hints[1].output_tokens, 7u);
   EXPECT_EQ(tier.counters().blocks, 1u);  // a hint stores and removes nothing
 }
 

@@ -11,6 +11,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "kvstrata/cachenode/eviction_policy.h"
 #include "kvstrata/cachenode/replay.h"
+#include "hint_recording_policy.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -368,33 +369,6 @@ TEST(ReturnAwareTest, SupersededTailGoesFirst) {
   EXPECT_EQ(policy->Victim(), Id(3));
 }
 
-// Records when each hint reaches a policy, counted in requests replayed.
-class HintRecorder final : public EvictionPolicy {
- public:
-  void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
-    if (!parent.has_value()) ++requests;
-    held.insert(Number(id));
-  }
-  void OnHit(const BlockId&) override {}
-  void OnErase(const BlockId& id) override { held.erase(Number(id)); }
-  std::optional<BlockId> Victim() override {
-    if (held.empty()) return std::nullopt;
-    return Id(*held.begin());
-  }
-  size_t size() const override { return held.size(); }
-  void OnRequestFinished(const BlockId& last, uint32_t output) override {
-    hints.push_back({Number(last), output, requests});
-  }
-  struct Hint {
-    uint64_t block;
-    uint32_t output;
-    int after_requests;
-  };
-  absl::flat_hash_set<uint64_t> held;
-  std::vector<Hint> hints;
-  int requests = 0;
-};
-
 TEST(ReplayHintsTest, HintsArriveAfterTheirDecodeTime) {
   // Requests every 100 ms, all distinct; request 0 decodes 10 tokens (500 ms
   // at 50 ms per token), the others one token (50 ms).
@@ -404,21 +378,22 @@ TEST(ReplayHintsTest, HintsArriveAfterTheirDecodeTime) {
     trace.back().timestamp = 100.0 * i;
     trace.back().output_length = i == 0 ? 10 : 1;
   }
-  HintRecorder policy;
+  testing::HintRecordingPolicy policy;
   Replay(trace, 100, policy, ReplayOptions{.decode_ms_per_token = 50});
-  ASSERT_EQ(policy.hints.size(), 7u);  // the last request's hint is never due
+  const auto& hints = policy.hints();
+  ASSERT_EQ(hints.size(), 7u);  // the last request's hint is never due
   // Request 1's hint (due at 150 ms) lands before request 2 (200 ms)...
-  EXPECT_EQ(policy.hints[0].block, 201u);
-  EXPECT_EQ(policy.hints[0].after_requests, 2);
+  EXPECT_EQ(Number(hints[0].block), 201u);
+  EXPECT_EQ(hints[0].roots_before, 2);
   // ...and request 0's (due at 500 ms) with request 4's, before request 5.
-  auto first = std::find_if(policy.hints.begin(), policy.hints.end(),
-                            [](const auto& h) { return h.block == 101; });
-  ASSERT_NE(first, policy.hints.end());
-  EXPECT_EQ(first->output, 10u);
-  EXPECT_EQ(first->after_requests, 5);
-  HintRecorder silent;
+  auto first = std::find_if(hints.begin(), hints.end(),
+                            [](const auto& h) { return Number(h.block) == 101; });
+  ASSERT_NE(first, hints.end());
+  EXPECT_EQ(first->output_tokens, 10u);
+  EXPECT_EQ(first->roots_before, 5);
+  testing::HintRecordingPolicy silent;
   Replay(trace, 100, silent, ReplayOptions{.decode_ms_per_token = -1});
-  EXPECT_TRUE(silent.hints.empty());
+  EXPECT_TRUE(silent.hints().empty());
 }
 
 }  // namespace
