@@ -30,6 +30,29 @@ ABSL_FLAG(std::string, tls_cert_file, "",
 ABSL_FLAG(std::string, tls_key_file, "", "PEM private key for gRPC TLS.");
 ABSL_FLAG(std::string, tls_client_ca_file, "",
           "PEM CA bundle: clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(std::string, auth_file, "",
+          "Who may call this node: bearer-token digests and mTLS identities mapped to a role "
+          "(tenant or admin) and tenants, one per line: `token sha256:<hex> tenant acme,globex`, "
+          "`cert <SAN or CN> admin *`. Re-read on SIGHUP. Empty: no authentication, allowed only "
+          "on a loopback --listen (or with --allow_unauthenticated).");
+ABSL_FLAG(bool, allow_unauthenticated, false,
+          "Serve a non-loopback --listen without --auth_file: any client can then read, "
+          "overwrite and delete every tenant's blocks and drain the node.");
+ABSL_FLAG(int32_t, max_concurrent_calls, 512,
+          "gRPC calls served at once; more get RESOURCE_EXHAUSTED (each call takes a thread).");
+ABSL_FLAG(uint64_t, max_ucx_endpoints, 0,
+          "Most client UCX endpoints held at once; a new client beyond it gets RESOURCE_EXHAUSTED "
+          "while none is idle. 0: as many as the open-file limit allows (raised to its hard "
+          "limit at start).");
+ABSL_FLAG(std::string, ucx_net_devices, "",
+          "UCX network devices (UCX_NET_DEVICES syntax). Empty: lo when --listen is loopback (UCX "
+          "then listens on no other interface), else UCX_NET_DEVICES or every device.");
+ABSL_FLAG(absl::Duration, transfer_stall_timeout, absl::Seconds(3),
+          "A publish whose client sends no block for this long (the first one included) is given "
+          "up and its reserved memory released, long before --transfer_timeout.");
+ABSL_FLAG(double, max_request_share, 0.125,
+          "Most of the DRAM tier a single Publish may reserve; its further blocks get NO_SPACE. "
+          "Clients learn the block count from OpenNamespace and split larger batches.");
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
@@ -129,6 +152,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   kvstrata::cachenode::NodeOptions options;
@@ -137,6 +161,13 @@ int main(int argc, char** argv) {
   options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
   options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
   options.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  options.auth_file = absl::GetFlag(FLAGS_auth_file);
+  options.allow_unauthenticated = absl::GetFlag(FLAGS_allow_unauthenticated);
+  options.max_concurrent_calls = absl::GetFlag(FLAGS_max_concurrent_calls);
+  options.max_ucx_endpoints = absl::GetFlag(FLAGS_max_ucx_endpoints);
+  options.ucx_net_devices = absl::GetFlag(FLAGS_ucx_net_devices);
+  options.transfer_stall_timeout = absl::GetFlag(FLAGS_transfer_stall_timeout);
+  options.max_request_share = absl::GetFlag(FLAGS_max_request_share);
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {
@@ -179,7 +210,11 @@ int main(int argc, char** argv) {
   }
   std::thread waiter([&] {
     int signal = 0;
-    sigwait(&signals, &signal);
+    while (sigwait(&signals, &signal) == 0 && signal == SIGHUP) {
+      const absl::Status reloaded = (*node)->ReloadAuth();
+      KVS_LOG(Info) << "SIGHUP: auth file " << (reloaded.ok() ? "reloaded" : "NOT reloaded: ")
+                    << (reloaded.ok() ? "" : reloaded.ToString());
+    }
     KVS_LOG(Info) << "signal " << signal << ": shutting down";
     (*node)->Shutdown();
   });

@@ -100,6 +100,22 @@ class NodeMetrics::Collector : public prometheus::Collectable {
         MetricType::Counter,
         {Sample(known_hints, MetricType::Counter, {{"result", "known"}}),
          Sample(hints - known_hints, MetricType::Counter, {{"result", "unknown"}})}));
+    out.push_back(Family(
+        "kvstrata_auth_denied_total",
+        "Calls refused: no or unknown credential (unauthenticated), or another tenant's "
+        "namespace or an admin RPC (permission_denied).",
+        MetricType::Counter,
+        {Sample(Load(c.unauthenticated_calls), MetricType::Counter, {{"reason", "unauthenticated"}}),
+         Sample(Load(c.permission_denied_calls), MetricType::Counter,
+                {{"reason", "permission_denied"}})}));
+    out.push_back(Family("kvstrata_stalled_transfers_total",
+                         "Publishes given up because their client stopped sending "
+                         "(--transfer_stall_timeout); their reservations were released.",
+                         MetricType::Counter, {Sample(Load(c.stalled_transfers), MetricType::Counter)}));
+    out.push_back(Family("kvstrata_ucx_discarded_messages_total",
+                         "Stray UCX messages no transfer expected, received and dropped.",
+                         MetricType::Counter,
+                         {Sample(engine_.discarded_messages(), MetricType::Counter)}));
     std::vector<ClientMetric> bytes;
     for (const auto& [key, value] : c.transfer_bytes.Snapshot()) {
       bytes.push_back(Sample(static_cast<double>(value), MetricType::Counter,

@@ -1,7 +1,9 @@
 #include "kvstrata/cachenode/node.h"
 
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/resource_quota.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 #include <cstring>
 #include <fstream>
@@ -13,6 +15,8 @@
 #include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
+#include "absl/strings/match.h"
+#include "auth.h"
 #include "metrics.h"
 #include "node_service.h"
 #include "peer_check.h"
@@ -25,12 +29,14 @@ namespace kvstrata::cachenode {
 class Node::Impl {
  public:
   std::unique_ptr<PeerAddressChecker> address_checker;  // used by the engine
+  std::unique_ptr<Authenticator> auth;                  // used by the service
   std::unique_ptr<transfer::Engine> engine;
   std::unique_ptr<transfer::MemoryRegion> arena;
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NvmeTier> nvme;
   std::unique_ptr<TieredStore> store;
   std::thread recovery;
+  std::thread auth_poller;  // reloads a changed auth file
   bool flush_on_shutdown = false;
   std::unique_ptr<NamespaceRegistry> namespaces;
   NodeCounters counters;
@@ -66,6 +72,8 @@ class Node::Impl {
     service.reset();
     metrics.reset();
     if (recovery.joinable()) recovery.join();
+    if (!shutdown.HasBeenNotified()) shutdown.Notify();
+    if (auth_poller.joinable()) auth_poller.join();
     if (store != nullptr) store->StopPrefetch();
     if (nvme != nullptr && flush_on_shutdown) FlushDramToNvme();
     store.reset();
@@ -81,6 +89,38 @@ class Node::Impl {
 namespace {
 
 constexpr char kLivenessService[] = "kvstrata.liveness";
+// File descriptors kept for everything but client endpoints (RocksDB,
+// io_uring, gRPC sockets, metrics); each UCX endpoint over TCP takes up to
+// about 4 (measured: 2 per distinct client address on loopback, more with
+// several lanes).
+constexpr uint64_t kReservedFds = 256;
+constexpr uint64_t kFdsPerEndpoint = 4;
+// How often the auth file is checked for changes (Kubernetes propagates a
+// Secret update within about a minute; this adds at most 10 s).
+constexpr absl::Duration kAuthFilePollInterval = absl::Seconds(10);
+
+// True for 127.x.y.z, [::1], localhost and unix sockets: addresses no other
+// host can reach.
+bool IsLoopbackListen(absl::string_view address) {
+  if (absl::StartsWith(address, "unix:")) return true;
+  absl::string_view host = address.substr(0, address.rfind(':'));
+  return absl::StartsWith(host, "127.") || host == "[::1]" || host == "localhost";
+}
+
+// Raises the soft open-file limit to the hard one and returns how many UCX
+// endpoints fit in it, so a flood of clients is refused before UCX runs out
+// of descriptors (it aborts on EMFILE instead of failing).
+size_t EndpointsForFdLimit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0) return 1024;
+  if (limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+    getrlimit(RLIMIT_NOFILE, &limit);
+  }
+  const uint64_t fds = limit.rlim_cur == RLIM_INFINITY ? (1u << 20) : limit.rlim_cur;
+  return fds <= 2 * kReservedFds ? 16 : (fds - kReservedFds) / kFdsPerEndpoint;
+}
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     const NodeOptions& options) {
@@ -118,10 +158,35 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                                                    options.slab_bytes, ")"));
   }
   auto impl = std::make_unique<Impl>();
+  const bool loopback = IsLoopbackListen(options.listen_address);
+  if (!options.auth_file.empty()) {
+    absl::StatusOr<std::unique_ptr<Authenticator>> auth = Authenticator::Load(options.auth_file);
+    if (!auth.ok()) return auth.status();
+    impl->auth = *std::move(auth);
+  } else if (!loopback) {
+    if (!options.allow_unauthenticated) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "listening on ", options.listen_address,
+          " without --auth_file lets anyone on the network read, overwrite and delete every "
+          "tenant's blocks; give an --auth_file, or pass --allow_unauthenticated to accept that"));
+    }
+    KVS_LOG(Warning) << "serving " << options.listen_address
+                     << " WITHOUT authentication (--allow_unauthenticated): any client can use "
+                        "every tenant's blocks and drain this node";
+  }
   impl->address_checker =
       std::make_unique<PeerAddressChecker>(options.ucx_transports, absl::Seconds(5));
   transfer::EngineOptions engine_options{.transports = options.ucx_transports,
                                          .tune_tcp = options.ucx_tune_tcp};
+  engine_options.net_devices = options.ucx_net_devices;
+  if (engine_options.net_devices.empty() && loopback && std::getenv("UCX_NET_DEVICES") == nullptr) {
+    engine_options.net_devices = "lo";
+  }
+  const size_t fd_endpoints = EndpointsForFdLimit();
+  engine_options.max_peers = options.max_ucx_endpoints == 0
+                                 ? fd_endpoints
+                                 : std::min(options.max_ucx_endpoints, fd_endpoints);
+  engine_options.discard_unexpected_messages = true;
   if (options.check_peer_addresses) {
     engine_options.check_address = [checker = impl->address_checker.get()](
                                        const std::string& address, bool same_host) {
@@ -165,7 +230,11 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   }
   impl->service = std::make_unique<NodeService>(
       *impl->namespaces, *impl->store, *impl->engine, impl->counters, impl->metrics.get(),
-      options.transfer_timeout, options.allow_client_rkeys);
+      NodeServiceOptions{.transfer_timeout = options.transfer_timeout,
+                         .transfer_stall_timeout = options.transfer_stall_timeout,
+                         .max_request_share = options.max_request_share,
+                         .allow_client_rkeys = options.allow_client_rkeys,
+                         .authenticator = impl->auth.get()});
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ServerCredentials(options);
   if (!credentials.ok()) return credentials.status();
@@ -176,6 +245,11 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   builder.RegisterService(impl->service.get());
   builder.SetMaxReceiveMessageSize(limits::kMaxGrpcMessageBytes);
   builder.SetMaxSendMessageSize(limits::kMaxGrpcMessageBytes);
+  // The synchronous server takes a thread per call; the quota caps them, and
+  // gRPC answers calls beyond it with RESOURCE_EXHAUSTED.
+  grpc::ResourceQuota quota("kvstrata-node");
+  quota.SetMaxThreads(std::max(options.max_concurrent_calls, 4));
+  builder.SetResourceQuota(quota);
   impl->server = builder.BuildAndStart();
   if (impl->server == nullptr || impl->port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
@@ -193,9 +267,16 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
       if (health != nullptr) health->SetServingStatus("", true);
     });
   }
+  if (impl->auth != nullptr) {
+    impl->auth_poller = std::thread([auth = impl->auth.get(), done = &impl->shutdown] {
+      while (!done->WaitForNotificationWithTimeout(kAuthFilePollInterval)) auth->ReloadIfChanged();
+    });
+  }
   KVS_LOG(Info) << "kvstrata-node listening port=" << impl->port
                 << " metrics_port=" << (impl->metrics ? impl->metrics->port() : 0) << " dram_bytes=" << arena_bytes
-                << " slab_bytes=" << options.slab_bytes << " policy=" << options.eviction_policy;
+                << " slab_bytes=" << options.slab_bytes << " policy=" << options.eviction_policy
+                << " auth=" << (impl->auth ? options.auth_file : "off")
+                << " max_ucx_endpoints=" << engine_options.max_peers;
   return std::unique_ptr<Node>(new Node(std::move(impl)));
 }
 
@@ -204,6 +285,11 @@ Node::~Node() = default;
 int Node::port() const { return impl_->port; }
 int Node::metrics_port() const { return impl_->metrics ? impl_->metrics->port() : 0; }
 void Node::Wait() { impl_->shutdown.WaitForNotification(); }
+absl::Status Node::ReloadAuth() {
+  if (impl_->auth == nullptr) return absl::FailedPreconditionError("no --auth_file to reload");
+  return impl_->auth->Reload();
+}
+
 void Node::Shutdown() {
   if (!impl_->shutdown.HasBeenNotified()) impl_->shutdown.Notify();
 }

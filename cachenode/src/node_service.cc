@@ -1,5 +1,6 @@
 #include "node_service.h"
 
+#include "auth.h"
 #include "metrics.h"
 
 #include <algorithm>
@@ -157,10 +158,13 @@ absl::StatusOr<bool> UsesRma(uint64_t tag_base, bool allow_client_rkeys) {
 // Tagged publish: receive every reserved block straight into its chunk, after
 // telling the client which blocks to send. Each block's checksum is computed
 // as soon as it has landed, while the progress thread receives the next, and
-// stored in `checksums`.
+// stored in `checksums`. A client that lets `stall` pass without a block
+// landing is given up on (DEADLINE_EXCEEDED, `*stalled` set) long before
+// `deadline`, so it cannot hold what this request reserved.
 absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
                   const std::vector<std::shared_ptr<StoredBlock>>& reserved, absl::Time deadline,
-                  std::shared_ptr<void> keep_alive, std::vector<uint64_t>* checksums) {
+                  absl::Duration stall, std::shared_ptr<void> keep_alive,
+                  std::vector<uint64_t>* checksums, bool* stalled) {
   std::vector<transfer::ReceiveOp> receives;
   std::vector<size_t> block_of;  // receive -> request block index
   std::vector<uint8_t> wanted;   // u16 little-endian indices
@@ -177,30 +181,93 @@ absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
   const transfer::SendOp pull{wanted.data(), wanted.size(), transfer::PullTag(tag_base)};
   if (absl::Status sent = peer.Send({&pull, 1}, deadline); !sent.ok()) return sent;
   checksums->assign(reserved.size(), 0);
+  absl::Time limit = std::min(deadline, absl::Now() + stall);
   for (size_t r = 0; r < receives.size(); ++r) {
-    std::optional<size_t> landed = (*batch)->WaitOne(r, deadline);
+    std::optional<size_t> landed = (*batch)->WaitOne(r, limit);
     if (!landed.has_value()) break;  // the Wait below reports why
     if (*landed != receives[r].length) {
       return absl::DataLossError("a pulled block arrived with the wrong size");
     }
+    limit = std::min(deadline, absl::Now() + stall);
     (*checksums)[block_of[r]] = BlockChecksum(receives[r].buffer, receives[r].length);
   }
-  return (*batch)->Wait(std::vector<bool>(receives.size(), true), deadline).status();
+  absl::Status status =
+      (*batch)->Wait(std::vector<bool>(receives.size(), true), limit).status();
+  if (absl::IsDeadlineExceeded(status) && absl::Now() < deadline) {
+    *stalled = true;
+    return absl::DeadlineExceededError(absl::StrCat(
+        "the client sent no block for ", absl::FormatDuration(stall),
+        " (--transfer_stall_timeout); the publish was given up and its memory released"));
+  }
+  return status;
 }
 
 }  // namespace
 
 NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
                          NodeCounters& counters, NodeMetrics* metrics,
-                         absl::Duration transfer_timeout, bool allow_client_rkeys)
+                         const NodeServiceOptions& options)
     : namespaces_(namespaces),
       store_(store),
       engine_(engine),
+      options_(options),
+      incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
       counters_(counters),
-      metrics_(metrics),
-      transfer_timeout_(transfer_timeout),
-      allow_client_rkeys_(allow_client_rkeys),
-      incarnation_(absl::Uniform<uint64_t>(absl::BitGen())) {}
+      metrics_(metrics) {}
+
+absl::StatusOr<std::shared_ptr<const Principal>> NodeService::Caller(
+    const grpc::ServerContext* context) {
+  if (options_.authenticator == nullptr) return nullptr;
+  absl::StatusOr<std::shared_ptr<const Principal>> caller =
+      options_.authenticator->Authenticate(*context);
+  if (!caller.ok()) counters_.unauthenticated_calls.fetch_add(1, std::memory_order_relaxed);
+  return caller;
+}
+
+absl::Status NodeService::MayUseTenant(const grpc::ServerContext* context,
+                                       const std::string& tenant) {
+  absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
+  if (!caller.ok()) return caller.status();
+  if (*caller == nullptr || (*caller)->MayUse(tenant)) return absl::OkStatus();
+  counters_.permission_denied_calls.fetch_add(1, std::memory_order_relaxed);
+  KVS_LOG(Warning) << (*caller)->name << " denied tenant '" << tenant << "'";
+  return absl::PermissionDeniedError(
+      absl::StrCat("this credential may not use tenant '", tenant, "'"));
+}
+
+absl::Status NodeService::MayAdminister(const grpc::ServerContext* context) {
+  absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
+  if (!caller.ok()) return caller.status();
+  if (*caller == nullptr || (*caller)->admin) return absl::OkStatus();
+  counters_.permission_denied_calls.fetch_add(1, std::memory_order_relaxed);
+  return absl::PermissionDeniedError("this RPC needs an admin credential");
+}
+
+absl::StatusOr<NamespaceInfo> NodeService::AuthorizedNamespace(const grpc::ServerContext* context,
+                                                               uint64_t id) {
+  // Authenticate before looking: a stranger learns nothing about which ids exist.
+  absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
+  if (!caller.ok()) return caller.status();
+  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(id);
+  if (!ns.ok()) return ns.status();
+  if (*caller != nullptr && !(*caller)->MayUse(ns->spec.tenant())) {
+    counters_.permission_denied_calls.fetch_add(1, std::memory_order_relaxed);
+    return absl::PermissionDeniedError("this namespace belongs to a tenant this credential may not use");
+  }
+  return ns;
+}
+
+uint32_t NodeService::RandomTagPrefix() {
+  absl::MutexLock lock(&random_mu_);
+  // Never 0, so a tag base is never 0 (which would mean RMA).
+  return absl::Uniform<uint32_t>(absl::IntervalClosed, random_, 1, UINT32_MAX);
+}
+
+uint64_t NodeService::MaxPublishBlocks(uint64_t block_bytes) const {
+  const double share = static_cast<double>(store_.dram().capacity_bytes()) * options_.max_request_share;
+  const uint64_t blocks = block_bytes == 0 ? 0 : static_cast<uint64_t>(share) / block_bytes;
+  return std::clamp<uint64_t>(blocks, 1, limits::kMaxTransferBlocks);
+}
 
 template <typename Handler>
 grpc::Status NodeService::Observed(const char* method, Handler handler) {
@@ -257,27 +324,29 @@ grpc::Status NodeService::RequestFinished(grpc::ServerContext* context,
 }
 
 absl::Time NodeService::TransferDeadline(const grpc::ServerContext* context) const {
-  const absl::Time own = absl::Now() + transfer_timeout_;
+  const absl::Time own = absl::Now() + options_.transfer_timeout;
   const absl::Time client = absl::FromChrono(context->deadline());
   return std::min(own, client);
 }
 
-grpc::Status NodeService::DoOpenNamespace(grpc::ServerContext*,
+grpc::Status NodeService::DoOpenNamespace(grpc::ServerContext* context,
                                         const v1::OpenNamespaceRequest* request,
                                         v1::OpenNamespaceResponse* response) {
+  if (absl::Status s = MayUseTenant(context, request->spec().tenant()); !s.ok()) return ToGrpc(s);
   absl::StatusOr<NamespaceInfo> info = namespaces_.Open(request->spec());
   if (!info.ok()) return ToGrpc(info.status());
   response->set_namespace_id(info->id);
   response->set_block_bytes(info->block_bytes);
   response->set_worker_address(engine_.worker_address());
   response->set_host_id(transfer::Engine::HostId());
-  response->set_tag_prefix(next_tag_prefix_.fetch_add(1, std::memory_order_relaxed));
+  response->set_tag_prefix(RandomTagPrefix());
+  response->set_max_publish_blocks(MaxPublishBlocks(info->block_bytes));
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::DoLookup(grpc::ServerContext*, const v1::LookupRequest* request,
+grpc::Status NodeService::DoLookup(grpc::ServerContext* context, const v1::LookupRequest* request,
                                  v1::LookupResponse* response) {
-  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxLookupKeys);
   if (!keys.ok()) return ToGrpc(keys.status());
@@ -300,14 +369,14 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this node is draining: it takes no new blocks");
   }
-  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   const auto& blocks = request->blocks();
   if (blocks.empty() || static_cast<size_t>(blocks.size()) > limits::kMaxTransferBlocks) {
     return InvalidArgument(absl::StrCat("a publish carries 1..", limits::kMaxTransferBlocks,
                                         " blocks, got ", blocks.size()));
   }
-  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), allow_client_rkeys_);
+  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), options_.allow_client_rkeys);
   if (!rma.ok()) return ToGrpc(rma.status());
   if (absl::Status s = ValidateEndpoint(request->source(), *rma); !s.ok()) return ToGrpc(s);
 
@@ -340,16 +409,37 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
     ids[i] = BlockId{ns->id, *key};
   }
 
-  // Reserve memory for the blocks not stored yet; the rest need no transfer.
-  std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
+  // Blocks stored already need no transfer.
   response->mutable_status()->Resize(blocks.size(), v1::BLOCK_OK);
-  size_t to_transfer = 0;
+  size_t missing = 0;
   for (int i = 0; i < blocks.size(); ++i) {
     if (store_.Contains(ids[i])) {
       response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
-      continue;
+    } else {
+      ++missing;
     }
-    absl::StatusOr<std::shared_ptr<StoredBlock>> block = store_.dram().Reserve(ns->block_bytes);
+  }
+  counters_.duplicate_blocks.fetch_add(blocks.size() - missing, std::memory_order_relaxed);
+  if (missing == 0) return grpc::Status::OK;
+
+  // Connect before reserving: a bad or silent address must fail without
+  // having evicted anything. A peer that answers nothing within the stall
+  // timeout is given up on just as a silent sender is.
+  const absl::Time deadline = TransferDeadline(context);
+  absl::StatusOr<ResolvedEndpoint> endpoint =
+      Resolve(engine_, request->source(),
+              std::min(deadline, absl::Now() + options_.transfer_stall_timeout), *rma);
+  if (!endpoint.ok()) return ToGrpc(endpoint.status());
+
+  // Reserve memory for the missing blocks, at most this request's share of the tier.
+  std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
+  const uint64_t max_blocks = MaxPublishBlocks(ns->block_bytes);
+  size_t to_transfer = 0;
+  for (int i = 0; i < blocks.size(); ++i) {
+    if (response->status(i) == v1::BLOCK_ALREADY_PRESENT) continue;
+    absl::StatusOr<std::shared_ptr<StoredBlock>> block =
+        to_transfer < max_blocks ? store_.dram().Reserve(ns->block_bytes)
+                                 : absl::ResourceExhaustedError("over the request's share");
     if (!block.ok()) {
       response->set_status(i, v1::BLOCK_NO_SPACE);
       continue;
@@ -357,14 +447,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
     reserved[i] = *std::move(block);
     ++to_transfer;
   }
-  const auto already_present =
-      std::count(response->status().begin(), response->status().end(), v1::BLOCK_ALREADY_PRESENT);
-  counters_.duplicate_blocks.fetch_add(already_present, std::memory_order_relaxed);
   if (to_transfer == 0) return grpc::Status::OK;
-
-  const absl::Time deadline = TransferDeadline(context);
-  absl::StatusOr<ResolvedEndpoint> endpoint = Resolve(engine_, request->source(), deadline, *rma);
-  if (!endpoint.ok()) return ToGrpc(endpoint.status());
   // The reservations stay alive until UCX is done with them, even if we give up.
   auto keep_alive = std::make_shared<std::vector<std::shared_ptr<StoredBlock>>>(reserved);
   absl::Status transferred;
@@ -379,8 +462,10 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       }
     }
   } else {
-    transferred =
-        Pull(*endpoint->peer, request->tag_base(), reserved, deadline, keep_alive, &checksums);
+    bool stalled = false;
+    transferred = Pull(*endpoint->peer, request->tag_base(), reserved, deadline,
+                       options_.transfer_stall_timeout, keep_alive, &checksums, &stalled);
+    if (stalled) counters_.stalled_transfers.fetch_add(1, std::memory_order_relaxed);
   }
   if (!transferred.ok()) {
     counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
@@ -429,14 +514,14 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
 
 grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchRequest* request,
                                 v1::FetchResponse* response) {
-  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   const auto& blocks = request->blocks();
   if (blocks.empty() || static_cast<size_t>(blocks.size()) > limits::kMaxTransferBlocks) {
     return InvalidArgument(absl::StrCat("a fetch carries 1..", limits::kMaxTransferBlocks,
                                         " blocks, got ", blocks.size()));
   }
-  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), allow_client_rkeys_);
+  absl::StatusOr<bool> rma = UsesRma(request->tag_base(), options_.allow_client_rkeys);
   if (!rma.ok()) return ToGrpc(rma.status());
   if (absl::Status s = ValidateEndpoint(request->destination(), *rma); !s.ok()) return ToGrpc(s);
   std::vector<BlockId> ids(blocks.size());
@@ -503,9 +588,9 @@ grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchR
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::DoDelete(grpc::ServerContext*, const v1::DeleteRequest* request,
+grpc::Status NodeService::DoDelete(grpc::ServerContext* context, const v1::DeleteRequest* request,
                                  v1::DeleteResponse* response) {
-  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxDeleteKeys);
   if (!keys.ok()) return ToGrpc(keys.status());
@@ -515,8 +600,9 @@ grpc::Status NodeService::DoDelete(grpc::ServerContext*, const v1::DeleteRequest
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
+grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsRequest*,
                                 v1::StatsResponse* response) {
+  if (absl::Status s = MayAdminister(context); !s.ok()) return ToGrpc(s);
   const TierCounters dram = store_.dram().counters();
   v1::TierStats* tier = response->add_tiers();
   tier->set_tier(v1::TIER_DRAM);
@@ -553,6 +639,10 @@ grpc::Status NodeService::DoStats(grpc::ServerContext*, const v1::StatsRequest*,
   response->set_checksum_failures(load(counters_.checksum_failures));
   response->set_transfer_failures(load(counters_.transfer_failures));
   response->set_request_hints(load(counters_.request_hints));
+  response->set_unauthenticated_calls(load(counters_.unauthenticated_calls));
+  response->set_permission_denied_calls(load(counters_.permission_denied_calls));
+  response->set_stalled_transfers(load(counters_.stalled_transfers));
+  response->set_discarded_messages(engine_.discarded_messages());
   response->set_bytes_in(counters_.transfer_bytes.Total("in"));
   response->set_bytes_out(counters_.transfer_bytes.Total("out"));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
@@ -571,18 +661,19 @@ grpc::Status NodeService::DoHealth(grpc::ServerContext*, const v1::HealthRequest
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::DoDrain(grpc::ServerContext*, const v1::DrainRequest* request,
+grpc::Status NodeService::DoDrain(grpc::ServerContext* context, const v1::DrainRequest* request,
                                 v1::DrainResponse* response) {
+  if (absl::Status s = MayAdminister(context); !s.ok()) return ToGrpc(s);
   draining_.store(request->draining(), std::memory_order_relaxed);
   KVS_LOG(Info) << (request->draining() ? "draining: refusing new publishes" : "back in service");
   response->set_draining(request->draining());
   return grpc::Status::OK;
 }
 
-grpc::Status NodeService::DoRequestFinished(grpc::ServerContext*,
+grpc::Status NodeService::DoRequestFinished(grpc::ServerContext* context,
                                             const v1::RequestFinishedRequest* request,
                                             v1::RequestFinishedResponse* response) {
-  absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(request->namespace_id());
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
   absl::StatusOr<BlockKey> key = BlockKey::FromWire(request->last_key());
   if (!key.ok()) return ToGrpc(key.status());

@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/random/random.h"
 #include "absl/time/time.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/cachenode/namespace_registry.h"
@@ -55,6 +56,13 @@ struct NodeCounters {
   // RequestFinished hints, and those for a block some tier held.
   std::atomic<uint64_t> request_hints{0};
   std::atomic<uint64_t> request_hints_known{0};
+  // Calls refused by authentication (no or unknown credential) and by
+  // authorization (another tenant's namespace, an admin RPC).
+  std::atomic<uint64_t> unauthenticated_calls{0};
+  std::atomic<uint64_t> permission_denied_calls{0};
+  // Publishes whose client stopped sending mid-transfer (or never started)
+  // and were given up before their deadline, releasing what they reserved.
+  std::atomic<uint64_t> stalled_transfers{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
   PairCounters transfer_bytes;
@@ -65,13 +73,31 @@ struct NodeCounters {
 };
 
 class NodeMetrics;
+class Authenticator;
+struct Principal;
+
+struct NodeServiceOptions {
+  // Longest a transfer batch may take.
+  absl::Duration transfer_timeout = absl::Seconds(30);
+  // Longest a publish waits for its client's next block (its first one
+  // included) before it gives up and releases its reservations: a client
+  // that stops sending holds memory this long, not for the whole deadline.
+  absl::Duration transfer_stall_timeout = absl::Seconds(3);
+  // Most of the DRAM tier one Publish may reserve (its blocks beyond it get
+  // BLOCK_NO_SPACE; OpenNamespace tells clients how many blocks fit, so they
+  // split larger batches). At least one block always fits.
+  double max_request_share = 0.125;
+  bool allow_client_rkeys = false;
+  // Null: no authentication (a node listening on loopback only, or one run
+  // with --allow_unauthenticated).
+  Authenticator* authenticator = nullptr;
+};
 
 class NodeService final : public v1::CacheNode::Service {
  public:
   // `metrics` may be null (no /metrics endpoint).
   NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
-              NodeCounters& counters, NodeMetrics* metrics, absl::Duration transfer_timeout,
-              bool allow_client_rkeys);
+              NodeCounters& counters, NodeMetrics* metrics, const NodeServiceOptions& options);
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -88,6 +114,18 @@ class NodeService final : public v1::CacheNode::Service {
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
+  // The caller (null with authentication off), or UNAUTHENTICATED (counted).
+  absl::StatusOr<std::shared_ptr<const Principal>> Caller(const grpc::ServerContext* context);
+  // OK when the caller may use `tenant`'s namespaces; PERMISSION_DENIED (counted).
+  absl::Status MayUseTenant(const grpc::ServerContext* context, const std::string& tenant);
+  absl::Status MayAdminister(const grpc::ServerContext* context);
+  // The namespace `id`, when it exists and belongs to a tenant the caller may use.
+  absl::StatusOr<NamespaceInfo> AuthorizedNamespace(const grpc::ServerContext* context,
+                                                    uint64_t id);
+  // A tag prefix no other caller can predict (OpenNamespaceResponse.tag_prefix).
+  uint32_t RandomTagPrefix();
+  // Blocks of `block_bytes` one Publish may reserve (max_request_share).
+  uint64_t MaxPublishBlocks(uint64_t block_bytes) const;
   template <typename Handler>
   grpc::Status Observed(const char* method, Handler handler);
   grpc::Status DoOpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
@@ -107,10 +145,10 @@ class NodeService final : public v1::CacheNode::Service {
   NamespaceRegistry& namespaces_;
   TieredStore& store_;
   transfer::Engine& engine_;
-  const absl::Duration transfer_timeout_;
-  const bool allow_client_rkeys_;
+  const NodeServiceOptions options_;
   const absl::Time started_ = absl::Now();
-  std::atomic<uint32_t> next_tag_prefix_{1};
+  absl::Mutex random_mu_;
+  absl::BitGen random_ ABSL_GUARDED_BY(random_mu_);
   std::atomic<bool> draining_{false};
   const uint64_t incarnation_;
   NodeCounters& counters_;

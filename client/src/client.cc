@@ -1,4 +1,7 @@
+#include <grpcpp/support/client_interceptor.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <memory>
@@ -22,6 +25,35 @@ class RegisteredBuffer final : public Buffer {
 
  private:
   std::unique_ptr<transfer::MemoryRegion> region_;
+};
+
+// Adds the caller's bearer token to every call of a channel, so no call site
+// can forget it (a Cluster's node clients included).
+class BearerTokenInterceptor final : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerTokenInterceptor(const std::string* header) : header_(header) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->emplace("authorization", *header_);
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string* header_;
+};
+
+class BearerTokenFactory final : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerTokenFactory(std::string token) : header_("Bearer " + std::move(token)) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(
+      grpc::experimental::ClientRpcInfo*) override {
+    return new BearerTokenInterceptor(&header_);
+  }
+
+ private:
+  const std::string header_;  // lives as long as the channel, which owns the factory
 };
 
 void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
@@ -99,7 +131,7 @@ struct TaggedSide {
 
 template <typename Item, typename Request, typename Response>
 absl::StatusOr<TransferResult> RunBatches(
-    absl::Span<const Item> items, absl::Duration timeout,
+    absl::Span<const Item> items, absl::Duration timeout, size_t batch_size,
     const std::function<absl::Status(absl::Span<const Item>, Request*, TaggedSide*)>& build,
     const std::function<void(grpc::ClientContext*, const Request*, Response*,
                              std::function<void(grpc::Status)>)>& call,
@@ -116,7 +148,6 @@ absl::StatusOr<TransferResult> RunBatches(
     TaggedSide tagged;
   };
   const absl::Time deadline = absl::Now() + timeout;
-  const size_t batch_size = limits::kMaxTransferBlocks;
   std::vector<std::unique_ptr<Batch>> batches;
   for (size_t start = 0; start < items.size(); start += batch_size) {
     auto batch = std::make_unique<Batch>();
@@ -230,7 +261,22 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
     }
     credentials = grpc::SslCredentials(ssl);
   }
-  impl->channel = grpc::CreateCustomChannel(options.node_address, credentials, args);
+  std::string token = options.auth_token;
+  if (token.empty()) {
+    const char* from_env = std::getenv("KVSTRATA_TOKEN");
+    if (from_env != nullptr) token = from_env;
+  }
+  if (token.empty()) {
+    impl->channel = grpc::CreateCustomChannel(options.node_address, credentials, args);
+  } else {
+    if (token.find_first_of("\r\n") != std::string::npos) {
+      return absl::InvalidArgumentError("an auth token cannot contain line breaks");
+    }
+    std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> factories;
+    factories.push_back(std::make_unique<BearerTokenFactory>(std::move(token)));
+    impl->channel = grpc::experimental::CreateCustomChannelWithInterceptors(
+        options.node_address, credentials, args, std::move(factories));
+  }
   impl->stub = v1::CacheNode::NewStub(impl->channel);
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
@@ -248,7 +294,13 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
   absl::Status status = FromGrpc(impl_->stub->OpenNamespace(&context, request, &response));
   if (!status.ok()) return status;
   impl_->SetNodeWorker(response.worker_address(), response.host_id(), response.tag_prefix());
-  return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block());
+  // A node that does not say (older ones) takes a full batch.
+  const uint32_t max_publish_blocks =
+      response.max_publish_blocks() == 0
+          ? static_cast<uint32_t>(limits::kMaxTransferBlocks)
+          : std::min<uint32_t>(response.max_publish_blocks(), limits::kMaxTransferBlocks);
+  return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block(),
+                   max_publish_blocks);
 }
 
 std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> region) {
@@ -321,7 +373,7 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   const absl::Time deadline = absl::Now() + impl.Timeout(timeout);
   return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
-      items, impl.Timeout(timeout),
+      items, impl.Timeout(timeout), max_publish_blocks_,
       [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request,
           TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);
@@ -398,7 +450,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const bool verify = impl.options.verify_checksums;
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
-      items, impl.Timeout(timeout),
+      items, impl.Timeout(timeout), limits::kMaxTransferBlocks,
       [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
           TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);

@@ -27,6 +27,15 @@ constexpr int kSleepTimeoutMs = 100;
 // An endpoint unused this long is closed at the next Connect (peers reconnect
 // transparently, paying one wire-up).
 constexpr absl::Duration kPeerIdleTimeout = absl::Minutes(5);
+// How often the progress thread closes endpoints UCX reported failed.
+constexpr absl::Duration kReapInterval = absl::Seconds(1);
+// Stray messages land here and are dropped. Larger ones are received
+// truncated (UCX then ends the sender's request with an error); the size
+// only bounds the copy, not what a sender can send.
+constexpr size_t kDiscardScratchBytes = 64 << 10;
+// Busy progress rounds between two looks for stray messages, so a flood of
+// them is drained even while the worker never goes idle.
+constexpr int kBusyRoundsPerDiscard = 64;
 
 // TCP settings: UCX's defaults target RDMA fabrics. 1 MiB segments and 4 MiB
 // socket buffers measured best for tagged 1 MiB blocks on loopback (256K:
@@ -80,15 +89,81 @@ void Engine::Impl::StartProgressThread() {
   progress_thread_ = std::thread([this] { ProgressLoop(); });
 }
 
+static void OnDiscarded(void* request, ucs_status_t, const ucp_tag_recv_info_t*, void*) {
+  ucp_request_free(request);
+}
+
+void Engine::Impl::DiscardUnexpected() {
+  for (int i = 0; i < 64; ++i) {
+    ucp_tag_recv_info_t info{};
+    ucp_tag_message_h message = ucp_tag_probe_nb(worker_, 0, 0, /*remove=*/1, &info);
+    if (message == nullptr) return;
+    ucp_request_param_t param{};
+    param.op_attr_mask =
+        UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+    param.datatype = ucp_dt_make_contig(1);
+    param.cb.recv = OnDiscarded;
+    // Every stray message shares the scratch buffer: its bytes are never read.
+    ucs_status_ptr_t request =
+        ucp_tag_msg_recv_nbx(worker_, scratch_.data(), scratch_.size(), message, &param);
+    if (UCS_PTR_IS_ERR(request)) {
+      KVS_LOG(Warning) << "cannot drop a stray UCX message: "
+                       << ucs_status_string(UCS_PTR_STATUS(request));
+    }
+    discarded_messages_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+void Engine::Impl::ReapFailedPeers() {
+  std::vector<std::shared_ptr<Peer>> dead;
+  {
+    absl::MutexLock lock(&peers_mu_);
+    for (auto it = peers_.begin(); it != peers_.end();) {
+      if (it->second->failed() && it->second.use_count() == 1) {
+        dead.push_back(std::move(it->second));
+        peers_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  // Destroyed here, outside the lock: each force-closes its endpoint.
+}
+
+void Engine::Impl::Forget(const Peer* peer) {
+  std::shared_ptr<Peer> held;
+  absl::MutexLock lock(&peers_mu_);
+  for (auto it = peers_.begin(); it != peers_.end(); ++it) {
+    if (it->second.get() == peer) {
+      held = std::move(it->second);
+      peers_.erase(it);
+      break;
+    }
+  }
+}
+
 void Engine::Impl::ProgressLoop() {
   int idle_rounds = 0;
+  int busy_rounds = 0;
+  const bool discard = options_.discard_unexpected_messages;
+  if (discard) scratch_.resize(kDiscardScratchBytes);
+  absl::Time next_reap = absl::Now() + kReapInterval;
   while (!stop_.load(std::memory_order_acquire)) {
     if (ucp_worker_progress(worker_) != 0) {
       idle_rounds = 0;
+      if (discard && ++busy_rounds >= kBusyRoundsPerDiscard) {
+        busy_rounds = 0;
+        DiscardUnexpected();
+      }
       continue;
     }
     if (++idle_rounds < kSpinRoundsBeforeSleep) {
       continue;
+    }
+    if (discard) DiscardUnexpected();
+    if (absl::Now() >= next_reap) {
+      ReapFailedPeers();
+      next_reap = absl::Now() + kReapInterval;
     }
     ucs_status_t status = ucp_worker_arm(worker_);
     if (status == UCS_ERR_BUSY) {
@@ -115,6 +190,13 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
     if (status != UCS_OK) {
       ucp_config_release(config);
       return UcsError(absl::StrCat("UCX transports '", options.transports, "'"), status);
+    }
+  }
+  if (!options.net_devices.empty()) {
+    status = ucp_config_modify(config, "NET_DEVICES", options.net_devices.c_str());
+    if (status != UCS_OK) {
+      ucp_config_release(config);
+      return UcsError(absl::StrCat("UCX network devices '", options.net_devices, "'"), status);
     }
   }
   const char* tls_env = std::getenv("UCX_TLS");
@@ -277,6 +359,11 @@ std::string RmaTransports(ucp_ep_h ep) {
 absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address,
                                                       bool same_host, absl::Time deadline) {
   if (worker_address.empty()) return absl::InvalidArgumentError("empty UCX worker address");
+  // Sending to our own worker would park every message in our own unexpected
+  // queue (or satisfy receives meant for someone else's data).
+  if (worker_address == worker_address_) {
+    return absl::InvalidArgumentError("a UCX worker address names this process itself");
+  }
   std::string key(worker_address);
   key.push_back(same_host ? 'L' : 'R');
   {
@@ -292,6 +379,23 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
       return kv.second->failed() ||
              (kv.second.use_count() == 1 && kv.second->IdleLongerThan(kPeerIdleTimeout));
     });
+    if (const size_t max = impl_->options_.max_peers; max > 0 && impl_->peers_.size() >= max) {
+      // Full: close the longest-idle endpoint nobody is using, if any.
+      auto oldest = impl_->peers_.end();
+      for (auto it = impl_->peers_.begin(); it != impl_->peers_.end(); ++it) {
+        if (it->second.use_count() != 1) continue;
+        if (oldest == impl_->peers_.end() ||
+            it->second->last_used_ns_.load(std::memory_order_relaxed) <
+                oldest->second->last_used_ns_.load(std::memory_order_relaxed)) {
+          oldest = it;
+        }
+      }
+      if (oldest == impl_->peers_.end()) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "all ", max, " UCX endpoints are in use; try again when a transfer has ended"));
+      }
+      impl_->peers_.erase(oldest);
+    }
   }
 
   if (impl_->options_.check_address) {
@@ -352,6 +456,10 @@ const std::string& Engine::HostId() {
     return absl::StrCat(host, "/", boot_id);
   }();
   return kHostId;
+}
+
+uint64_t Engine::discarded_messages() const {
+  return impl_->discarded_messages_.load(std::memory_order_relaxed);
 }
 
 std::vector<std::string> Engine::ActiveTransports() {

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -39,9 +40,19 @@ class Engine::Impl {
 
   absl::Mutex peers_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Peer>> peers_ ABSL_GUARDED_BY(peers_mu_);
+  std::atomic<uint64_t> discarded_messages_{0};
+
+  // Removes `peer` from the cache; the caller still holds it.
+  void Forget(const Peer* peer);
 
  private:
   void ProgressLoop();
+  // Receives (into scratch memory) and drops the unexpected messages waiting.
+  void DiscardUnexpected();
+  // Closes the cached endpoints UCX reported failed (its error callback
+  // cannot do it: it runs inside progress, with the endpoint in use).
+  void ReapFailedPeers();
+  std::vector<uint8_t> scratch_;
 };
 
 }  // namespace kvstrata::transfer

@@ -30,6 +30,11 @@ void OnCloseDone(void* request, ucs_status_t /*status*/, void* user_data) {
 
 }  // namespace
 
+void Peer::MarkFailed() {
+  failed_.store(true, std::memory_order_release);
+  engine_->impl_->Forget(this);
+}
+
 void Peer::Touch() { last_used_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed); }
 
 bool Peer::IdleLongerThan(absl::Duration idle) const {

@@ -44,6 +44,16 @@ ucp_request_param_t ContiguousParam(void* user_data) {
   return param;
 }
 
+// A receive whose message is already waiting (eager, unexpected) would
+// otherwise complete inside ucp_tag_recv_nbx, return NULL and never call its
+// callback, leaving its batch waiting for a completion that never comes. With
+// this flag UCX always returns a request and always calls back.
+ucp_request_param_t ReceiveParam(void* user_data) {
+  ucp_request_param_t param = ContiguousParam(user_data);
+  param.op_attr_mask |= UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+  return param;
+}
+
 // Tagged sends counted to completion. Shared with UCX callbacks: a group given
 // up at its deadline completes later and only then releases `keep_alive`.
 struct SendGroup {
@@ -112,7 +122,7 @@ absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(
   batch->requests_.assign(ops.size(), nullptr);
   for (size_t i = 0; i < ops.size(); ++i) {
     auto* slot = new ReceiveSlot{batch->state_, i};
-    ucp_request_param_t param = ContiguousParam(slot);
+    ucp_request_param_t param = ReceiveParam(slot);
     param.cb.recv = OnReceiveDone;
     {
       absl::MutexLock lock(&batch->state_->mu);
@@ -279,7 +289,7 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   state.blocks = std::move(blocks);
   state.request_buffer.resize(2 * state.blocks.size() + 2);
   auto* ref = new std::shared_ptr<PullServer::State>(server->state_);
-  ucp_request_param_t param = ContiguousParam(ref);
+  ucp_request_param_t param = ReceiveParam(ref);
   param.cb.recv = OnPullRequest;
   ucs_status_ptr_t request =
       ucp_tag_recv_nbx(impl_->worker_, state.request_buffer.data(), state.request_buffer.size(),

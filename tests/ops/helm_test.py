@@ -1,13 +1,15 @@
 #!/usr/bin/python3
 """Renders the Helm chart (Go text/template + sprig, as helm does) for the
-default values and for a GPU + NVMe + TLS values file, and checks what a
+default values, for a GPU + NVMe + TLS values file and without authentication, and checks what a
 `helm install` would create: valid YAML, the expected kinds, consistent ports
 and selectors, only flags the node accepts (asked of `kvstrata-node --help`),
 and no unset values."""
 import argparse
+import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import yaml
 
@@ -35,7 +37,7 @@ def parse_quantity(text):
     return int(match.group(1)) * units.get(match.group(2) or "", 1)
 
 
-def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor):
+def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor, auth=True):
     expect("<no value>" not in text, label + ": a template used an unset value")
     docs = [d for d in yaml.safe_load_all(text) if d]
     by_kind = {}
@@ -83,6 +85,14 @@ def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor):
     if tls:
         volume = [v for v in pod["spec"]["volumes"] if v["name"] == "tls"][0]
         expect("secret" in volume, label + ": TLS volume is not a Secret")
+    if auth:
+        expect("--auth_file=%s/auth" % mounts.get("auth") in flags, label + ": auth file not mounted")
+    else:
+        expect("auth" not in mounts and "--allow_unauthenticated=true" in flags,
+               label + ": a node without an auth file must say it serves unauthenticated")
+    if auth:
+        volume = [v for v in pod["spec"]["volumes"] if v["name"] == "auth"][0]
+        expect("secret" in volume, label + ": the auth file is not a Secret")
     expect(("nvme" in mounts) == nvme, label + ": NVMe mount")
     expect(("--nvme_dirs=" + mounts.get("nvme", "") in flags) == nvme,
            label + ": the NVMe tier is not pointed at its volume")
@@ -114,6 +124,16 @@ def main():
     extra = args.chart + "/ci/gpu-nvme-tls-values.yaml"
     check_manifests(render(args.render, args.chart, extra), node_flags, "gpu-nvme-tls",
                     gpu=True, tls=True, nvme=True, monitor=True)
+    open_values = os.path.join(tempfile.mkdtemp(), "open.yaml")
+    with open(open_values, "w") as out:
+        out.write('auth:\n  secretName: ""\n  allowUnauthenticated: true\n')
+    check_manifests(render(args.render, args.chart, open_values), node_flags, "unauthenticated",
+                    gpu=False, tls=False, nvme=False, monitor=False, auth=False)
+    with open(open_values, "w") as out:
+        out.write('auth:\n  secretName: ""\n')
+    refused = subprocess.run([args.render, "-f", open_values, args.chart], capture_output=True, text=True)
+    expect(refused.returncode != 0 and "auth.secretName" in refused.stdout + refused.stderr,
+           "a chart without auth and without allowUnauthenticated rendered")
     for values in (None, extra):
         notes = render(args.render, args.chart, values, notes=True)
         expect("<no value>" not in notes and "kvstrata stat" in notes, "NOTES.txt incomplete")

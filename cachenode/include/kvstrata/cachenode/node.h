@@ -20,6 +20,19 @@ struct NodeOptions {
   std::string tls_cert_file;
   std::string tls_key_file;
   std::string tls_client_ca_file;
+  // Callers, roles and tenants (src/auth.h has the format); empty: no
+  // authentication, which a node accepts only when it listens on loopback or
+  // `allow_unauthenticated` is set.
+  std::string auth_file;
+  bool allow_unauthenticated = false;
+  // gRPC calls served at once; further ones fail with RESOURCE_EXHAUSTED
+  // instead of each taking a thread.
+  int max_concurrent_calls = 512;
+  // Most client UCX endpoints held at once (0: from the open-file limit).
+  size_t max_ucx_endpoints = 0;
+  // UCX network devices (UCX_NET_DEVICES syntax); empty: "lo" when listening
+  // on loopback (so UCX listens on no other interface), else every device.
+  std::string ucx_net_devices;
   uint64_t dram_bytes = 1ull << 30;
   uint64_t slab_bytes = 64ull << 20;  // also the largest block
   std::string eviction_policy = "lru";
@@ -27,6 +40,11 @@ struct NodeOptions {
   bool ucx_tune_tcp = true;
   bool prefault = false;  // touch the whole arena at start
   absl::Duration transfer_timeout = absl::Seconds(30);
+  // A publish whose client sends nothing for this long is given up and its
+  // reservations released (see NodeServiceOptions).
+  absl::Duration transfer_stall_timeout = absl::Seconds(3);
+  // Most of the DRAM tier one Publish may reserve.
+  double max_request_share = 0.125;
   // Accept RMA descriptors (client memory keys) in Publish/Fetch. Off by
   // default: UCX 1.13 crashes unpacking some malformed keys on shared memory,
   // so only trusted clients may use them (tagged transfers need no keys).
@@ -54,6 +72,8 @@ class Node {
   // Blocks until Shutdown() is called from another thread.
   void Wait();
   void Shutdown();
+  // Re-reads the auth file (SIGHUP); the old one stays in force on an error.
+  absl::Status ReloadAuth();
 
   class Impl;
 

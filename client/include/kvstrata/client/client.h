@@ -62,6 +62,10 @@ struct ClientOptions {
   std::string tls_ca_file;
   std::string tls_cert_file;
   std::string tls_key_file;
+  // Bearer token for nodes run with --auth_file, sent with every call. Empty:
+  // the KVSTRATA_TOKEN environment variable, if set (so the C and Python
+  // bindings, the CLI and engine connectors pick it up without code).
+  std::string auth_token;
 };
 
 // Per-block outcome of Publish and Fetch.
@@ -138,8 +142,9 @@ class Namespace {
   absl::StatusOr<LookupResult> Lookup(absl::Span<const BlockKey> keys,
                                       std::optional<absl::Duration> timeout = std::nullopt);
 
-  // Publishes blocks from registered memory. Batches over 1024 blocks are
-  // split and sent concurrently. The call-level status is an error only when
+  // Publishes blocks from registered memory. Batches over the node's
+  // per-request limit (1024 blocks, fewer on a small node: at most an eighth
+  // of its DRAM tier by default) are split and sent concurrently. The call-level status is an error only when
   // nothing could be attempted (bad input, node down); per-block outcomes
   // say what happened to each block.
   absl::StatusOr<TransferResult> Publish(absl::Span<const PublishItem> items,
@@ -168,12 +173,19 @@ class Namespace {
 
  private:
   friend class Client;
-  Namespace(Client* client, uint64_t id, uint64_t block_bytes, uint32_t tokens_per_block)
-      : client_(client), id_(id), block_bytes_(block_bytes), tokens_per_block_(tokens_per_block) {}
+  Namespace(Client* client, uint64_t id, uint64_t block_bytes, uint32_t tokens_per_block,
+            uint32_t max_publish_blocks)
+      : client_(client),
+        id_(id),
+        block_bytes_(block_bytes),
+        tokens_per_block_(tokens_per_block),
+        max_publish_blocks_(max_publish_blocks) {}
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;
   uint32_t tokens_per_block_;
+  // Blocks per Publish request the node accepts (its share limit).
+  uint32_t max_publish_blocks_;
 };
 
 class Client {

@@ -36,6 +36,20 @@ struct EngineOptions {
   // cached; an error refuses the address. Lets a server vet untrusted
   // addresses (UCX does not validate them).
   std::function<absl::Status(const std::string& worker_address, bool same_host)> check_address;
+  // UCX network devices (UCX_NET_DEVICES syntax, e.g. "lo"); empty keeps
+  // UCX_NET_DEVICES from the environment, or every device. A node serving
+  // loopback only passes "lo" so its UCX interfaces listen on no other one.
+  std::string net_devices;
+  // Most endpoints cached at once (0: no limit). Beyond it, idle endpoints
+  // nobody holds are closed, oldest first; if none is idle, Connect fails
+  // with RESOURCE_EXHAUSTED instead of running the process out of fds.
+  size_t max_peers = 0;
+  // Receive and drop every tagged message no posted receive matches. Only for
+  // a side that posts each receive before its peer may send (the node: it
+  // posts a publish's receives before sending the pull request): there every
+  // unexpected message is stray or hostile, and UCX would otherwise keep it
+  // in memory for ever.
+  bool discard_unexpected_messages = false;
 };
 
 class Engine;
@@ -198,7 +212,11 @@ class Peer {
   Peer() = default;
   absl::Status Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive);
-  void MarkFailed() { failed_.store(true, std::memory_order_release); }
+  // Marks the peer failed and drops it from the engine's cache, so its
+  // endpoint is force-closed as soon as the last transfer lets go of it
+  // (which fails whatever UCX still holds and releases its memory) instead
+  // of at the next Connect.
+  void MarkFailed();
   void Touch();
   bool IdleLongerThan(absl::Duration idle) const;
 
@@ -252,6 +270,8 @@ class Engine {
                                                         std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
   uint64_t NextTagBase();
+  // Stray tagged messages received and dropped (discard_unexpected_messages).
+  uint64_t discarded_messages() const;
 
   // Closes every cached endpoint and waits (up to 5 s) until UCX has failed
   // what was in flight on them, so memory they used can be released.

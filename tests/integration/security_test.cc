@@ -1,0 +1,546 @@
+// Hostile and careless clients against a real kvstrata-node process: tenant
+// authentication and isolation, admission before resources, transfers that
+// cannot be jammed, and bounded threads and endpoints. ctest runs this binary
+// once per UCX transport, like the integration suite.
+#include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "kvstrata.grpc.pb.h"
+#include "kvstrata/client/client.h"
+#include "kvstrata/common/block_key.h"
+#include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/process.h"
+#include "kvstrata/testing/streams.h"
+#include "kvstrata/transfer/engine.h"
+
+namespace kvstrata {
+namespace {
+
+using client::BlockOutcome;
+using client::Client;
+using testing::FetchAndVerify;
+using testing::NodeProcess;
+using testing::PublishStream;
+
+constexpr uint64_t kBlock = 256 * 1024;
+constexpr uint32_t kTokensPerBlock = 16;
+
+// Tokens in the clear here; the file the node reads holds only their digests.
+constexpr char kAcmeToken[] = "acme-secret-token";
+constexpr char kGlobexToken[] = "globex-secret-token";
+constexpr char kAdminToken[] = "admin-secret-token";
+constexpr char kLateToken[] = "added-on-reload";
+
+std::string Sha256Hex(const std::string& text) {
+  // A BlockKey-independent digest: the node's file format, computed by the
+  // same tool an operator would use.
+  const std::string command = "printf %s '" + text + "' | sha256sum";
+  FILE* pipe = popen(command.c_str(), "r");
+  char out[65] = {};
+  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
+  if (pipe != nullptr) pclose(pipe);
+  return std::string(out, 64);
+}
+
+v1::NamespaceSpec Spec(const std::string& tenant, const std::string& model,
+                       uint64_t block_bytes = kBlock) {
+  v1::NamespaceSpec spec = testing::OpaqueSpec(model, block_bytes, kTokensPerBlock);
+  spec.set_tenant(tenant);
+  return spec;
+}
+
+std::unique_ptr<Client> Connect(const std::string& address, const std::string& token,
+                                absl::Duration timeout = absl::Seconds(20)) {
+  auto c = Client::Connect({.node_address = address, .timeout = timeout, .auth_token = token});
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? *std::move(c) : nullptr;
+}
+
+// A raw stub that sends `token` (none when empty), so no client-library check
+// can filter what a hostile caller sends.
+class RawCaller {
+ public:
+  RawCaller(const std::string& address, std::string token)
+      : stub_(v1::CacheNode::NewStub(
+            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()))),
+        token_(std::move(token)) {}
+
+  template <typename Method, typename Request, typename Response>
+  grpc::StatusCode Call(Method method, const Request& request, Response* response,
+                        absl::Duration timeout = absl::Seconds(20)) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    if (!token_.empty()) context.AddMetadata("authorization", "Bearer " + token_);
+    return ((*stub_).*method)(&context, request, response).error_code();
+  }
+  v1::CacheNode::Stub& stub() { return *stub_; }
+
+ private:
+  std::unique_ptr<v1::CacheNode::Stub> stub_;
+  std::string token_;
+};
+
+uint64_t NodeThreads(pid_t pid) {
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Threads:", 0) == 0) return std::stoull(line.substr(8));
+  }
+  return 0;
+}
+
+// ---- authentication and tenant isolation ---------------------------------
+
+class AuthTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto dir = testing::TempDir::Create("kvstrata-auth");
+    ASSERT_TRUE(dir.ok());
+    dir_ = *std::move(dir);
+    auth_file_ = dir_->File("auth");
+    WriteAuthFile({});
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                                   {"--dram_bytes=67108864", "--slab_bytes=4194304",
+                                    "--auth_file=" + auth_file_, "--transfer_timeout=5s"});
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = *std::move(node);
+  }
+
+  void WriteAuthFile(const std::vector<std::string>& extra) {
+    std::ofstream out(auth_file_);
+    out << "# kind credential role tenants\n"
+        << "token sha256:" << Sha256Hex(kAcmeToken) << " tenant acme\n"
+        << "token sha256:" << Sha256Hex(kGlobexToken) << " tenant globex,shared\n"
+        << "token sha256:" << Sha256Hex(kAdminToken) << " admin *\n";
+    for (const std::string& line : extra) out << line << "\n";
+  }
+
+  v1::StatsResponse AdminStats() {
+    v1::StatsResponse stats;
+    auto admin = Connect(node_->address(), kAdminToken);
+    EXPECT_TRUE(admin->Stats(&stats).ok());
+    return stats;
+  }
+
+  std::unique_ptr<testing::TempDir> dir_;
+  std::string auth_file_;
+  std::unique_ptr<NodeProcess> node_;
+};
+
+TEST_F(AuthTest, CallsWithoutAKnownTokenAreRefusedButHealthAnswers) {
+  auto anonymous = Connect(node_->address(), "");
+  EXPECT_TRUE(anonymous->Ping().ok()) << "probes need Health without credentials";
+  auto opened = anonymous->OpenNamespace(Spec("acme", "m"));
+  EXPECT_TRUE(absl::IsUnauthenticated(opened.status())) << opened.status();
+  auto wrong = Connect(node_->address(), "not-a-token");
+  EXPECT_TRUE(absl::IsUnauthenticated(wrong->OpenNamespace(Spec("acme", "m")).status()));
+  RawCaller malformed(node_->address(), "");
+  v1::OpenNamespaceRequest open;
+  *open.mutable_spec() = Spec("acme", "m");
+  v1::OpenNamespaceResponse response;
+  grpc::ClientContext context;
+  context.AddMetadata("authorization", "Basic YWNtZTpwYXNz");
+  EXPECT_EQ(malformed.stub().OpenNamespace(&context, open, &response).error_code(),
+            grpc::StatusCode::UNAUTHENTICATED);
+  EXPECT_GE(AdminStats().unauthenticated_calls(), 3u);
+}
+
+TEST_F(AuthTest, AnotherTenantCannotReadOverwriteDeleteOrHintABlock) {
+  auto acme = Connect(node_->address(), kAcmeToken);
+  auto ns = acme->OpenNamespace(Spec("acme", "llama"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  auto published = PublishStream(*acme, *ns, 5, 8, 8);
+  ASSERT_TRUE(published.ok()) << published.status();
+  ASSERT_EQ(published->count(BlockOutcome::kOk), 8u);
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(5, 8, kTokensPerBlock));
+
+  // Globex knows the spec, so it can compute the namespace id and every key.
+  auto globex = Connect(node_->address(), kGlobexToken);
+  auto opened = globex->OpenNamespace(Spec("acme", "llama"));
+  EXPECT_TRUE(absl::IsPermissionDenied(opened.status())) << opened.status();
+
+  RawCaller raw(node_->address(), kGlobexToken);
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(ns->id());
+  for (const BlockKey& key : keys) lookup.add_keys(std::string(key.view()));
+  v1::LookupResponse looked;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Lookup, lookup, &looked),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  v1::FetchRequest fetch;
+  fetch.set_namespace_id(ns->id());
+  fetch.set_tag_base(1 << 16);
+  v1::FetchResponse fetched;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Fetch, fetch, &fetched),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  v1::PublishRequest overwrite;
+  overwrite.set_namespace_id(ns->id());
+  overwrite.set_tag_base(1 << 16);
+  v1::PublishResponse overwritten;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Publish, overwrite, &overwritten),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  v1::DeleteRequest erase;
+  erase.set_namespace_id(ns->id());
+  for (const BlockKey& key : keys) erase.add_keys(std::string(key.view()));
+  v1::DeleteResponse erased;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Delete, erase, &erased),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  v1::RequestFinishedRequest hint;
+  hint.set_namespace_id(ns->id());
+  hint.set_last_key(std::string(keys.back().view()));
+  v1::RequestFinishedResponse hinted;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::RequestFinished, hint, &hinted),
+            grpc::StatusCode::PERMISSION_DENIED);
+
+  // Nothing changed: acme still reads its own bytes.
+  EXPECT_EQ(ns->Lookup(keys)->prefix_length, 8u);
+  EXPECT_EQ(FetchAndVerify(*acme, *ns, 5, 8, 8), 8u);
+  // Globex's own tenants work, and only them.
+  EXPECT_TRUE(globex->OpenNamespace(Spec("globex", "llama")).ok());
+  EXPECT_TRUE(globex->OpenNamespace(Spec("shared", "llama")).ok());
+  EXPECT_GE(AdminStats().permission_denied_calls(), 6u);
+}
+
+TEST_F(AuthTest, DrainAndStatsNeedAdmin) {
+  RawCaller tenant(node_->address(), kAcmeToken);
+  v1::DrainRequest drain;
+  drain.set_draining(true);
+  v1::DrainResponse drained;
+  EXPECT_EQ(tenant.Call(&v1::CacheNode::Stub::Drain, drain, &drained),
+            grpc::StatusCode::PERMISSION_DENIED);
+  v1::StatsResponse stats;
+  EXPECT_EQ(tenant.Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &stats),
+            grpc::StatusCode::PERMISSION_DENIED);
+  // Still serving: the refused drain changed nothing.
+  auto acme = Connect(node_->address(), kAcmeToken);
+  auto ns = acme->OpenNamespace(Spec("acme", "drain"));
+  ASSERT_TRUE(ns.ok());
+  EXPECT_EQ(PublishStream(*acme, *ns, 6, 2)->count(BlockOutcome::kOk), 2u);
+
+  RawCaller admin(node_->address(), kAdminToken);
+  EXPECT_EQ(admin.Call(&v1::CacheNode::Stub::Drain, drain, &drained), grpc::StatusCode::OK);
+  EXPECT_TRUE(drained.draining());
+  EXPECT_EQ(admin.Call(&v1::CacheNode::Stub::Stats, v1::StatsRequest(), &stats),
+            grpc::StatusCode::OK);
+}
+
+TEST_F(AuthTest, SighupReloadsTheFileAndABrokenFileKeepsTheOldOne) {
+  auto late = Connect(node_->address(), kLateToken);
+  EXPECT_TRUE(absl::IsUnauthenticated(late->OpenNamespace(Spec("late", "m")).status()));
+  WriteAuthFile({"token sha256:" + Sha256Hex(kLateToken) + " tenant late"});
+  node_->process().Signal(SIGHUP);
+  absl::Status opened;
+  for (int i = 0; i < 100; ++i) {  // the reload is asynchronous
+    opened = late->OpenNamespace(Spec("late", "m")).status();
+    if (opened.ok()) break;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_TRUE(opened.ok()) << opened;
+
+  WriteAuthFile({"token not-a-digest tenant late"});  // a bad line: refused whole
+  node_->process().Signal(SIGHUP);
+  absl::SleepFor(absl::Milliseconds(300));
+  EXPECT_TRUE(late->OpenNamespace(Spec("late", "m")).ok()) << "a broken file replaced a good one";
+  EXPECT_FALSE(node_->process().Exited());
+}
+
+TEST(AuthStartTest, NonLoopbackListenWithoutAuthNeedsAnExplicitFlag) {
+  auto refused = NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                                    {"--dram_bytes=67108864", "--listen=0.0.0.0:0"}, "",
+                                    absl::Seconds(10));
+  EXPECT_FALSE(refused.ok()) << "a node served the network without authentication";
+  auto allowed =
+      NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                         {"--dram_bytes=67108864", "--listen=0.0.0.0:0", "--allow_unauthenticated"});
+  ASSERT_TRUE(allowed.ok()) << allowed.status();
+  auto anyone = Connect((*allowed)->address(), "");
+  EXPECT_TRUE(anyone->OpenNamespace(Spec("t", "m")).ok());
+}
+
+// ---- admission, stalls and jamming ---------------------------------------
+
+class HostileTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    // 64 MiB: 256 blocks; one request may reserve an eighth (32 blocks).
+    auto node = NodeProcess::Start(
+        KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
+                               "--transfer_timeout=20s", "--transfer_stall_timeout=1s"});
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = node->release();
+  }
+  static void TearDownTestSuite() {
+    delete node_;
+    node_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_NE(node_, nullptr);
+    auto engine = transfer::Engine::Create({});
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = *std::move(engine);
+    auto region = engine_->Allocate(64 * kBlock);
+    ASSERT_TRUE(region.ok());
+    region_ = *std::move(region);
+  }
+
+  v1::OpenNamespaceResponse OpenRaw(RawCaller& raw, const std::string& model) {
+    v1::OpenNamespaceRequest open;
+    *open.mutable_spec() = Spec("test", model);
+    v1::OpenNamespaceResponse opened;
+    EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::OpenNamespace, open, &opened), grpc::StatusCode::OK);
+    return opened;
+  }
+
+  // A publish of `count` blocks from this test's (real) UCX worker, which
+  // never answers the node's pull unless the caller serves it.
+  v1::PublishRequest SilentPublish(uint64_t ns_id, size_t count, uint64_t tag_base,
+                                   const std::string& worker_address) {
+    v1::PublishRequest request;
+    request.set_namespace_id(ns_id);
+    request.set_tag_base(tag_base);
+    request.mutable_source()->set_worker_address(worker_address);
+    if (engine_->shared_memory_enabled())
+      request.mutable_source()->set_host_id(transfer::Engine::HostId());
+    v1::MemoryRegion* region = request.mutable_source()->add_regions();
+    region->set_base_address(reinterpret_cast<uint64_t>(region_->data()));
+    region->set_length(region_->size());
+    for (size_t i = 0; i < count; ++i) {
+      v1::PublishBlock* block = request.add_blocks();
+      std::string key(16, 'k');
+      key[0] = static_cast<char>(i);
+      key[1] = static_cast<char>(i >> 8);
+      block->set_key(key);
+      block->set_region(0);
+      block->set_offset((i % 64) * kBlock);
+      block->set_size(kBlock);
+      block->set_checksum(1);
+    }
+    return request;
+  }
+
+  static v1::StatsResponse Stats() {
+    auto c = Connect(node_->address(), "");
+    v1::StatsResponse stats;
+    EXPECT_TRUE(c->Stats(&stats).ok());
+    return stats;
+  }
+
+  static NodeProcess* node_;
+  std::unique_ptr<transfer::Engine> engine_;
+  std::unique_ptr<transfer::MemoryRegion> region_;
+};
+
+NodeProcess* HostileTest::node_ = nullptr;
+
+TEST_F(HostileTest, GarbageWorkerAddressEvictsNothing) {
+  auto victim = Connect(node_->address(), "");
+  auto ns = victim->OpenNamespace(Spec("test", "victim-garbage"));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_EQ(PublishStream(*victim, *ns, 11, 200, 25)->count(BlockOutcome::kOk), 200u);
+  const uint64_t evictions = Stats().tiers(0).evictions();
+
+  RawCaller raw(node_->address(), "");
+  v1::OpenNamespaceResponse opened = OpenRaw(raw, "garbage");
+  v1::PublishRequest request =
+      SilentPublish(opened.namespace_id(), 200, uint64_t{opened.tag_prefix()} << 32 | 1 << 16,
+                    std::string(300, '\x5a'));
+  v1::PublishResponse response;
+  EXPECT_NE(raw.Call(&v1::CacheNode::Stub::Publish, request, &response), grpc::StatusCode::OK);
+  EXPECT_EQ(Stats().tiers(0).evictions(), evictions) << "a request that was refused evicted blocks";
+  EXPECT_EQ(FetchAndVerify(*victim, *ns, 11, 200, 25), 200u);
+}
+
+TEST_F(HostileTest, SilentSourceReleasesItsReservationAtTheStallTimeout) {
+  RawCaller raw(node_->address(), "");
+  v1::OpenNamespaceResponse opened = OpenRaw(raw, "silent");
+  EXPECT_EQ(opened.max_publish_blocks(), 32u) << "an eighth of 64 MiB in 256 KiB blocks";
+  const uint64_t used_before = Stats().tiers(0).used_bytes();
+  // A real worker that connects fine and then never sends a byte.
+  v1::PublishRequest request = SilentPublish(opened.namespace_id(), 1000,
+                                             uint64_t{opened.tag_prefix()} << 32 | 2 << 16,
+                                             engine_->worker_address());
+  auto silent = std::async(std::launch::async, [&] {
+    v1::PublishResponse response;
+    const absl::Time start = absl::Now();
+    const grpc::StatusCode code = raw.Call(&v1::CacheNode::Stub::Publish, request, &response);
+    return std::make_pair(code, absl::Now() - start);
+  });
+  // Meanwhile another client publishes and reads back a whole tier's worth.
+  auto other = Connect(node_->address(), "");
+  auto ns = other->OpenNamespace(Spec("test", "bystander"));
+  ASSERT_TRUE(ns.ok());
+  auto published = PublishStream(*other, *ns, 12, 64, 64);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->count(BlockOutcome::kOk), 64u);
+  EXPECT_EQ(FetchAndVerify(*other, *ns, 12, 64, 64), 64u);
+  const auto [code, took] = silent.get();
+  EXPECT_EQ(code, grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_LT(took, absl::Seconds(8)) << "held its reservation towards the 20 s transfer deadline";
+  EXPECT_GE(Stats().stalled_transfers(), 1u);
+  // Only the bystander's 64 blocks remain in use; the silent reservation is gone.
+  EXPECT_LE(Stats().tiers(0).used_bytes(), used_before + 64 * kBlock);
+}
+
+TEST_F(HostileTest, LargePublishesAreSplitToTheNodesShare) {
+  auto c = Connect(node_->address(), "");
+  auto ns = c->OpenNamespace(Spec("test", "split"));
+  ASSERT_TRUE(ns.ok());
+  // 100 blocks in one call: more than one request may reserve (32).
+  auto published = PublishStream(*c, *ns, 13, 100, 100);
+  ASSERT_TRUE(published.ok()) << published.status();
+  EXPECT_EQ(published->count(BlockOutcome::kOk), 100u);
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 13, 100, 100), 100u);
+}
+
+TEST_F(HostileTest, FetchIntoTheNodesOwnWorkerIsRefused) {
+  auto c = Connect(node_->address(), "");
+  auto ns = c->OpenNamespace(Spec("test", "self"));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_EQ(PublishStream(*c, *ns, 14, 4)->count(BlockOutcome::kOk), 4u);
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(14, 4, kTokensPerBlock));
+  RawCaller raw(node_->address(), "");
+  v1::OpenNamespaceResponse opened = OpenRaw(raw, "self");
+  v1::FetchRequest fetch;
+  fetch.set_namespace_id(opened.namespace_id());
+  fetch.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | 3 << 16);
+  fetch.mutable_destination()->set_worker_address(opened.worker_address());
+  fetch.mutable_destination()->set_host_id(opened.host_id());
+  v1::MemoryRegion* region = fetch.mutable_destination()->add_regions();
+  region->set_base_address(0x10000);
+  region->set_length(4 * kBlock);
+  for (size_t i = 0; i < 4; ++i) {
+    v1::FetchBlock* block = fetch.add_blocks();
+    block->set_key(std::string(keys[i].view()));
+    block->set_offset(i * kBlock);
+    block->set_capacity(kBlock);
+  }
+  for (int round = 0; round < 20; ++round) {
+    v1::FetchResponse response;
+    EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Fetch, fetch, &response),
+              grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 14, 4), 4u);
+}
+
+TEST_F(HostileTest, PlantedMessagesNeitherJamNorPoisonOtherPublishes) {
+  // The attacker sends tagged messages straight to the node's worker, with
+  // tags next to its own prefix (where sequential prefixes would put the
+  // next client's) and pull-request tags.
+  RawCaller raw(node_->address(), "");
+  v1::OpenNamespaceResponse opened = OpenRaw(raw, "planter");
+  auto peer = engine_->Connect(opened.worker_address(),
+                               engine_->shared_memory_enabled() &&
+                                   opened.host_id() == transfer::Engine::HostId(),
+                               absl::Now() + absl::Seconds(10));
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  std::vector<transfer::SendOp> planted;
+  for (uint64_t prefix = opened.tag_prefix() + 1; prefix < opened.tag_prefix() + 9; ++prefix) {
+    for (uint64_t i = 0; i < 8; ++i) {
+      planted.push_back({region_->data(), 4096, (prefix << 32) | (1 << 16) | i});
+    }
+    planted.push_back({region_->data(), 4096, transfer::PullTag((prefix << 32) | (1 << 16))});
+  }
+  ASSERT_TRUE((*peer)->Send(planted, absl::Now() + absl::Seconds(10)).ok());
+  absl::SleepFor(absl::Milliseconds(300));
+
+  for (int round = 0; round < 4; ++round) {
+    auto victim = Connect(node_->address(), "", absl::Seconds(10));
+    auto ns = victim->OpenNamespace(Spec("test", absl::StrCat("victim-planted-", round)));
+    ASSERT_TRUE(ns.ok());
+    const absl::Time start = absl::Now();
+    auto published = PublishStream(*victim, *ns, 20 + round, 8, 8);
+    ASSERT_TRUE(published.ok()) << published.status();
+    EXPECT_EQ(published->count(BlockOutcome::kOk), 8u);
+    EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+    EXPECT_EQ(FetchAndVerify(*victim, *ns, 20 + round, 8, 8), 8u);
+  }
+  EXPECT_GE(Stats().discarded_messages(), planted.size())
+      << "stray messages stayed queued in the node";
+}
+
+TEST(BoundsTest, CallsBeyondTheCapAreRefusedAndThreadsStayBounded) {
+  auto node = NodeProcess::Start(
+      KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
+                             "--max_concurrent_calls=8", "--transfer_stall_timeout=2s"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  auto engine = transfer::Engine::Create({});
+  ASSERT_TRUE(engine.ok());
+  auto region = (*engine)->Allocate(kBlock);
+  ASSERT_TRUE(region.ok());
+  RawCaller raw((*node)->address(), "");
+  v1::OpenNamespaceRequest open;
+  *open.mutable_spec() = Spec("test", "bounded");
+  v1::OpenNamespaceResponse opened;
+  ASSERT_EQ(raw.Call(&v1::CacheNode::Stub::OpenNamespace, open, &opened), grpc::StatusCode::OK);
+  const uint64_t threads_before = NodeThreads((*node)->process().pid());
+
+  // 40 publishes whose source never answers: each would park a thread.
+  std::vector<std::future<grpc::StatusCode>> parked;
+  for (int i = 0; i < 40; ++i) {
+    parked.push_back(std::async(std::launch::async, [&, i] {
+      v1::PublishRequest request;
+      request.set_namespace_id(opened.namespace_id());
+      request.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | uint64_t(i + 1) << 16);
+      request.mutable_source()->set_worker_address((*engine)->worker_address());
+      v1::MemoryRegion* r = request.mutable_source()->add_regions();
+      r->set_base_address(reinterpret_cast<uint64_t>((*region)->data()));
+      r->set_length(kBlock);
+      v1::PublishBlock* block = request.add_blocks();
+      block->set_key(std::string(15, 'b') + static_cast<char>(i));
+      block->set_size(kBlock);
+      v1::PublishResponse response;
+      RawCaller own((*node)->address(), "");
+      return own.Call(&v1::CacheNode::Stub::Publish, request, &response);
+    }));
+  }
+  absl::SleepFor(absl::Milliseconds(500));
+  const uint64_t threads_during = NodeThreads((*node)->process().pid());
+  size_t exhausted = 0;
+  for (auto& call : parked) exhausted += call.get() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+  EXPECT_GT(exhausted, 0u) << "40 parked calls on a node capped at 8";
+  EXPECT_LT(threads_during, threads_before + 20) << "a thread per parked call";
+  // Served again once the parked calls are gone.
+  auto c = Connect((*node)->address(), "");
+  auto ns = c->OpenNamespace(Spec("test", "after"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  EXPECT_EQ(PublishStream(*c, *ns, 30, 4)->count(BlockOutcome::kOk), 4u);
+}
+
+TEST(BoundsTest, ManyClientsAtALowFileLimitNeverAbortTheNode) {
+  // prlimit pins the hard limit, so the node cannot raise it: 300 fds leave
+  // it room for 16 client endpoints.
+  if (std::system("command -v prlimit >/dev/null") != 0) GTEST_SKIP() << "no prlimit";
+  auto dir = testing::TempDir::Create("kvstrata-fds");
+  ASSERT_TRUE(dir.ok());
+  const std::string wrapper = (*dir)->File("node.sh");
+  {
+    std::ofstream out(wrapper);
+    out << "#!/bin/sh\nexec prlimit --nofile=300:300 " << KVSTRATA_NODE_BINARY << " \"$@\"\n";
+  }
+  ASSERT_EQ(std::system(("chmod +x " + wrapper).c_str()), 0);
+  auto node = NodeProcess::Start(wrapper, {"--dram_bytes=67108864", "--slab_bytes=4194304"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  size_t ok = 0;
+  for (int i = 0; i < 40; ++i) {  // a distinct UCX worker each
+    auto c = Connect((*node)->address(), "", absl::Seconds(10));
+    auto ns = c->OpenNamespace(Spec("test", "fds"));
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    auto published = PublishStream(*c, *ns, 40 + i, 1);
+    if (published.ok() && published->count(BlockOutcome::kOk) == 1) ++ok;
+  }
+  EXPECT_FALSE((*node)->process().Exited()) << "the node died at its file limit";
+  EXPECT_EQ(ok, 40u) << "idle endpoints were not recycled";
+}
+
+}  // namespace
+}  // namespace kvstrata
