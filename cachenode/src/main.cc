@@ -77,8 +77,9 @@ ABSL_FLAG(
 ABSL_FLAG(bool, prefault, false,
           "Touch the whole DRAM arena at start so first writes do not fault.");
 ABSL_FLAG(bool, allow_client_rkeys, false,
-          "Accept RMA transfers (client memory keys) as well as tagged ones. Only for trusted "
-          "clients: UCX 1.13 can crash unpacking a malformed key on shared memory.");
+          "Accept RMA transfers (client memory keys) as well as tagged ones. Only with a "
+          "loopback --listen and trusted clients: UCX 1.13 cannot validate a packed key (a "
+          "malformed one crashes the node), so the node refuses this flag on other addresses.");
 ABSL_FLAG(bool, check_peer_addresses, true,
           "Vet each new client's UCX worker address in a child process before connecting to it "
           "(UCX crashes on malformed addresses). Costs one short-lived process per new client.");

@@ -174,6 +174,16 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                      << " WITHOUT authentication (--allow_unauthenticated): any client can use "
                         "every tenant's blocks and drain this node";
   }
+  if (options.allow_client_rkeys && !loopback) {
+    // UCX 1.13 takes packed remote keys on trust: ucp_ep_rkey_unpack reads
+    // whatever a malformed key says (random keys crashed the node), and no
+    // API tells which process's memory a key opens. Nothing the node can
+    // check makes client keys safe from untrusted callers, so they stay a
+    // single-host, trusted-client feature.
+    return absl::FailedPreconditionError(
+        "--allow_client_rkeys needs a loopback --listen: UCX 1.13 cannot validate client memory "
+        "keys, so only trusted clients on this host may send them");
+  }
   impl->address_checker =
       std::make_unique<PeerAddressChecker>(options.ucx_transports, absl::Seconds(5));
   transfer::EngineOptions engine_options{.transports = options.ucx_transports,

@@ -20,6 +20,7 @@
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/certificates.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -692,15 +693,7 @@ TEST(TlsNodeTest, MutualTlsAdmitsOnlyClientsWithCertificates) {
   auto dir = testing::TempDir::Create("kvstrata-tls");
   ASSERT_TRUE(dir.ok());
   const std::string d = (*dir)->File("");
-  const std::string script = absl::StrCat(
-      "cd ", d, " && exec >openssl.log 2>&1 && ",
-      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca && ",
-      "openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr -subj /CN=node && ",
-      "printf 'subjectAltName=IP:127.0.0.1' > san.ext && ",
-      "openssl x509 -req -in node.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out node.pem -days 1 -extfile san.ext && ",
-      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && ",
-      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 1");
-  ASSERT_EQ(std::system(script.c_str()), 0) << "openssl failed; see " << d << "openssl.log";
+  ASSERT_TRUE(testing::MakeTestCertificates(d).ok());
   auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
                                  {"--dram_bytes=67108864", "--tls_cert_file=" + d + "node.pem",
                                   "--tls_key_file=" + d + "node.key",

@@ -16,6 +16,7 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/block_key.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/certificates.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -254,6 +255,42 @@ TEST_F(AuthTest, SighupReloadsTheFileAndABrokenFileKeepsTheOldOne) {
   EXPECT_FALSE(node_->process().Exited());
 }
 
+TEST(MutualTlsAuthTest, TheCertificatesIdentityPicksItsTenants) {
+  auto dir = testing::TempDir::Create("kvstrata-mtls-auth");
+  ASSERT_TRUE(dir.ok());
+  const std::string d = (*dir)->File("");
+  ASSERT_TRUE(testing::MakeTestCertificates(d, "spiffe://test/acme-engine").ok());
+  {
+    std::ofstream out(d + "auth");
+    out << "cert spiffe://test/acme-engine tenant acme\n"
+        << "token sha256:" << Sha256Hex(kGlobexToken) << " tenant globex\n";
+  }
+  auto node = NodeProcess::Start(
+      KVSTRATA_NODE_BINARY,
+      {"--dram_bytes=67108864", "--tls_cert_file=" + d + "node.pem",
+       "--tls_key_file=" + d + "node.key", "--tls_client_ca_file=" + d + "ca.pem",
+       "--auth_file=" + d + "auth"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  client::ClientOptions options{.node_address = (*node)->address(), .timeout = absl::Seconds(10)};
+  options.tls_ca_file = d + "ca.pem";
+  options.tls_cert_file = d + "client.pem";
+  options.tls_key_file = d + "client.key";
+  auto acme = Client::Connect(options);
+  ASSERT_TRUE(acme.ok());
+  auto ns = (*acme)->OpenNamespace(Spec("acme", "tls"));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  EXPECT_EQ(PublishStream(**acme, *ns, 7, 4)->count(BlockOutcome::kOk), 4u);
+  EXPECT_EQ(FetchAndVerify(**acme, *ns, 7, 4), 4u);
+  EXPECT_TRUE(absl::IsPermissionDenied((*acme)->OpenNamespace(Spec("globex", "tls")).status()))
+      << "a certificate mapped to acme opened globex";
+  // The same certificate with a token: the token names the caller.
+  options.auth_token = kGlobexToken;
+  auto globex = Client::Connect(options);
+  ASSERT_TRUE(globex.ok());
+  EXPECT_TRUE((*globex)->OpenNamespace(Spec("globex", "tls")).ok());
+  EXPECT_TRUE(absl::IsPermissionDenied((*globex)->OpenNamespace(Spec("acme", "tls")).status()));
+}
+
 TEST(AuthStartTest, NonLoopbackListenWithoutAuthNeedsAnExplicitFlag) {
   auto refused = NodeProcess::Start(KVSTRATA_NODE_BINARY,
                                     {"--dram_bytes=67108864", "--listen=0.0.0.0:0"}, "",
@@ -265,6 +302,12 @@ TEST(AuthStartTest, NonLoopbackListenWithoutAuthNeedsAnExplicitFlag) {
   ASSERT_TRUE(allowed.ok()) << allowed.status();
   auto anyone = Connect((*allowed)->address(), "");
   EXPECT_TRUE(anyone->OpenNamespace(Spec("t", "m")).ok());
+  // Client memory keys cannot be validated: never offered off loopback.
+  auto rkeys = NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                                  {"--dram_bytes=67108864", "--listen=0.0.0.0:0",
+                                   "--allow_unauthenticated", "--allow_client_rkeys"},
+                                  "", absl::Seconds(10));
+  EXPECT_FALSE(rkeys.ok()) << "--allow_client_rkeys served the network";
 }
 
 // ---- admission, stalls and jamming ---------------------------------------
@@ -468,6 +511,33 @@ TEST_F(HostileTest, PlantedMessagesNeitherJamNorPoisonOtherPublishes) {
       << "stray messages stayed queued in the node";
 }
 
+TEST(PinTest, AClientKilledMidFetchReleasesEveryPinnedBlock) {
+  // 16 MiB: exactly 64 blocks, all of them fetched over and over by a child.
+  auto node = NodeProcess::Start(
+      KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576",
+                             "--transfer_timeout=2s", "--max_request_share=1"});
+  ASSERT_TRUE(node.ok()) << node.status();
+  auto c = Connect((*node)->address(), "");
+  auto ns = c->OpenNamespace(Spec("test", "pinned"));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_EQ(PublishStream(*c, *ns, 50, 64, 64)->count(BlockOutcome::kOk), 64u);
+  for (int round = 0; round < 3; ++round) {
+    auto child = testing::ChildProcess::SpawnSelf(
+        {"--child=fetch_forever", "--node=" + (*node)->address(), "--seed=50", "--count=64"});
+    ASSERT_TRUE(child.ok());
+    absl::SleepFor(absl::Milliseconds(400 + 200 * round));  // mid-fetch, at varying points
+    (*child)->Signal(SIGKILL);
+    EXPECT_EQ((*child)->Wait(), -SIGKILL);
+  }
+  // Past the transfer deadline every send to the dead clients has ended.
+  absl::SleepFor(absl::Seconds(4));
+  // A whole new tier's worth must fit: nothing of the old one may stay pinned.
+  auto fresh = PublishStream(*c, *ns, 51, 64, 16);
+  ASSERT_TRUE(fresh.ok()) << fresh.status();
+  EXPECT_EQ(fresh->count(BlockOutcome::kOk), 64u) << "blocks of killed clients stayed pinned";
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 51, 64, 16), 64u);
+}
+
 TEST(BoundsTest, CallsBeyondTheCapAreRefusedAndThreadsStayBounded) {
   auto node = NodeProcess::Start(
       KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
@@ -542,5 +612,32 @@ TEST(BoundsTest, ManyClientsAtALowFileLimitNeverAbortTheNode) {
   EXPECT_EQ(ok, 40u) << "idle endpoints were not recycled";
 }
 
+// ---- child processes ---------------------------------------------------------
+
+std::string Arg(int argc, char** argv, const std::string& name) {
+  const std::string prefix = "--" + name + "=";
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]).rfind(prefix, 0) == 0) return std::string(argv[i]).substr(prefix.size());
+  }
+  return "";
+}
+
+// Fetches stream `seed` over and over until it is killed.
+int RunChild(int argc, char** argv) {
+  auto c = Client::Connect({.node_address = Arg(argc, argv, "node")});
+  if (!c.ok()) return 10;
+  auto ns = (*c)->OpenNamespace(Spec("test", "pinned"));
+  if (!ns.ok()) return 11;
+  const uint64_t seed = std::stoull(Arg(argc, argv, "seed"));
+  const size_t count = std::stoull(Arg(argc, argv, "count"));
+  while (true) FetchAndVerify(**c, *ns, seed, count, count);
+}
+
 }  // namespace
 }  // namespace kvstrata
+
+int main(int argc, char** argv) {
+  if (!kvstrata::Arg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
