@@ -9,6 +9,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "kvstrata/common/files.h"
@@ -43,6 +44,30 @@ absl::StatusOr<std::shared_ptr<const AuthTable>> AuthTable::Parse(absl::string_v
     std::vector<absl::string_view> fields =
         absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (fields.empty()) continue;
+    if (fields[0] == "quota") {
+      if (fields.size() < 3) return LineError(number, "want: quota <tenant|*> key=value ...");
+      TenantQuota quota;
+      for (size_t i = 2; i < fields.size(); ++i) {
+        std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(fields[i], '=');
+        uint64_t value = 0;
+        if (!absl::SimpleAtoi(kv.second, &value)) {
+          return LineError(number, absl::StrCat("'", fields[i], "' is not key=<number>"));
+        }
+        if (kv.first == "dram_bytes") {
+          quota.dram_bytes = value;
+        } else if (kv.first == "namespaces" && value <= UINT32_MAX) {
+          quota.namespaces = static_cast<uint32_t>(value);
+        } else {
+          return LineError(number, absl::StrCat("unknown quota '", kv.first,
+                                                "' (dram_bytes, namespaces)"));
+        }
+      }
+      if (fields[1] != "*") table->named_tenants_.emplace(fields[1]);
+      if (!table->quotas_.emplace(std::string(fields[1]), quota).second) {
+        return LineError(number, "this tenant's quota is given twice");
+      }
+      continue;
+    }
     if (fields.size() != 4) {
       return LineError(number, "want 4 fields: token|cert, credential, tenant|admin, tenants");
     }
@@ -59,6 +84,7 @@ absl::StatusOr<std::shared_ptr<const AuthTable>> AuthTable::Parse(absl::string_v
         principal.tenants.emplace(tenant);
       }
       if (principal.tenants.empty()) return LineError(number, "no tenants");
+      table->named_tenants_.insert(principal.tenants.begin(), principal.tenants.end());
     }
     if (fields[0] == "token") {
       if (!absl::StartsWith(fields[1], kDigestPrefix)) {
@@ -82,6 +108,12 @@ absl::StatusOr<std::shared_ptr<const AuthTable>> AuthTable::Parse(absl::string_v
     }
   }
   return std::shared_ptr<const AuthTable>(std::move(table));
+}
+
+TenantQuota AuthTable::QuotaFor(absl::string_view tenant) const {
+  if (auto it = quotas_.find(tenant); it != quotas_.end()) return it->second;
+  if (auto it = quotas_.find("*"); it != quotas_.end()) return it->second;
+  return {};
 }
 
 const Principal* AuthTable::FindToken(absl::string_view token) const {
@@ -137,13 +169,14 @@ absl::Status Authenticator::Reload() {
   return absl::OkStatus();
 }
 
+std::shared_ptr<const AuthTable> Authenticator::table() const {
+  absl::MutexLock lock(&mu_);
+  return table_;
+}
+
 absl::StatusOr<std::shared_ptr<const Principal>> Authenticator::Authenticate(
     const grpc::ServerContext& context) const {
-  std::shared_ptr<const AuthTable> table;
-  {
-    absl::MutexLock lock(&mu_);
-    table = table_;
-  }
+  std::shared_ptr<const AuthTable> table = this->table();
   // The aliasing constructor keeps the whole table alive with the principal.
   const auto& metadata = context.client_metadata();
   if (auto it = metadata.find("authorization"); it != metadata.end()) {

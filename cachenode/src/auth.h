@@ -10,6 +10,11 @@
 //   token sha256:<64 hex digits>  tenant  acme,globex    # may use two tenants
 //   token sha256:<64 hex digits>  admin   *              # Drain, Stats, every tenant
 //   cert  spiffe://prod/ns/acme/engine  tenant  acme     # mTLS identity (SAN or CN)
+//   quota acme    dram_bytes=8589934592 namespaces=512   # limits of one tenant
+//   quota *       dram_bytes=2147483648                  # of every other tenant
+//
+// A tenant over its DRAM quota evicts its own oldest blocks to take new ones
+// (tenant_ledger.h); one over its namespace quota cannot open more.
 //
 // The digest of a token: `printf %s "$TOKEN" | sha256sum`.
 #pragma once
@@ -29,6 +34,12 @@ class ServerContext;
 }
 
 namespace kvstrata::cachenode {
+
+// Limits of one tenant; 0 means none.
+struct TenantQuota {
+  uint64_t dram_bytes = 0;
+  uint32_t namespaces = 0;
+};
 
 struct Principal {
   std::string name;  // for logs: "token sha256:1a2b3c4d..." or "cert <identity>"
@@ -50,8 +61,15 @@ class AuthTable {
   const Principal* FindToken(absl::string_view token) const;
   const Principal* FindIdentity(absl::string_view identity) const;
   size_t size() const { return by_token_digest_.size() + by_identity_.size(); }
+  // The tenant's quota line, else the `*` line, else no limits.
+  TenantQuota QuotaFor(absl::string_view tenant) const;
+  // Tenants the file names (in credentials or quotas): metrics label these
+  // alone, so a caller cannot grow the label set.
+  bool Names(absl::string_view tenant) const { return named_tenants_.contains(tenant); }
 
  private:
+  absl::flat_hash_map<std::string, TenantQuota> quotas_;  // "*" is the default
+  absl::flat_hash_set<std::string> named_tenants_;
   absl::flat_hash_map<std::string, Principal> by_token_digest_;  // lowercase hex SHA-256
   absl::flat_hash_map<std::string, Principal> by_identity_;
 };
@@ -70,6 +88,8 @@ class Authenticator {
   // the table knows. The principal stays valid across reloads.
   absl::StatusOr<std::shared_ptr<const Principal>> Authenticate(
       const grpc::ServerContext& context) const;
+  // The table in force now.
+  std::shared_ptr<const AuthTable> table() const;
 
  private:
   explicit Authenticator(std::string path) : path_(std::move(path)) {}

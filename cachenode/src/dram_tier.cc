@@ -44,11 +44,14 @@ bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   const uint64_t size = block->size();
   const bool has_parent = block->has_parent;
   const BlockKey parent = block->parent;
-  absl::MutexLock lock(&mu_);
-  if (!index_.Insert(id, std::move(block))) return false;
-  policy_->OnInsert(id, has_parent ? std::optional<BlockId>(BlockId{id.namespace_id, parent})
-                                   : std::nullopt);
-  stored_bytes_.fetch_add(size, std::memory_order_relaxed);
+  {
+    absl::MutexLock lock(&mu_);
+    if (!index_.Insert(id, std::move(block))) return false;
+    policy_->OnInsert(id, has_parent ? std::optional<BlockId>(BlockId{id.namespace_id, parent})
+                                     : std::nullopt);
+    stored_bytes_.fetch_add(size, std::memory_order_relaxed);
+  }
+  if (residency_hook_) residency_hook_(id, size, true);
   return true;
 }
 
@@ -73,15 +76,26 @@ size_t DramTier::PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> 
   return length;
 }
 
-bool DramTier::Erase(const BlockId& id) {
+std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id) {
   std::shared_ptr<StoredBlock> block;
   {
     absl::MutexLock lock(&mu_);
     block = index_.Erase(id);
-    if (block == nullptr) return false;
+    if (block == nullptr) return nullptr;
     policy_->OnErase(id);
   }
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  if (residency_hook_) residency_hook_(id, block->size(), false);
+  return block;
+}
+
+bool DramTier::Erase(const BlockId& id) { return TakeOut(id) != nullptr; }
+
+bool DramTier::Evict(const BlockId& id) {
+  std::shared_ptr<StoredBlock> block = TakeOut(id);
+  if (block == nullptr) return false;
+  evictions_.fetch_add(1, std::memory_order_relaxed);
+  if (eviction_hook_) eviction_hook_(id, std::move(block));
   return true;
 }
 
@@ -105,6 +119,7 @@ std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
   }
   if (block == nullptr) return false;
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  if (residency_hook_) residency_hook_(id, block->size(), false);
   sink(id, std::move(block));
   return true;
 }

@@ -7,7 +7,11 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <map>
+
 #include "absl/strings/str_cat.h"
+#include "auth.h"
+#include "tenant_ledger.h"
 #include "tiered_store.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
@@ -47,8 +51,14 @@ double Load(const std::atomic<uint64_t>& v) {
 class NodeMetrics::Collector : public prometheus::Collectable {
  public:
   Collector(const NodeCounters& counters, TieredStore& store,
-            const NamespaceRegistry& namespaces, transfer::Engine& engine)
-      : counters_(counters), store_(store), namespaces_(namespaces), engine_(engine) {}
+            const NamespaceRegistry& namespaces, const TenantLedger& ledger,
+            transfer::Engine& engine, const Authenticator* auth)
+      : counters_(counters),
+        store_(store),
+        namespaces_(namespaces),
+        ledger_(ledger),
+        engine_(engine),
+        auth_(auth) {}
 
   std::vector<MetricFamily> Collect() const override {
     const auto& c = counters_;
@@ -116,6 +126,32 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                          "Stray UCX messages no transfer expected, received and dropped.",
                          MetricType::Counter,
                          {Sample(engine_.discarded_messages(), MetricType::Counter)}));
+    {
+      std::shared_ptr<const AuthTable> table = auth_ != nullptr ? auth_->table() : nullptr;
+      std::map<std::string, TenantLedger::Usage> by_label;
+      for (const TenantLedger::Usage& usage : ledger_.Snapshot()) {
+        const std::string label = table != nullptr && table->Names(usage.tenant) ? usage.tenant : "other";
+        TenantLedger::Usage& sum = by_label[label];
+        sum.dram_bytes += usage.dram_bytes;
+        sum.dram_blocks += usage.dram_blocks;
+        sum.quota_evictions += usage.quota_evictions;
+      }
+      std::vector<ClientMetric> bytes, blocks, evicted;
+      for (const auto& [label, usage] : by_label) {
+        bytes.push_back(Sample(usage.dram_bytes, MetricType::Gauge, {{"tenant", label}}));
+        blocks.push_back(Sample(usage.dram_blocks, MetricType::Gauge, {{"tenant", label}}));
+        evicted.push_back(Sample(usage.quota_evictions, MetricType::Counter, {{"tenant", label}}));
+      }
+      out.push_back(Family("kvstrata_tenant_dram_bytes",
+                           "Stored bytes in DRAM per tenant (tenants the auth file names; the "
+                           "rest as \"other\").",
+                           MetricType::Gauge, std::move(bytes)));
+      out.push_back(Family("kvstrata_tenant_dram_blocks", "Blocks in DRAM per tenant.",
+                           MetricType::Gauge, std::move(blocks)));
+      out.push_back(Family("kvstrata_tenant_quota_evictions_total",
+                           "A tenant's own blocks evicted to keep it within its DRAM quota.",
+                           MetricType::Counter, std::move(evicted)));
+    }
     std::vector<ClientMetric> bytes;
     for (const auto& [key, value] : c.transfer_bytes.Snapshot()) {
       bytes.push_back(Sample(static_cast<double>(value), MetricType::Counter,
@@ -191,11 +227,14 @@ class NodeMetrics::Collector : public prometheus::Collectable {
   const NodeCounters& counters_;
   TieredStore& store_;
   const NamespaceRegistry& namespaces_;
+  const TenantLedger& ledger_;
   transfer::Engine& engine_;
+  const Authenticator* auth_;
 };
 
 NodeMetrics::NodeMetrics(const NodeCounters& counters, TieredStore& store,
-                         const NamespaceRegistry& namespaces, transfer::Engine& engine)
+                         const NamespaceRegistry& namespaces, const TenantLedger& ledger,
+                         transfer::Engine& engine, const Authenticator* auth)
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(&prometheus::BuildCounter()
                      .Name("kvstrata_rpc_requests_total")
@@ -205,7 +244,7 @@ NodeMetrics::NodeMetrics(const NodeCounters& counters, TieredStore& store,
                       .Name("kvstrata_rpc_duration_seconds")
                       .Help("gRPC request latency at the node, by method and status code.")
                       .Register(*registry_)),
-      collector_(std::make_shared<Collector>(counters, store, namespaces, engine)) {}
+      collector_(std::make_shared<Collector>(counters, store, namespaces, ledger, engine, auth)) {}
 
 NodeMetrics::~NodeMetrics() = default;
 

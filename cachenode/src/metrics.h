@@ -30,11 +30,17 @@ namespace kvstrata::cachenode {
 struct NodeCounters;
 class TieredStore;
 class NamespaceRegistry;
+class TenantLedger;
+class Authenticator;
 
 class NodeMetrics {
  public:
+  // `auth` may be null; with one, per-tenant series are labelled by the
+  // tenants its file names (others add up under "other"), so callers cannot
+  // grow the label set.
   NodeMetrics(const NodeCounters& counters, TieredStore& store,
-              const NamespaceRegistry& namespaces, transfer::Engine& engine);
+              const NamespaceRegistry& namespaces, const TenantLedger& ledger,
+              transfer::Engine& engine, const Authenticator* auth);
   ~NodeMetrics();
 
   // Serves /metrics on `listen` ("host:port"; port 0 picks a free one).

@@ -7,7 +7,8 @@
 
 namespace kvstrata::cachenode {
 
-absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& spec) {
+absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& spec,
+                                                      uint32_t max_tenant_namespaces) {
   absl::StatusOr<uint64_t> block_bytes = ValidateNamespaceSpec(spec, max_block_bytes_);
   if (!block_bytes.ok()) return block_bytes.status();
   if (absl::Status s = ValidateStoredFormat(spec); !s.ok()) return s;
@@ -18,6 +19,13 @@ absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& s
     return absl::ResourceExhaustedError(
         absl::StrCat("this node holds its maximum of ", limits::kMaxNamespaces, " namespaces"));
   }
+  size_t& of_tenant = per_tenant_[spec.tenant()];
+  if (max_tenant_namespaces > 0 && of_tenant >= max_tenant_namespaces) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("tenant '", spec.tenant(), "' holds its quota of ", max_tenant_namespaces,
+                     " namespaces on this node; close one (CloseNamespace) first"));
+  }
+  ++of_tenant;
   namespaces_.emplace(info.id, info);
   return info;
 }
@@ -30,6 +38,26 @@ absl::StatusOr<NamespaceInfo> NamespaceRegistry::Get(uint64_t id) const {
                                             ": call OpenNamespace first"));
   }
   return it->second;
+}
+
+absl::StatusOr<NamespaceInfo> NamespaceRegistry::Close(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = namespaces_.find(id);
+  if (it == namespaces_.end()) {
+    return absl::NotFoundError(absl::StrCat("namespace ", absl::Hex(id, absl::kZeroPad16), " is not open"));
+  }
+  NamespaceInfo info = std::move(it->second);
+  namespaces_.erase(it);
+  if (auto count = per_tenant_.find(info.spec.tenant()); count != per_tenant_.end() && --count->second == 0) {
+    per_tenant_.erase(count);
+  }
+  return info;
+}
+
+size_t NamespaceRegistry::TenantNamespaces(const std::string& tenant) const {
+  absl::MutexLock lock(&mu_);
+  auto it = per_tenant_.find(tenant);
+  return it == per_tenant_.end() ? 0 : it->second;
 }
 
 size_t NamespaceRegistry::size() const {

@@ -35,6 +35,7 @@ class Node::Impl {
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NvmeTier> nvme;
   std::unique_ptr<TieredStore> store;
+  std::unique_ptr<TenantLedger> ledger;
   std::thread recovery;
   std::thread auth_poller;  // reloads a changed auth file
   bool flush_on_shutdown = false;
@@ -233,13 +234,20 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get(),
                                               options.nvme_prefetch_on_lookup);
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
+  impl->ledger = std::make_unique<TenantLedger>(*impl->dram);
+  impl->dram->set_residency_hook(
+      [ledger = impl->ledger.get()](const BlockId& id, uint64_t size, bool resident) {
+        ledger->OnResidency(id, size, resident);
+      });
   if (!options.metrics_listen.empty()) {
     impl->metrics = std::make_unique<NodeMetrics>(impl->counters, *impl->store,
-                                                  *impl->namespaces, *impl->engine);
+                                                  *impl->namespaces, *impl->ledger,
+                                                  *impl->engine, impl->auth.get());
     if (absl::Status s = impl->metrics->Serve(options.metrics_listen); !s.ok()) return s;
   }
   impl->service = std::make_unique<NodeService>(
-      *impl->namespaces, *impl->store, *impl->engine, impl->counters, impl->metrics.get(),
+      *impl->namespaces, *impl->store, *impl->ledger, *impl->engine, impl->counters,
+      impl->metrics.get(),
       NodeServiceOptions{.transfer_timeout = options.transfer_timeout,
                          .transfer_stall_timeout = options.transfer_stall_timeout,
                          .max_request_share = options.max_request_share,

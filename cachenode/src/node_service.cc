@@ -204,11 +204,12 @@ absl::Status Pull(transfer::Peer& peer, uint64_t tag_base,
 
 }  // namespace
 
-NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
-                         NodeCounters& counters, NodeMetrics* metrics,
+NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, TenantLedger& ledger,
+                         transfer::Engine& engine, NodeCounters& counters, NodeMetrics* metrics,
                          const NodeServiceOptions& options)
     : namespaces_(namespaces),
       store_(store),
+      ledger_(ledger),
       engine_(engine),
       options_(options),
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
@@ -255,6 +256,11 @@ absl::StatusOr<NamespaceInfo> NodeService::AuthorizedNamespace(const grpc::Serve
     return absl::PermissionDeniedError("this namespace belongs to a tenant this credential may not use");
   }
   return ns;
+}
+
+TenantQuota NodeService::QuotaFor(const std::string& tenant) const {
+  if (options_.authenticator == nullptr) return {};
+  return options_.authenticator->table()->QuotaFor(tenant);
 }
 
 uint32_t NodeService::RandomTagPrefix() {
@@ -333,8 +339,10 @@ grpc::Status NodeService::DoOpenNamespace(grpc::ServerContext* context,
                                         const v1::OpenNamespaceRequest* request,
                                         v1::OpenNamespaceResponse* response) {
   if (absl::Status s = MayUseTenant(context, request->spec().tenant()); !s.ok()) return ToGrpc(s);
-  absl::StatusOr<NamespaceInfo> info = namespaces_.Open(request->spec());
+  absl::StatusOr<NamespaceInfo> info =
+      namespaces_.Open(request->spec(), QuotaFor(request->spec().tenant()).namespaces);
   if (!info.ok()) return ToGrpc(info.status());
+  ledger_.NamespaceOpened(info->id, info->spec.tenant());
   response->set_namespace_id(info->id);
   response->set_block_bytes(info->block_bytes);
   response->set_worker_address(engine_.worker_address());
@@ -431,9 +439,13 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
               std::min(deadline, absl::Now() + options_.transfer_stall_timeout), *rma);
   if (!endpoint.ok()) return ToGrpc(endpoint.status());
 
-  // Reserve memory for the missing blocks, at most this request's share of the tier.
+  // Reserve memory for the missing blocks: at most this request's share of
+  // the tier, and within the tenant's quota once its own oldest blocks made
+  // room.
   std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
-  const uint64_t max_blocks = MaxPublishBlocks(ns->block_bytes);
+  const uint64_t max_blocks = ledger_.MakeRoom(
+      ns->spec.tenant(), QuotaFor(ns->spec.tenant()).dram_bytes,
+      std::min<uint64_t>(missing, MaxPublishBlocks(ns->block_bytes)), ns->block_bytes);
   size_t to_transfer = 0;
   for (int i = 0; i < blocks.size(); ++i) {
     if (response->status(i) == v1::BLOCK_ALREADY_PRESENT) continue;
@@ -643,6 +655,15 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   response->set_permission_denied_calls(load(counters_.permission_denied_calls));
   response->set_stalled_transfers(load(counters_.stalled_transfers));
   response->set_discarded_messages(engine_.discarded_messages());
+  for (const TenantLedger::Usage& usage : ledger_.Snapshot()) {
+    v1::TenantStats* tenant = response->add_tenants();
+    tenant->set_tenant(usage.tenant);
+    tenant->set_dram_bytes(usage.dram_bytes);
+    tenant->set_dram_blocks(usage.dram_blocks);
+    tenant->set_dram_quota_bytes(QuotaFor(usage.tenant).dram_bytes);
+    tenant->set_quota_evictions(usage.quota_evictions);
+    tenant->set_namespaces(namespaces_.TenantNamespaces(usage.tenant));
+  }
   response->set_bytes_in(counters_.transfer_bytes.Total("in"));
   response->set_bytes_out(counters_.transfer_bytes.Total("out"));
   for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
@@ -667,6 +688,24 @@ grpc::Status NodeService::DoDrain(grpc::ServerContext* context, const v1::DrainR
   draining_.store(request->draining(), std::memory_order_relaxed);
   KVS_LOG(Info) << (request->draining() ? "draining: refusing new publishes" : "back in service");
   response->set_draining(request->draining());
+  return grpc::Status::OK;
+}
+
+grpc::Status NodeService::CloseNamespace(grpc::ServerContext* context,
+                                         const v1::CloseNamespaceRequest* request,
+                                         v1::CloseNamespaceResponse* response) {
+  return Observed("CloseNamespace", [&] { return DoCloseNamespace(context, request, response); });
+}
+
+grpc::Status NodeService::DoCloseNamespace(grpc::ServerContext* context,
+                                           const v1::CloseNamespaceRequest* request,
+                                           v1::CloseNamespaceResponse*) {
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  if (absl::StatusOr<NamespaceInfo> closed = namespaces_.Close(ns->id); !closed.ok()) {
+    return ToGrpc(closed.status());  // closed meanwhile by another call
+  }
+  ledger_.NamespaceClosed(ns->id);
   return grpc::Status::OK;
 }
 

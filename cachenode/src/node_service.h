@@ -12,6 +12,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
+#include "tenant_ledger.h"
 #include "tiered_store.h"
 
 namespace kvstrata::cachenode {
@@ -75,6 +76,7 @@ struct NodeCounters {
 class NodeMetrics;
 class Authenticator;
 struct Principal;
+struct TenantQuota;
 
 struct NodeServiceOptions {
   // Longest a transfer batch may take.
@@ -96,8 +98,9 @@ struct NodeServiceOptions {
 class NodeService final : public v1::CacheNode::Service {
  public:
   // `metrics` may be null (no /metrics endpoint).
-  NodeService(NamespaceRegistry& namespaces, TieredStore& store, transfer::Engine& engine,
-              NodeCounters& counters, NodeMetrics* metrics, const NodeServiceOptions& options);
+  NodeService(NamespaceRegistry& namespaces, TieredStore& store, TenantLedger& ledger,
+              transfer::Engine& engine, NodeCounters& counters, NodeMetrics* metrics,
+              const NodeServiceOptions& options);
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -111,6 +114,8 @@ class NodeService final : public v1::CacheNode::Service {
   grpc::Status Drain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*) override;
   grpc::Status RequestFinished(grpc::ServerContext*, const v1::RequestFinishedRequest*,
                                v1::RequestFinishedResponse*) override;
+  grpc::Status CloseNamespace(grpc::ServerContext*, const v1::CloseNamespaceRequest*,
+                              v1::CloseNamespaceResponse*) override;
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
@@ -140,10 +145,15 @@ class NodeService final : public v1::CacheNode::Service {
   grpc::Status DoDrain(grpc::ServerContext*, const v1::DrainRequest*, v1::DrainResponse*);
   grpc::Status DoRequestFinished(grpc::ServerContext*, const v1::RequestFinishedRequest*,
                                  v1::RequestFinishedResponse*);
+  grpc::Status DoCloseNamespace(grpc::ServerContext*, const v1::CloseNamespaceRequest*,
+                                v1::CloseNamespaceResponse*);
+  // The tenant's limits from the auth file (none without one).
+  TenantQuota QuotaFor(const std::string& tenant) const;
 
 
   NamespaceRegistry& namespaces_;
   TieredStore& store_;
+  TenantLedger& ledger_;
   transfer::Engine& engine_;
   const NodeServiceOptions options_;
   const absl::Time started_ = absl::Now();

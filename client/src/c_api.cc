@@ -81,6 +81,12 @@ int kvs_open_namespace(kvs_client* client, const kvs_namespace_spec* spec, kvs_n
 }
 
 void kvs_namespace_destroy(kvs_namespace* ns) { delete ns; }
+
+int kvs_namespace_close(kvs_namespace* ns) {
+  if (ns == nullptr) return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  absl::Status status = ns->ns.Close();
+  return status.ok() ? 0 : Fail(status);
+}
 uint64_t kvs_namespace_id(const kvs_namespace* ns) { return ns->ns.id(); }
 uint64_t kvs_block_bytes(const kvs_namespace* ns) { return ns->ns.block_bytes(); }
 

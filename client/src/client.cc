@@ -548,6 +548,15 @@ std::future<absl::StatusOr<TransferResult>> Namespace::FetchAsync(
   });
 }
 
+absl::Status Namespace::Close(std::optional<absl::Duration> timeout) {
+  grpc::ClientContext context;
+  SetDeadline(context, client_->impl().Timeout(timeout));
+  v1::CloseNamespaceRequest request;
+  request.set_namespace_id(id_);
+  v1::CloseNamespaceResponse response;
+  return FromGrpc(client_->impl().stub->CloseNamespace(&context, request, &response));
+}
+
 absl::StatusOr<size_t> Namespace::Delete(absl::Span<const BlockKey> keys,
                                          std::optional<absl::Duration> timeout) {
   size_t deleted = 0;

@@ -17,6 +17,7 @@
 #include "kvstrata/common/block_key.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/certificates.h"
+#include "kvstrata/testing/http.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -253,6 +254,59 @@ TEST_F(AuthTest, SighupReloadsTheFileAndABrokenFileKeepsTheOldOne) {
   absl::SleepFor(absl::Milliseconds(300));
   EXPECT_TRUE(late->OpenNamespace(Spec("late", "m")).ok()) << "a broken file replaced a good one";
   EXPECT_FALSE(node_->process().Exited());
+}
+
+TEST_F(AuthTest, ATenantOverItsQuotaEvictsItsOwnBlocksNotOthers) {
+  // 64 MiB node (256 blocks); acme may hold 8 MiB (32 blocks) and 2 namespaces.
+  WriteAuthFile({"quota acme dram_bytes=8388608 namespaces=2"});
+  node_->process().Signal(SIGHUP);
+  absl::SleepFor(absl::Milliseconds(300));
+  auto globex = Connect(node_->address(), kGlobexToken);
+  auto kept = globex->OpenNamespace(Spec("globex", "kept"));
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  ASSERT_EQ(PublishStream(*globex, *kept, 60, 100, 20)->count(BlockOutcome::kOk), 100u);
+
+  auto acme = Connect(node_->address(), kAcmeToken);
+  auto flood = acme->OpenNamespace(Spec("acme", "flood"));
+  ASSERT_TRUE(flood.ok()) << flood.status();
+  auto flooded = PublishStream(*acme, *flood, 61, 400, 16);
+  ASSERT_TRUE(flooded.ok()) << flooded.status();
+  EXPECT_EQ(flooded->count(BlockOutcome::kOk), 400u) << "a tenant at its quota must make room";
+  // Without the quota, 500 blocks in a 256-block tier would have evicted globex's.
+  EXPECT_EQ(FetchAndVerify(*globex, *kept, 60, 100, 20), 100u);
+  // acme's newest blocks are what it kept.
+  const std::vector<BlockKey> keys = flood->Keys(testing::Tokens(61, 400, kTokensPerBlock));
+  EXPECT_EQ(flood->Lookup(absl::MakeSpan(keys).subspan(0, 32))->prefix_length, 0u);
+  const v1::StatsResponse stats = AdminStats();
+  bool found = false;
+  for (const v1::TenantStats& tenant : stats.tenants()) {
+    if (tenant.tenant() != "acme") continue;
+    found = true;
+    EXPECT_LE(tenant.dram_bytes(), 8388608u);
+    EXPECT_EQ(tenant.dram_quota_bytes(), 8388608u);
+    EXPECT_GE(tenant.quota_evictions(), 400u - 32u);
+    EXPECT_EQ(tenant.namespaces(), 1u);
+  }
+  EXPECT_TRUE(found) << "no per-tenant stats for acme";
+  auto metrics = testing::HttpGet("127.0.0.1", node_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_NE(metrics->body.find("kvstrata_tenant_quota_evictions_total{tenant=\"acme\"}"),
+            std::string::npos);
+
+  // Namespaces: two at most, and closing one frees its slot.
+  auto second = acme->OpenNamespace(Spec("acme", "second"));
+  ASSERT_TRUE(second.ok()) << second.status();
+  auto third = acme->OpenNamespace(Spec("acme", "third"));
+  EXPECT_TRUE(absl::IsResourceExhausted(third.status())) << third.status();
+  EXPECT_TRUE(second->Close().ok());
+  EXPECT_TRUE(acme->OpenNamespace(Spec("acme", "third")).ok());
+  // Another tenant cannot close acme's namespace.
+  RawCaller raw(node_->address(), kGlobexToken);
+  v1::CloseNamespaceRequest close;
+  close.set_namespace_id(flood->id());
+  v1::CloseNamespaceResponse closed;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::CloseNamespace, close, &closed),
+            grpc::StatusCode::PERMISSION_DENIED);
 }
 
 TEST(MutualTlsAuthTest, TheCertificatesIdentityPicksItsTenants) {

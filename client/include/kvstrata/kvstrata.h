@@ -65,6 +65,10 @@ void kvs_client_destroy(kvs_client* client);
 
 int kvs_open_namespace(kvs_client* client, const kvs_namespace_spec* spec, kvs_namespace** out);
 void kvs_namespace_destroy(kvs_namespace* ns);
+/* Closes the namespace on the node (it counts against its tenant's namespace
+ * quota); its blocks stay until evicted. Destroy the handle afterwards. The
+ * bearer token of nodes run with --auth_file comes from KVSTRATA_TOKEN. */
+int kvs_namespace_close(kvs_namespace* ns);
 uint64_t kvs_namespace_id(const kvs_namespace* ns);
 uint64_t kvs_block_bytes(const kvs_namespace* ns);
 

@@ -62,6 +62,17 @@ class DramTier {
   using EvictionHook = std::function<void(const BlockId&, std::shared_ptr<StoredBlock>)>;
   void set_eviction_hook(EvictionHook hook) { eviction_hook_ = std::move(hook); }
 
+  // Told of every block that enters the index (`resident` true) and leaves
+  // it (evicted, erased, drained), with its stored size, outside the tier's
+  // lock; per-tenant accounting listens here. Set once, before use.
+  using ResidencyHook = std::function<void(const BlockId&, uint64_t size, bool resident)>;
+  void set_residency_hook(ResidencyHook hook) { residency_hook_ = std::move(hook); }
+
+  // Evicts `id` as if the policy had chosen it (the eviction hook demotes
+  // it). False when it is not stored. A tenant over its quota makes room
+  // this way among its own blocks.
+  bool Evict(const BlockId& id);
+
   // Removes every block, in the policy's eviction order (least valuable
   // first), handing each to `sink`. For shutdown: the node writes them to NVMe.
   void Drain(const EvictionHook& sink);
@@ -73,6 +84,8 @@ class DramTier {
   // nullopt when the policy holds none, false when the victim was already
   // gone from the index (nothing handed over).
   std::optional<bool> RemoveVictim(const EvictionHook& sink);
+  // Removes `id` from the index and the policy; null when it is not stored.
+  std::shared_ptr<StoredBlock> TakeOut(const BlockId& id);
 
   uint8_t* const arena_;
   std::shared_ptr<SlabAllocator> allocator_;  // shared with blocks' release hooks
@@ -80,6 +93,7 @@ class DramTier {
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
   EvictionHook eviction_hook_;
+  ResidencyHook residency_hook_;
   // Serializes the policy, and eviction with commit so a victim chosen is
   // really in the index.
   mutable absl::Mutex mu_;

@@ -171,6 +171,11 @@ class Namespace {
   absl::StatusOr<bool> RequestFinished(const BlockKey& last_key, uint32_t output_tokens,
                                        std::optional<absl::Duration> timeout = std::nullopt);
 
+  // Closes the namespace on the node (its slot counts against the tenant's
+  // namespace quota). Blocks stay until evicted; OpenNamespace with the same
+  // spec finds them again. This object is unusable afterwards.
+  absl::Status Close(std::optional<absl::Duration> timeout = std::nullopt);
+
  private:
   friend class Client;
   Namespace(Client* client, uint64_t id, uint64_t block_bytes, uint32_t tokens_per_block,
