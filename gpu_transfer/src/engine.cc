@@ -423,6 +423,7 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   const bool engine_shm = shared_memory_enabled_;
   params.err_mode =
       (same_host && engine_shm) ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+  peer->detects_failure_ = params.err_mode == UCP_ERR_HANDLING_MODE_PEER;
   params.err_handler.cb = OnPeerError;
   params.err_handler.arg = &peer->failed_;
   ucp_ep_h ep = nullptr;

@@ -67,6 +67,11 @@ struct SendGroup {
     if (status != UCS_OK && first_error == UCS_OK) first_error = status;
     if (--outstanding == 0) keep_alive.reset();
   }
+  // Lets go of the memory before the sends complete (see Peer::Send).
+  void Abandon() ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    keep_alive.reset();
+  }
   // OK once every send completed; the first error otherwise.
   absl::Status Wait(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu) {
     absl::MutexLock lock(&mu);
@@ -227,6 +232,19 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
   // A send that failed or hung leaves the endpoint unusable: it is
   // force-closed when its last user lets go, which also ends hung sends.
   if (!status.ok()) MarkFailed();
+  if (absl::IsDeadlineExceeded(status) && !detects_failure_) {
+    // Shared memory: UCX 1.13 tracks no requests on MODE_NONE endpoints, so
+    // neither the force-close nor ucp_request_cancel (receives only) ever
+    // ends a rendezvous send to a peer that died; its buffers (pinned tier
+    // blocks) would be held for good. They are let go now instead; only
+    // UCX's request objects stay. A dead peer never reads them. A live one
+    // that resumes may read whatever the memory holds then, which gives it
+    // nothing it could not read anyway: CMA, the shared-memory rendezvous,
+    // works only for processes allowed to ptrace the node, i.e. to read all
+    // of its memory (docs/ARCHITECTURE.md: shared memory is a trust
+    // boundary).
+    group->Abandon();
+  }
   return status;
 }
 

@@ -195,6 +195,9 @@ class Peer {
   // best: on shared memory the receiver copies once with CMA; on TCP it is
   // about twice as fast as put). Returns once UCX is done with every local
   // buffer; the peer then holds the data or a receive for it failed there.
+  // At the deadline on a shared-memory peer (which UCX 1.13 can neither
+  // detect dead nor cancel sends to), `keep_alive` is let go at once: see
+  // the comment in tagged.cc.
   absl::Status Send(absl::Span<const SendOp> ops, absl::Time deadline,
                     std::shared_ptr<void> keep_alive = nullptr);
 
@@ -225,6 +228,9 @@ class Peer {
   std::string transport_;
   std::atomic<bool> failed_{false};
   std::atomic<int64_t> last_used_ns_{0};
+  // UCP_ERR_HANDLING_MODE_PEER: UCX fails what is in flight when the endpoint
+  // is force-closed. False for shared-memory peers (MODE_NONE).
+  bool detects_failure_ = true;
 };
 
 class Engine {
