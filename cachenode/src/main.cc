@@ -47,7 +47,7 @@ ABSL_FLAG(uint64_t, max_ucx_endpoints, 0,
 ABSL_FLAG(std::string, ucx_net_devices, "",
           "UCX network devices (UCX_NET_DEVICES syntax). Empty: lo when --listen is loopback (UCX "
           "then listens on no other interface), else UCX_NET_DEVICES or every device.");
-ABSL_FLAG(absl::Duration, transfer_stall_timeout, absl::Seconds(3),
+ABSL_FLAG(absl::Duration, transfer_stall_timeout, absl::Seconds(5),
           "A publish whose client sends no block for this long (the first one included) is given "
           "up and its reserved memory released, long before --transfer_timeout.");
 ABSL_FLAG(double, max_request_share, 0.125,

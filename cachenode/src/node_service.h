@@ -84,7 +84,7 @@ struct NodeServiceOptions {
   // Longest a publish waits for its client's next block (its first one
   // included) before it gives up and releases its reservations: a client
   // that stops sending holds memory this long, not for the whole deadline.
-  absl::Duration transfer_stall_timeout = absl::Seconds(3);
+  absl::Duration transfer_stall_timeout = absl::Seconds(5);
   // Most of the DRAM tier one Publish may reserve (its blocks beyond it get
   // BLOCK_NO_SPACE; OpenNamespace tells clients how many blocks fit, so they
   // split larger batches). At least one block always fits.

@@ -42,7 +42,7 @@ struct NodeOptions {
   absl::Duration transfer_timeout = absl::Seconds(30);
   // A publish whose client sends nothing for this long is given up and its
   // reservations released (see NodeServiceOptions).
-  absl::Duration transfer_stall_timeout = absl::Seconds(3);
+  absl::Duration transfer_stall_timeout = absl::Seconds(5);
   // Most of the DRAM tier one Publish may reserve.
   double max_request_share = 0.125;
   // Accept RMA descriptors (client memory keys) in Publish/Fetch. Off by
