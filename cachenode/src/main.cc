@@ -53,6 +53,10 @@ ABSL_FLAG(absl::Duration, transfer_stall_timeout, absl::Seconds(5),
 ABSL_FLAG(double, max_request_share, 0.125,
           "Most of the DRAM tier a single Publish may reserve; its further blocks get NO_SPACE. "
           "Clients learn the block count from OpenNamespace and split larger batches.");
+ABSL_FLAG(double, max_client_inflight_share, 0.25,
+          "Most of the DRAM tier one client's publishes may hold reserved at once (a client is "
+          "its credential, or its connection without --auth_file); a publish beyond it waits for "
+          "the client's earlier ones, at most --transfer_stall_timeout.");
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
@@ -169,6 +173,7 @@ int main(int argc, char** argv) {
   options.ucx_net_devices = absl::GetFlag(FLAGS_ucx_net_devices);
   options.transfer_stall_timeout = absl::GetFlag(FLAGS_transfer_stall_timeout);
   options.max_request_share = absl::GetFlag(FLAGS_max_request_share);
+  options.max_client_inflight_share = absl::GetFlag(FLAGS_max_client_inflight_share);
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {

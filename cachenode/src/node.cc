@@ -251,6 +251,7 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
       NodeServiceOptions{.transfer_timeout = options.transfer_timeout,
                          .transfer_stall_timeout = options.transfer_stall_timeout,
                          .max_request_share = options.max_request_share,
+                         .max_client_inflight_share = options.max_client_inflight_share,
                          .allow_client_rkeys = options.allow_client_rkeys,
                          .authenticator = impl->auth.get()});
 

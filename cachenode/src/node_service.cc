@@ -212,6 +212,8 @@ NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, Tena
       ledger_(ledger),
       engine_(engine),
       options_(options),
+      inflight_(static_cast<uint64_t>(static_cast<double>(store.dram().capacity_bytes()) *
+                                      options.max_client_inflight_share)),
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
       counters_(counters),
       metrics_(metrics) {}
@@ -261,6 +263,12 @@ absl::StatusOr<NamespaceInfo> NodeService::AuthorizedNamespace(const grpc::Serve
 TenantQuota NodeService::QuotaFor(const std::string& tenant) const {
   if (options_.authenticator == nullptr) return {};
   return options_.authenticator->table()->QuotaFor(tenant);
+}
+
+std::string NodeService::ClientKey(const grpc::ServerContext* context) {
+  absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
+  if (caller.ok() && *caller != nullptr) return (*caller)->name;
+  return context->peer();  // the connection: all a caller without credentials is
 }
 
 uint32_t NodeService::RandomTagPrefix() {
@@ -442,10 +450,14 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
   // Reserve memory for the missing blocks: at most this request's share of
   // the tier, and within the tenant's quota once its own oldest blocks made
   // room.
+  // A client with too much in flight waits for its own earlier publishes.
   std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
-  const uint64_t max_blocks = ledger_.MakeRoom(
-      ns->spec.tenant(), QuotaFor(ns->spec.tenant()).dram_bytes,
-      std::min<uint64_t>(missing, MaxPublishBlocks(ns->block_bytes)), ns->block_bytes);
+  InflightBudget::Grant grant =
+      inflight_.Take(ClientKey(context), std::min<uint64_t>(missing, MaxPublishBlocks(ns->block_bytes)),
+                     ns->block_bytes, std::min(deadline, absl::Now() + options_.transfer_stall_timeout));
+  const uint64_t max_blocks =
+      ledger_.MakeRoom(ns->spec.tenant(), QuotaFor(ns->spec.tenant()).dram_bytes, grant.blocks(),
+                       ns->block_bytes);
   size_t to_transfer = 0;
   for (int i = 0; i < blocks.size(); ++i) {
     if (response->status(i) == v1::BLOCK_ALREADY_PRESENT) continue;

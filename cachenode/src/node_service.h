@@ -12,6 +12,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
+#include "inflight_budget.h"
 #include "tenant_ledger.h"
 #include "tiered_store.h"
 
@@ -89,6 +90,9 @@ struct NodeServiceOptions {
   // BLOCK_NO_SPACE; OpenNamespace tells clients how many blocks fit, so they
   // split larger batches). At least one block always fits.
   double max_request_share = 0.125;
+  // Most of the DRAM tier one client's publishes may hold reserved at once
+  // (a client: its credential, or its connection without authentication).
+  double max_client_inflight_share = 0.25;
   bool allow_client_rkeys = false;
   // Null: no authentication (a node listening on loopback only, or one run
   // with --allow_unauthenticated).
@@ -127,6 +131,8 @@ class NodeService final : public v1::CacheNode::Service {
   // The namespace `id`, when it exists and belongs to a tenant the caller may use.
   absl::StatusOr<NamespaceInfo> AuthorizedNamespace(const grpc::ServerContext* context,
                                                     uint64_t id);
+  // Who the in-flight budget counts a call against.
+  std::string ClientKey(const grpc::ServerContext* context);
   // A tag prefix no other caller can predict (OpenNamespaceResponse.tag_prefix).
   uint32_t RandomTagPrefix();
   // Blocks of `block_bytes` one Publish may reserve (max_request_share).
@@ -157,6 +163,7 @@ class NodeService final : public v1::CacheNode::Service {
   transfer::Engine& engine_;
   const NodeServiceOptions options_;
   const absl::Time started_ = absl::Now();
+  InflightBudget inflight_;
   absl::Mutex random_mu_;
   absl::BitGen random_ ABSL_GUARDED_BY(random_mu_);
   std::atomic<bool> draining_{false};

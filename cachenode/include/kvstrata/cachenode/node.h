@@ -43,8 +43,10 @@ struct NodeOptions {
   // A publish whose client sends nothing for this long is given up and its
   // reservations released (see NodeServiceOptions).
   absl::Duration transfer_stall_timeout = absl::Seconds(5);
-  // Most of the DRAM tier one Publish may reserve.
+  // Most of the DRAM tier one Publish may reserve, and one client's
+  // publishes together.
   double max_request_share = 0.125;
+  double max_client_inflight_share = 0.25;
   // Accept RMA descriptors (client memory keys) in Publish/Fetch. Off by
   // default: UCX 1.13 crashes unpacking some malformed keys on shared memory,
   // so only trusted clients may use them (tagged transfers need no keys).
