@@ -212,8 +212,11 @@ NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, Tena
       ledger_(ledger),
       engine_(engine),
       options_(options),
-      inflight_(static_cast<uint64_t>(static_cast<double>(store.dram().capacity_bytes()) *
-                                      options.max_client_inflight_share)),
+      // Never below one request's share: a client may always have one
+      // full-size request in flight.
+      inflight_(static_cast<uint64_t>(
+          static_cast<double>(store.dram().capacity_bytes()) *
+          std::max(options.max_client_inflight_share, options.max_request_share))),
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
       counters_(counters),
       metrics_(metrics) {}
@@ -246,11 +249,12 @@ absl::Status NodeService::MayAdminister(const grpc::ServerContext* context) {
   return absl::PermissionDeniedError("this RPC needs an admin credential");
 }
 
-absl::StatusOr<NamespaceInfo> NodeService::AuthorizedNamespace(const grpc::ServerContext* context,
-                                                               uint64_t id) {
+absl::StatusOr<NamespaceInfo> NodeService::AuthorizedNamespace(
+    const grpc::ServerContext* context, uint64_t id, std::shared_ptr<const Principal>* who) {
   // Authenticate before looking: a stranger learns nothing about which ids exist.
   absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
   if (!caller.ok()) return caller.status();
+  if (who != nullptr) *who = *caller;
   absl::StatusOr<NamespaceInfo> ns = namespaces_.Get(id);
   if (!ns.ok()) return ns.status();
   if (*caller != nullptr && !(*caller)->MayUse(ns->spec.tenant())) {
@@ -265,9 +269,9 @@ TenantQuota NodeService::QuotaFor(const std::string& tenant) const {
   return options_.authenticator->table()->QuotaFor(tenant);
 }
 
-std::string NodeService::ClientKey(const grpc::ServerContext* context) {
-  absl::StatusOr<std::shared_ptr<const Principal>> caller = Caller(context);
-  if (caller.ok() && *caller != nullptr) return (*caller)->name;
+std::string NodeService::ClientKey(const grpc::ServerContext* context,
+                                   const std::shared_ptr<const Principal>& caller) {
+  if (caller != nullptr) return caller->name;
   return context->peer();  // the connection: all a caller without credentials is
 }
 
@@ -385,7 +389,8 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                         "this node is draining: it takes no new blocks");
   }
-  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
+  std::shared_ptr<const Principal> caller;
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id(), &caller);
   if (!ns.ok()) return ToGrpc(ns.status());
   const auto& blocks = request->blocks();
   if (blocks.empty() || static_cast<size_t>(blocks.size()) > limits::kMaxTransferBlocks) {
@@ -453,7 +458,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
   // A client with too much in flight waits for its own earlier publishes.
   std::vector<std::shared_ptr<StoredBlock>> reserved(blocks.size());
   InflightBudget::Grant grant =
-      inflight_.Take(ClientKey(context), std::min<uint64_t>(missing, MaxPublishBlocks(ns->block_bytes)),
+      inflight_.Take(ClientKey(context, caller), std::min<uint64_t>(missing, MaxPublishBlocks(ns->block_bytes)),
                      ns->block_bytes, std::min(deadline, absl::Now() + options_.transfer_stall_timeout));
   const uint64_t max_blocks =
       ledger_.MakeRoom(ns->spec.tenant(), QuotaFor(ns->spec.tenant()).dram_bytes, grant.blocks(),

@@ -128,11 +128,14 @@ class NodeService final : public v1::CacheNode::Service {
   // OK when the caller may use `tenant`'s namespaces; PERMISSION_DENIED (counted).
   absl::Status MayUseTenant(const grpc::ServerContext* context, const std::string& tenant);
   absl::Status MayAdminister(const grpc::ServerContext* context);
-  // The namespace `id`, when it exists and belongs to a tenant the caller may use.
+  // The namespace `id`, when it exists and belongs to a tenant the caller
+  // may use; `who` (optional) receives the caller.
   absl::StatusOr<NamespaceInfo> AuthorizedNamespace(const grpc::ServerContext* context,
-                                                    uint64_t id);
+                                                    uint64_t id,
+                                                    std::shared_ptr<const Principal>* who = nullptr);
   // Who the in-flight budget counts a call against.
-  std::string ClientKey(const grpc::ServerContext* context);
+  std::string ClientKey(const grpc::ServerContext* context,
+                        const std::shared_ptr<const Principal>& caller);
   // A tag prefix no other caller can predict (OpenNamespaceResponse.tag_prefix).
   uint32_t RandomTagPrefix();
   // Blocks of `block_bytes` one Publish may reserve (max_request_share).
