@@ -194,6 +194,13 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                            MetricType::Counter,
                            {Sample(nvme->corrupt_blocks, MetricType::Counter, {{"what", "block"}}),
                             Sample(nvme->corrupt_records, MetricType::Counter, {{"what", "record"}})}));
+      out.push_back(Family("kvstrata_nvme_recovered_blocks",
+                           "Blocks the NVMe tier's last recovery found in its index.",
+                           MetricType::Gauge, {Sample(nvme->recovered_blocks, MetricType::Gauge)}));
+      out.push_back(Family("kvstrata_nvme_index_repairs_total",
+                           "Times the NVMe index could not be read whole and was repaired, "
+                           "rewritten from what read, or restarted empty.",
+                           MetricType::Counter, {Sample(nvme->index_repairs, MetricType::Counter)}));
       out.push_back(Family("kvstrata_nvme_io_errors_total", "NVMe I/O and index errors.",
                            MetricType::Counter, {Sample(nvme->io_errors, MetricType::Counter)}));
       out.push_back(Family("kvstrata_nvme_ready", "1 once the NVMe index is recovered.",

@@ -655,6 +655,8 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
     response->set_demotion_drops(nvme.demotion_drops);
     response->set_nvme_corrupt_blocks(nvme.corrupt_blocks);
     response->set_nvme_corrupt_records(nvme.corrupt_records);
+    response->set_nvme_recovered_blocks(nvme.recovered_blocks);
+    response->set_nvme_index_repairs(nvme.index_repairs);
   }
   response->set_promoted_blocks(store_.promoted_blocks());
   response->set_namespaces(namespaces_.size());

@@ -21,6 +21,7 @@
 #include "kvstrata/common/log.h"
 #include "nvme/data_file.h"
 #include "nvme/index_record.h"
+#include "nvme/index_salvage.h"
 #include "nvme/io_ring.h"
 
 namespace kvstrata::cachenode {
@@ -76,25 +77,25 @@ class NvmeTier::Impl {
       }
       files_.push_back(*std::move(file));
     }
-    std::string index_dir = options_.index_directory;
-    if (index_dir.empty()) index_dir = absl::StrCat(options_.directories[0], "/kvstrata-index");
-    rocksdb::Options db_options;
-    db_options.create_if_missing = true;
-    db_options.paranoid_checks = true;
-    rocksdb::DB* db = nullptr;
-    rocksdb::Status s = rocksdb::DB::Open(db_options, index_dir, &db);
-    if (s.IsCorruption()) {
-      KVS_LOG(Warning) << "NVMe index " << index_dir << " is damaged (" << s.ToString()
-                       << "); repairing";
-      rocksdb::RepairDB(index_dir, db_options);
-      s = rocksdb::DB::Open(db_options, index_dir, &db);
-    }
-    if (!s.ok()) {
+    index_dir_ = options_.index_directory;
+    if (index_dir_.empty()) index_dir_ = absl::StrCat(options_.directories[0], "/kvstrata-index");
+    db_options_.create_if_missing = true;
+    db_options_.paranoid_checks = true;
+    absl::StatusOr<nvme::IndexOpening> opened = nvme::OpenIndex(index_dir_, db_options_);
+    if (!opened.ok()) {
       ReportError(absl::FailedPreconditionError(
-          absl::StrCat("cannot open the NVMe index at ", index_dir, ": ", s.ToString())));
+          absl::StrCat("cannot open the NVMe index at ", index_dir_, ": ", opened.status().message())));
       files_.clear();  // without an index nothing may be written
+    } else {
+      if (opened->repaired || opened->restarted) {
+        ReportError(absl::DataLossError(absl::StrCat(
+            "NVMe index ", index_dir_, " was damaged (", opened->problem, ") and ",
+            opened->restarted ? "could not be repaired: started empty" : "was repaired")));
+        absl::MutexLock lock(&mu_);
+        ++index_repairs_;
+      }
+      db_ = std::move(opened->db);
     }
-    db_.reset(db);
     absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy =
         MakeEvictionPolicy(options_.eviction_policy);
     if (!policy.ok()) return policy.status();
@@ -107,17 +108,19 @@ class NvmeTier::Impl {
     const absl::Time start = absl::Now();
     std::vector<IndexRecord> records;
     uint64_t dropped = 0;
+    size_t damaged = 0;
     if (db_ != nullptr) {
+      absl::ReaderMutexLock db_lock(&db_mu_);
       std::vector<bool> file_valid = CheckFileMeta();
-      std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
       rocksdb::WriteBatch garbage;
       const std::string prefix(1, nvme::kRecordKeyTag);
-      for (it->Seek(prefix); it->Valid() && it->key().starts_with(prefix); it->Next()) {
-        absl::StatusOr<IndexRecord> record = nvme::DecodeRecord(
-            std::string_view(it->key().data(), it->key().size()),
-            std::string_view(it->value().data(), it->value().size()));
+      damaged = nvme::SalvageScan(*db_, [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
+        if (!key.starts_with(prefix)) return;
+        absl::StatusOr<IndexRecord> record =
+            nvme::DecodeRecord(std::string_view(key.data(), key.size()),
+                               std::string_view(value.data(), value.size()));
         if (record.ok() && (record->file >= files_.size() || files_[record->file] == nullptr)) {
-          continue;  // its directory is unusable now: keep the record, serve nothing
+          return;  // its directory is unusable now: keep the record, serve nothing
         }
         bool keep = record.ok() && file_valid[record->file];
         if (keep) {
@@ -127,15 +130,15 @@ class NvmeTier::Impl {
         if (!keep) {
           // Damaged, from another directory layout, or overlapping a record
           // already recovered: never trust its bytes.
-          garbage.Delete(it->key());
+          garbage.Delete(key);
           ++dropped;
-          continue;
+          return;
         }
         records.push_back(*std::move(record));
-      }
-      if (!it->status().ok()) ReportError(absl::DataLossError(it->status().ToString()));
+      });
       if (garbage.Count() > 0) db_->Write(rocksdb::WriteOptions(), &garbage);
     }
+    if (damaged > 0) RewriteDamagedIndex(damaged, records.size());
     // Oldest first, so the policy's recency order survives the restart.
     std::sort(records.begin(), records.end(),
               [](const IndexRecord& a, const IndexRecord& b) { return a.last_use_ms < b.last_use_ms; });
@@ -145,9 +148,44 @@ class NvmeTier::Impl {
       corrupt_records_ += dropped;
       ready_ = true;
     }
+    {
+      absl::MutexLock lock(&mu_);
+      recovered_records_ = records.size();
+    }
     KVS_LOG(Info) << "NVMe tier recovered " << records.size() << " blocks, dropped " << dropped
-                  << " bad index records, in " << absl::ToDoubleMilliseconds(absl::Now() - start)
-                  << " ms";
+                  << " bad index records, stepped over " << damaged
+                  << " unreadable index blocks, in "
+                  << absl::ToDoubleMilliseconds(absl::Now() - start) << " ms";
+  }
+
+  // The index had unreadable blocks: they would cost their records' followers
+  // at every start again. Rewrite it from what reads (writers wait meanwhile;
+  // what they wrote since the scan is read again here).
+  void RewriteDamagedIndex(size_t damaged, size_t kept_records) {
+    absl::WriterMutexLock db_lock(&db_mu_);
+    const std::string prefix(1, nvme::kRecordKeyTag);
+    size_t kept = 0;
+    absl::StatusOr<std::unique_ptr<rocksdb::DB>> rebuilt = nvme::RewriteIndex(
+        std::move(db_), index_dir_, db_options_,
+        [&](const rocksdb::Slice& key, const rocksdb::Slice& value) {
+          return !key.starts_with(prefix) ||
+                 nvme::DecodeRecord(std::string_view(key.data(), key.size()),
+                                    std::string_view(value.data(), value.size()))
+                     .ok();
+        },
+        &kept);
+    if (!rebuilt.ok()) {
+      ReportError(rebuilt.status());
+      absl::StatusOr<nvme::IndexOpening> reopened = nvme::OpenIndex(index_dir_, db_options_);
+      if (reopened.ok()) db_ = std::move(reopened->db);
+      return;
+    }
+    db_ = *std::move(rebuilt);
+    ReportError(absl::DataLossError(absl::StrCat(
+        "NVMe index had ", damaged, " unreadable blocks; rewrote it with the ", kept,
+        " entries that read (", kept_records, " block records recovered)")));
+    absl::MutexLock lock(&mu_);
+    ++index_repairs_;
   }
 
   bool ready() const {
@@ -342,7 +380,9 @@ class NvmeTier::Impl {
     }
     // The bytes are in place: only now may the index point at them.
     if (batch.Count() > 0) {
-      rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &batch);
+      absl::ReaderMutexLock db_lock(&db_mu_);
+      rocksdb::Status s = db_ != nullptr ? db_->Write(rocksdb::WriteOptions(), &batch)
+                                         : rocksdb::Status::IOError("no NVMe index");
       if (!s.ok()) {
         absl::Status error = absl::InternalError(absl::StrCat("NVMe index write: ", s.ToString()));
         ReportError(error);
@@ -424,6 +464,8 @@ class NvmeTier::Impl {
       c.read_blocks = read_blocks_;
       c.corrupt_blocks = corrupt_blocks_;
       c.corrupt_records = corrupt_records_;
+      c.recovered_blocks = recovered_records_;
+      c.index_repairs = index_repairs_;
       c.io_errors = io_errors_;
       c.last_error = last_error_;
     }
@@ -557,6 +599,7 @@ class NvmeTier::Impl {
   }
 
   void DeleteRecords(const std::vector<BlockId>& ids) {
+    absl::ReaderMutexLock db_lock(&db_mu_);
     if (ids.empty() || db_ == nullptr) return;
     rocksdb::WriteBatch batch;
     for (const BlockId& id : ids) batch.Delete(nvme::EncodeRecordKey(id));
@@ -604,7 +647,12 @@ class NvmeTier::Impl {
   nvme::IoRingPool rings_;
   // Set in Open, fixed after: a failed directory keeps its slot as null.
   std::vector<std::unique_ptr<nvme::DataFile>> files_;
+  // Held shared by every index read and write, exclusively while a damaged
+  // index is swapped for its rewrite.
+  mutable absl::Mutex db_mu_;
   std::unique_ptr<rocksdb::DB> db_;
+  std::string index_dir_;
+  rocksdb::Options db_options_;
 
   mutable absl::Mutex alloc_mu_;  // the files' extent allocators
 
@@ -619,6 +667,8 @@ class NvmeTier::Impl {
   uint64_t read_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t corrupt_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t corrupt_records_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t recovered_records_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t index_repairs_ ABSL_GUARDED_BY(mu_) = 0;  // repaired, restarted or rewritten
   uint64_t io_errors_ ABSL_GUARDED_BY(mu_) = 0;
   std::string last_error_ ABSL_GUARDED_BY(mu_);
 

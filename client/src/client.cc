@@ -119,8 +119,6 @@ absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_byte
   return absl::OkStatus();
 }
 
-// Runs `one_batch` over consecutive slices of at most kMaxTransferBlocks items
-// concurrently (gRPC's callback API: no thread per call) and joins the results.
 // What a tagged transfer keeps alive next to its RPC.
 struct TaggedSide {
   std::unique_ptr<transfer::ReceiveBatch> receives;  // fetch: posted before the call
@@ -129,9 +127,15 @@ struct TaggedSide {
   std::vector<std::optional<uint64_t>> checksums;
 };
 
+// Runs `call` over consecutive slices of at most `batch_size` items and joins
+// the results: concurrently (gRPC's callback API, no thread per call), or
+// `in_order`, each after the previous one finished. Publishes go in order:
+// the node then commits a prompt's blocks parents first, as one request
+// would, so its eviction order (and a prefix's survival) does not depend on
+// how a large publish was split.
 template <typename Item, typename Request, typename Response>
 absl::StatusOr<TransferResult> RunBatches(
-    absl::Span<const Item> items, absl::Duration timeout, size_t batch_size,
+    absl::Span<const Item> items, absl::Duration timeout, size_t batch_size, bool in_order,
     const std::function<absl::Status(absl::Span<const Item>, Request*, TaggedSide*)>& build,
     const std::function<void(grpc::ClientContext*, const Request*, Response*,
                              std::function<void(grpc::Status)>)>& call,
@@ -164,6 +168,7 @@ absl::StatusOr<TransferResult> RunBatches(
       if (b->tagged.receives != nullptr) b->tagged.receives->Interrupt();
       b->done.set_value(s);
     });
+    if (in_order) pending.back().wait();
   }
   absl::Status first_error;
   for (size_t i = 0; i < batches.size(); ++i) {
@@ -373,7 +378,7 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   const absl::Time deadline = absl::Now() + impl.Timeout(timeout);
   return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
-      items, impl.Timeout(timeout), max_publish_blocks_,
+      items, impl.Timeout(timeout), max_publish_blocks_, /*in_order=*/true,
       [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request,
           TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);
@@ -450,7 +455,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const bool verify = impl.options.verify_checksums;
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
-      items, impl.Timeout(timeout), limits::kMaxTransferBlocks,
+      items, impl.Timeout(timeout), limits::kMaxTransferBlocks, /*in_order=*/false,
       [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
           TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);

@@ -65,6 +65,10 @@ struct NvmeCounters {
   uint64_t read_blocks = 0;         // read back and verified
   uint64_t corrupt_blocks = 0;      // bytes failed their checksum on read
   uint64_t corrupt_records = 0;     // index records dropped at recovery
+  uint64_t recovered_blocks = 0;    // blocks the last recovery found in the index
+  // The index could not be read whole (an unreadable block, CURRENT or
+  // MANIFEST) and was repaired, rewritten from what read, or restarted empty.
+  uint64_t index_repairs = 0;
   uint64_t io_errors = 0;
   std::string last_error;           // empty when none
 };

@@ -144,7 +144,8 @@ class Namespace {
 
   // Publishes blocks from registered memory. Batches over the node's
   // per-request limit (1024 blocks, fewer on a small node: at most an eighth
-  // of its DRAM tier by default) are split and sent concurrently. The call-level status is an error only when
+  // of its DRAM tier by default) are split and sent one after another, in
+  // order. The call-level status is an error only when
   // nothing could be attempted (bad input, node down); per-block outcomes
   // say what happened to each block.
   absl::StatusOr<TransferResult> Publish(absl::Span<const PublishItem> items,
