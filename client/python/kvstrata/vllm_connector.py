@@ -597,7 +597,10 @@ class KvstrataConnector(KVConnectorBase_V1):
         done, late = concurrent.futures.wait(futures, timeout=self._lookup_timeout)
         self.stats["lookups"] += 1
         if late:
+            # A node this slow would add its deadline to every request: stop
+            # asking until a background probe finds it answering again.
             self.stats["lookup_timeouts"] += 1
+            self._degrade("lookups past their %.0f ms deadline" % (self._lookup_timeout * 1e3))
             return 0
         blocks = len(keys)
         for future in done:
