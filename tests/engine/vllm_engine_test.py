@@ -134,6 +134,37 @@ class VllmEngineTest(unittest.TestCase):
         self.assertEqual(third["worker"]["loaded_tokens"], 0)
         self.assertEqual(third["scheduler"]["lookup_hits"], 0)
 
+    def test_a_three_node_cluster_is_one_cache(self):
+        nodes = [NodeProcess(dram_bytes=64 << 20) for _ in range(3)]
+        try:
+            addresses = [n.address for n in nodes]
+            cluster = kvstrata.Cluster(nodes=addresses, timeout=10.0)
+            first = self.engine("cluster-publisher", nodes=addresses)
+            self.assertEqual(first["tokens"], self.reference["tokens"])
+            self.assertEqual(first["worker"]["saved_blocks"], 8)
+            # Rendezvous placement spreads the cache blocks over the nodes.
+            per_node = [cluster.stats(a)["published_blocks"] for a in addresses]
+            self.assertEqual(sum(per_node), 8 * LAYERS)
+            self.assertGreaterEqual(sum(1 for n in per_node if n), 2, per_node)
+
+            second = self.engine("cluster-consumer", nodes=addresses)
+            self.assertEqual(second["tokens"], self.reference["tokens"])
+            self.assertEqual(second["worker"]["loaded_tokens"], (4 + 4 + 3) * CACHE_BLOCK)
+            self.assertEqual(cluster.stats()["fetch_hit_blocks"], (3 + 4 + 4 + 3) * LAYERS)
+
+            # One node of three gone: its blocks are misses; every prompt's
+            # prefix up to its first lost block still loads, the rest is
+            # recomputed, and the answers stay the same.
+            victim = max(range(3), key=lambda i: per_node[i])
+            nodes[victim].stop()
+            third = self.engine("cluster-one-down", nodes=addresses)
+            self.assertEqual(third["tokens"], self.reference["tokens"])
+            self.assertLess(third["worker"]["loaded_tokens"], (4 + 4 + 3) * CACHE_BLOCK)
+            self.assertEqual(third["worker"]["load_errors"], 0)
+        finally:
+            for n in nodes:
+                n.stop()
+
 
 if __name__ == "__main__":
     unittest.main()
