@@ -414,6 +414,27 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(engine.scheduler.stats["hint_errors"], 1)
         engine.scheduler.shutdown()
 
+    @unittest.skipUnless(torch.cuda.is_available(),
+                         "no CUDA device: the pinned-staging / CUDA-stream path is not run here")
+    def test_cuda_caches_go_through_pinned_staging(self):
+        tokens = list(range(17000, 17150))
+        source = {n: t.cuda() for n, t in caches(seed=11).items()}
+        publisher = Engine(self, packing="rows", kv=source)
+        self.assertTrue(publisher.worker._save_pool.memory.is_pinned())
+        publisher.prefill(request("g", tokens), [2, 5, 9, 1, 0])
+        self.assertEqual(publisher.worker.stats["saved_blocks"], 2)
+        consumer = Engine(self, packing="content",
+                          kv={n: t.cuda() for n, t in caches(KVCacheLayout.LBNHC, kernel=16).items()})
+        req = request("g2", tokens)
+        self.assertEqual(consumer.admit(req, [7, 3, 11, 4, 6]), 128)
+        _, errors = consumer.step(new=[(req, [7, 3, 11, 4, 6], 128)], scheduled={"g2": 22})
+        self.assertEqual(errors, set())
+        for name in NAMES:
+            for s_id, d_id in zip([2, 5, 9, 1], [7, 3, 11, 4]):
+                ks, vs = read_block("rows", source[name], s_id, 1)
+                kd, vd = read_block("content", consumer.kv[name], d_id, 2)
+                self.assertTrue(torch.equal(ks, kd) and torch.equal(vs, vd))
+
     def test_bad_config_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "multiple of vLLM's block size"):
             KvstrataConnector(self.config(cache_block_tokens=48), KVConnectorRole.WORKER)

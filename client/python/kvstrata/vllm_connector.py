@@ -36,6 +36,7 @@ is logged and counted. A layout it cannot map is a configuration error and
 raises at start-up with what was expected.
 """
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -465,6 +466,8 @@ class KvstrataConnector(KVConnectorBase_V1):
         # with a prefix; lookup_timeouts / lookup_errors / degraded_lookups: misses
         # because of the node; load_errors: blocks reported for recompute;
         # save_errors: layer publishes that failed; skipped_requests: prompt embeds.
+        # (seconds, hit) of the scheduler's recent lookup rounds (bench/ttft_bench.py).
+        self.lookup_seconds = collections.deque(maxlen=10000)
         self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
                       "published_bytes": 0, "load_wait_s": 0.0, "lookups": 0,
                       "lookup_hits": 0, "lookup_timeouts": 0, "lookup_errors": 0,
@@ -631,7 +634,10 @@ class KvstrataConnector(KVConnectorBase_V1):
                 return 0, False
             c = s.cache_block_tokens
             wanted = state["keys"][:(limit + c - 1) // c]
+            began = time.perf_counter()
             stored = self._stored_blocks(wanted) * c
+            if wanted:
+                self.lookup_seconds.append((time.perf_counter() - began, stored > 0))
             self._matched[request.request_id] = (num_computed_tokens, stored)
             return max(0, min(stored, limit) - num_computed_tokens), False
         except Exception:  # never into the scheduler: a miss
