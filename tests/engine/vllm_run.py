@@ -37,7 +37,11 @@ def main():
 
     kwargs = {}
     if args.node or args.nodes:
-        extra = {"cache_block_tokens": args.cache_block_tokens, "ucx_transports": "tcp"}
+        # lookup_timeout 1 s, not the default 100 ms: CI's 2 shared cores can stall
+        # a lookup round that long, and a miss here would be the machine's, not
+        # the connector's (the deadline is tested in connector_test.py).
+        extra = {"cache_block_tokens": args.cache_block_tokens, "ucx_transports": "tcp",
+                 "lookup_timeout": 1.0}
         if args.nodes:
             extra["nodes"] = args.nodes.split(",")
         else:

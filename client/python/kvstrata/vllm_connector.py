@@ -54,6 +54,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                               KVConnectorMetadata,
                                                               KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 import kvstrata
 from kvstrata import vllm_layout
@@ -254,6 +255,26 @@ class KvstrataConnectorMetadata(KVConnectorMetadata):
         self.saves = list(saves or [])
 
 
+@dataclasses.dataclass
+class KvstrataConnectorStats(KVConnectorStats):
+    """The connector's counters over one logging interval, as vLLM's
+    KVConnectorLogging collects them (workers' and the scheduler's summed)."""
+
+    def reset(self):
+        self.data = {}
+
+    def aggregate(self, other):
+        for key, value in (other.data if other is not None else {}).items():
+            self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self):
+        return {key: (round(v, 4) if isinstance(v, float) else v) for key, v in self.data.items()}
+
+    def is_empty(self):
+        return not any(self.data.values())
+
+
 # ------------------------------------------------------------------ settings
 
 def _flag(extra, name, default):
@@ -444,7 +465,8 @@ class KvstrataConnector(KVConnectorBase_V1):
             max_workers=int(extra.get("lookup_threads", 16)), thread_name_prefix="kvstrata")
         self._namespaces = {}  # (layer, rank) -> namespace
         self._layer_kind = {}  # layer -> (kind, heads, head_size, dtype name, elem bytes)
-        self._connect_now()
+        if self._connect_now():
+            self._warm_up()
         # Scheduler side.
         self._requests = {}  # req_id -> {"keys", "tokens", "block_ids", "saved", "computed"}
         self._matched = {}  # req_id -> (num_computed_tokens, tokens stored in every namespace)
@@ -466,6 +488,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         # with a prefix; lookup_timeouts / lookup_errors / degraded_lookups: misses
         # because of the node; load_errors: blocks reported for recompute;
         # save_errors: layer publishes that failed; skipped_requests: prompt embeds.
+        self._reported = {}  # stats as of the last get_kv_connector_stats
         # (seconds, hit) of the scheduler's recent lookup rounds (bench/ttft_bench.py).
         self.lookup_seconds = collections.deque(maxlen=10000)
         self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
@@ -473,6 +496,17 @@ class KvstrataConnector(KVConnectorBase_V1):
                       "lookup_hits": 0, "lookup_timeouts": 0, "lookup_errors": 0,
                       "degraded_lookups": 0, "load_errors": 0, "save_errors": 0,
                       "skipped_requests": 0, "request_hints": 0, "hint_errors": 0}
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        return KvstrataConnectorStats(data=dict(data or {}))
+
+    def get_kv_connector_stats(self):
+        """What the counters gained since the last call (vLLM's stats hook)."""
+        delta = {key: value - self._reported.get(key, 0) for key, value in self.stats.items()}
+        self._reported = dict(self.stats)
+        stats = KvstrataConnectorStats(data={k: v for k, v in delta.items() if v})
+        return None if stats.is_empty() else stats
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config) -> bool:
@@ -529,6 +563,23 @@ class KvstrataConnector(KVConnectorBase_V1):
             self._pool.submit(self._probe)
         except RuntimeError:  # the pool is shut down
             self._probing = False
+
+    def _warm_up(self) -> None:
+        """Opens the namespaces in the background, so that the first request's
+        lookups are lookups, not OpenNamespace round trips racing the deadline."""
+        if self._role != KVConnectorRole.SCHEDULER:
+            return
+
+        def open_all():
+            try:
+                for rank in range(self._settings.tp_size):
+                    for layer in self._settings.layers:
+                        self._namespace(layer, rank)
+            except Exception as e:
+                if not self._node_failed(e, "opening namespaces failed"):
+                    logger.warning("kvstrata: opening namespaces failed (%s)", e)
+
+        self._pool.submit(open_all)
 
     def _layer_spec(self, layer: int):
         """(kind, heads, head_size, elem bytes) of a layer: from its registered
@@ -609,6 +660,9 @@ class KvstrataConnector(KVConnectorBase_V1):
         for future in done:
             try:
                 blocks = min(blocks, future.result())
+            except TimeoutError:  # its turn came after the deadline
+                self.stats["lookup_timeouts"] += 1
+                return 0
             except Exception as e:
                 self.stats["lookup_errors"] += 1
                 if isinstance(e, kvstrata.Error) and e.code in (kvstrata.UNAVAILABLE,
