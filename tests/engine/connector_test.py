@@ -89,16 +89,18 @@ class Engine:
         self.worker.register_kv_caches(self.kv)
         self.forwarded = []
 
-    def admit(self, req, ids, computed=0):
+    def admit(self, req, ids, computed=0, asynchronous=False):
         """The scheduler's admission: lookup, allocation; returns external tokens."""
         external, is_async = self.scheduler.get_num_new_matched_tokens(req, computed)
-        assert is_async is False
+        assert is_async is (asynchronous and external > 0)
         self.scheduler.update_state_after_alloc(req, blocks(ids), external)
         return external
 
-    def step(self, new=(), cached=(), scheduled=None):
+    def step(self, new=(), cached=(), scheduled=None, sync_loads=True):
         """One engine step. new: (request, block ids, computed); cached:
-        (req_id, new block ids, computed, resumed); scheduled: req_id -> tokens."""
+        (req_id, new block ids, computed, resumed); scheduled: req_id -> tokens.
+        sync_loads False: start_load_kv after the forward pass, as vLLM 0.32's
+        model runner does for steps without synchronous loads."""
         out = SchedulerOutput.make_empty()
         for req, ids, computed in new:
             req.num_computed_tokens = computed
@@ -119,11 +121,14 @@ class Engine:
         w = self.worker
         w.handle_preemptions(meta)
         w.bind_connector_metadata(meta)
-        w.start_load_kv(None)
+        if sync_loads:
+            w.start_load_kv(None)
         for name in NAMES:
             w.wait_for_layer_load(name)
             self.forwarded.append(name)  # attention would run here
             w.save_kv_layer(name, self.kv[name], None)
+        if not sync_loads:
+            w.start_load_kv(None)
         w.wait_for_save()
         finished = w.get_finished(set())
         errors = w.get_block_ids_with_load_errors()
@@ -234,6 +239,48 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(errors, {5, 6, 7, 8})
         self.assertEqual(engine.worker.stats["loaded_tokens"], 0)
         self.assertTrue(engine.worker.degraded)
+
+    def test_asynchronous_loads_finish_through_get_finished(self):
+        tokens = list(range(20000, 20150))
+        publisher = Engine(self, kv=caches(seed=14))
+        publisher.prefill(request("ap", tokens), [9, 3, 12, 0, 7])
+        engine = Engine(self, async_load=True)
+        req = request("a", tokens)
+        # load_async=True: vLLM parks the request (WAITING_FOR_REMOTE_KVS) and
+        # schedules nothing of it; the loads start after that step's forward.
+        self.assertEqual(engine.admit(req, [4, 15, 1, 8, 2], asynchronous=True), 128)
+        finished, errors = engine.step(sync_loads=False)
+        deadline = time.monotonic() + 10
+        while not finished[1] and time.monotonic() < deadline:  # later, empty steps
+            finished, errors = engine.step(sync_loads=False)
+        self.assertEqual(finished, (None, {"a"}))
+        self.assertEqual(errors, set())
+        self.assertEqual(engine.worker.stats["loaded_tokens"], 128)
+        for name in NAMES:
+            for s_id, d_id in zip([9, 3, 12, 0], [4, 15, 1, 8]):
+                self.assertTrue(torch.equal(read_block("rows", publisher.kv[name], s_id, 1)[0],
+                                            read_block("rows", engine.kv[name], d_id, 1)[0]))
+        # Resumed: scheduled as a new request with its loaded tokens computed;
+        # vLLM's second update_state_after_alloc call loads nothing more.
+        engine.scheduler.update_state_after_alloc(req, blocks([4, 15, 1, 8, 2]), 0)
+        _, errors = engine.step(new=[(req, [4, 15, 1, 8, 2], 128)], scheduled={"a": 22})
+        self.assertEqual((errors, engine.worker.stats["loaded_tokens"]), (set(), 128))
+
+    def test_a_failed_asynchronous_load_is_finished_with_its_errors(self):
+        with NodeProcess(dram_bytes=64 << 20) as node:
+            tokens = list(range(21000, 21130))
+            Engine(self, node=node.address, kv=caches(seed=15)).prefill(request("fp", tokens),
+                                                                          [0, 1, 2, 3, 4])
+            engine = Engine(self, node=node.address, async_load=True, timeout=2.0)
+            req = request("f", tokens)
+            self.assertEqual(engine.admit(req, [5, 6, 7, 8, 9], asynchronous=True), 128)
+        finished, errors = engine.step(sync_loads=False)
+        deadline = time.monotonic() + 10
+        while not finished[1] and time.monotonic() < deadline:
+            finished, errors = engine.step(sync_loads=False)
+        # Reported finished, and its blocks as load errors, in the same pass.
+        self.assertEqual((finished, errors), ((None, {"f"}), {5, 6, 7, 8}))
+        self.assertEqual(engine.worker.stats["loaded_tokens"], 0)
 
     def test_never_loads_the_last_prompt_token(self):
         tokens = list(range(7000, 7128))  # exactly two cache blocks

@@ -127,6 +127,13 @@ class VllmEngineTest(unittest.TestCase):
                              (4 + 4 + 3) * LAYERS)
             self.assertEqual(after["published_blocks"], published["published_blocks"])
 
+            # Asynchronous loading: vLLM parks each request while its layers
+            # arrive (get_finished reports it), then computes the rest.
+            later = self.engine("consumer-async", node=node.address, extra={"async_load": True})
+            self.assertEqual(later["tokens"], self.reference["tokens"])
+            self.assertEqual(later["worker"]["loaded_tokens"], (4 + 4 + 3) * CACHE_BLOCK)
+            self.assertEqual(later["worker"]["load_errors"], 0)
+
             # vLLM's own prefix cache on, as in deployments: prompt 3's blocks
             # are prompt 2's in vLLM's cache already, so kvstrata supplies only
             # what vLLM's cache does not have (prompts 1 and 2).

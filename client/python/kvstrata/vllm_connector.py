@@ -245,6 +245,7 @@ class TransferSpec:
     block_ids: list  # the request's engine (scheduler) blocks, from its first token
     start: int
     end: int
+    asynchronous: bool = False  # loaded between steps, reported by get_finished
 
 
 class KvstrataConnectorMetadata(KVConnectorMetadata):
@@ -450,6 +451,9 @@ class KvstrataConnector(KVConnectorBase_V1):
         # False: load every layer before the forward pass starts (no overlap).
         self._layerwise = _flag(extra, "layerwise_load", True)
         self._staging_bytes = int(extra.get("staging_bytes", 0))
+        # True: lookups answer load_async, the request waits outside the batch
+        # while every layer is fetched, and get_finished reports it.
+        self._async_load = _flag(extra, "async_load", False)
         self._send_hints = _flag(extra, "request_hints", True)
         self._hint_timeout = float(extra.get("hint_timeout", 2.0))
         self._hints = _HintSender(self._send_request_finished,
@@ -483,6 +487,7 @@ class KvstrataConnector(KVConnectorBase_V1):
         self._load_queue = []
         self._saves = []  # (layer name, future or None, staging run)
         self._load_errors = set()
+        self._async = {}  # req_id -> [(layer name, future or error, staging run, plan)]
         # loaded_tokens / saved_blocks: counted once per request-block (last layer);
         # lookups: scheduler lookups that reached the node; lookup_hits: of those,
         # with a prefix; lookup_timeouts / lookup_errors / degraded_lookups: misses
@@ -693,7 +698,8 @@ class KvstrataConnector(KVConnectorBase_V1):
             if wanted:
                 self.lookup_seconds.append((time.perf_counter() - began, stored > 0))
             self._matched[request.request_id] = (num_computed_tokens, stored)
-            return max(0, min(stored, limit) - num_computed_tokens), False
+            external = max(0, min(stored, limit) - num_computed_tokens)
+            return external, self._async_load and external > 0
         except Exception:  # never into the scheduler: a miss
             logger.exception("kvstrata: lookup of %s failed; computing locally", request.request_id)
             return 0, False
@@ -716,7 +722,7 @@ class KvstrataConnector(KVConnectorBase_V1):
                 end = computed + num_external_tokens
                 self._pending_loads.append(TransferSpec(
                     request.request_id, state["keys"][:(end + c - 1) // c], list(block_ids),
-                    computed, end))
+                    computed, end, asynchronous=self._async_load))
         except Exception:
             logger.exception("kvstrata: update_state_after_alloc failed; nothing loaded")
 
@@ -875,9 +881,11 @@ class KvstrataConnector(KVConnectorBase_V1):
             self.stats["load_wait_s"] += time.perf_counter() - began
 
     def _fail_all_loads(self):
+        """This step's synchronous loads: reported for recompute, slots back."""
         meta = self._connector_metadata
         for spec in getattr(meta, "loads", []) or []:
-            self._report_load_error(spec)
+            if not spec.asynchronous:
+                self._report_load_error(spec)
         self._release_loads()
 
     def _release_loads(self):
@@ -897,17 +905,30 @@ class KvstrataConnector(KVConnectorBase_V1):
 
     def _start_load(self):
         meta = self._get_connector_metadata()
-        self._loads = {}
-        self._load_queue = []
+        # A layer never waited for (start_load_kv after the forward pass, as
+        # vLLM does for steps without synchronous loads): not loaded.
+        for state in self._loads.values():
+            for spec, _, _, _ in state["plan"]:
+                self._report_load_error(spec)
+        self._release_loads()
         if not meta.loads or not self._layer_order:
             return
         if self.degraded or not self._ready_buffers():
             self._maybe_probe()
             self._fail_all_loads()
+            for spec in meta.loads:
+                if spec.asynchronous:
+                    self._async[spec.req_id] = [("", _Degraded(), None, [(spec, 0, 0, 0)])]
+            return
+        for spec in meta.loads:
+            if spec.asynchronous:
+                self._start_async_load(spec)
+        sync = [spec for spec in meta.loads if not spec.asynchronous]
+        if not sync:
             return
         c = self._settings.cache_block_tokens
         plan, slots = [], 0  # (spec, first cache block, last, staging slot of the first)
-        for spec in meta.loads:
+        for spec in sync:
             first, last = spec.start // c, (spec.end + c - 1) // c
             plan.append((spec, first, last, slots))
             slots += last - first
@@ -987,6 +1008,11 @@ class KvstrataConnector(KVConnectorBase_V1):
             raise state["error"]
         result = state["future"].wait()
         self.stats["fetched_bytes"] += result.bytes
+        self._scatter(layer_name, state, result, count=(layer_name == self._layer_order[-1]))
+
+    def _scatter(self, layer_name, state, result, count):
+        """Writes a layer's fetched blocks (staging run state["run"]) into the
+        paged cache; a request with a missing block is a load error instead."""
         layout = self._layouts[layer_name]
         s = self._settings
         c, bs = s.cache_block_tokens, s.block_size
@@ -1005,7 +1031,7 @@ class KvstrataConnector(KVConnectorBase_V1):
             for e in range(spec.start // bs, spec.end // bs):
                 picks.append((slot + e // per - cb_first, e % per))
                 dst.append(spec.block_ids[e])
-            if layer_name == self._layer_order[-1]:
+            if count:
                 self.stats["loaded_tokens"] += spec.end - spec.start
         if self._stream is not None:  # host staging -> GPU on our stream, then the scatter
             with torch.cuda.stream(self._stream):
@@ -1101,8 +1127,64 @@ class KvstrataConnector(KVConnectorBase_V1):
         for save in saves:
             self._finish_save(*save)
 
+    def _start_async_load(self, spec):
+        """Issues every layer's fetch of one request at once; get_finished
+        scatters them once all arrived. Staging is held until then."""
+        c = self._settings.cache_block_tokens
+        first, last = spec.start // c, (spec.end + c - 1) // c
+        plan = [(spec, first, last, 0)]
+        jobs = []
+        for name in self._layer_order:
+            run = self._load_pool.take(last - first)
+            if run is None:
+                jobs.append((name, RuntimeError("no staging for an asynchronous load"), None, plan))
+                continue
+            items = [(spec.keys[j], self._load_pool.buffer,
+                      (run + j - first) * self._load_pool.slot_bytes) for j in range(first, last)]
+            try:
+                future = self._namespace(self._layer_of[name]).fetch_async(items,
+                                                                           timeout=self._timeout)
+            except Exception as e:
+                future = e
+            jobs.append((name, future, (run, last - first), plan))
+        self._async[spec.req_id] = jobs
+
+    def _finish_async_load(self, jobs) -> None:
+        failed = False
+        for name, future, run, plan in jobs:
+            try:
+                if isinstance(future, Exception):
+                    raise future
+                result = future.wait()
+                self.stats["fetched_bytes"] += result.bytes
+                if failed:
+                    continue
+                state = {"future": None, "run": run, "plan": plan, "slots": run[1]}
+                self._scatter(name, state, result, count=(name == self._layer_order[-1]))
+            except Exception as e:
+                if not failed and not self._node_failed(e, "fetch failed") and \
+                        not isinstance(e, _Degraded):
+                    logger.warning("kvstrata: asynchronous load of %s failed (%s); recomputing",
+                                   plan[0][0].req_id, e)
+                failed = True
+            finally:
+                if run is not None:
+                    self._load_pool.give(*run)
+        if failed:
+            self._report_load_error(jobs[0][3][0][0])
+
     def get_finished(self, finished_req_ids):
-        return None, None  # loads and saves complete within their step
+        """Requests whose asynchronous loads completed (saves finish within their step)."""
+        done = set()
+        try:
+            for req_id, jobs in list(self._async.items()):
+                if all(isinstance(f, Exception) or f.done() for _, f, _, _ in jobs):
+                    del self._async[req_id]
+                    self._finish_async_load(jobs)  # failures become load errors
+                    done.add(req_id)
+        except Exception:
+            logger.exception("kvstrata: finishing asynchronous loads")
+        return None, (done or None)
 
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()
