@@ -21,7 +21,7 @@ the decode worker computes the prompt's tail (length mod 256) itself.
 run it in tests/engine/setup_venv.sh's virtualenv): a 4-layer random-weight
 Llama made with transformers, three engine processes against the same node
 (no connector: the baseline; one that prefills and publishes; a fresh one
-that loads), TTFT as the latency of a 1-token greedy request (median of --repeats), and the
+that loads, and one that loads with async_load), TTFT as the latency of a 1-token greedy request (median of --repeats), and the
 scheduler's lookup latency per request (p50/p99, hits and misses) next to
 the node's raw Lookup latency for the same key count, in the same run.
 
@@ -142,7 +142,8 @@ def _percentile(values, q):
 
 
 def vllm_worker(args):
-    """One engine process: --vllm_worker=ROLE,MODEL,PROMPTS,OUT (ROLE local|cached)."""
+    """One engine process: --vllm_worker=ROLE,MODEL,PROMPTS,OUT (ROLE local, publish,
+    cached or async: the connector with async_load)."""
     import json
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # connectors readable here
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -154,7 +155,7 @@ def vllm_worker(args):
             "kv_connector": "KvstrataConnector", "kv_connector_module_path": "kvstrata.vllm_connector",
             "kv_role": "kv_both", "kv_connector_extra_config": {
                 "node": args.node, "cache_block_tokens": args.cache_block_tokens,
-                "ucx_transports": args.ucx_transports}}
+                "ucx_transports": args.ucx_transports, "async_load": role == "async"}}
     llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=8192,
               block_size=32, enforce_eager=True, max_num_seqs=1, enable_prefix_caching=False,
               seed=0, **kwargs)
@@ -228,18 +229,21 @@ def run_vllm(args, address):
     local = engine("local", "local")
     publisher = engine("publish", "publisher")
     cached = engine("cached", "consumer")
+    asynchronous = engine("async", "consumer-async")
     print()
     print("vLLM %s on CPU: Llama 4 layers, hidden 512, 8 heads (4 KV) x 64, fp32, random weights "
           "(seed 1234); vLLM blocks 32 tokens, cache blocks %d; prefix caching off; node %s"
           % (vllm.__version__, args.cache_block_tokens, address))
-    print("%7s %14s %16s %15s %7s %9s %7s" % ("tokens", "vllm_local_s", "vllm_publish_s",
-                                            "vllm_cached_s", "loaded", "identical", "ratio"))
+    print("%7s %14s %16s %15s %14s %7s %9s %7s" % (
+        "tokens", "vllm_local_s", "vllm_publish_s", "vllm_cached_s", "vllm_async_s", "loaded",
+        "identical", "ratio"))
     for i, n in enumerate(lengths):
-        same = local["tokens"][i] == cached["tokens"][i] == publisher["tokens"][i]
-        print("%7d %14.3f %16.3f %15.3f %7d %9s %6.1fx" % (
-            n, local["ttft"][i], publisher["ttft"][i], cached["ttft"][i], cached["loaded"][i],
-            same, local["ttft"][i] / cached["ttft"][i]))
-        if not same or cached["loaded"][i] == 0:
+        same = (local["tokens"][i] == cached["tokens"][i] == publisher["tokens"][i]
+                == asynchronous["tokens"][i])
+        print("%7d %14.3f %16.3f %15.3f %14.3f %7d %9s %6.1fx" % (
+            n, local["ttft"][i], publisher["ttft"][i], cached["ttft"][i], asynchronous["ttft"][i],
+            cached["loaded"][i], same, local["ttft"][i] / cached["ttft"][i]))
+        if not same or cached["loaded"][i] == 0 or asynchronous["loaded"][i] != cached["loaded"][i]:
             raise SystemExit("FAIL: the cached vLLM run loaded nothing or answered differently")
     # Scheduler lookups (one concurrent round over every layer's namespace)
     # against the node's raw Lookup of the same number of keys.
