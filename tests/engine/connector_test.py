@@ -518,6 +518,9 @@ class ConnectorTest(unittest.TestCase):
     def test_bad_config_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "multiple of vLLM's block size"):
             KvstrataConnector(self.config(cache_block_tokens=48), KVConnectorRole.WORKER)
+        with self.assertRaisesRegex(ValueError, "replication"):
+            KvstrataConnector(self.config(nodes=[self.address], replication=0),
+                              KVConnectorRole.SCHEDULER)
         worker = KvstrataConnector(self.config(kv_packing="content"), KVConnectorRole.WORKER)
         with self.assertRaisesRegex(ValueError, "kv heads"):
             worker.register_kv_caches({NAMES[0]: torch.zeros(4, 8, BS, 2 * HEAD)})

@@ -493,14 +493,14 @@ class KvstrataConnector(KVConnectorBase_V1):
         # with a prefix; lookup_timeouts / lookup_errors / degraded_lookups: misses
         # because of the node; load_errors: blocks reported for recompute;
         # save_errors: layer publishes that failed; skipped_requests: prompt embeds.
-        self._reported = {}  # stats as of the last get_kv_connector_stats
-        # (seconds, hit) of the scheduler's recent lookup rounds (bench/ttft_bench.py).
-        self.lookup_seconds = collections.deque(maxlen=10000)
         self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
                       "published_bytes": 0, "load_wait_s": 0.0, "lookups": 0,
                       "lookup_hits": 0, "lookup_timeouts": 0, "lookup_errors": 0,
                       "degraded_lookups": 0, "load_errors": 0, "save_errors": 0,
                       "skipped_requests": 0, "request_hints": 0, "hint_errors": 0}
+        self._reported = {}  # stats as of the last get_kv_connector_stats
+        # (seconds, hit) of the scheduler's recent lookup rounds (bench/ttft_bench.py).
+        self.lookup_seconds = collections.deque(maxlen=10000)
 
     @classmethod
     def build_kv_connector_stats(cls, data=None):
@@ -524,8 +524,10 @@ class KvstrataConnector(KVConnectorBase_V1):
     def _connect_now(self) -> bool:
         try:
             client = _connect(self._extra)
-        except RuntimeError as e:  # kvstrata.Error: the node, not the config
-            self._degrade("cannot connect (%s)" % e)
+        except RuntimeError as e:  # kvstrata.Error
+            if getattr(e, "code", None) == kvstrata.INVALID_ARGUMENT:
+                raise ValueError("kvstrata: bad node/nodes/dns settings: %s" % e) from e
+            self._degrade("cannot connect (%s)" % e)  # the node, not the config
             return False
         with self._lock:
             self._client = client
