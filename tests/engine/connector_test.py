@@ -434,7 +434,7 @@ class ConnectorTest(unittest.TestCase):
         self.assertEqual(errors, set())
         self.assertGreater(engine.worker.stats["save_errors"], 0)  # counted, never raised
         # A node appears at that address: a background probe notices.
-        with NodeProcess(dram_bytes=64 << 20, extra_flags=["--listen=" + address]) as node:
+        with NodeProcess(dram_bytes=64 << 20, extra_flags=["--listen=" + address]):
             Engine(self, node=address, kv=caches(seed=7)).prefill(request("up", tokens), [0, 1, 2, 3, 4])
             deadline = time.monotonic() + 10
             found = 0
