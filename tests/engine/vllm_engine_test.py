@@ -67,7 +67,7 @@ class VllmEngineTest(unittest.TestCase):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
     @classmethod
-    def engine(cls, name, node=None, nodes=None, extra=None, flags=()):
+    def engine(cls, name, node=None, nodes=None, extra=None, flags=(), env=None):
         out = os.path.join(cls.dir, name + ".json")
         argv = [sys.executable, os.path.join(HERE, "vllm_run.py"), "--model", cls.model,
                 "--prompts", cls.prompts_file, "--out", out,
@@ -81,7 +81,8 @@ class VllmEngineTest(unittest.TestCase):
         argv += list(flags)
         log = os.path.join(cls.dir, name + ".log")
         with open(log, "w") as f:
-            run = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+            run = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=300,
+                                 env=dict(os.environ, **(env or {})))
         if run.returncode != 0 or not os.path.exists(out):
             with open(log) as f:
                 raise AssertionError("engine %s failed (exit %d):\n%s"
@@ -133,6 +134,15 @@ class VllmEngineTest(unittest.TestCase):
             self.assertEqual(later["tokens"], self.reference["tokens"])
             self.assertEqual(later["worker"]["loaded_tokens"], (4 + 4 + 3) * CACHE_BLOCK)
             self.assertEqual(later["worker"]["load_errors"], 0)
+
+            # vLLM's default process layout (engine core and its worker in a
+            # process of their own): the connector is loaded there by vLLM's
+            # factory; its loads show in the node's counters.
+            before = stats()["fetch_hit_blocks"]
+            forked = self.engine("consumer-multiprocess", node=node.address,
+                                 env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+            self.assertEqual(forked["tokens"], self.reference["tokens"])
+            self.assertEqual(stats()["fetch_hit_blocks"] - before, (4 + 4 + 3) * LAYERS)
 
             # vLLM's own prefix cache on, as in deployments: prompt 3's blocks
             # are prompt 2's in vLLM's cache already, so kvstrata supplies only

@@ -4,8 +4,9 @@
         [--node HOST:PORT | --nodes A,B,C] [--cache-block-tokens 64] [--extra JSON]
 
 Runs vLLM's offline API (LLM.generate) on its CPU platform, with the engine
-core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the scheduler's and
-the worker's connector objects can be read after the run. Writes JSON:
+core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless the caller
+sets it) so the scheduler's and the worker's connector objects can be read
+after the run. Writes JSON:
 {"tokens": [[...], ...], "scheduler": stats, "worker": stats, "degraded": bool}.
 Without --node/--nodes the engine runs without a connector (the reference).
 """
@@ -76,7 +77,9 @@ def main():
         ttft.append(time.monotonic() - t)
         outputs.append(list(out[0].outputs[0].token_ids))
     result = {"tokens": outputs, "startup_s": started, "request_s": ttft}
-    if kwargs:
+    # With VLLM_ENABLE_V1_MULTIPROCESSING=1 (vLLM's default) the connectors
+    # live in the engine-core process: only the tokens are readable here.
+    if kwargs and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0":
         from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
         worker = get_kv_transfer_group()
         worker.wait_for_save()
