@@ -755,8 +755,6 @@ class KvstrataConnector(KVConnectorBase_V1):
                 tensor, packing=packing, block_size=s.block_size,
                 num_kv_heads=1 if packing == "latent" else s.num_kv_heads,
                 head_size=s.head_size if packing != "latent" else tensor.shape[-1])
-            if (s.cache_block_tokens // s.block_size) * s.block_size != s.cache_block_tokens:
-                raise ValueError("kvstrata: cache_block_tokens must be a multiple of block_size")
             layer = _layer_index(name, position)
             self._kv_caches[name] = tensor
             self._layouts[name] = layout
