@@ -16,6 +16,17 @@ blocked in the connector's load path (the part of the load not overlapped).
 The model has random weights (seed 1234, kvstrata.examples.tiny_llm.TinyConfig).
 Prompt lengths are 1000..16000: not multiples of the 256-token cache block, so
 the decode worker computes the prompt's tail (length mod 256) itself.
+
+--vllm adds a row set measured with a real vLLM engine on CPU (vLLM importable:
+run it in tests/engine/setup_venv.sh's virtualenv): a 4-layer random-weight
+Llama made with transformers, three engine processes against the same node
+(no connector: the baseline; one that prefills and publishes; a fresh one
+that loads, and one that loads with async_load), TTFT as the latency of a 1-token greedy request (median of --repeats), and the
+scheduler's lookup latency per request (p50/p99, hits and misses) next to
+the node's raw Lookup latency for the same key count, in the same run.
+
+    PYTHONPATH=build/client/python tests/engine/run_in_venv.sh bench/ttft_bench.py \
+        --node_binary=build/cachenode/kvstrata-node --vllm [--vllm_only]
 """
 import argparse
 import os
@@ -39,7 +50,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="cached runs per length (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--ucx_transports", default="")
+    parser.add_argument("--vllm", action="store_true", help="also the real-vLLM row set")
+    parser.add_argument("--vllm_only", action="store_true", help="only the real-vLLM row set")
+    parser.add_argument("--vllm_prompt_tokens", default="1000,2000,4000")
+    parser.add_argument("--vllm_worker", help=argparse.SUPPRESS)  # internal: one engine process
     args = parser.parse_args()
+    if args.vllm_worker:
+        return vllm_worker(args)
     torch.set_num_threads(args.threads)
     node = None
     address = args.node
@@ -47,7 +64,10 @@ def main():
         node = NodeProcess(args.node_binary, dram_bytes=args.dram_bytes)
         address = node.address
     try:
-        run(args, address)
+        if not args.vllm_only:
+            run(args, address)
+        if args.vllm or args.vllm_only:
+            run_vllm(args, address)
     finally:
         if node is not None:
             node.stop()
@@ -110,6 +130,140 @@ def run(args, address):
         if runs[0]["loaded_tokens"] == 0 or not identical:
             raise SystemExit("FAIL: the cached run loaded nothing or its logits differ")
     print("ratio local/cached TTFT: %s" % ", ".join("%.1fx" % r for r in ratios))
+
+
+# ------------------------------------------------------------- real vLLM rows
+
+def _percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def vllm_worker(args):
+    """One engine process: --vllm_worker=ROLE,MODEL,PROMPTS,OUT (ROLE local, publish,
+    cached or async: the connector with async_load)."""
+    import json
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # connectors readable here
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    role, model, prompts_file, out = args.vllm_worker.split(",")
+    from vllm import LLM, SamplingParams
+    kwargs = {}
+    if role != "local":
+        kwargs["kv_transfer_config"] = {
+            "kv_connector": "KvstrataConnector", "kv_connector_module_path": "kvstrata.vllm_connector",
+            "kv_role": "kv_both", "kv_connector_extra_config": {
+                "node": args.node, "cache_block_tokens": args.cache_block_tokens,
+                "ucx_transports": args.ucx_transports, "async_load": role == "async"}}
+    llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=8192,
+              block_size=32, enforce_eager=True, max_num_seqs=1, enable_prefix_caching=False,
+              seed=0, **kwargs)
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    llm.generate([{"prompt_token_ids": prompts["warm"]}], params, use_tqdm=False)
+    result = {"ttft": [], "tokens": [], "loaded": []}
+    worker = scheduler = None
+    if kwargs:
+        from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+        worker = get_kv_transfer_group()
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector
+        scheduler.lookup_seconds.clear()
+    # The publisher runs each prompt once (a second run would find it stored);
+    # the others `repeats` times, reporting the median.
+    repeats = 1 if role == "publish" else prompts["repeats"]
+    for prompt in prompts["prompts"]:
+        times = []
+        for _ in range(repeats):
+            before = worker.stats["loaded_tokens"] if worker else 0
+            began = time.perf_counter()
+            out_ = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+            times.append(time.perf_counter() - began)
+        result["ttft"].append(statistics.median(times))
+        result["tokens"].append(list(out_[0].outputs[0].token_ids))
+        result["loaded"].append((worker.stats["loaded_tokens"] - before) if worker else 0)
+    if scheduler is not None:
+        result["lookups"] = list(scheduler.lookup_seconds)
+    with open(out, "w") as f:
+        json.dump(result, f)
+    sys.stdout.flush()
+    os._exit(0)  # the engine's threads would keep the process up
+
+
+def run_vllm(args, address):
+    import json
+    import random
+    import subprocess
+    import tempfile
+    import vllm
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import kvstrata
+
+    lengths = [int(x) for x in args.vllm_prompt_tokens.split(",")]
+    work = tempfile.mkdtemp(prefix="kvstrata-ttft-vllm.")
+    model = os.path.join(work, "llama-4l")
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=64, max_position_embeddings=8192)
+    LlamaForCausalLM(config).save_pretrained(model)
+    r = random.Random(5)
+    prompts = {"warm": [r.randrange(1, 4000) for _ in range(300)], "repeats": args.repeats,
+               "prompts": [[r.randrange(1, 4000) for _ in range(n)] for n in lengths]}
+    prompts_file = os.path.join(work, "prompts.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+
+    def engine(role, name):
+        out = os.path.join(work, name + ".json")
+        argv = [sys.executable, os.path.abspath(__file__), "--node", address,
+                "--cache_block_tokens", str(args.cache_block_tokens),
+                "--ucx_transports", args.ucx_transports,
+                "--vllm_worker", ",".join((role, model, prompts_file, out))]
+        with open(os.path.join(work, name + ".log"), "w") as log:
+            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=1800)
+        with open(out) as f:
+            return json.load(f)
+
+    local = engine("local", "local")
+    publisher = engine("publish", "publisher")
+    cached = engine("cached", "consumer")
+    asynchronous = engine("async", "consumer-async")
+    print()
+    print("vLLM %s on CPU: Llama 4 layers, hidden 512, 8 heads (4 KV) x 64, fp32, random weights "
+          "(seed 1234); vLLM blocks 32 tokens, cache blocks %d; prefix caching off; node %s"
+          % (vllm.__version__, args.cache_block_tokens, address))
+    print("%7s %14s %16s %15s %14s %7s %9s %7s" % (
+        "tokens", "vllm_local_s", "vllm_publish_s", "vllm_cached_s", "vllm_async_s", "loaded",
+        "identical", "ratio"))
+    for i, n in enumerate(lengths):
+        same = (local["tokens"][i] == cached["tokens"][i] == publisher["tokens"][i]
+                == asynchronous["tokens"][i])
+        print("%7d %14.3f %16.3f %15.3f %14.3f %7d %9s %6.1fx" % (
+            n, local["ttft"][i], publisher["ttft"][i], cached["ttft"][i], asynchronous["ttft"][i],
+            cached["loaded"][i], same, local["ttft"][i] / cached["ttft"][i]))
+        if not same or cached["loaded"][i] == 0 or asynchronous["loaded"][i] != cached["loaded"][i]:
+            raise SystemExit("FAIL: the cached vLLM run loaded nothing or answered differently")
+    # Scheduler lookups (one concurrent round over every layer's namespace)
+    # against the node's raw Lookup of the same number of keys.
+    blocks = max(1, (max(lengths) - 1) // args.cache_block_tokens)
+    client = kvstrata.Client(address, ucx_transports=args.ucx_transports)
+    ns = client.open_namespace(model="ttft-raw-lookup", tokens_per_block=args.cache_block_tokens,
+                               block_bytes=4096)
+    keys = ns.keys(list(range(blocks * args.cache_block_tokens)))
+    raw = []
+    for _ in range(200):
+        began = time.perf_counter()
+        ns.lookup(keys)
+        raw.append(time.perf_counter() - began)
+    hits = [s for s, hit in cached.get("lookups", []) if hit]
+    misses = [s for s, hit in publisher.get("lookups", []) if not hit]
+    print("scheduler lookup per request, ms (p50 / p99): cached %.2f / %.2f (%d), uncached "
+          "%.2f / %.2f (%d); node Lookup of %d keys, one namespace: %.3f / %.3f (200)" % (
+              1e3 * _percentile(hits, 0.5), 1e3 * _percentile(hits, 0.99), len(hits),
+              1e3 * _percentile(misses, 0.5), 1e3 * _percentile(misses, 0.99), len(misses),
+              blocks, 1e3 * _percentile(raw, 0.5), 1e3 * _percentile(raw, 0.99)))
 
 
 if __name__ == "__main__":

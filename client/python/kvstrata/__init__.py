@@ -9,13 +9,17 @@
     n = ns.lookup(keys)                         # longest stored prefix, in blocks
     future = ns.fetch_async([(keys[0], buf, 0)]); result = future.wait()
 
+    cluster = kvstrata.Cluster(nodes=["10.0.0.1:50151", "10.0.0.2:50151"])  # or dns="svc:port"
+    ns = cluster.open_namespace(...)            # the same namespace API, over every node
+
 Items may name a registered Buffer (register/allocate: registered once,
 cheapest) or any buffer-protocol object or torch tensor (registered for that
 call). Async calls keep every buffer they name alive until they finish.
 Failures raise kvstrata.Error with .code (absl/gRPC status code) and
 .code_name; a miss is not an error but Outcome.NOT_FOUND in the result.
 """
-from ._kvstrata import Buffer, Client, Error, Future, Namespace, Outcome, TransferResult, keys
+from ._kvstrata import (Buffer, Client, Cluster, ClusterNamespace, Error, Future, Namespace, Outcome,
+                        TransferResult, keys)
 
 # Status codes carried by Error.code (absl::StatusCode == gRPC codes).
 OK = 0
@@ -32,4 +36,4 @@ DTYPE_FP16 = 1
 DTYPE_BF16 = 2
 DTYPE_FP32 = 3
 
-__all__ = ["Buffer", "Client", "Error", "Future", "Namespace", "Outcome", "TransferResult", "keys"]
+__all__ = ["Buffer", "Client", "Cluster", "ClusterNamespace", "Error", "Future", "Namespace", "Outcome", "TransferResult", "keys"]

@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/client/cluster.h"
 #include "kvstrata/common/block_key.h"
 
 namespace py = pybind11;
@@ -193,12 +194,41 @@ Memory MemoryOf(py::object& object) {
   return m;
 }
 
+// A StatsResponse as {field name: value} (scalar fields).
+py::dict StatsDict(const v1::StatsResponse& stats) {
+    py::dict d;
+    const google::protobuf::Reflection* reflection = stats.GetReflection();
+    const google::protobuf::Descriptor* descriptor = stats.GetDescriptor();
+    for (int i = 0; i < descriptor->field_count(); ++i) {
+      const google::protobuf::FieldDescriptor* field = descriptor->field(i);
+      if (field->is_repeated()) continue;
+      switch (field->cpp_type()) {
+        case google::protobuf::FieldDescriptor::CPPTYPE_UINT64:
+          d[py::str(field->name())] = reflection->GetUInt64(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_UINT32:
+          d[py::str(field->name())] = reflection->GetUInt32(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_INT64:
+          d[py::str(field->name())] = reflection->GetInt64(stats, field);
+          break;
+        case google::protobuf::FieldDescriptor::CPPTYPE_STRING:
+          d[py::str(field->name())] = reflection->GetString(stats, field);
+          break;
+        default:
+          break;
+      }
+    }
+    return d;
+}
+
 class PyClient;
 
 // Registered memory: either ours (allocate) or a Python object's (register).
 class PyBuffer {
  public:
-  PyBuffer(std::shared_ptr<client::Client> client, std::unique_ptr<client::Buffer> buffer,
+  // `client` is the Client or Cluster the memory is registered with.
+  PyBuffer(std::shared_ptr<void> client, std::unique_ptr<client::Buffer> buffer,
            py::object owner, bool read_only)
       : client_(std::move(client)), buffer_(std::move(buffer)), owner_(std::move(owner)),
         read_only_(read_only) {}
@@ -212,7 +242,7 @@ class PyBuffer {
   const py::object& owner() const { return owner_; }
 
  private:
-  std::shared_ptr<client::Client> client_;
+  std::shared_ptr<void> client_;
   std::unique_ptr<client::Buffer> buffer_;
   py::object owner_;  // None for allocate()
   bool read_only_;
@@ -424,30 +454,7 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
       status = client_->Stats(&stats, Timeout(timeout));
     }
     Check(status);
-    py::dict d;
-    const google::protobuf::Reflection* reflection = stats.GetReflection();
-    const google::protobuf::Descriptor* descriptor = stats.GetDescriptor();
-    for (int i = 0; i < descriptor->field_count(); ++i) {
-      const google::protobuf::FieldDescriptor* field = descriptor->field(i);
-      if (field->is_repeated()) continue;
-      switch (field->cpp_type()) {
-        case google::protobuf::FieldDescriptor::CPPTYPE_UINT64:
-          d[py::str(field->name())] = reflection->GetUInt64(stats, field);
-          break;
-        case google::protobuf::FieldDescriptor::CPPTYPE_UINT32:
-          d[py::str(field->name())] = reflection->GetUInt32(stats, field);
-          break;
-        case google::protobuf::FieldDescriptor::CPPTYPE_INT64:
-          d[py::str(field->name())] = reflection->GetInt64(stats, field);
-          break;
-        case google::protobuf::FieldDescriptor::CPPTYPE_STRING:
-          d[py::str(field->name())] = reflection->GetString(stats, field);
-          break;
-        default:
-          break;
-      }
-    }
-    return d;
+    return StatsDict(stats);
   }
 
   void Ping(std::optional<double> timeout) {
@@ -535,6 +542,285 @@ std::unique_ptr<PyFuture> PyNamespace::FetchAsync(const py::iterable& items,
   return std::make_unique<PyFuture>(std::move(future), std::move(keep));
 }
 
+
+// kvstrata.Cluster: many nodes as one cache (client/include/kvstrata/client/cluster.h),
+// with the namespace API of a single node's Client. Per-call timeouts are
+// accepted for the same signatures; the cluster's own `timeout` bounds each
+// node's RPC. Blocking calls release the GIL; *_async run the call on a
+// thread of their own.
+class PyClusterNamespace {
+ public:
+  PyClusterNamespace(std::shared_ptr<client::Cluster> cluster, client::ClusterNamespace ns,
+                     uint32_t tokens_per_block)
+      : cluster_(std::move(cluster)), ns_(ns), tokens_per_block_(tokens_per_block) {}
+
+  uint64_t block_bytes() const { return ns_.block_bytes(); }
+  uint32_t tokens_per_block() const { return tokens_per_block_; }
+
+  py::list Keys(const py::handle& tokens, const std::optional<py::bytes>& parent) const {
+    std::vector<uint32_t> ids = TokensFrom(tokens);
+    BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
+    std::vector<BlockKey> keys;
+    {
+      py::gil_scoped_release release;
+      keys = ns_.Keys(ids, start);
+    }
+    py::list out;
+    for (const BlockKey& k : keys) out.append(KeyTo(k));
+    return out;
+  }
+
+  size_t Lookup(const py::iterable& keys, std::optional<double> /*timeout*/) {
+    std::vector<BlockKey> list;
+    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    absl::StatusOr<client::LookupResult> result;
+    {
+      py::gil_scoped_release release;
+      result = ns_.Lookup(list);
+    }
+    return Check(std::move(result)).prefix_length;
+  }
+
+  bool RequestFinished(const py::handle& last_key, uint32_t output_tokens,
+                       std::optional<double> /*timeout*/) {
+    const BlockKey key = KeyFrom(last_key);
+    absl::StatusOr<bool> known;
+    {
+      py::gil_scoped_release release;
+      known = ns_.RequestFinished(key, output_tokens);
+    }
+    return Check(std::move(known));
+  }
+
+  std::unique_ptr<PyFuture> PublishAsync(const py::iterable& items, std::optional<double>) {
+    std::vector<client::PublishItem> list;
+    std::vector<std::shared_ptr<PyBuffer>> keep;
+    Registrations made;
+    for (py::handle handle : items) {
+      py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+      if (item.size() != 4) {
+        throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
+      }
+      std::shared_ptr<PyBuffer> buffer = BufferFor(item[2], made);
+      client::PublishItem p;
+      p.key = KeyFrom(item[0]);
+      if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
+      p.buffer = buffer->get();
+      p.offset = py::cast<size_t>(item[3]);
+      list.push_back(p);
+      keep.push_back(std::move(buffer));
+    }
+    auto run = [cluster = cluster_, ns = ns_, list = std::move(list)]() mutable {
+      return ns.Publish(list);
+    };
+    py::gil_scoped_release release;
+    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(keep));
+  }
+
+  std::unique_ptr<PyFuture> FetchAsync(const py::iterable& items, std::optional<double>) {
+    std::vector<client::FetchItem> list;
+    std::vector<std::shared_ptr<PyBuffer>> keep;
+    Registrations made;
+    for (py::handle handle : items) {
+      py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+      if (item.size() != 3) {
+        throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
+      }
+      std::shared_ptr<PyBuffer> buffer = BufferFor(item[1], made);
+      if (buffer->read_only()) {
+        throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
+      }
+      client::FetchItem f;
+      f.key = KeyFrom(item[0]);
+      f.buffer = buffer->get();
+      f.offset = py::cast<size_t>(item[2]);
+      list.push_back(f);
+      keep.push_back(std::move(buffer));
+    }
+    auto run = [cluster = cluster_, ns = ns_, list = std::move(list)]() mutable {
+      return ns.Fetch(list);
+    };
+    py::gil_scoped_release release;
+    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(keep));
+  }
+
+  client::TransferResult Publish(const py::iterable& items, std::optional<double> timeout) {
+    return py::cast<client::TransferResult>(PublishAsync(items, timeout)->wait(std::nullopt));
+  }
+  client::TransferResult Fetch(const py::iterable& items, std::optional<double> timeout) {
+    return py::cast<client::TransferResult>(FetchAsync(items, timeout)->wait(std::nullopt));
+  }
+
+ private:
+  using Registrations = std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>>;
+  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object, Registrations& made) {
+    if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
+    auto it = made.find(object.ptr());
+    if (it != made.end()) return it->second;
+    py::object owned = py::reinterpret_borrow<py::object>(object);
+    Memory m = MemoryOf(owned);
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = cluster_->Register(m.data, m.size);
+    }
+    auto registered = std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), owned, m.read_only);
+    made.emplace(object.ptr(), registered);
+    return registered;
+  }
+
+  std::shared_ptr<client::Cluster> cluster_;
+  client::ClusterNamespace ns_;
+  uint32_t tokens_per_block_;
+};
+
+class PyCluster {
+ public:
+  explicit PyCluster(std::shared_ptr<client::Cluster> cluster) : cluster_(std::move(cluster)) {}
+
+  static std::shared_ptr<PyCluster> Connect(const std::vector<std::string>& nodes,
+                                            const std::string& dns, int replication,
+                                            double timeout, const std::string& ucx_transports,
+                                            bool verify_checksums, double refresh_interval) {
+    client::ClusterOptions options;
+    options.nodes = nodes;
+    options.dns = dns;
+    options.replication = replication;
+    options.refresh_interval = absl::Seconds(refresh_interval);
+    options.client.timeout = absl::Seconds(timeout);
+    options.client.ucx_transports = ucx_transports;
+    options.client.verify_checksums = verify_checksums;
+    absl::StatusOr<std::unique_ptr<client::Cluster>> made;
+    {
+      py::gil_scoped_release release;
+      made = client::Cluster::Connect(options);
+    }
+    return std::make_shared<PyCluster>(std::shared_ptr<client::Cluster>(Check(std::move(made))));
+  }
+
+  PyClusterNamespace OpenNamespace(const std::string& tenant, const std::string& model, int dtype,
+                                   uint32_t num_layers, uint32_t num_kv_heads, uint32_t head_dim,
+                                   uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
+                                   uint64_t block_bytes, std::optional<double> /*timeout*/) {
+    v1::NamespaceSpec spec;
+    spec.set_tenant(tenant);
+    spec.set_model(model);
+    spec.set_dtype(static_cast<v1::DType>(dtype));
+    spec.set_num_layers(num_layers);
+    spec.set_num_kv_heads(num_kv_heads);
+    spec.set_head_dim(head_dim);
+    spec.set_tokens_per_block(tokens_per_block);
+    spec.set_tp_rank(tp_rank);
+    spec.set_tp_size(tp_size);
+    spec.set_block_bytes(block_bytes);
+    absl::StatusOr<client::ClusterNamespace> ns;
+    {
+      py::gil_scoped_release release;
+      ns = cluster_->OpenNamespace(spec);
+    }
+    return PyClusterNamespace(cluster_, Check(std::move(ns)), tokens_per_block);
+  }
+
+  std::shared_ptr<PyBuffer> Register(py::object object) {
+    Memory m = MemoryOf(object);
+    if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = cluster_->Register(m.data, m.size);
+    }
+    return std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), object, m.read_only);
+  }
+
+  std::shared_ptr<PyBuffer> Allocate(size_t size) {
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = cluster_->Allocate(size);
+    }
+    return std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), py::none(), false);
+  }
+
+  py::list Nodes() {
+    std::vector<client::NodeStatus> nodes;
+    {
+      py::gil_scoped_release release;
+      nodes = cluster_->Nodes();
+    }
+    py::list out;
+    for (const client::NodeStatus& n : nodes) {
+      py::dict d;
+      d["address"] = n.address;
+      d["healthy"] = n.healthy;
+      d["draining"] = n.draining;
+      out.append(d);
+    }
+    return out;
+  }
+
+  void Refresh() {
+    py::gil_scoped_release release;
+    cluster_->Refresh();
+  }
+
+  void Drain(const std::string& address, bool draining) {
+    absl::Status status;
+    {
+      py::gil_scoped_release release;
+      status = cluster_->Drain(address, draining);
+    }
+    Check(status);
+  }
+
+  // One node's Stats; without an address, the sum over the healthy nodes of
+  // every counter (strings from the first).
+  py::dict Stats(const std::optional<std::string>& address, std::optional<double> /*timeout*/) {
+    std::vector<std::string> addresses;
+    if (address.has_value()) {
+      addresses.push_back(*address);
+    } else {
+      for (const client::NodeStatus& n : cluster_->Nodes()) {
+        if (n.healthy) addresses.push_back(n.address);
+      }
+      if (addresses.empty()) throw StatusError{absl::UnavailableError("no cache node answers")};
+    }
+    py::dict total;
+    for (const std::string& a : addresses) {
+      v1::StatsResponse stats;
+      absl::Status status;
+      {
+        py::gil_scoped_release release;
+        status = cluster_->Stats(a, &stats);
+      }
+      Check(status);
+      py::dict one = StatsDict(stats);
+      for (auto item : one) {
+        if (!total.contains(item.first)) {
+          total[item.first] = item.second;
+        } else if (!py::isinstance<py::str>(item.second)) {
+          py::object sum = py::object(total[item.first]).attr("__add__")(item.second);
+          total[item.first] = sum;
+        }
+      }
+    }
+    return total;
+  }
+
+  // Succeeds when at least one node answers a health check now.
+  void Ping(std::optional<double> /*timeout*/) {
+    bool any = false;
+    {
+      py::gil_scoped_release release;
+      cluster_->Refresh();
+      for (const client::NodeStatus& n : cluster_->Nodes()) any = any || n.healthy;
+    }
+    if (!any) throw StatusError{absl::UnavailableError("no cache node answers")};
+  }
+
+ private:
+  std::shared_ptr<client::Cluster> cluster_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_kvstrata, m) {
@@ -619,6 +905,39 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("allocate", &PyClient::Allocate, py::arg("size"))
       .def("stats", &PyClient::Stats, py::arg("timeout") = py::none())
       .def("ping", &PyClient::Ping, py::arg("timeout") = py::none());
+
+
+  py::class_<PyClusterNamespace>(m, "ClusterNamespace")
+      .def_property_readonly("block_bytes", &PyClusterNamespace::block_bytes)
+      .def_property_readonly("tokens_per_block", &PyClusterNamespace::tokens_per_block)
+      .def("keys", &PyClusterNamespace::Keys, py::arg("tokens"), py::arg("parent") = py::none())
+      .def("lookup", &PyClusterNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("request_finished", &PyClusterNamespace::RequestFinished, py::arg("last_key"),
+           py::arg("output_tokens"), py::arg("timeout") = py::none())
+      .def("publish", &PyClusterNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
+      .def("fetch", &PyClusterNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
+      .def("publish_async", &PyClusterNamespace::PublishAsync, py::arg("items"),
+           py::arg("timeout") = py::none())
+      .def("fetch_async", &PyClusterNamespace::FetchAsync, py::arg("items"),
+           py::arg("timeout") = py::none());
+
+  py::class_<PyCluster, std::shared_ptr<PyCluster>>(m, "Cluster")
+      .def(py::init(&PyCluster::Connect), py::kw_only(),
+           py::arg("nodes") = std::vector<std::string>{}, py::arg("dns") = "",
+           py::arg("replication") = 1, py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
+           py::arg("verify_checksums") = true, py::arg("refresh_interval") = 2.0)
+      .def("open_namespace", &PyCluster::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
+           py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
+           py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
+           py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
+           py::arg("block_bytes") = 0, py::arg("timeout") = py::none())
+      .def("register", &PyCluster::Register, py::arg("memory"))
+      .def("allocate", &PyCluster::Allocate, py::arg("size"))
+      .def("nodes", &PyCluster::Nodes)
+      .def("refresh", &PyCluster::Refresh)
+      .def("drain", &PyCluster::Drain, py::arg("address"), py::arg("draining") = true)
+      .def("stats", &PyCluster::Stats, py::arg("address") = py::none(), py::arg("timeout") = py::none())
+      .def("ping", &PyCluster::Ping, py::arg("timeout") = py::none());
 
   m.def(
       "keys",

@@ -1,7 +1,8 @@
 """A tiny decoder-only transformer served the way vLLM v1 serves models, on torch CPU.
 
-It exists to exercise KvstrataConnector end to end: a paged KV cache in vLLM's
-layout (per layer [2, num_blocks, 16, num_kv_heads, head_size]), chunked
+It exists to exercise KvstrataConnector end to end without a model server:
+a paged KV cache in older vLLM's FlashAttention layout (per layer
+[2, num_blocks, 16, num_kv_heads, head_size]), chunked
 prefill, and a scheduler/worker loop that calls the connector's methods where
 vLLM's scheduler and model runner do. The weights are RANDOM (torch.Generator
 seeded with TinyConfig.seed, 1234 by default): the logits mean nothing, but
@@ -14,6 +15,8 @@ boundary (cache blocks of 256 tokens, chunks of 256, a prompt that is not a
 multiple of 256) the decode worker computes the rest with exactly the shapes
 a local prefill uses, and its logits equal the local ones (torch.equal).
 
+The connector needs vLLM importable, so run it in the engine tests'
+virtualenv (tests/engine/run_in_venv.sh -m kvstrata.examples.tiny_llm ...).
 Two-process use (what tests/python/handoff_test.py runs):
     python3 -m kvstrata.examples.tiny_llm --role=prefill --node=HOST:PORT --prompt_tokens=1000
     python3 -m kvstrata.examples.tiny_llm --role=decode  --node=HOST:PORT --prompt_tokens=1000 --out=r.pt
