@@ -19,6 +19,8 @@ PACKAGES=(
   python3 python3-yaml openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
   # Python binding, sidecar and kernel evaluation
   pybind11-dev python3-dev python3-numpy python3-torch
+  # virtualenvs of the engine tests (tests/engine)
+  python3-venv
 )
 
 missing=()

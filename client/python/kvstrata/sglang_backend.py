@@ -343,6 +343,11 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             self._next_connect = time.monotonic() + self.reconnect_interval
 
     def _failed(self, what, error):
+        if isinstance(error, (ValueError, TypeError)):
+            # The caller's mistake (wrong sizes, wrong types), not the node's.
+            self.stats["errors"] += 1
+            logger.error("kvstrata: %s: bad call: %s", what, error)
+            return
         with self._lock:
             self._drop_client_locked(error)
         self._note_failure(what, error)

@@ -1,0 +1,456 @@
+#!/usr/bin/python3
+"""kvstrata.sglang_backend against the real SGLang (tests/engine/sglang-requirements.txt).
+
+Everything SGLang-side is SGLang's own: the HiCacheStorage base class and
+HiCacheStorageConfig, the dynamic backend factory, device KV pools and MHA/MLA
+host pools built on CPU in every host layout, page hashes from
+get_hash_str/get_storage_hash_str, and the HiCache controller's own page
+get/set/hit-query functions calling the backend. The node is a real
+kvstrata-node ($KVSTRATA_NODE).
+
+Started with /usr/bin/python3, the test creates (or reuses) the cached SGLang
+virtualenv with tests/engine/setup_sglang_venv.sh and re-runs itself in it;
+exit 77 (ctest: skipped) when the package index cannot be reached.
+"""
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SKIP = 77
+
+
+def _enter_sglang_venv():
+    try:
+        import sglang.srt.mem_cache.hicache_storage  # noqa: F401
+        return
+    except ImportError:
+        if os.environ.get("KVSTRATA_SGLANG_VENV_ENTERED"):
+            raise
+    setup = os.path.join(HERE, "..", "engine", "setup_sglang_venv.sh")
+    done = subprocess.run(["bash", setup], stdout=subprocess.PIPE, text=True)
+    if done.returncode == SKIP:
+        print("SKIP: SGLang cannot be installed (package index unreachable)")
+        sys.exit(SKIP)
+    if done.returncode != 0:
+        sys.exit("setup_sglang_venv.sh failed with status %d" % done.returncode)
+    python = os.path.join(done.stdout.strip().splitlines()[-1], "bin", "python")
+    os.environ["KVSTRATA_SGLANG_VENV_ENTERED"] = "1"
+    os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
+
+
+if __name__ == "__main__":
+    _enter_sglang_venv()
+
+import logging  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+import unittest  # noqa: E402
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore")
+logging.basicConfig(level=logging.WARNING)
+
+import torch  # noqa: E402
+from sglang.srt.managers.cache_controller import HiCacheController  # noqa: E402
+from sglang.srt.mem_cache.hicache_storage import (  # noqa: E402
+    HiCacheStorage,
+    HiCacheStorageConfig,
+    HiCacheStorageExtraInfo,
+)
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
+from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
+from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost  # noqa: E402
+from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
+from sglang.srt.mem_cache.storage import StorageBackendFactory  # noqa: E402
+from sglang.srt.mem_cache.utils import get_hash_str, get_storage_hash_str  # noqa: E402
+
+import kvstrata  # noqa: E402
+from kvstrata.sglang_backend import KvstrataHiCacheStorage, page_block_keys  # noqa: E402
+from kvstrata.testing import NodeProcess  # noqa: E402
+
+PAGE = 4  # tokens per SGLang page
+LAYERS = 3
+MHA_LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head"]
+MLA_LAYOUTS = ["layer_first", "page_first", "page_first_direct"]
+# Small slabs: a pool whose blocks exceed them is cheap to build, and a node
+# needs little memory.
+SMALL_SLABS = ["--slab_bytes=%d" % (256 << 10)]
+DYNAMIC = {"backend_name": "kvstrata", "module_path": "kvstrata.sglang_backend",
+           "class_name": "KvstrataHiCacheStorage"}
+
+
+def mha_host_pool(layout, dtype=torch.bfloat16, heads=2, head_dim=8):
+    device = MHATokenToKVPool(64, PAGE, dtype, heads, head_dim, LAYERS, "cpu", False,
+                              start_layer=0, end_layer=LAYERS)
+    info = device.get_device_pool_infos()[0].buffer_info
+    return MHATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
+                                device_capacity_tokens=device.size, start_layer=0,
+                                end_layer=LAYERS)
+
+
+def mla_host_pool(layout, dtype=torch.bfloat16, kv_lora_rank=16, rope_dim=8):
+    device = MLATokenToKVPool(64, PAGE, dtype, kv_lora_rank, rope_dim, LAYERS, "cpu", False,
+                              0, LAYERS)
+    info = device.get_device_pool_infos()[0].buffer_info
+    return MLATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
+                                device_capacity_tokens=device.size, start_layer=0,
+                                end_layer=LAYERS, target_layer_num=LAYERS)
+
+
+def fill_random(host_pool, seed):
+    raw = host_pool.kv_buffer.view(torch.uint8)
+    raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(seed)))
+
+
+def page_bytes(host_pool, index):
+    return host_pool.get_data_page(int(index), flat=True).contiguous().view(torch.uint8)
+
+
+def storage_config(extra, *, mla=False, tp_rank=0, tp_size=1, model="test/model"):
+    return HiCacheStorageConfig(
+        tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
+        is_mla_model=mla, enable_storage_metrics=False, is_page_first_layout=False,
+        model_name=model, extra_config=dict(extra))
+
+
+def page_keys(tokens, prior=None):
+    return get_hash_str(tokens, prior, page_size=PAGE)
+
+
+class SGLangBackendTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.node = NodeProcess(dram_bytes=64 << 20, extra_flags=SMALL_SLABS)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.node.stop()
+
+    def backend(self, host_pool, node=None, mla=False, **extra):
+        config = dict(DYNAMIC, node=node or self.node.address, timeout=5.0)
+        config.update(extra)
+        storage = StorageBackendFactory.create_backend(
+            "dynamic", storage_config(config, mla=mla), host_pool)
+        storage.register_mem_pool_host(host_pool)  # what attach_storage_backend does next
+        return storage
+
+    def pages(self, host_pool, count):
+        indices = host_pool.alloc(count * PAGE)
+        self.assertIsNotNone(indices)
+        return indices
+
+    def assert_same_pages(self, pool_a, indices_a, pool_b, indices_b):
+        for i in range(0, len(indices_a), PAGE):
+            self.assertTrue(torch.equal(page_bytes(pool_a, indices_a[i]),
+                                        page_bytes(pool_b, indices_b[i])),
+                            "page %d differs" % (i // PAGE))
+
+    # ---- loading -----------------------------------------------------------
+
+    def test_dynamic_factory_loads_the_backend(self):
+        pool = mha_host_pool("page_first")
+        storage = self.backend(pool)
+        self.assertIsInstance(storage, KvstrataHiCacheStorage)
+        self.assertIsInstance(storage, HiCacheStorage)
+        self.assertIs(storage.mem_pool_host, pool)
+        # SGLang's own check of the dynamic config comes before ours.
+        with self.assertRaisesRegex(ValueError, "class_name"):
+            StorageBackendFactory.create_backend(
+                "dynamic", storage_config({"backend_name": "kvstrata",
+                                           "module_path": "kvstrata.sglang_backend"}), pool)
+
+    def test_bad_config_is_a_clear_error(self):
+        pool = mha_host_pool("page_first")
+        with self.assertRaisesRegex(ValueError, "timeout"):
+            KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, timeout="soon")))
+        with self.assertRaisesRegex(ValueError, "tenant"):
+            KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, tenant=3)))
+        with self.assertRaisesRegex(ValueError, "model identity"):
+            KvstrataHiCacheStorage(storage_config(DYNAMIC, model=None))
+        with self.assertRaisesRegex(TypeError, "HiCacheStorageConfig"):
+            KvstrataHiCacheStorage({"node": self.node.address})
+        if not hasattr(kvstrata, "Cluster"):
+            with self.assertRaisesRegex(ValueError, "Cluster"):
+                KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, nodes=["127.0.0.1:1"])))
+        # A node that refuses the namespace (blocks above its slab limit) fails start-up.
+        big = mha_host_pool("page_first", dtype=torch.float32, heads=8, head_dim=1024)
+        storage = KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, node=self.node.address)))
+        with self.assertRaisesRegex(ValueError, "rejected the namespace"):
+            storage.register_mem_pool_host(big)
+        del pool
+
+    # ---- round trips -------------------------------------------------------
+
+    def round_trip(self, make_pool, layout, mla):
+        writer_pool, reader_pool = make_pool(layout), make_pool(layout)
+        fill_random(writer_pool, seed=1)
+        writer = self.backend(writer_pool, mla=mla, model="rt-%s-%s" % (mla, layout))
+        reader = self.backend(reader_pool, mla=mla, model="rt-%s-%s" % (mla, layout))
+        keys = page_keys(list(range(100, 100 + 6 * PAGE)))
+        written = self.pages(writer_pool, 6)
+        # Zero copy (interface_v1) out of the writer's host pool pages 0..2...
+        self.assertEqual(writer.batch_set_v1(keys[:3], written[:3 * PAGE]), [True] * 3)
+        # ... and the generic path (flat pages) for pages 3..5.
+        flat = [writer_pool.get_data_page(int(written[i * PAGE])) for i in range(3, 6)]
+        self.assertTrue(writer.batch_set(keys[3:], flat))
+        self.assertEqual(reader.batch_exists(keys), 6)
+
+        # A second engine loads all six zero-copy into other slots of its own pool.
+        filler = self.pages(reader_pool, 1)  # so the indices differ from the writer's
+        loaded = self.pages(reader_pool, 6)
+        self.assertNotEqual(filler[0].item(), loaded[0].item())
+        self.assertEqual(reader.batch_get_v1(keys, loaded), [True] * 6)
+        self.assert_same_pages(writer_pool, written, reader_pool, loaded)
+        # And through the generic path: flat pages, byte for byte SGLang's own.
+        for i, got in enumerate(reader.batch_get(keys)):
+            self.assertTrue(torch.equal(got.view(torch.uint8), page_bytes(writer_pool, written[i * PAGE])))
+
+    def test_mha_round_trip_in_every_host_layout(self):
+        for layout in MHA_LAYOUTS:
+            with self.subTest(layout=layout):
+                self.round_trip(mha_host_pool, layout, mla=False)
+
+    def test_mla_round_trip_in_every_host_layout(self):
+        for layout in MLA_LAYOUTS:
+            with self.subTest(layout=layout):
+                self.round_trip(mla_host_pool, layout, mla=True)
+
+    def test_fp16_and_fp32_pools(self):
+        for dtype in (torch.float16, torch.float32):
+            with self.subTest(dtype=dtype):
+                a, b = mha_host_pool("page_first", dtype), mha_host_pool("page_first", dtype)
+                fill_random(a, seed=2)
+                sa, sb = self.backend(a, model="dt"), self.backend(b, model="dt")
+                keys = page_keys(list(range(2 * PAGE)))
+                ia, ib = self.pages(a, 2), self.pages(b, 2)
+                self.assertEqual(sa.batch_set_v1(keys, ia), [True, True])
+                self.assertEqual(sb.batch_get_v1(keys, ib), [True, True])
+                self.assert_same_pages(a, ia, b, ib)
+
+    def test_layouts_and_dtypes_never_share_blocks(self):
+        # The stored bytes of a page depend on the host layout and dtype: a
+        # reader with another one must miss, never load bytes it misreads.
+        first = mha_host_pool("page_first")
+        keys = page_keys(list(range(500, 500 + 2 * PAGE)))
+        self.assertEqual(self.backend(first, model="iso").batch_set_v1(keys, self.pages(first, 2)),
+                         [True, True])
+        for other in (mha_host_pool("layer_first"), mha_host_pool("page_first_direct"),
+                      mha_host_pool("page_first", torch.float16)):
+            self.assertEqual(self.backend(other, model="iso").batch_exists(keys), 0)
+        self.assertEqual(self.backend(mha_host_pool("page_first"), model="iso").batch_exists(keys), 2)
+
+    # ---- existence, misses, keys ------------------------------------------
+
+    def test_exists_counts_the_stored_prefix(self):
+        pool = mha_host_pool("layer_first")
+        storage = self.backend(pool, model="prefix")
+        keys = page_keys(list(range(7, 7 + 5 * PAGE)))
+        indices = self.pages(pool, 5)
+        self.assertEqual(storage.batch_exists(keys), 0)
+        self.assertEqual(storage.batch_set_v1(keys[:3], indices[:3 * PAGE]), [True] * 3)
+        self.assertEqual(storage.batch_exists(keys), 3)
+        self.assertEqual(storage.batch_exists(keys[:2]), 2)
+        self.assertTrue(storage.exists(keys[2]))
+        self.assertFalse(storage.exists(keys[3]))
+        # A hole: page 4 stored, page 3 not; the prefix still ends at 3.
+        self.assertEqual(storage.batch_set_v1(keys[4:], indices[4 * PAGE:]), [True])
+        self.assertEqual(storage.batch_exists(keys), 3)
+        self.assertEqual(storage.batch_exists([]), 0)
+
+    def test_a_page_missing_one_piece_does_not_exist(self):
+        # layer_first stores 2 * LAYERS blocks per page; the node may evict one.
+        pool = mha_host_pool("layer_first")
+        storage = self.backend(pool, model="pieces")
+        keys = page_keys(list(range(900, 900 + 2 * PAGE)))
+        indices = self.pages(pool, 2)
+        self.assertEqual(storage.batch_set_v1(keys, indices), [True, True])
+        pieces = storage._pools["kv"].pieces
+        self.assertEqual(pieces, 2 * LAYERS)
+        namespace = storage._namespace(storage._pools["kv"])
+        self.assertEqual(namespace.delete([page_block_keys(keys[1], pieces)[3]]), 1)
+        self.assertEqual(storage.batch_exists(keys), 1)
+        self.assertFalse(storage.exists(keys[1]))
+        self.assertEqual(storage.batch_get_v1(keys, self.pages(pool, 2)), [True, False])
+
+    def test_a_missing_key(self):
+        pool = mha_host_pool("page_first")
+        fill_random(pool, seed=3)
+        storage = self.backend(pool, model="missing")
+        key = page_keys(list(range(3000, 3000 + PAGE)))[0]
+        self.assertFalse(storage.exists(key))
+        self.assertIsNone(storage.get(key))
+        target = pool.get_dummy_flat_data_page()
+        self.assertIsNone(storage.get(key, target))
+        self.assertEqual(storage.batch_get([key, key]), [None, None])
+        indices = self.pages(pool, 1)
+        before = page_bytes(pool, indices[0]).clone()
+        self.assertEqual(storage.batch_get_v1([key], indices), [False])
+        self.assertTrue(torch.equal(page_bytes(pool, indices[0]), before))
+
+    def test_keys_follow_sglang_page_hashes(self):
+        pool = mha_host_pool("page_first")
+        storage = self.backend(pool, model="hashes")
+        shared = list(range(40, 40 + 2 * PAGE))
+        first = page_keys(shared + [1] * (2 * PAGE))
+        self.assertEqual(storage.batch_set_v1(first, self.pages(pool, 4)), [True] * 4)
+        # Another prompt with the same first two pages: SGLang's chained hashes
+        # agree on those two and on nothing after the divergence.
+        second = page_keys(shared + [2] * (2 * PAGE))
+        self.assertEqual(second[:2], first[:2])
+        self.assertEqual(storage.batch_exists(second), 2)
+        # The continuation of a prefix hashes from the prefix's last page hash.
+        self.assertEqual(page_keys([1] * (2 * PAGE), first[1]), first[2:])
+        # Same tokens under another cache_salt / extra key: SGLang seeds the
+        # chain differently and nothing is shared.
+        salted = get_storage_hash_str(RadixKey(shared, cache_salt="s1"), None, page_size=PAGE)
+        lora = get_storage_hash_str(RadixKey(shared, extra_key="lora-a"), None, page_size=PAGE)
+        self.assertNotEqual(salted, first[:2])
+        self.assertEqual(storage.batch_exists(salted), 0)
+        self.assertEqual(storage.batch_exists(lora), 0)
+        with self.assertRaisesRegex(ValueError, "page key"):
+            page_block_keys(b"bytes", 2)
+
+    def test_tenants_do_not_collide(self):
+        pool_a, pool_b = mha_host_pool("page_first"), mha_host_pool("page_first")
+        fill_random(pool_a, seed=10)
+        fill_random(pool_b, seed=11)
+        a = self.backend(pool_a, tenant="tenant-a", model="shared-model")
+        b = self.backend(pool_b, tenant="tenant-b", model="shared-model")
+        keys = page_keys(list(range(2 * PAGE)))
+        ia, ib = self.pages(pool_a, 2), self.pages(pool_b, 2)
+        self.assertEqual(a.batch_set_v1(keys, ia), [True, True])
+        self.assertEqual(b.batch_exists(keys), 0)
+        self.assertEqual(b.batch_get(keys), [None, None])
+        self.assertEqual(b.batch_set_v1(keys, ib), [True, True])
+        # Each tenant reads back its own bytes under the very same page hashes.
+        for storage, pool, source in ((a, pool_a, ia), (b, pool_b, ib)):
+            got = storage.batch_get(keys)
+            for i in range(2):
+                self.assertTrue(torch.equal(got[i].view(torch.uint8), page_bytes(pool, source[i * PAGE])))
+        self.assertFalse(torch.equal(page_bytes(pool_a, ia[0]), page_bytes(pool_b, ib[0])))
+
+    def test_tp_ranks_of_mha_are_separate_and_mla_is_shared(self):
+        keys = page_keys(list(range(77, 77 + PAGE)))
+        def make(mla, rank):
+            pool = mla_host_pool("page_first") if mla else mha_host_pool("page_first")
+            config = storage_config(dict(DYNAMIC, node=self.node.address), mla=mla,
+                                    tp_rank=rank, tp_size=2, model="tp-model")
+            storage = KvstrataHiCacheStorage(config)
+            storage.register_mem_pool_host(pool)
+            return storage, pool
+        for mla, expected in ((False, 0), (True, 1)):
+            (r0, p0), (r1, _) = make(mla, 0), make(mla, 1)
+            self.assertEqual(r0.batch_set_v1(keys, self.pages(p0, 1)), [True])
+            # MHA ranks hold different heads; MLA's latent is the same on every rank.
+            self.assertEqual(r1.batch_exists(keys), expected)
+
+    # ---- SGLang's controller calling the backend -------------------------
+
+    def test_hicache_controller_page_functions(self):
+        # HiCacheController's own prefetch/backup page functions, bound to a
+        # minimal controller state: the exact calls SGLang makes.
+        writer_pool, reader_pool = mha_host_pool("page_first"), mha_host_pool("page_first")
+        fill_random(writer_pool, seed=20)
+        writer = self.backend(writer_pool, model="ctl", interface_v1=1)
+        reader = self.backend(reader_pool, model="ctl")
+        ctl_w = types.SimpleNamespace(storage_backend=writer, storage_host_pool=writer_pool,
+                                      mem_pool_host=writer_pool, page_size=PAGE)
+        ctl_r = types.SimpleNamespace(storage_backend=reader, storage_host_pool=reader_pool,
+                                      mem_pool_host=reader_pool, page_size=PAGE)
+        tokens = list(range(300, 300 + 4 * PAGE))
+        keys = page_keys(tokens)
+        written = self.pages(writer_pool, 4)
+        extra = HiCacheStorageExtraInfo(prefix_keys=None)
+        self.assertTrue(HiCacheController._page_set_zero_copy(ctl_w, keys[:2], written[:2 * PAGE], extra))
+        self.assertTrue(HiCacheController._generic_page_set(ctl_w, keys[2:], written[2 * PAGE:]))
+
+        # The prefetch thread's hit query hashes the tokens itself.
+        operation = types.SimpleNamespace(last_hash=None, token_ids=RadixKey(tokens + [9] * PAGE),
+                                          prefix_keys=None, request_id="r1",
+                                          is_terminated=lambda: False)
+        hashes, hit_tokens = HiCacheController._storage_hit_query(ctl_r, operation)
+        self.assertEqual((hashes, hit_tokens), (keys, 4 * PAGE))
+
+        loaded = self.pages(reader_pool, 4)
+        self.assertEqual(HiCacheController._page_get_zero_copy(ctl_r, operation, keys[:2], loaded[:2 * PAGE]), 2)
+        self.assertEqual(HiCacheController._generic_page_get(ctl_r, operation, keys[2:], loaded[2 * PAGE:]), 2)
+        self.assert_same_pages(writer_pool, written, reader_pool, loaded)
+        missing = page_keys([5] * PAGE)
+        self.assertEqual(HiCacheController._page_get_zero_copy(ctl_r, operation, missing, self.pages(reader_pool, 1)), 0)
+
+    # ---- faults -----------------------------------------------------------
+
+    def test_unreachable_node_degrades(self):
+        pool = mha_host_pool("page_first")
+        start = time.monotonic()
+        storage = self.backend(pool, node="127.0.0.1:1", connect_timeout=1.0, reconnect_interval=60.0)
+        keys = page_keys(list(range(2 * PAGE)))
+        indices = self.pages(pool, 2)
+        self.assertEqual(storage.batch_exists(keys), 0)
+        self.assertFalse(storage.exists(keys[0]))
+        self.assertIsNone(storage.get(keys[0]))
+        self.assertEqual(storage.batch_get_v1(keys, indices), [False, False])
+        self.assertEqual(storage.batch_set_v1(keys, indices), [False, False])
+        self.assertFalse(storage.batch_set(keys, [pool.get_data_page(int(indices[0]))] * 2))
+        # One connect attempt, then misses at once until reconnect_interval.
+        self.assertLess(time.monotonic() - start, 10.0)
+        self.assertGreaterEqual(storage.stats["errors"], 1)
+
+    def test_node_killed_mid_way(self):
+        node = NodeProcess(dram_bytes=16 << 20, extra_flags=SMALL_SLABS)
+        port = node.port
+        pool = mha_host_pool("page_first")
+        fill_random(pool, seed=30)
+        storage = self.backend(pool, node=node.address, model="killed", timeout=3.0,
+                               connect_timeout=2.0, reconnect_interval=0.5)
+        keys = page_keys(list(range(60, 60 + 3 * PAGE)))
+        written = self.pages(pool, 3)
+        self.assertEqual(storage.batch_set_v1(keys[:2], written[:2 * PAGE]), [True, True])
+        self.assertEqual(storage.batch_exists(keys), 2)
+
+        node.process.kill()
+        node.process.wait()
+        start = time.monotonic()
+        target = self.pages(pool, 3)
+        # Every call answers the way the base class spells failure; none raises.
+        self.assertEqual(storage.batch_exists(keys), 0)
+        self.assertFalse(storage.exists(keys[0]))
+        self.assertEqual(storage.batch_get_v1(keys[:2], target[:2 * PAGE]), [False, False])
+        self.assertEqual(storage.batch_get(keys[:2]), [None, None])
+        self.assertIsNone(storage.get(keys[0]))
+        self.assertEqual(storage.batch_set_v1(keys[2:], written[2 * PAGE:]), [False])
+        self.assertFalse(storage.set(keys[2], pool.get_data_page(int(written[2 * PAGE]))))
+        self.assertLess(time.monotonic() - start, 30.0)
+        node.stop()
+
+        # A node back on the same address: the backend reconnects by itself
+        # (the new node is empty: what was cached died with the old one).
+        revived = NodeProcess(dram_bytes=16 << 20, extra_flags=SMALL_SLABS + ["--listen=127.0.0.1:%d" % port])
+        try:
+            deadline = time.monotonic() + 20
+            while storage.batch_set_v1(keys[:1], written[:PAGE]) != [True]:
+                self.assertLess(time.monotonic(), deadline, "no reconnect")
+                time.sleep(0.2)
+            self.assertEqual(storage.batch_exists(keys), 1)
+            self.assertGreaterEqual(storage.stats["reconnects"], 1)
+            self.assertEqual(storage.batch_get_v1(keys[:1], target[:PAGE]), [True])
+            self.assertTrue(torch.equal(page_bytes(pool, target[0]), page_bytes(pool, written[0])))
+        finally:
+            revived.stop()
+
+    def test_malformed_calls_fail_without_raising(self):
+        pool = mha_host_pool("page_first")
+        storage = self.backend(pool, model="malformed")
+        keys = page_keys(list(range(2 * PAGE)))
+        indices = self.pages(pool, 2)
+        # Host indices for one page, keys for two; a flat page of the wrong size.
+        self.assertEqual(storage.batch_set_v1(keys, indices[:PAGE]), [False, False])
+        self.assertFalse(storage.batch_set(keys[:1], [torch.zeros(3)]))
+        self.assertEqual(storage.batch_get(keys[:1], [torch.zeros(3)]), [None])
+        self.assertFalse(storage.batch_set(keys, None))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
