@@ -57,6 +57,7 @@ from sglang.srt.mem_cache.hicache_storage import (  # noqa: E402
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
+    PoolName,
 )
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
@@ -133,7 +134,11 @@ class SGLangBackendTest(unittest.TestCase):
         config.update(extra)
         storage = StorageBackendFactory.create_backend(
             "dynamic", storage_config(config, mla=mla), host_pool)
-        storage.register_mem_pool_host(host_pool)  # what attach_storage_backend does next
+        # What HybridCacheController.attach_storage_backend does next (SGLang
+        # 0.5.23 uses it for every model; a plain model's group is the KV anchor).
+        storage.register_mem_pool_host(host_pool)
+        storage.register_mem_host_pool_v2(host_pool, PoolName.KV)
+        storage.on_host_pools_registered()
         return storage
 
     def pages(self, host_pool, count):
@@ -160,6 +165,11 @@ class SGLangBackendTest(unittest.TestCase):
             StorageBackendFactory.create_backend(
                 "dynamic", storage_config({"backend_name": "kvstrata",
                                            "module_path": "kvstrata.sglang_backend"}), pool)
+
+    def test_side_pools_are_refused_at_attach(self):
+        storage = self.backend(mha_host_pool("page_first"))
+        with self.assertRaisesRegex(ValueError, "mamba"):
+            storage.register_mem_host_pool_v2(mha_host_pool("page_first"), PoolName.MAMBA)
 
     def test_bad_config_is_a_clear_error(self):
         pool = mha_host_pool("page_first")

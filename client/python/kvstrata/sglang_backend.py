@@ -258,9 +258,18 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         self._namespace(self._pools["kv"])
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
+        # SGLang's HybridCacheController (every model in 0.5.x) registers its
+        # pool group here after register_mem_pool_host: for a plain MHA/MLA
+        # model that is the KV anchor alone. Side pools (Mamba, SWA, indexer,
+        # draft) would need the v2 calls, which this backend does not serve:
+        # refuse them at attach time rather than fail mid-request.
+        if str(host_pool_name) != "kv":
+            raise ValueError("kvstrata: host pool %r (%s) is not supported; the kvstrata backend "
+                             "stores the KV pool of MHA/MLA models only"
+                             % (str(host_pool_name), type(host_pool).__name__))
         super().register_mem_host_pool_v2(host_pool, host_pool_name)
-        # Side pools (Mamba, SWA, indexer: hybrid models) go through the v2
-        # calls, which this backend leaves to the base class (not supported).
+        if "kv" not in self._pools or self._pools["kv"].host_pool is not host_pool:
+            self.register_mem_pool_host(host_pool)
 
     def _identity(self, pool: _Pool) -> str:
         cfg, hp = self.storage_config, pool.host_pool
