@@ -239,6 +239,29 @@ class SGLangBackendTest(unittest.TestCase):
                 self.assertEqual(sb.batch_get_v1(keys, ib), [True, True])
                 self.assert_same_pages(a, ia, b, ib)
 
+    def test_fp8_caches_are_stored_raw_and_kept_apart(self):
+        # SGLang keeps fp8 KV as uint8; the engine's --kv-cache-dtype tells
+        # e4m3 from e5m2, and only the same format may share blocks.
+        keys = page_keys(list(range(700, 700 + 2 * PAGE)))
+        pools = {}
+        for fmt, dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+            a, b = mha_host_pool("page_first", dtype), mha_host_pool("page_first", dtype)
+            self.assertEqual(a.kv_buffer.dtype, torch.uint8)
+            fill_random(a, seed=40)
+            pools[fmt] = (a, b)
+        e4m3_writer = self.backend(pools["fp8_e4m3"][0], model="fp8", kv_cache_dtype="fp8_e4m3")
+        written = self.pages(pools["fp8_e4m3"][0], 2)
+        self.assertEqual(e4m3_writer.batch_set_v1(keys, written), [True, True])
+        e5m2_reader = self.backend(pools["fp8_e5m2"][1], model="fp8", kv_cache_dtype="fp8_e5m2")
+        self.assertEqual(e5m2_reader.batch_exists(keys), 0)
+        e4m3_reader = self.backend(pools["fp8_e4m3"][1], model="fp8", kv_cache_dtype="fp8_e4m3")
+        loaded = self.pages(pools["fp8_e4m3"][1], 2)
+        self.assertEqual(e4m3_reader.batch_get_v1(keys, loaded), [True, True])
+        self.assert_same_pages(pools["fp8_e4m3"][0], written, pools["fp8_e4m3"][1], loaded)
+        # Outside a launched engine nothing else says which fp8 it is.
+        with self.assertRaisesRegex(ValueError, "kv_cache_dtype"):
+            self.backend(mha_host_pool("page_first", torch.float8_e4m3fn), model="fp8")
+
     def test_layouts_and_dtypes_never_share_blocks(self):
         # The stored bytes of a page depend on the host layout and dtype: a
         # reader with another one must miss, never load bytes it misreads.
@@ -389,6 +412,48 @@ class SGLangBackendTest(unittest.TestCase):
         self.assert_same_pages(writer_pool, written, reader_pool, loaded)
         missing = page_keys([5] * PAGE)
         self.assertEqual(HiCacheController._page_get_zero_copy(ctl_r, operation, missing, self.pages(reader_pool, 1)), 0)
+
+    def test_controller_threads_share_one_backend(self):
+        # SGLang calls one backend from its backup, prefetch and prefetch-IO
+        # threads at once.
+        import threading
+        writer_pool, reader_pool = mha_host_pool("page_first"), mha_host_pool("page_first")
+        fill_random(writer_pool, seed=50)
+        storage = self.backend(writer_pool, model="threads")
+        reader = self.backend(reader_pool, model="threads")
+        prompts = [page_keys([p] * (2 * PAGE)) for p in range(12)]
+        slots = [self.pages(writer_pool, 2) for _ in prompts]
+        errors, loaded = [], {}
+
+        def backup():
+            for keys, slot in zip(prompts, slots):
+                if storage.batch_set_v1(keys, slot) != [True, True]:
+                    errors.append("write %s" % keys[0])
+
+        def prefetch():
+            pending = set(range(len(prompts)))
+            deadline = time.monotonic() + 30
+            while pending and time.monotonic() < deadline:
+                for i in sorted(pending):
+                    if reader.batch_exists(prompts[i]) == 2:
+                        target = self.pages(reader_pool, 2)
+                        if reader.batch_get_v1(prompts[i], target) != [True, True]:
+                            errors.append("read %d" % i)
+                        loaded[i] = target
+                        pending.discard(i)
+            if pending:
+                errors.append("never stored: %s" % sorted(pending))
+
+        threads = [threading.Thread(target=backup), threading.Thread(target=prefetch),
+                   threading.Thread(target=lambda: [storage.batch_exists(k) for k in prompts * 5])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(loaded), list(range(len(prompts))))
+        for i, target in loaded.items():
+            self.assert_same_pages(writer_pool, slots[i], reader_pool, target)
 
     # ---- faults -----------------------------------------------------------
 

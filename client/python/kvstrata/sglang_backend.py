@@ -61,7 +61,7 @@ _SGLANG_KEYS = {
 }
 _OUR_KEYS = {
     "node", "nodes", "dns", "replication", "tenant", "model", "timeout", "connect_timeout",
-    "reconnect_interval", "ucx_transports",
+    "reconnect_interval", "ucx_transports", "kv_cache_dtype",
 }
 _RECONNECT_CODES = {kvstrata.UNAVAILABLE, kvstrata.DEADLINE_EXCEEDED, kvstrata.CANCELLED}
 _STORED = {kvstrata.Outcome.OK, kvstrata.Outcome.ALREADY_PRESENT}
@@ -159,6 +159,7 @@ class _Pool:
         self.piece_bytes = int(sizes[0])
         self.page_bytes = self.pieces * self.piece_bytes
         self.flat_offsets = _flat_piece_offsets(host_pool, ptrs, sizes)
+        self.identity = None  # the namespace's model string, set at registration
         self.ns = None
         self.ns_generation = -1
         self.buffer = None  # the registered host pool buffer (zero-copy path)
@@ -179,6 +180,8 @@ class KvstrataHiCacheStorage(HiCacheStorage):
       connect_timeout seconds to connect (default 5)
       reconnect_interval  seconds between reconnect attempts (default 5)
       ucx_transports  UCX_TLS for the data plane (default: UCX's choice)
+      kv_cache_dtype  the engine's --kv-cache-dtype; needed only for an fp8
+                      cache (SGLang stores it as uint8) outside a launched engine
     `kwargs` is the dict SGLang's dynamic factory passes; `client=` (or
     kwargs["client"]) takes a ready object with `open_namespace` and
     `register` (a `kvstrata.Client`, or a `kvstrata.Cluster` where the binding
@@ -219,6 +222,7 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         self.connect_timeout = get("connect_timeout", float, 5.0)
         self.reconnect_interval = get("reconnect_interval", float, 5.0)
         self.ucx_transports = get("ucx_transports", str, "")
+        self.kv_cache_dtype = get("kv_cache_dtype", str, None)
         for name in ("timeout", "connect_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError("kvstrata: extra_config[%r] must be > 0" % name)
@@ -252,10 +256,12 @@ class KvstrataHiCacheStorage(HiCacheStorage):
 
     def register_mem_pool_host(self, mem_pool_host):
         super().register_mem_pool_host(mem_pool_host)
-        self._pools["kv"] = _Pool("kv", mem_pool_host)
+        pool = _Pool("kv", mem_pool_host)
+        pool.identity = self._identity(pool)
+        self._pools["kv"] = pool
         # Open the namespace now so a node that rejects it (a block above its
         # limit) fails start-up; an unreachable node only degrades.
-        self._namespace(self._pools["kv"])
+        self._namespace(pool, at_start=True)
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
         # SGLang's HybridCacheController (every model in 0.5.x) registers its
@@ -282,7 +288,7 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             "layer_num", "head_num", "head_dim", "v_head_dim", "kv_cache_dim", "storage_format_tag")
             if getattr(hp, a, None) is not None)
         tail = "#sglang-hicache-v1|%s|%s|%s|%s|%s|page%d|%dx%d|%s" % (
-            pool.name, type(hp).__name__, getattr(hp, "layout", "?"), str(hp.dtype).replace("torch.", ""),
+            pool.name, type(hp).__name__, getattr(hp, "layout", "?"), self._stored_dtype(hp),
             geometry, pool.page_size, pool.pieces, pool.piece_bytes, shard)
         model = self.model
         if len(model) + len(tail) > 256:  # the node's name limit; keep it readable and unique
@@ -292,6 +298,25 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         if len(ident) > 256:
             ident = ident[:200] + "~" + hashlib.sha256(ident.encode()).hexdigest()[:24]
         return ident
+
+    def _stored_dtype(self, hp) -> str:
+        name = str(hp.dtype).replace("torch.", "")
+        if hp.dtype != torch.uint8:
+            return name
+        # SGLang keeps fp8 caches (e4m3, e5m2) as uint8: the pool's dtype does
+        # not say which, and bytes of one read as the other are garbage.
+        fmt = self.kv_cache_dtype
+        if fmt is None:
+            try:
+                from sglang.srt.runtime_context import get_server_args
+                fmt = get_server_args().kv_cache_dtype
+            except Exception:  # not inside a launched engine
+                fmt = None
+        if not fmt:
+            raise ValueError("kvstrata: the host pool stores uint8 (an fp8 KV cache) and the "
+                             "engine's --kv-cache-dtype is unknown here; set "
+                             "extra_config[\"kv_cache_dtype\"]")
+        return "%s:%s" % (name, fmt)
 
     # ---- connection ----------------------------------------------------------
 
@@ -305,8 +330,13 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         return kvstrata.Client(self.node, timeout=self.connect_timeout,
                                ucx_transports=self.ucx_transports)
 
-    def _namespace(self, pool: _Pool):
-        """The pool's namespace on a live client, or None while degraded."""
+    def _namespace(self, pool: _Pool, at_start=False):
+        """The pool's namespace on a live client, or None while degraded.
+
+        Raises only `at_start` (pool registration), for a namespace the node
+        refuses; later the same answer (a node restarted with smaller slabs)
+        is a failure like any other.
+        """
         with self._lock:
             if self._client is None:
                 now = time.monotonic()
@@ -322,7 +352,7 @@ class KvstrataHiCacheStorage(HiCacheStorage):
                 if self._generation > 1:
                     self.stats["reconnects"] += 1
             if pool.ns_generation != self._generation:
-                spec = dict(tenant=self.tenant, model=self._identity(pool),
+                spec = dict(tenant=self.tenant, model=pool.identity,
                             tokens_per_block=pool.page_size, block_bytes=pool.piece_bytes)
                 if not self.storage_config.is_mla_model:
                     spec.update(tp_rank=self.storage_config.tp_rank,
@@ -330,10 +360,13 @@ class KvstrataHiCacheStorage(HiCacheStorage):
                 try:
                     pool.ns = self._client.open_namespace(timeout=self.timeout, **spec)
                 except kvstrata.Error as e:
-                    if e.code == kvstrata.INVALID_ARGUMENT:
+                    if e.code == kvstrata.INVALID_ARGUMENT and at_start:
                         raise ValueError("kvstrata: the node rejected the namespace for host pool "
                                          "%r (%d-byte blocks): %s" % (pool.name, pool.piece_bytes, e))
                     self._drop_client_locked(e)
+                    self._note_failure("open namespace", e)
+                    return None
+                except Exception as e:
                     self._note_failure("open namespace", e)
                     return None
                 pool.ns_generation = self._generation
@@ -341,6 +374,8 @@ class KvstrataHiCacheStorage(HiCacheStorage):
 
     def _registered_buffer(self, pool: _Pool):
         with self._lock:
+            if self._client is None:
+                raise RuntimeError("the client was dropped by a failure on another thread")
             if pool.buffer_generation != self._generation:
                 pool.buffer = self._client.register(pool.host_pool.kv_buffer)
                 pool.buffer_generation = self._generation
