@@ -175,7 +175,8 @@ class KvstrataHiCacheStorage(HiCacheStorage):
       nodes / dns     a cluster instead, when the binding has `kvstrata.Cluster`
       replication     passed to the cluster
       tenant          kvstrata tenant ("" by default); tenants never share blocks
-      model           model identity in namespace names (default: SGLang's model_name)
+      model           model identity in namespace names (default: SGLang's model_name,
+                      which is its --model-path: set this where hosts' paths differ)
       timeout         seconds per RPC (default 5)
       connect_timeout seconds to connect (default 5)
       reconnect_interval  seconds between reconnect attempts (default 5)
