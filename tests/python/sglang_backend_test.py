@@ -172,7 +172,6 @@ class SGLangBackendTest(unittest.TestCase):
             storage.register_mem_host_pool_v2(mha_host_pool("page_first"), PoolName.MAMBA)
 
     def test_bad_config_is_a_clear_error(self):
-        pool = mha_host_pool("page_first")
         with self.assertRaisesRegex(ValueError, "timeout"):
             KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, timeout="soon")))
         with self.assertRaisesRegex(ValueError, "tenant"):
@@ -189,7 +188,6 @@ class SGLangBackendTest(unittest.TestCase):
         storage = KvstrataHiCacheStorage(storage_config(dict(DYNAMIC, node=self.node.address)))
         with self.assertRaisesRegex(ValueError, "rejected the namespace"):
             storage.register_mem_pool_host(big)
-        del pool
 
     # ---- round trips -------------------------------------------------------
 
