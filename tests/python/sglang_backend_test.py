@@ -129,8 +129,10 @@ class SGLangBackendTest(unittest.TestCase):
     def tearDownClass(cls):
         cls.node.stop()
 
-    def backend(self, host_pool, node=None, mla=False, **extra):
-        config = dict(DYNAMIC, node=node or self.node.address, timeout=5.0)
+    def backend(self, host_pool, node="", mla=False, **extra):
+        config = dict(DYNAMIC, timeout=5.0)
+        if node is not None:
+            config["node"] = node or self.node.address
         config.update(extra)
         storage = StorageBackendFactory.create_backend(
             "dynamic", storage_config(config, mla=mla), host_pool)
@@ -452,6 +454,59 @@ class SGLangBackendTest(unittest.TestCase):
         self.assertEqual(sorted(loaded), list(range(len(prompts))))
         for i, target in loaded.items():
             self.assert_same_pages(writer_pool, slots[i], reader_pool, target)
+
+    # ---- clients and clusters ---------------------------------------------
+
+    def test_a_ready_client_object(self):
+        # The backend takes any object with the namespace API (a Client here,
+        # a kvstrata.Cluster where the binding has one) instead of an address.
+        pool_a, pool_b = mha_host_pool("page_first"), mha_host_pool("page_first")
+        fill_random(pool_a, seed=60)
+        client = kvstrata.Client(self.node.address, timeout=5.0)
+        config = storage_config(dict(DYNAMIC, node="127.0.0.1:1"), model="given")
+        a = KvstrataHiCacheStorage(config, client=client)
+        b = KvstrataHiCacheStorage(config, {"client": client})  # the factory's kwargs dict
+        for storage, pool in ((a, pool_a), (b, pool_b)):
+            storage.register_mem_pool_host(pool)
+        keys = page_keys(list(range(1234, 1234 + 2 * PAGE)))
+        written, loaded = self.pages(pool_a, 2), self.pages(pool_b, 2)
+        self.assertEqual(a.batch_set_v1(keys, written), [True, True])
+        self.assertEqual(b.batch_get_v1(keys, loaded), [True, True])
+        self.assert_same_pages(pool_a, written, pool_b, loaded)
+        self.assertGreaterEqual(client.stats()["published_blocks"], 4)
+
+    @unittest.skipUnless(hasattr(kvstrata, "Cluster"), "this binding has no kvstrata.Cluster")
+    def test_three_node_cluster_and_one_node_killed(self):
+        nodes = [NodeProcess(dram_bytes=16 << 20, extra_flags=SMALL_SLABS) for _ in range(3)]
+        try:
+            addresses = [n.address for n in nodes]
+            pool_a, pool_b = mha_host_pool("page_first"), mha_host_pool("page_first")
+            fill_random(pool_a, seed=70)
+            a = self.backend(pool_a, node=None, nodes=addresses, model="cluster")
+            b = self.backend(pool_b, node=None, nodes=addresses, model="cluster")
+            keys = page_keys(list(range(5000, 5000 + 12 * PAGE)))
+            written = self.pages(pool_a, 12)
+            self.assertEqual(a.batch_set_v1(keys, written), [True] * 12)
+            # The blocks are spread over the nodes; a second engine (its own
+            # cluster client) finds and loads every page, whichever node holds it.
+            per_node = [kvstrata.Client(n.address).stats()["published_blocks"] for n in nodes]
+            self.assertEqual(sum(per_node), 24)
+            self.assertTrue(all(count > 0 for count in per_node), per_node)
+            self.assertEqual(b.batch_exists(keys), 12)
+            loaded = self.pages(pool_b, 12)
+            self.assertEqual(b.batch_get_v1(keys, loaded), [True] * 12)
+            self.assert_same_pages(pool_a, written, pool_b, loaded)
+            # One node dies: its pages miss, the rest still load, nothing raises.
+            nodes[1].process.kill()
+            nodes[1].process.wait()
+            got = b.batch_get_v1(keys, self.pages(pool_b, 12))
+            self.assertEqual(len(got), 12)
+            self.assertIn(False, got)
+            self.assertIn(True, got)
+            self.assertLessEqual(b.batch_exists(keys), got.index(False))
+        finally:
+            for n in nodes:
+                n.stop()
 
     # ---- faults -----------------------------------------------------------
 

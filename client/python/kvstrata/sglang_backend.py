@@ -327,7 +327,8 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         if self.nodes or self.dns:
             args = {k: v for k, v in (("nodes", self.nodes), ("dns", self.dns),
                                        ("replication", self.replication)) if v is not None}
-            return kvstrata.Cluster(**args)
+            return kvstrata.Cluster(timeout=self.connect_timeout,
+                                    ucx_transports=self.ucx_transports, **args)
         return kvstrata.Client(self.node, timeout=self.connect_timeout,
                                ucx_transports=self.ucx_transports)
 
@@ -383,6 +384,11 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             return pool.buffer
 
     def _drop_client_locked(self, error):
+        # Only a single-node Client is rebuilt: a Cluster takes failed nodes
+        # out and back by its own health checks, and a client handed in by
+        # the caller cannot be rebuilt here.
+        if self._given_client is not None or self.nodes or self.dns:
+            return
         if getattr(error, "code", None) in _RECONNECT_CODES:
             self._client = None
             self._next_connect = time.monotonic() + self.reconnect_interval
