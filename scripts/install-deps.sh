@@ -16,11 +16,9 @@ PACKAGES=(
   prometheus-cpp-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
-  python3 python3-yaml openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
+  python3 python3-yaml python3-pip python3-venv openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
   # Python binding, sidecar and kernel evaluation
   pybind11-dev python3-dev python3-numpy python3-torch
-  # virtualenvs of the engine tests (tests/engine)
-  python3-venv
 )
 
 missing=()
