@@ -191,6 +191,18 @@ class SGLangBackendTest(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "rejected the namespace"):
             storage.register_mem_pool_host(big)
 
+    def test_long_model_names_fit_the_node_limit(self):
+        # The node takes names of at most 256 bytes; long paths stay distinct.
+        pools = [mha_host_pool("page_first") for _ in range(2)]
+        stores = [self.backend(pool, model="/models/" + "x" * 300 + suffix)
+                  for pool, suffix in zip(pools, ("a", "b"))]
+        for storage in stores:
+            self.assertLessEqual(len(storage._pools["kv"].identity), 256)
+        self.assertNotEqual(stores[0]._pools["kv"].identity, stores[1]._pools["kv"].identity)
+        keys = page_keys(list(range(PAGE)))
+        self.assertEqual(stores[0].batch_set_v1(keys, self.pages(pools[0], 1)), [True])
+        self.assertEqual(stores[1].batch_exists(keys), 0)
+
     # ---- round trips -------------------------------------------------------
 
     def round_trip(self, make_pool, layout, mla):

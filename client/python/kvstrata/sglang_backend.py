@@ -66,6 +66,7 @@ _OUR_KEYS = {
 _RECONNECT_CODES = {kvstrata.UNAVAILABLE, kvstrata.DEADLINE_EXCEEDED, kvstrata.CANCELLED}
 _STORED = {kvstrata.Outcome.OK, kvstrata.Outcome.ALREADY_PRESENT}
 _KEY_DOMAIN = b"kvstrata.sglang.hicache.v1\0"
+_MAX_NAME_BYTES = 256  # the node's limit on a namespace's model name
 
 
 def page_block_keys(page_key: str, pieces: int) -> List[bytes]:
@@ -291,13 +292,17 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         tail = "#sglang-hicache-v1|%s|%s|%s|%s|%s|page%d|%dx%d|%s" % (
             pool.name, type(hp).__name__, getattr(hp, "layout", "?"), self._stored_dtype(hp),
             geometry, pool.page_size, pool.pieces, pool.piece_bytes, shard)
-        model = self.model
-        if len(model) + len(tail) > 256:  # the node's name limit; keep it readable and unique
-            model = model[:200 - len(tail) if len(tail) < 200 else 16] + "~" + hashlib.sha256(
-                model.encode()).hexdigest()[:12]
-        ident = model + tail
-        if len(ident) > 256:
-            ident = ident[:200] + "~" + hashlib.sha256(ident.encode()).hexdigest()[:24]
+        ident = self.model + tail
+        if len(ident.encode()) > _MAX_NAME_BYTES:
+            # Keep the model's readable head and a digest of all of it, so two
+            # long paths that share a prefix stay apart.
+            digest = "~" + hashlib.sha256(self.model.encode()).hexdigest()[:16]
+            room = max(_MAX_NAME_BYTES - len(tail.encode()) - len(digest), 8)
+            head = self.model.encode()[:room].decode(errors="ignore")
+            ident = head + digest + tail
+        if len(ident.encode()) > _MAX_NAME_BYTES:
+            ident = (ident.encode()[:_MAX_NAME_BYTES - 25].decode(errors="ignore") + "~"
+                     + hashlib.sha256(ident.encode()).hexdigest()[:24])
         return ident
 
     def _stored_dtype(self, hp) -> str:
