@@ -5,7 +5,9 @@ Builds SGLang's own device KV pool and MHA host pool on CPU (a Llama-3-8B-like
 shape by default: 32 layers, 8 KV heads of 128, bf16, 64-token pages), fills
 the host pages with random bytes, and times, per backend and per path, writing
 `--pages` pages in SGLang's batches, the existence query, and reading them back
-into other host slots (checked byte for byte). kvstrata: the zero-copy path
+into other host slots (checked byte for byte); for kvstrata also rewriting
+them after a delete (node memory already faulted in, as on a node that has
+run for a while). kvstrata: the zero-copy path
 (interface_v1: batch_set_v1/batch_get_v1) and the generic path (flat pages:
 batch_set/batch_get); SGLang's HiCacheFile (the built-in `file` backend) has
 only the generic path, here on --file_dir.
@@ -88,14 +90,33 @@ def run(name, storage, pool, keys, args, zero_copy, quiet=False):
         a = pool.get_data_page(int(written[i * page])).view(torch.uint8)
         b = pool.get_data_page(int(target[i * page])).view(torch.uint8)
         assert torch.equal(a, b), (name, i)
+    # The first write into a fresh node faults its DRAM in; a long-running
+    # node reuses memory. Delete the blocks and write them again to see that.
+    rewrite_s = None
+    if isinstance(storage, KvstrataHiCacheStorage):
+        kv = storage._pools["kv"]
+        namespace = storage._namespace(kv)
+        for b in batches:
+            namespace.delete(storage._chain(kv, keys[b:b + args.batch], None)[0])
+        start = time.perf_counter()
+        for b in batches:
+            ks = keys[b:b + args.batch]
+            idx = written[b * page:(b + len(ks)) * page]
+            if zero_copy:
+                assert all(storage.batch_set_v1(ks, idx)), name
+            else:
+                assert storage.batch_set(ks, [pool.get_data_page(int(idx[i * page]))
+                                              for i in range(len(ks))]), name
+        rewrite_s = time.perf_counter() - start
     pool.free(written)
     pool.free(target)
     if quiet:
         return
     page_bytes = pool.get_dummy_flat_data_page().numel() * 2
     gib = len(keys) * page_bytes / (1 << 30)
-    print("| %s | %.1f | %.2f | %.2f | %.1f | %.2f | %.2f |" % (
-        name, page_bytes / (1 << 20), gib / write_s, gib / read_s, len(keys) / write_s,
+    print("| %s | %.1f | %.2f | %s | %.2f | %.0f | %.0f | %.2f |" % (
+        name, page_bytes / (1 << 20), gib / write_s,
+        "%.2f" % (gib / rewrite_s) if rewrite_s else "-", gib / read_s, len(keys) / write_s,
         len(keys) / read_s, exists_s * 1e3 / len(batches)))
 
 
@@ -120,9 +141,9 @@ def main():
     dram = int(2 * len(args.layouts.split(",")) * (args.pages + args.batch) * page_mib
                * (1 << 20)) + (256 << 20)
     file_dir = args.file_dir or tempfile.mkdtemp(prefix="hicache-file.")
-    print("| backend, path, host layout | page MiB | write GiB/s | read GiB/s | write pages/s "
-          "| read pages/s | exists ms/batch |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| backend, path, host layout | page MiB | write GiB/s | rewrite GiB/s | read GiB/s "
+          "| write pages/s | read pages/s | exists ms/batch |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with NodeProcess(args.node_binary, dram_bytes=dram) as node:
         for layout in args.layouts.split(","):
             pool = host_pool(args, layout)
