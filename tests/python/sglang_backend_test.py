@@ -467,6 +467,22 @@ class SGLangBackendTest(unittest.TestCase):
         for i, target in loaded.items():
             self.assert_same_pages(writer_pool, slots[i], reader_pool, target)
 
+    def test_storage_metrics_for_sglang(self):
+        pool = mha_host_pool("page_first")
+        plain = self.backend(pool, model="metrics")
+        self.assertIsNone(plain.get_stats())  # metrics off: SGLang uses its defaults
+        config = storage_config(dict(DYNAMIC, node=self.node.address), model="metrics")
+        config.enable_storage_metrics = True
+        storage = KvstrataHiCacheStorage(config)
+        storage.register_mem_pool_host(pool)
+        keys = page_keys(list(range(8000, 8000 + 3 * PAGE)))
+        self.assertEqual(storage.batch_set_v1(keys, self.pages(pool, 3)), [True] * 3)
+        self.assertEqual(len(storage.batch_get(keys[:2])), 2)
+        metrics = storage.get_stats()
+        self.assertEqual((metrics.backup_pgs, metrics.prefetch_pgs), ([3], [2]))
+        self.assertTrue(all(bw > 0 for bw in metrics.backup_bandwidth + metrics.prefetch_bandwidth))
+        self.assertEqual(storage.get_stats().backup_pgs, [])  # drained
+
     # ---- clients and clusters ---------------------------------------------
 
     def test_a_ready_client_object(self):

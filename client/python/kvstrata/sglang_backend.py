@@ -253,6 +253,9 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         self._failing = False
         self.stats = {"errors": 0, "reconnects": 0, "pages_read": 0, "pages_written": 0,
                       "pages_missed": 0, "write_failures": 0}
+        # SGLang's L3 storage metrics (--enable-metrics; get_stats drains them).
+        self._metrics_lock = threading.Lock()
+        self._prefetch_pgs, self._prefetch_bw, self._backup_pgs, self._backup_bw = [], [], [], []
 
     # ---- pools ---------------------------------------------------------------
 
@@ -491,8 +494,10 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             offsets = self._zero_copy_items(pool, keys, host_indices)
             buffer = self._registered_buffer(pool)
             blocks, _ = self._chain(pool, keys, extra_info)
+            start = time.perf_counter()
             result = ns.fetch([(b, buffer, o) for b, o in zip(blocks, offsets)],
                               timeout=self.timeout)
+            self._record(pool, False, result, time.perf_counter() - start)
         except Exception as e:
             self._failed("fetch", e)
             return [False] * len(keys)
@@ -512,8 +517,10 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             offsets = self._zero_copy_items(pool, keys, host_indices)
             buffer = self._registered_buffer(pool)
             blocks, parents = self._chain(pool, keys, extra_info)
+            start = time.perf_counter()
             result = ns.publish([(b, p, buffer, o) for b, p, o in zip(blocks, parents, offsets)],
                                 timeout=self.timeout)
+            self._record(pool, True, result, time.perf_counter() - start)
         except Exception as e:
             self._failed("publish", e)
             return [False] * len(keys)
@@ -568,7 +575,9 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             blocks, _ = self._chain(pool, keys, None)
             items = [(blocks[i * pool.pieces + j], targets[i], pool.flat_offsets[j])
                      for i in range(len(keys)) for j in range(pool.pieces)]
+            start = time.perf_counter()
             result = ns.fetch(items, timeout=self.timeout)
+            self._record(pool, False, result, time.perf_counter() - start)
         except Exception as e:
             self._failed("fetch", e)
             return [None] * len(keys)
@@ -597,7 +606,9 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             items = [(blocks[i * pool.pieces + j], parents[i * pool.pieces + j], sources[i],
                       pool.flat_offsets[j])
                      for i in range(len(keys)) for j in range(pool.pieces)]
+            start = time.perf_counter()
             result = ns.publish(items, timeout=self.timeout)
+            self._record(pool, True, result, time.perf_counter() - start)
         except Exception as e:
             self._failed("publish", e)
             return False
@@ -618,6 +629,30 @@ class KvstrataHiCacheStorage(HiCacheStorage):
         self.stats["pages_written"] += done
         self.stats["write_failures"] += len(per_page) - done
         return per_page
+
+    def _record(self, pool: _Pool, write, result, seconds):
+        if not self.storage_config.enable_storage_metrics:
+            return
+        pages = len(result.outcomes) // pool.pieces
+        gb = result.bytes / 1e9  # bytes that moved (a write of stored blocks moves none)
+        with self._metrics_lock:
+            (self._backup_pgs if write else self._prefetch_pgs).append(pages)
+            (self._backup_bw if write else self._prefetch_bw).append(gb / max(seconds, 1e-9))
+
+    def get_stats(self):
+        """SGLang's StorageMetrics since the last call: pages per batch and GB/s."""
+        if not self.storage_config.enable_storage_metrics:
+            return None
+        from sglang.srt.observability.metrics_collector import StorageMetrics
+        metrics = StorageMetrics()
+        with self._metrics_lock:
+            metrics.prefetch_pgs.extend(self._prefetch_pgs)
+            metrics.prefetch_bandwidth.extend(self._prefetch_bw)
+            metrics.backup_pgs.extend(self._backup_pgs)
+            metrics.backup_bandwidth.extend(self._backup_bw)
+            for values in (self._prefetch_pgs, self._prefetch_bw, self._backup_pgs, self._backup_bw):
+                values.clear()
+        return metrics
 
     def clear(self) -> None:
         # Other engines share these blocks; a node is cleared by its operator
