@@ -536,6 +536,87 @@ class SGLangBackendTest(unittest.TestCase):
             for n in nodes:
                 n.stop()
 
+    def test_hicache_controller_threads_end_to_end(self):
+        # SGLang's real HiCacheController, with its own backup, prefetch,
+        # prefetch-IO and prefetch-sync threads, on CPU pools; this test plays
+        # the scheduler's part between them the way UnifiedRadixCache does
+        # (_try_alloc_storage_hit: allocate host slots for the hit, hand the
+        # operation to prefetch_buffer, collect PrefetchAcks).
+        import threading
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+        from sglang.srt.runtime_context import get_parallel
+
+        node = NodeProcess(dram_bytes=16 << 20, extra_flags=SMALL_SLABS)
+
+        def controller(extra, seed):
+            device = MHATokenToKVPool(256, PAGE, torch.bfloat16, 2, 8, LAYERS, "cpu", False,
+                                      start_layer=0, end_layer=LAYERS)
+            allocator = PagedTokenToKVPoolAllocator(256, PAGE, torch.bfloat16, "cpu", device, False)
+            host = MHATokenToKVPoolHost(device.get_device_pool_infos()[0].buffer_info, 2.0, 0, PAGE,
+                                        "page_first", pin_memory=False, device="cpu",
+                                        device_capacity_tokens=device.size, start_layer=0,
+                                        end_layer=LAYERS)
+            fill_random(host, seed)
+            # One process, TP/PP of 1: what a launched engine publishes.
+            with get_parallel().override(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+                                         attn_dcp_size=1, attn_dcp_rank=0):
+                return HiCacheController(
+                    allocator, host, PAGE, None, threading.Event(), write_policy="write_through",
+                    io_backend="direct", storage_backend="dynamic", model_name="ctl-threads",
+                    storage_backend_extra_config=dict(DYNAMIC, node=node.address, timeout=3.0,
+                                                      connect_timeout=2.0, **extra))
+
+        def prefetch(ctl, request_id, tokens):
+            operation = ctl.prefetch(request_id, tokens)
+            hit = ctl.prefetch_hit_queue.get(timeout=30)
+            self.assertIs(hit, operation)
+            if hit.storage_hit_count == 0:
+                return hit, None, 0
+            slots = ctl.mem_pool_host.alloc(hit.storage_hit_count)
+            hit.hash_value = hit.hash_value[:hit.storage_hit_count // PAGE]
+            hit.host_indices = slots
+            ctl.prefetch_buffer.put(hit)
+            completed = 0
+            while True:
+                ack = ctl.ack_prefetch_queue.get(timeout=30)
+                if ack.completed_req:
+                    return hit, slots, completed
+                completed = max(completed, ack.completed_tokens or 0)
+
+        writer = controller({"interface_v1": 1}, seed=80)  # zero-copy calls
+        reader = controller({}, seed=81)                    # generic calls
+        try:
+            self.assertEqual(writer.page_set_func.__name__, "_page_set_zero_copy")
+            self.assertEqual(reader.page_get_func.__name__, "_generic_page_get")
+            tokens = list(range(2000, 2000 + 6 * PAGE))
+            written = writer.mem_pool_host.alloc(len(tokens))
+            writer.write_storage(written, tokens, hash_value=page_keys(tokens))
+            done = writer.ack_backup_queue.get(timeout=30)
+            self.assertEqual(done.completed_tokens, len(tokens))
+
+            # A longer prompt of the reader: the stored 6 pages hit, then load.
+            hit, slots, completed = prefetch(reader, "r1", tokens + [1] * (2 * PAGE))
+            self.assertEqual((hit.storage_hit_count, completed), (len(tokens), len(tokens)))
+            for i in range(6):
+                self.assertTrue(torch.equal(page_bytes(writer.mem_pool_host, written[i * PAGE]),
+                                            page_bytes(reader.mem_pool_host, slots[i * PAGE])))
+
+            # The node dies: SGLang's threads get misses and failed writes, keep
+            # running, and every operation is still acknowledged.
+            node.process.kill()
+            node.process.wait()
+            hit, _, _ = prefetch(reader, "r2", tokens)
+            self.assertEqual(hit.storage_hit_count, 0)
+            more = list(range(9000, 9000 + 2 * PAGE))
+            writer.write_storage(writer.mem_pool_host.alloc(len(more)), more,
+                                 hash_value=page_keys(more))
+            self.assertEqual(writer.ack_backup_queue.get(timeout=30).completed_tokens, 0)
+            self.assertTrue(writer.backup_thread.is_alive() and reader.prefetch_thread.is_alive())
+        finally:
+            for ctl in (writer, reader):
+                ctl.detach_storage_backend()
+            node.stop()
+
     # ---- faults -----------------------------------------------------------
 
     def test_unreachable_node_degrades(self):
