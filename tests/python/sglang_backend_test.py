@@ -4,9 +4,10 @@
 Everything SGLang-side is SGLang's own: the HiCacheStorage base class and
 HiCacheStorageConfig, the dynamic backend factory, device KV pools and MHA/MLA
 host pools built on CPU in every host layout, page hashes from
-get_hash_str/get_storage_hash_str, and the HiCache controller's own page
-get/set/hit-query functions calling the backend. The node is a real
-kvstrata-node ($KVSTRATA_NODE).
+get_hash_str/get_storage_hash_str, the HiCache controller's own page
+get/set/hit-query functions calling the backend, and a whole HiCacheController
+with its storage threads. The nodes are real kvstrata-node processes
+($KVSTRATA_NODE).
 
 Started with /usr/bin/python3, the test creates (or reuses) the cached SGLang
 virtualenv with tests/engine/setup_sglang_venv.sh and re-runs itself in it;
