@@ -58,7 +58,9 @@ from sglang.srt.mem_cache.hicache_storage import (  # noqa: E402
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
+    PoolHitPolicy,
     PoolName,
+    PoolTransfer,
 )
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool  # noqa: E402
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
@@ -82,13 +84,13 @@ DYNAMIC = {"backend_name": "kvstrata", "module_path": "kvstrata.sglang_backend",
            "class_name": "KvstrataHiCacheStorage"}
 
 
-def mha_host_pool(layout, dtype=torch.bfloat16, heads=2, head_dim=8):
-    device = MHATokenToKVPool(64, PAGE, dtype, heads, head_dim, LAYERS, "cpu", False,
-                              start_layer=0, end_layer=LAYERS)
+def mha_host_pool(layout, dtype=torch.bfloat16, heads=2, head_dim=8, layers=LAYERS):
+    device = MHATokenToKVPool(64, PAGE, dtype, heads, head_dim, layers, "cpu", False,
+                              start_layer=0, end_layer=layers)
     info = device.get_device_pool_infos()[0].buffer_info
     return MHATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
                                 device_capacity_tokens=device.size, start_layer=0,
-                                end_layer=LAYERS)
+                                end_layer=layers)
 
 
 def mla_host_pool(layout, dtype=torch.bfloat16, kv_lora_rank=16, rope_dim=8):
@@ -169,10 +171,51 @@ class SGLangBackendTest(unittest.TestCase):
                 "dynamic", storage_config({"backend_name": "kvstrata",
                                            "module_path": "kvstrata.sglang_backend"}), pool)
 
-    def test_side_pools_are_refused_at_attach(self):
-        storage = self.backend(mha_host_pool("page_first"))
-        with self.assertRaisesRegex(ValueError, "mamba"):
-            storage.register_mem_host_pool_v2(mha_host_pool("page_first"), PoolName.MAMBA)
+    def test_v2_side_pools_of_hybrid_models(self):
+        # A hybrid model's group: the KV anchor plus side pools. SGLang builds
+        # an SWA model's window layers as an MHA host pool of their own (here
+        # 1 layer, 4 heads), an indexer-like pool shares the KV indices.
+        kv_w, kv_r = mha_host_pool("page_first"), mha_host_pool("page_first")
+        swa_w, swa_r = (mha_host_pool("page_first", heads=4, layers=1) for _ in range(2))
+        idx_w, idx_r = (mha_host_pool("page_first", heads=1, layers=2) for _ in range(2))
+        for pool, seed in ((kv_w, 90), (swa_w, 91), (idx_w, 92)):
+            fill_random(pool, seed)
+        writer, reader = self.backend(kv_w, model="hybrid"), self.backend(kv_r, model="hybrid")
+        for storage, swa, idx in ((writer, swa_w, idx_w), (reader, swa_r, idx_r)):
+            storage.register_mem_host_pool_v2(swa, PoolName.SWA)
+            storage.register_mem_host_pool_v2(idx, PoolName.INDEXER)
+        keys = page_keys(list(range(6000, 6000 + 6 * PAGE)))
+        kv_slots, swa_slots, idx_slots = (self.pages(p, 6) for p in (kv_w, swa_w, idx_w))
+        self.assertEqual(writer.batch_set_v1(keys, kv_slots), [True] * 6)
+        # SWA state only for the window ending at page 5; indexer for pages 0..3.
+        got = writer.batch_set_v2([
+            PoolTransfer(name=PoolName.SWA, host_indices=swa_slots[4 * PAGE:], keys=keys[4:]),
+            PoolTransfer(name=PoolName.INDEXER, host_indices=idx_slots[:4 * PAGE], keys=keys[:4])])
+        self.assertEqual(got, {PoolName.SWA: [True, True], PoolName.INDEXER: [True] * 4})
+
+        trailing = PoolTransfer(name=PoolName.SWA, keys=keys[-2:],
+                                hit_policy=PoolHitPolicy.TRAILING_PAGES)
+        result = reader.batch_exists_v2(keys, [trailing])
+        self.assertEqual((result.kv_hit_pages, result.restorable_prefix_pages), (6, [6]))
+        all_pages = PoolTransfer(name=PoolName.INDEXER, hit_policy=PoolHitPolicy.ALL_PAGES)
+        result = reader.batch_exists_v2(keys, [all_pages])
+        self.assertEqual((result.kv_hit_pages, result.extra_pool_hit_pages[PoolName.INDEXER]), (4, 4))
+        self.assertEqual(reader.batch_exists_v2(keys, [trailing, all_pages]).kv_hit_pages, 0)
+        missing = PoolTransfer(name=PoolName.MAMBA, keys=keys[-1:],
+                               hit_policy=PoolHitPolicy.TRAILING_PAGES)
+        self.assertEqual(reader.batch_exists_v2(keys, [missing]).kv_hit_pages, 0)
+
+        swa_to, idx_to = self.pages(swa_r, 2), self.pages(idx_r, 4)
+        got = reader.batch_get_v2([
+            PoolTransfer(name=PoolName.SWA, host_indices=swa_to, keys=keys[4:]),
+            PoolTransfer(name=PoolName.INDEXER, host_indices=idx_to, keys=keys[:4]),
+            PoolTransfer(name=PoolName.MAMBA, host_indices=swa_to, keys=keys[:1])])
+        self.assertEqual(got, {PoolName.SWA: [True, True], PoolName.INDEXER: [True] * 4,
+                               PoolName.MAMBA: [False]})
+        self.assert_same_pages(swa_w, swa_slots[4 * PAGE:], swa_r, swa_to)
+        self.assert_same_pages(idx_w, idx_slots[:4 * PAGE], idx_r, idx_to)
+        # A side pool is its own namespace: its blocks never answer for KV.
+        self.assertEqual(reader.batch_exists(page_keys(list(range(6000, 6000 + PAGE)))), 1)
 
     def test_bad_config_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "timeout"):

@@ -24,6 +24,9 @@ SGLang's data paths are served with the same stored bytes:
   builds (`get_data_page`, `get_dummy_flat_data_page`), each piece at its
   offset in the flat page (found from the host pool's own view of a page).
 
+Hybrid models: side pools registered with `register_mem_host_pool_v2` (SWA,
+indexer, draft) get a namespace each and are served by the v2 calls.
+
 Failures. Nothing the cache does raises into SGLang once the backend is
 attached: an unreachable or dead node makes `exists` report 0 pages, `get`
 return None, `set` return False and the v1 calls return False per page,
@@ -47,6 +50,10 @@ from sglang.srt.mem_cache.hicache_storage import (
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,
+    PoolHitPolicy,
+    PoolName,
+    PoolTransfer,
+    PoolTransferResult,
 )
 
 import kvstrata
@@ -156,6 +163,13 @@ class _Pool:
                 "kvstrata: host pool %r (%s, layout %r) has pieces of sizes %s per page; "
                 "a kvstrata namespace holds one block size" %
                 (name, type(host_pool).__name__, getattr(host_pool, "layout", None), sizes))
+        buffer = getattr(host_pool, "kv_buffer", None)
+        if not isinstance(buffer, torch.Tensor) or not all(
+                0 <= p - buffer.data_ptr() <= buffer.numel() * buffer.element_size() - sizes[0]
+                for p in ptrs):
+            raise ValueError(
+                "kvstrata: host pool %r (%s) keeps its pages outside one kv_buffer tensor; "
+                "not supported" % (name, type(host_pool).__name__))
         self.pieces = len(ptrs)
         self.piece_bytes = int(sizes[0])
         self.page_bytes = self.pieces * self.piece_bytes
@@ -270,17 +284,25 @@ class KvstrataHiCacheStorage(HiCacheStorage):
 
     def register_mem_host_pool_v2(self, host_pool, host_pool_name):
         # SGLang's HybridCacheController (every model in 0.5.x) registers its
-        # pool group here after register_mem_pool_host: for a plain MHA/MLA
-        # model that is the KV anchor alone. Side pools (Mamba, SWA, indexer,
-        # draft) would need the v2 calls, which this backend does not serve:
-        # refuse them at attach time rather than fail mid-request.
-        if str(host_pool_name) != "kv":
-            raise ValueError("kvstrata: host pool %r (%s) is not supported; the kvstrata backend "
-                             "stores the KV pool of MHA/MLA models only"
-                             % (str(host_pool_name), type(host_pool).__name__))
+        # pool group here after register_mem_pool_host: the KV anchor, and for
+        # hybrid models side pools (SWA, indexer, draft) that the v2 calls
+        # move alongside the KV pages, each in a namespace of its own.
+        name = str(host_pool_name)
         super().register_mem_host_pool_v2(host_pool, host_pool_name)
-        if "kv" not in self._pools or self._pools["kv"].host_pool is not host_pool:
-            self.register_mem_pool_host(host_pool)
+        if name == "kv":
+            if "kv" not in self._pools or self._pools["kv"].host_pool is not host_pool:
+                self.register_mem_pool_host(host_pool)
+            return
+        try:
+            pool = _Pool(name, host_pool)
+        except ValueError:
+            raise
+        except Exception as e:  # a pool class without the page geometry we need
+            raise ValueError("kvstrata: host pool %r (%s) is not supported: %s"
+                             % (name, type(host_pool).__name__, e)) from e
+        pool.identity = self._identity(pool)
+        self._pools[name] = pool
+        self._namespace(pool, at_start=True)
 
     def _identity(self, pool: _Pool) -> str:
         cfg, hp = self.storage_config, pool.host_pool
@@ -482,32 +504,7 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             raise ValueError("a page piece lies outside the host pool buffer")
         return offsets
 
-    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        pool = self._pools.get("kv")
-        if pool is None or not keys:
-            return [False] * len(keys)
-        ns = self._namespace(pool)
-        if ns is None:
-            return [False] * len(keys)
-        try:
-            offsets = self._zero_copy_items(pool, keys, host_indices)
-            buffer = self._registered_buffer(pool)
-            blocks, _ = self._chain(pool, keys, extra_info)
-            start = time.perf_counter()
-            result = ns.fetch([(b, buffer, o) for b, o in zip(blocks, offsets)],
-                              timeout=self.timeout)
-            self._record(pool, False, result, time.perf_counter() - start)
-        except Exception as e:
-            self._failed("fetch", e)
-            return [False] * len(keys)
-        self._ok()
-        return self._count_read(self._page_results(pool, result.outcomes, {kvstrata.Outcome.OK},
-                                                   len(keys)))
-
-    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
-                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        pool = self._pools.get("kv")
+    def _zero_copy_io(self, pool: Optional[_Pool], keys, host_indices, extra_info, write):
         if pool is None or not keys:
             return [False] * len(keys)
         ns = self._namespace(pool)
@@ -518,14 +515,103 @@ class KvstrataHiCacheStorage(HiCacheStorage):
             buffer = self._registered_buffer(pool)
             blocks, parents = self._chain(pool, keys, extra_info)
             start = time.perf_counter()
-            result = ns.publish([(b, p, buffer, o) for b, p, o in zip(blocks, parents, offsets)],
-                                timeout=self.timeout)
-            self._record(pool, True, result, time.perf_counter() - start)
+            if write:
+                result = ns.publish([(b, p, buffer, o) for b, p, o in zip(blocks, parents, offsets)],
+                                    timeout=self.timeout)
+            else:
+                result = ns.fetch([(b, buffer, o) for b, o in zip(blocks, offsets)],
+                                  timeout=self.timeout)
+            self._record(pool, write, result, time.perf_counter() - start)
         except Exception as e:
-            self._failed("publish", e)
+            self._failed("publish" if write else "fetch", e)
             return [False] * len(keys)
         self._ok()
-        return self._count_written(self._page_results(pool, result.outcomes, _STORED, len(keys)))
+        if write:
+            return self._count_written(self._page_results(pool, result.outcomes, _STORED, len(keys)))
+        return self._count_read(self._page_results(pool, result.outcomes, {kvstrata.Outcome.OK},
+                                                   len(keys)))
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        return self._zero_copy_io(self._pools.get("kv"), keys, host_indices, extra_info, False)
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        return self._zero_copy_io(self._pools.get("kv"), keys, host_indices, extra_info, True)
+
+    # ---- v2: the KV pool and side pools (hybrid models) ------------------------
+
+    def _pages_present(self, pool: _Pool, keys) -> List[bool]:
+        """Which of `keys` have every block stored in `pool`'s namespace."""
+        ns = self._namespace(pool)
+        if ns is None or not keys:
+            return [False] * len(keys)
+        blocks, _ = self._chain(pool, keys, None)
+        prefix = ns.lookup(blocks, timeout=self.timeout) // pool.pieces
+        present = [True] * prefix + [False] * (len(keys) - prefix)
+        # Past the stored prefix, a page may still be there (a trailing
+        # window is written without the pages before it): one lookup each.
+        for i in range(prefix + 1, len(keys)):
+            page = blocks[i * pool.pieces:(i + 1) * pool.pieces]
+            present[i] = ns.lookup(page, timeout=self.timeout) == pool.pieces
+        return present
+
+    def batch_exists_v2(self, keys: List[str], pool_transfers: Optional[List[PoolTransfer]] = None,
+                        extra_info: Optional[HiCacheStorageExtraInfo] = None) -> PoolTransferResult:
+        # The semantics of SGLang's own HiCacheFile.batch_exists_v2: the KV
+        # prefix, cut by each side pool's hit policy.
+        kv_pages = self.batch_exists(keys, extra_info)
+        hits = {PoolName.KV: kv_pages} if kv_pages else {}
+        restorable = set(range(1, kv_pages + 1))
+        try:
+            for transfer in pool_transfers or []:
+                if not restorable:
+                    break
+                pool = self._pools.get(str(transfer.name))
+                if transfer.hit_policy == PoolHitPolicy.BLOCK_GROUPS:
+                    continue  # reports its own verdict and never gates the KV hit: none here
+                if pool is None:
+                    restorable = set()  # a pool nothing was stored for
+                    break
+                present = self._pages_present(pool, keys[:kv_pages])
+                if transfer.hit_policy == PoolHitPolicy.ALL_PAGES:
+                    boundary = present.index(False) if False in present else kv_pages
+                    pool_ok = set(range(1, boundary + 1))
+                else:  # TRAILING_PAGES: only the window before the prefix's end
+                    window = max(1, len(transfer.keys) if transfer.keys else 1)
+                    pool_ok = {n for n in range(1, kv_pages + 1)
+                               if all(present[max(0, n - window):n])}
+                    boundary = max(pool_ok, default=0)
+                if boundary:
+                    hits[transfer.name] = boundary
+                restorable &= pool_ok
+        except Exception as e:
+            self._failed("lookup", e)
+            return PoolTransferResult.empty()
+        ordered = sorted(restorable)
+        return PoolTransferResult(ordered[-1] if ordered else 0, hits, ordered)
+
+    def _batch_io_v2(self, transfers, extra_info, write):
+        results = {}
+        for transfer in transfers:
+            keys = transfer.keys or []
+            pool = self._pools.get(str(transfer.name))
+            if pool is None or transfer.host_indices is None:
+                logger.error("kvstrata: no host pool %r registered, or no host indices",
+                             str(transfer.name))
+                results[transfer.name] = [False] * len(keys)
+                continue
+            results[transfer.name] = self._zero_copy_io(pool, keys, transfer.host_indices,
+                                                        extra_info, write)
+        return results
+
+    def batch_get_v2(self, transfers: List[PoolTransfer],
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> Dict[str, List[bool]]:
+        return self._batch_io_v2(transfers, extra_info, False)
+
+    def batch_set_v2(self, transfers: List[PoolTransfer],
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> Dict[str, List[bool]]:
+        return self._batch_io_v2(transfers, extra_info, True)
 
     # ---- generic path (flat page tensors) -------------------------------------
 
