@@ -171,6 +171,22 @@ class SGLangBackendTest(unittest.TestCase):
                 "dynamic", storage_config({"backend_name": "kvstrata",
                                            "module_path": "kvstrata.sglang_backend"}), pool)
 
+    def test_pools_it_cannot_store_are_refused_at_attach(self):
+        # K and V of different widths (SGLang's AsymmetricMHATokenToKVPoolHost):
+        # two block sizes per page, which one namespace cannot hold.
+        from sglang.srt.mem_cache.pool_host.mha import get_mha_host_pool_cls
+        device = MHATokenToKVPool(64, PAGE, torch.bfloat16, 2, 8, LAYERS, "cpu", False,
+                                  v_head_dim=4, start_layer=0, end_layer=LAYERS)
+        info = device.get_device_pool_infos()[0].buffer_info
+        host = get_mha_host_pool_cls(info)(info, 2.0, 0, PAGE, "page_first", pin_memory=False,
+                                          device="cpu", device_capacity_tokens=device.size,
+                                          start_layer=0, end_layer=LAYERS)
+        with self.assertRaisesRegex(ValueError, "pieces of sizes"):
+            self.backend(host, model="asym")
+        storage = self.backend(mha_host_pool("page_first"), model="asym")
+        with self.assertRaisesRegex(ValueError, "pieces of sizes"):
+            storage.register_mem_host_pool_v2(host, PoolName.SWA)
+
     def test_v2_side_pools_of_hybrid_models(self):
         # A hybrid model's group: the KV anchor plus side pools. SGLang builds
         # an SWA model's window layers as an MHA host pool of their own (here
