@@ -31,10 +31,11 @@ Failures. Nothing the cache does raises into SGLang once the backend is
 attached: an unreachable or dead node makes `exists` report 0 pages, `get`
 return None, `set` return False and the v1 calls return False per page,
 exactly what the base class documents for a miss or a failed write; SGLang
-then recomputes. The client is dropped after an UNAVAILABLE/DEADLINE_EXCEEDED
-error and rebuilt on a later call (at most once per `reconnect_interval`).
-Bad configuration (unknown types, a layout whose pieces differ in size) raises
-at construction or pool registration, where SGLang reports it at start-up.
+then recomputes. A single-node client is dropped after an
+UNAVAILABLE/DEADLINE_EXCEEDED error and rebuilt on a later call (at most once
+per `reconnect_interval`); a cluster heals by its own health checks. Bad
+configuration (wrong types, a layout whose pieces differ in size) raises at
+construction or pool registration, where SGLang reports it at start-up.
 """
 from __future__ import annotations
 
