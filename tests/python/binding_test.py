@@ -240,5 +240,54 @@ class ClusterTest(unittest.TestCase):
             kvstrata.Cluster(nodes=["127.0.0.1:1"], replication=0)
 
 
+class AuthTest(unittest.TestCase):
+    """A node with --auth_file: the binding's token (argument or KVSTRATA_TOKEN)."""
+
+    def test_tokens_pick_tenants_and_close_frees_a_namespace_slot(self):
+        import hashlib
+        import os
+        import tempfile
+
+        def digest(token):
+            return hashlib.sha256(token.encode()).hexdigest()
+
+        with tempfile.TemporaryDirectory() as tmp:
+            auth = os.path.join(tmp, "auth")
+            with open(auth, "w") as out:
+                out.write("token sha256:%s tenant acme\n" % digest("acme-token"))
+                out.write("token sha256:%s admin *\n" % digest("admin-token"))
+                out.write("quota acme namespaces=1\n")
+            with NodeProcess(dram_bytes=64 << 20, extra_flags=["--auth_file=" + auth]) as node:
+                with self.assertRaises(kvstrata.Error) as caught:
+                    kvstrata.Client(node.address).open_namespace(
+                        tenant="acme", model="m", tokens_per_block=4, block_bytes=BLOCK)
+                self.assertEqual(caught.exception.code, kvstrata.UNAUTHENTICATED)
+                acme = kvstrata.Client(node.address, token="acme-token")
+                ns = acme.open_namespace(tenant="acme", model="m", tokens_per_block=4,
+                                         block_bytes=BLOCK)
+                keys = ns.keys(list(range(8)))
+                result = ns.publish([(keys[0], None, bytearray(BLOCK), 0)])
+                self.assertEqual(result.outcomes, [kvstrata.Outcome.OK])
+                with self.assertRaises(kvstrata.Error) as caught:
+                    acme.open_namespace(tenant="globex", model="m", tokens_per_block=4,
+                                        block_bytes=BLOCK)
+                self.assertEqual(caught.exception.code, kvstrata.PERMISSION_DENIED)
+                with self.assertRaises(kvstrata.Error) as caught:  # its quota: one namespace
+                    acme.open_namespace(tenant="acme", model="other", tokens_per_block=4,
+                                        block_bytes=BLOCK)
+                self.assertEqual(caught.exception.code, kvstrata.RESOURCE_EXHAUSTED)
+                ns.close()
+                acme.open_namespace(tenant="acme", model="other", tokens_per_block=4,
+                                    block_bytes=BLOCK)
+                with self.assertRaises(kvstrata.Error) as caught:
+                    acme.stats()
+                self.assertEqual(caught.exception.code, kvstrata.PERMISSION_DENIED)
+                os.environ["KVSTRATA_TOKEN"] = "admin-token"
+                try:
+                    self.assertGreaterEqual(kvstrata.Client(node.address).stats()["published_blocks"], 1)
+                finally:
+                    del os.environ["KVSTRATA_TOKEN"]
+
+
 if __name__ == "__main__":
     unittest.main()

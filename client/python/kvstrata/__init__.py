@@ -10,6 +10,7 @@
     future = ns.fetch_async([(keys[0], buf, 0)]); result = future.wait()
 
     cluster = kvstrata.Cluster(nodes=["10.0.0.1:50151", "10.0.0.2:50151"])  # or dns="svc:port"
+    client = kvstrata.Client(address, token="...")  # nodes run with --auth_file; or KVSTRATA_TOKEN
     ns = cluster.open_namespace(...)            # the same namespace API, over every node
 
 Items may name a registered Buffer (register/allocate: registered once,
@@ -27,9 +28,13 @@ CANCELLED = 1
 INVALID_ARGUMENT = 3
 DEADLINE_EXCEEDED = 4
 NOT_FOUND = 5
+PERMISSION_DENIED = 7
+RESOURCE_EXHAUSTED = 8
+FAILED_PRECONDITION = 9
 OUT_OF_RANGE = 11
 UNIMPLEMENTED = 12
 UNAVAILABLE = 14
+UNAUTHENTICATED = 16
 
 # NamespaceSpec.dtype values.
 DTYPE_FP16 = 1

@@ -358,6 +358,16 @@ class PyNamespace {
     return Check(std::move(known));
   }
 
+  // Frees the namespace's slot on the node (tenant namespace quotas).
+  void Close(std::optional<double> timeout) {
+    absl::Status closed;
+    {
+      py::gil_scoped_release release;
+      closed = ns_.Close(Timeout(timeout));
+    }
+    Check(closed);
+  }
+
   // items: (key, parent or None, buffer, offset)
   std::unique_ptr<PyFuture> PublishAsync(const py::iterable& items, std::optional<double> timeout);
   // items: (key, buffer, offset)
@@ -389,12 +399,13 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
 
   static std::shared_ptr<PyClient> Connect(const std::string& address, double timeout,
                                            const std::string& ucx_transports,
-                                           bool verify_checksums) {
+                                           bool verify_checksums, const std::string& token) {
     client::ClientOptions options;
     options.node_address = address;
     options.timeout = absl::Seconds(timeout);
     options.ucx_transports = ucx_transports;
     options.verify_checksums = verify_checksums;
+    options.auth_token = token;
     absl::StatusOr<std::unique_ptr<client::Client>> made;
     {
       py::gil_scoped_release release;
@@ -681,8 +692,10 @@ class PyCluster {
   static std::shared_ptr<PyCluster> Connect(const std::vector<std::string>& nodes,
                                             const std::string& dns, int replication,
                                             double timeout, const std::string& ucx_transports,
-                                            bool verify_checksums, double refresh_interval) {
+                                            bool verify_checksums, double refresh_interval,
+                                            const std::string& token) {
     client::ClusterOptions options;
+    options.client.auth_token = token;
     options.nodes = nodes;
     options.dns = dns;
     options.replication = replication;
@@ -846,7 +859,8 @@ PYBIND11_MODULE(_kvstrata, m) {
       .value("NOT_FOUND", BlockOutcome::kNotFound)
       .value("CHECKSUM_MISMATCH", BlockOutcome::kChecksumMismatch)
       .value("NO_SPACE", BlockOutcome::kNoSpace)
-      .value("TRANSFER_FAILED", BlockOutcome::kTransferFailed);
+      .value("TRANSFER_FAILED", BlockOutcome::kTransferFailed)
+      .value("REJECTED", BlockOutcome::kRejected);
 
   py::class_<client::TransferResult>(m, "TransferResult")
       .def_readonly("outcomes", &client::TransferResult::outcomes)
@@ -880,6 +894,7 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("lookup", &PyNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
       .def("lookup_tiers", &PyNamespace::LookupTiers, py::arg("keys"), py::arg("timeout") = py::none())
       .def("delete", &PyNamespace::Delete, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("close", &PyNamespace::Close, py::arg("timeout") = py::none())
       .def("request_finished", &PyNamespace::RequestFinished, py::arg("last_key"),
            py::arg("output_tokens"), py::arg("timeout") = py::none(),
            "Hints the node that the request whose prompt ended with block last_key finished, "
@@ -895,7 +910,7 @@ PYBIND11_MODULE(_kvstrata, m) {
   py::class_<PyClient, std::shared_ptr<PyClient>>(m, "Client")
       .def(py::init(&PyClient::Connect), py::arg("address") = "127.0.0.1:50151",
            py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
-           py::arg("verify_checksums") = true)
+           py::arg("verify_checksums") = true, py::arg("token") = "")
       .def("open_namespace", &PyClient::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
            py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
            py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
@@ -925,7 +940,8 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def(py::init(&PyCluster::Connect), py::kw_only(),
            py::arg("nodes") = std::vector<std::string>{}, py::arg("dns") = "",
            py::arg("replication") = 1, py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
-           py::arg("verify_checksums") = true, py::arg("refresh_interval") = 2.0)
+           py::arg("verify_checksums") = true, py::arg("refresh_interval") = 2.0,
+           py::arg("token") = "")
       .def("open_namespace", &PyCluster::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
            py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
            py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
