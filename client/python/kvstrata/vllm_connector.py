@@ -595,9 +595,14 @@ class KvstrataConnector(KVConnectorBase_V1):
                 self.stats["lookup_timeouts"] += 1
                 return 0
             except Exception as e:
+                if isinstance(e, kvstrata.Error) and e.code == kvstrata.DEADLINE_EXCEEDED:
+                    # The call's own deadline (the same one) ended it before
+                    # the wait above did: the same timeout, seen from the call.
+                    self.stats["lookup_timeouts"] += 1
+                    self._degrade("lookups past their %.0f ms deadline" % (self._lookup_timeout * 1e3))
+                    return 0
                 self.stats["lookup_errors"] += 1
-                if isinstance(e, kvstrata.Error) and e.code in (kvstrata.UNAVAILABLE,
-                                                                kvstrata.DEADLINE_EXCEEDED):
+                if isinstance(e, kvstrata.Error) and e.code == kvstrata.UNAVAILABLE:
                     self._degrade("lookup failed (%s)" % e)
                 else:
                     logger.warning("kvstrata lookup failed (%s): a miss", e)

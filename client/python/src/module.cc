@@ -290,6 +290,86 @@ class PyFuture {
   std::optional<absl::StatusOr<client::TransferResult>> result_;
 };
 
+// The buffers an item list names: a registered Buffer as it is, any other
+// object registered with `owner` (a Client or a Cluster) for this call only,
+// once however many items name it. `kept` holds them for the call's future.
+template <typename Owner>
+class ItemBuffers {
+ public:
+  explicit ItemBuffers(std::shared_ptr<Owner> owner) : owner_(std::move(owner)) {}
+
+  std::shared_ptr<PyBuffer> For(const py::handle& object) {
+    std::shared_ptr<PyBuffer> buffer = Find(object);
+    kept.push_back(buffer);
+    return buffer;
+  }
+
+  std::vector<std::shared_ptr<PyBuffer>> kept;
+
+ private:
+  std::shared_ptr<PyBuffer> Find(const py::handle& object) {
+    if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
+    auto it = made_.find(object.ptr());
+    if (it != made_.end()) return it->second;
+    py::object owned = py::reinterpret_borrow<py::object>(object);
+    Memory m = MemoryOf(owned);
+    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+    {
+      py::gil_scoped_release release;
+      buffer = owner_->Register(m.data, m.size);
+    }
+    auto registered = std::make_shared<PyBuffer>(owner_, Check(std::move(buffer)), owned, m.read_only);
+    made_.emplace(object.ptr(), registered);
+    return registered;
+  }
+
+  std::shared_ptr<Owner> owner_;
+  std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>> made_;
+};
+
+// (key, parent or None, buffer, offset) tuples.
+template <typename Owner>
+std::vector<client::PublishItem> PublishItemsFrom(const py::iterable& items,
+                                                  ItemBuffers<Owner>& buffers) {
+  std::vector<client::PublishItem> list;
+  for (py::handle handle : items) {
+    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+    if (item.size() != 4) {
+      throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
+    }
+    client::PublishItem p;
+    p.key = KeyFrom(item[0]);
+    if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
+    p.buffer = buffers.For(item[2])->get();
+    p.offset = py::cast<size_t>(item[3]);
+    list.push_back(p);
+  }
+  return list;
+}
+
+// (key, buffer, offset) tuples; the buffers must be writable.
+template <typename Owner>
+std::vector<client::FetchItem> FetchItemsFrom(const py::iterable& items,
+                                              ItemBuffers<Owner>& buffers) {
+  std::vector<client::FetchItem> list;
+  for (py::handle handle : items) {
+    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
+    if (item.size() != 3) {
+      throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
+    }
+    std::shared_ptr<PyBuffer> buffer = buffers.For(item[1]);
+    if (buffer->read_only()) {
+      throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
+    }
+    client::FetchItem f;
+    f.key = KeyFrom(item[0]);
+    f.buffer = buffer->get();
+    f.offset = py::cast<size_t>(item[2]);
+    list.push_back(f);
+  }
+  return list;
+}
+
 class PyNamespace {
  public:
   PyNamespace(std::shared_ptr<client::Client> client, client::Namespace ns)
@@ -384,11 +464,6 @@ class PyNamespace {
   static client::TransferResult WaitResult(std::unique_ptr<PyFuture> future) {
     return py::cast<client::TransferResult>(future->wait(std::nullopt));
   }
-  // A registered buffer for `object`: itself when it already is one, else a
-  // registration for this call only, shared by every item naming the object.
-  using Registrations = std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>>;
-  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object, Registrations& made);
-
   std::shared_ptr<client::Client> client_;
   client::Namespace ns_;
 };
@@ -481,76 +556,28 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
   std::shared_ptr<client::Client> client_;
 };
 
-std::shared_ptr<PyBuffer> PyNamespace::BufferFor(const py::handle& object, Registrations& made) {
-  if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
-  auto it = made.find(object.ptr());
-  if (it != made.end()) return it->second;
-  py::object owned = py::reinterpret_borrow<py::object>(object);
-  Memory m = MemoryOf(owned);
-  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-  {
-    py::gil_scoped_release release;
-    buffer = client_->Register(m.data, m.size);
-  }
-  auto registered = std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), owned, m.read_only);
-  made.emplace(object.ptr(), registered);
-  return registered;
-}
-
 std::unique_ptr<PyFuture> PyNamespace::PublishAsync(const py::iterable& items,
                                                     std::optional<double> timeout) {
-  std::vector<client::PublishItem> list;
-  std::vector<std::shared_ptr<PyBuffer>> keep;
-  Registrations made;
-  for (py::handle handle : items) {
-    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
-    if (item.size() != 4) {
-      throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
-    }
-    std::shared_ptr<PyBuffer> buffer = BufferFor(item[2], made);
-    client::PublishItem p;
-    p.key = KeyFrom(item[0]);
-    if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
-    p.buffer = buffer->get();
-    p.offset = py::cast<size_t>(item[3]);
-    list.push_back(p);
-    keep.push_back(std::move(buffer));
-  }
+  ItemBuffers<client::Client> buffers(client_);
+  std::vector<client::PublishItem> list = PublishItemsFrom(items, buffers);
   std::future<absl::StatusOr<client::TransferResult>> future;
   {
     py::gil_scoped_release release;
     future = ns_.PublishAsync(std::move(list), Timeout(timeout));
   }
-  return std::make_unique<PyFuture>(std::move(future), std::move(keep));
+  return std::make_unique<PyFuture>(std::move(future), std::move(buffers.kept));
 }
 
 std::unique_ptr<PyFuture> PyNamespace::FetchAsync(const py::iterable& items,
                                                   std::optional<double> timeout) {
-  std::vector<client::FetchItem> list;
-  std::vector<std::shared_ptr<PyBuffer>> keep;
-  Registrations made;
-  for (py::handle handle : items) {
-    py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
-    if (item.size() != 3) {
-      throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
-    }
-    std::shared_ptr<PyBuffer> buffer = BufferFor(item[1], made);
-    if (buffer->read_only()) {
-      throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
-    }
-    client::FetchItem f;
-    f.key = KeyFrom(item[0]);
-    f.buffer = buffer->get();
-    f.offset = py::cast<size_t>(item[2]);
-    list.push_back(f);
-    keep.push_back(std::move(buffer));
-  }
+  ItemBuffers<client::Client> buffers(client_);
+  std::vector<client::FetchItem> list = FetchItemsFrom(items, buffers);
   std::future<absl::StatusOr<client::TransferResult>> future;
   {
     py::gil_scoped_release release;
     future = ns_.FetchAsync(std::move(list), Timeout(timeout));
   }
-  return std::make_unique<PyFuture>(std::move(future), std::move(keep));
+  return std::make_unique<PyFuture>(std::move(future), std::move(buffers.kept));
 }
 
 
@@ -604,55 +631,23 @@ class PyClusterNamespace {
   }
 
   std::unique_ptr<PyFuture> PublishAsync(const py::iterable& items, std::optional<double>) {
-    std::vector<client::PublishItem> list;
-    std::vector<std::shared_ptr<PyBuffer>> keep;
-    Registrations made;
-    for (py::handle handle : items) {
-      py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
-      if (item.size() != 4) {
-        throw StatusError{absl::InvalidArgumentError("publish items are (key, parent, buffer, offset)")};
-      }
-      std::shared_ptr<PyBuffer> buffer = BufferFor(item[2], made);
-      client::PublishItem p;
-      p.key = KeyFrom(item[0]);
-      if (!item[1].is_none()) p.parent = KeyFrom(item[1]);
-      p.buffer = buffer->get();
-      p.offset = py::cast<size_t>(item[3]);
-      list.push_back(p);
-      keep.push_back(std::move(buffer));
-    }
+    ItemBuffers<client::Cluster> buffers(cluster_);
+    std::vector<client::PublishItem> list = PublishItemsFrom(items, buffers);
     auto run = [cluster = cluster_, ns = ns_, list = std::move(list)]() mutable {
       return ns.Publish(list);
     };
     py::gil_scoped_release release;
-    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(keep));
+    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(buffers.kept));
   }
 
   std::unique_ptr<PyFuture> FetchAsync(const py::iterable& items, std::optional<double>) {
-    std::vector<client::FetchItem> list;
-    std::vector<std::shared_ptr<PyBuffer>> keep;
-    Registrations made;
-    for (py::handle handle : items) {
-      py::tuple item = py::reinterpret_borrow<py::tuple>(handle);
-      if (item.size() != 3) {
-        throw StatusError{absl::InvalidArgumentError("fetch items are (key, buffer, offset)")};
-      }
-      std::shared_ptr<PyBuffer> buffer = BufferFor(item[1], made);
-      if (buffer->read_only()) {
-        throw StatusError{absl::InvalidArgumentError("fetch into a read-only buffer")};
-      }
-      client::FetchItem f;
-      f.key = KeyFrom(item[0]);
-      f.buffer = buffer->get();
-      f.offset = py::cast<size_t>(item[2]);
-      list.push_back(f);
-      keep.push_back(std::move(buffer));
-    }
+    ItemBuffers<client::Cluster> buffers(cluster_);
+    std::vector<client::FetchItem> list = FetchItemsFrom(items, buffers);
     auto run = [cluster = cluster_, ns = ns_, list = std::move(list)]() mutable {
       return ns.Fetch(list);
     };
     py::gil_scoped_release release;
-    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(keep));
+    return std::make_unique<PyFuture>(std::async(std::launch::async, std::move(run)), std::move(buffers.kept));
   }
 
   client::TransferResult Publish(const py::iterable& items, std::optional<double> timeout) {
@@ -663,23 +658,6 @@ class PyClusterNamespace {
   }
 
  private:
-  using Registrations = std::unordered_map<PyObject*, std::shared_ptr<PyBuffer>>;
-  std::shared_ptr<PyBuffer> BufferFor(const py::handle& object, Registrations& made) {
-    if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
-    auto it = made.find(object.ptr());
-    if (it != made.end()) return it->second;
-    py::object owned = py::reinterpret_borrow<py::object>(object);
-    Memory m = MemoryOf(owned);
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = cluster_->Register(m.data, m.size);
-    }
-    auto registered = std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), owned, m.read_only);
-    made.emplace(object.ptr(), registered);
-    return registered;
-  }
-
   std::shared_ptr<client::Cluster> cluster_;
   client::ClusterNamespace ns_;
   uint32_t tokens_per_block_;
