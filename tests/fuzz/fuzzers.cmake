@@ -5,7 +5,9 @@
 find_program(KVSTRATA_FUZZ_CXX NAMES clang++-14)
 find_program(KVSTRATA_FUZZ_CC NAMES clang-14)
 set(_fuzz_works OFF)
-if(KVSTRATA_FUZZ_CXX AND KVSTRATA_FUZZ_CC)
+# A sanitized g++ build (the debug preset) would hand the harnesses a proto
+# library instrumented for GCC's ASan runtime, not clang's.
+if(KVSTRATA_FUZZ_CXX AND KVSTRATA_FUZZ_CC AND NOT CMAKE_CXX_FLAGS MATCHES "-fsanitize")
   set(_probe_dir ${CMAKE_BINARY_DIR}/fuzz-probe)
   file(MAKE_DIRECTORY ${_probe_dir})
   file(WRITE ${_probe_dir}/probe.cc

@@ -7,7 +7,10 @@
 
 #include <cstdint>
 #include <dirent.h>
+#include <unistd.h>
+
 #include <fstream>
+#include <map>
 #include <string>
 
 namespace kvstrata::soak {
@@ -31,6 +34,29 @@ inline ProcUsage ReadProcUsage(pid_t pid) {
     closedir(dir);
   }
   return usage;
+}
+
+// Open descriptors by kind ("socket", "anon_inode:[eventfd]", "/dev/shm",
+// or the file's directory), for messages about what a process holds.
+inline std::string DescribeFds(pid_t pid) {
+  const std::string dir_path = "/proc/" + std::to_string(pid) + "/fd";
+  std::map<std::string, int> kinds;
+  if (DIR* dir = opendir(dir_path.c_str())) {
+    while (dirent* entry = readdir(dir)) {
+      if (entry->d_name[0] == '.') continue;
+      char target[512];
+      const ssize_t n = readlink((dir_path + "/" + entry->d_name).c_str(), target, sizeof(target) - 1);
+      std::string kind = n > 0 ? std::string(target, n) : "?";
+      if (kind.rfind("socket:", 0) == 0) kind = "socket";
+      else if (kind.rfind("pipe:", 0) == 0) kind = "pipe";
+      else if (kind[0] == '/') kind = kind.substr(0, kind.rfind('/') + 1);
+      ++kinds[kind];
+    }
+    closedir(dir);
+  }
+  std::string out;
+  for (const auto& [kind, count] : kinds) out += kind + " x" + std::to_string(count) + ", ";
+  return out;
 }
 
 }  // namespace kvstrata::soak
