@@ -129,6 +129,12 @@ int RunWorker(const WorkerOptions& options) {
         ++counts.fetched_ok;
       }
     }
+    // Now and then drop a chain's last block: erasing races with other
+    // workers' fetches, demotions and promotions of it.
+    if (rng() % 16 == 0) {
+      auto deleted = ns->Delete({keys.back()});
+      if (!deleted.ok()) Error("delete", deleted.status());
+    }
     if (absl::Now() >= next_report) {
       Report(counts);
       next_report += absl::Seconds(1);

@@ -1,5 +1,5 @@
-// One soak client: a child process that publishes, looks up and fetches
-// chains of blocks against a node until its deadline, checking every fetched
+// One soak client: a child process that publishes, looks up, fetches and
+// now and then deletes chains of blocks against a node until its deadline, checking every fetched
 // byte against what the block's key says it must hold (testing::FillBlock of
 // the chain's seed and position), independently of the library's checksums.
 //
