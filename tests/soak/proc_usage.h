@@ -11,6 +11,7 @@
 
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <string>
 
 namespace kvstrata::soak {
@@ -36,10 +37,33 @@ inline ProcUsage ReadProcUsage(pid_t pid) {
   return usage;
 }
 
-// Open descriptors by kind ("socket", "anon_inode:[eventfd]", "/dev/shm",
-// or the file's directory), for messages about what a process holds.
-inline std::string DescribeFds(pid_t pid) {
+// Local TCP port of each socket inode of `pid`'s network namespace.
+inline std::map<std::string, int> SocketPorts(pid_t pid) {
+  std::map<std::string, int> ports;
+  for (const char* table : {"tcp", "tcp6"}) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/net/" + table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+      std::istringstream fields(line);
+      std::string sl, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      fields >> sl >> local >> remote >> state >> queues >> timer >> retransmits >> uid >> timeout >>
+          inode;
+      const size_t colon = local.rfind(':');
+      if (colon == std::string::npos) continue;
+      ports[inode] = std::stoi(local.substr(colon + 1), nullptr, 16);
+    }
+  }
+  return ports;
+}
+
+// Open descriptors by kind ("anon_inode:[eventfd]", the file's directory, or
+// for sockets whether they are connections to `grpc_port`), for messages
+// about what a process holds.
+inline std::string DescribeFds(pid_t pid, int grpc_port) {
   const std::string dir_path = "/proc/" + std::to_string(pid) + "/fd";
+  const std::map<std::string, int> ports = SocketPorts(pid);
   std::map<std::string, int> kinds;
   if (DIR* dir = opendir(dir_path.c_str())) {
     while (dirent* entry = readdir(dir)) {
@@ -47,7 +71,12 @@ inline std::string DescribeFds(pid_t pid) {
       char target[512];
       const ssize_t n = readlink((dir_path + "/" + entry->d_name).c_str(), target, sizeof(target) - 1);
       std::string kind = n > 0 ? std::string(target, n) : "?";
-      if (kind.rfind("socket:", 0) == 0) kind = "socket";
+      if (kind.rfind("socket:[", 0) == 0) {
+        auto port = ports.find(kind.substr(8, kind.size() - 9));
+        kind = port == ports.end()          ? "socket (not TCP)"
+               : port->second == grpc_port ? "TCP socket on the gRPC port"
+                                           : "TCP socket on another port (UCX, metrics)";
+      }
       else if (kind.rfind("pipe:", 0) == 0) kind = "pipe";
       else if (kind[0] == '/') kind = kind.substr(0, kind.rfind('/') + 1);
       ++kinds[kind];

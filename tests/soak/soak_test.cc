@@ -131,7 +131,7 @@ TEST_F(Soak, ClientsKilledAtRandomNeverSeeWrongBytes) {
 
   RunProbe(1000000);
   const ProcUsage baseline = ReadProcUsage(node_pid);
-  const std::string baseline_fds = DescribeFds(node_pid);
+  const std::string baseline_fds = DescribeFds(node_pid, node_->port());
   const absl::Time deadline = absl::Now() + duration;
   std::vector<std::unique_ptr<ChildProcess>> workers;
   uint64_t next_seed = 1;
@@ -220,8 +220,8 @@ TEST_F(Soak, ClientsKilledAtRandomNeverSeeWrongBytes) {
   printf("soak: node after the clients left: RSS %.1f MiB, %lu fds, %lu threads\n"
          "soak: fds at baseline: %s\nsoak: fds after: %s\n",
          after.rss_bytes / 1048576.0, after.fds, after.threads, baseline_fds.c_str(),
-         DescribeFds(node_pid).c_str());
-  EXPECT_LE(after.fds, baseline.fds + 16) << "the node holds " << DescribeFds(node_pid);
+         DescribeFds(node_pid, node_->port()).c_str());
+  EXPECT_LE(after.fds, baseline.fds + 16) << "the node holds " << DescribeFds(node_pid, node_->port());
   EXPECT_LE(after.threads, baseline.threads + 16);
   EXPECT_LE(after.rss_bytes, baseline.rss_bytes + (256ull << 20));
 }
