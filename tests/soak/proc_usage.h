@@ -11,6 +11,7 @@
 
 #include <fstream>
 #include <map>
+#include <set>
 #include <sstream>
 #include <string>
 
@@ -58,12 +59,29 @@ inline std::map<std::string, int> SocketPorts(pid_t pid) {
   return ports;
 }
 
+// Inodes of `pid`'s Unix domain sockets.
+inline std::set<std::string> UnixSockets(pid_t pid) {
+  std::set<std::string> inodes;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/net/unix");
+  std::string line;
+  std::getline(in, line);  // header
+  while (std::getline(in, line)) {
+    // Num RefCount Protocol Flags Type St Inode [Path]
+    std::istringstream fields(line);
+    std::string num, refs, protocol, flags, type, state, inode;
+    fields >> num >> refs >> protocol >> flags >> type >> state >> inode;
+    inodes.insert(inode);
+  }
+  return inodes;
+}
+
 // Open descriptors by kind ("anon_inode:[eventfd]", the file's directory, or
 // for sockets whether they are connections to `grpc_port`), for messages
 // about what a process holds.
 inline std::string DescribeFds(pid_t pid, int grpc_port) {
   const std::string dir_path = "/proc/" + std::to_string(pid) + "/fd";
   const std::map<std::string, int> ports = SocketPorts(pid);
+  const std::set<std::string> unix_sockets = UnixSockets(pid);
   std::map<std::string, int> kinds;
   if (DIR* dir = opendir(dir_path.c_str())) {
     while (dirent* entry = readdir(dir)) {
@@ -72,8 +90,12 @@ inline std::string DescribeFds(pid_t pid, int grpc_port) {
       const ssize_t n = readlink((dir_path + "/" + entry->d_name).c_str(), target, sizeof(target) - 1);
       std::string kind = n > 0 ? std::string(target, n) : "?";
       if (kind.rfind("socket:[", 0) == 0) {
-        auto port = ports.find(kind.substr(8, kind.size() - 9));
-        kind = port == ports.end()          ? "socket (not TCP)"
+        const std::string inode = kind.substr(8, kind.size() - 9);
+        auto port = ports.find(inode);
+        // A TCP socket whose connection is gone (reset by a dead peer) but
+        // whose fd is still open is in neither table.
+        kind = unix_sockets.contains(inode) ? "Unix socket"
+               : port == ports.end()        ? "socket without a connection (closed TCP)"
                : port->second == grpc_port ? "TCP socket on the gRPC port"
                                            : "TCP socket on another port (UCX, metrics)";
       }
