@@ -14,7 +14,8 @@ PACKAGES=(
   librocksdb-dev liburing-dev fio
   # operations
   prometheus-cpp-dev
-  # tests and benchmarks
+  # tests and benchmarks (clang and its runtimes build the libFuzzer harnesses, tests/fuzz)
+  clang-14 libclang-rt-14-dev
   libgtest-dev libgmock-dev libbenchmark-dev redis-server libhiredis-dev prometheus
   python3 python3-yaml python3-pip python3-venv openssl golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
   # Python binding, sidecar and kernel evaluation

@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <random>
 
 #include "absl/container/flat_hash_map.h"
@@ -115,6 +117,21 @@ TEST(ReplayTest, LoadsMooncakeLines) {
   }
   EXPECT_FALSE(LoadMooncakeTrace(path).ok());
   EXPECT_FALSE(LoadMooncakeTrace(path + ".missing").ok());
+}
+
+// Found by tests/fuzz/trace_fuzzer.cc: a line that ends right after a key's
+// colon made the parser read one byte past the line.
+TEST(ReplayTest, RejectsLineEndingAfterAColon) {
+  const std::string line = R"({"input_length": 512, "hash_ids": [1], "timestamp":)";
+  // Exactly the line's bytes, so a read past them is a read past the buffer.
+  std::unique_ptr<char[]> exact(new char[line.size()]);
+  std::memcpy(exact.get(), line.data(), line.size());
+  EXPECT_FALSE(ParseMooncakeRequest(std::string_view(exact.get(), line.size())).ok());
+  auto request = ParseMooncakeRequest(
+      R"({"timestamp": 1.5, "input_length": 512, "output_length": 7, "hash_ids": [4, 2]})");
+  ASSERT_TRUE(request.ok()) << request.status();
+  EXPECT_EQ(request->hash_ids, (std::vector<uint64_t>{4, 2}));
+  EXPECT_EQ(request->output_length, 7u);
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ absl::string_view JsonField(absl::string_view line, absl::string_view key) {
   if (at == absl::string_view::npos) return {};
   ++at;
   while (at < line.size() && line[at] == ' ') ++at;
+  if (at == line.size()) return {};  // `"key":` ends the line (found by tests/fuzz)
   size_t end = line[at] == '[' ? line.find(']', at) + 1 : line.find_first_of(",}", at);
   if (end == absl::string_view::npos || end == 0) return {};
   return line.substr(at, end - at);
@@ -36,6 +37,34 @@ BlockId IdOf(uint64_t hash) { return NumberedBlockId(hash); }
 
 }  // namespace
 
+absl::StatusOr<TraceRequest> ParseMooncakeRequest(std::string_view text) {
+  const absl::string_view line(text.data(), text.size());
+  TraceRequest request;
+  absl::string_view ids = JsonField(line, "hash_ids");
+  if (!absl::SimpleAtod(JsonField(line, "timestamp"), &request.timestamp) ||
+      !absl::SimpleAtoi(JsonField(line, "input_length"), &request.input_length) ||
+      ids.size() < 2 || ids.front() != '[') {
+    return absl::InvalidArgumentError("not a Mooncake request");
+  }
+  if (!absl::SimpleAtoi(JsonField(line, "output_length"), &request.output_length)) {
+    request.output_length = 0;  // optional for replay
+  }
+  ids = ids.substr(1, ids.size() - 2);
+  while (!ids.empty()) {
+    const size_t comma = ids.find(',');
+    absl::string_view item = ids.substr(0, comma);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    uint64_t id;
+    if (!item.empty()) {
+      if (!absl::SimpleAtoi(item, &id)) return absl::InvalidArgumentError("bad hash id");
+      request.hash_ids.push_back(id);
+    }
+    if (comma == absl::string_view::npos) break;
+    ids.remove_prefix(comma + 1);
+  }
+  return request;
+}
+
 absl::StatusOr<std::vector<TraceRequest>> LoadMooncakeTrace(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot read trace ", path));
@@ -43,32 +72,12 @@ absl::StatusOr<std::vector<TraceRequest>> LoadMooncakeTrace(const std::string& p
   std::string line;
   for (int number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    TraceRequest request;
-    absl::string_view ids = JsonField(line, "hash_ids");
-    if (!absl::SimpleAtod(JsonField(line, "timestamp"), &request.timestamp) ||
-        !absl::SimpleAtoi(JsonField(line, "input_length"), &request.input_length) ||
-        ids.size() < 2 || ids.front() != '[') {
-      return absl::InvalidArgumentError(absl::StrCat(path, ":", number, ": not a Mooncake request"));
+    absl::StatusOr<TraceRequest> request = ParseMooncakeRequest(line);
+    if (!request.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ":", number, ": ", request.status().message()));
     }
-    if (!absl::SimpleAtoi(JsonField(line, "output_length"), &request.output_length)) {
-      request.output_length = 0;  // optional for replay
-    }
-    ids = ids.substr(1, ids.size() - 2);
-    while (!ids.empty()) {
-      const size_t comma = ids.find(',');
-      absl::string_view item = ids.substr(0, comma);
-      while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
-      uint64_t id;
-      if (!item.empty()) {
-        if (!absl::SimpleAtoi(item, &id)) {
-          return absl::InvalidArgumentError(absl::StrCat(path, ":", number, ": bad hash id"));
-        }
-        request.hash_ids.push_back(id);
-      }
-      if (comma == absl::string_view::npos) break;
-      ids.remove_prefix(comma + 1);
-    }
-    trace.push_back(std::move(request));
+    trace.push_back(*std::move(request));
   }
   return trace;
 }

@@ -7,13 +7,23 @@
 #include "quant_cpu_variants.h"
 #include "kvstrata/kernels/quant.h"
 
+#if defined(KVQ_HAVE_AVX2_VARIANT)
+#include <cpuid.h>
+#endif
+
 namespace kvstrata::kernels {
 namespace {
 
 // AVX2 (with F16C) when the build has the variant and the processor runs it.
+// F16C is read from CPUID: clang before 15 has no "f16c" for
+// __builtin_cpu_supports.
 bool Avx2() {
 #if defined(KVQ_HAVE_AVX2_VARIANT)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && f16c;
+  }();
   return yes;
 #else
   return false;

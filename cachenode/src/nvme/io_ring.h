@@ -1,7 +1,7 @@
 // Batched O_DIRECT file I/O through io_uring. A batch keeps up to the queue
 // depth of operations in flight and refills as completions arrive, so one
 // caller drives the device at depth without a thread per request. Rings are
-// pooled: concurrent batches each take their own ring.
+// pooled: concurrent batches each take their own ring, and a few stay open.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +47,10 @@ class IoRingPool {
   }
 
   unsigned queue_depth() const { return queue_depth_; }
+
+  // Rings kept open for reuse once their batch is done; more concurrent
+  // batches than this open rings of their own and close them afterwards.
+  static constexpr size_t kMaxIdleRings = 4;
 
  private:
   struct Ring;

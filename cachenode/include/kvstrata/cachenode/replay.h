@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -32,6 +33,8 @@ struct TraceRequest {
 // Reads a Mooncake-format trace: JSON lines with timestamp, input_length,
 // output_length and hash_ids.
 absl::StatusOr<std::vector<TraceRequest>> LoadMooncakeTrace(const std::string& path);
+// One line of such a trace; INVALID_ARGUMENT when it is not a request.
+absl::StatusOr<TraceRequest> ParseMooncakeRequest(std::string_view line);
 size_t DistinctBlocks(const std::vector<TraceRequest>& trace);
 
 struct ReplayResult {
