@@ -138,6 +138,9 @@ void NodeRpcSeeds() {
   finished.set_last_key(std::string(keys[3].view()));
   finished.set_output_tokens(100);
   Rpc("request_finished", 8, 0, finished);
+  v1::CloseNamespaceRequest close;
+  close.set_namespace_id(2);
+  Rpc("close_namespace", 9, 0, close);
 }
 
 void NamespaceSpecSeeds() {
