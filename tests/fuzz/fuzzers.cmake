@@ -49,7 +49,7 @@ set(KVSTRATA_FUZZ_HARNESSES block_key namespace_spec index_record stored_format 
 set(_run ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/run_fuzzer.sh)
 foreach(h ${KVSTRATA_FUZZ_HARNESSES})
   set(_args ${KVSTRATA_FUZZ_DIR}/fuzz_${h} ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus/${h}
-            ${KVSTRATA_FUZZ_DIR}/work)
+            ${KVSTRATA_FUZZ_DIR}/scratch)
   add_test(NAME fuzz_${h} COMMAND ${_run} ${_args} 5)
   set_tests_properties(fuzz_${h} PROPERTIES LABELS fuzz TIMEOUT 120)
   add_test(NAME long_fuzz_${h} COMMAND ${_run} ${_args} 300)
