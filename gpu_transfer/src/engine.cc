@@ -24,10 +24,13 @@ namespace {
 // docs/ARCHITECTURE.md).
 constexpr int kSpinRoundsBeforeSleep = 100;
 constexpr int kSleepTimeoutMs = 100;
-// An endpoint unused this long is closed at the next Connect (peers reconnect
-// transparently, paying one wire-up).
-constexpr absl::Duration kPeerIdleTimeout = absl::Minutes(5);
-// How often the progress thread closes endpoints UCX reported failed.
+// An endpoint nobody holds and unused this long is closed (peers reconnect
+// transparently, paying one wire-up of a few ms). A client that died without
+// UCX noticing (no traffic reaches its closed socket) is only ever found
+// this way: 5 minutes left the soak's node with 65 dead clients' sockets.
+constexpr absl::Duration kPeerIdleTimeout = absl::Seconds(30);
+// How often the progress thread closes endpoints UCX reported failed, or
+// idle ones.
 constexpr absl::Duration kReapInterval = absl::Seconds(1);
 // Stray messages land here and are dropped. Larger ones are received
 // truncated (UCX then ends the sender's request with an error); the size
@@ -119,7 +122,8 @@ void Engine::Impl::ReapFailedPeers() {
   {
     absl::MutexLock lock(&peers_mu_);
     for (auto it = peers_.begin(); it != peers_.end();) {
-      if (it->second->failed() && it->second.use_count() == 1) {
+      if (it->second.use_count() == 1 &&
+          (it->second->failed() || it->second->IdleLongerThan(kPeerIdleTimeout))) {
         dead.push_back(std::move(it->second));
         peers_.erase(it++);
       } else {

@@ -50,7 +50,8 @@ class Engine::Impl {
   // Receives (into scratch memory) and drops the unexpected messages waiting.
   void DiscardUnexpected();
   // Closes the cached endpoints UCX reported failed (its error callback
-  // cannot do it: it runs inside progress, with the endpoint in use).
+  // cannot do it: it runs inside progress, with the endpoint in use), and
+  // idle ones nobody holds.
   void ReapFailedPeers();
   std::vector<uint8_t> scratch_;
 };
