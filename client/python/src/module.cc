@@ -290,6 +290,30 @@ class PyFuture {
   std::optional<absl::StatusOr<client::TransferResult>> result_;
 };
 
+// `object`'s memory registered with `owner` (a Client or a Cluster).
+template <typename Owner>
+std::shared_ptr<PyBuffer> RegisterWith(const std::shared_ptr<Owner>& owner, py::object object) {
+  Memory m = MemoryOf(object);
+  if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
+  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+  {
+    py::gil_scoped_release release;
+    buffer = owner->Register(m.data, m.size);
+  }
+  return std::make_shared<PyBuffer>(owner, Check(std::move(buffer)), object, m.read_only);
+}
+
+// `size` bytes allocated and registered by `owner`.
+template <typename Owner>
+std::shared_ptr<PyBuffer> AllocateWith(const std::shared_ptr<Owner>& owner, size_t size) {
+  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
+  {
+    py::gil_scoped_release release;
+    buffer = owner->Allocate(size);
+  }
+  return std::make_shared<PyBuffer>(owner, Check(std::move(buffer)), py::none(), false);
+}
+
 // The buffers an item list names: a registered Buffer as it is, any other
 // object registered with `owner` (a Client or a Cluster) for this call only,
 // once however many items name it. `kept` holds them for the call's future.
@@ -311,14 +335,7 @@ class ItemBuffers {
     if (py::isinstance<PyBuffer>(object)) return py::cast<std::shared_ptr<PyBuffer>>(object);
     auto it = made_.find(object.ptr());
     if (it != made_.end()) return it->second;
-    py::object owned = py::reinterpret_borrow<py::object>(object);
-    Memory m = MemoryOf(owned);
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = owner_->Register(m.data, m.size);
-    }
-    auto registered = std::make_shared<PyBuffer>(owner_, Check(std::move(buffer)), owned, m.read_only);
+    auto registered = RegisterWith(owner_, py::reinterpret_borrow<py::object>(object));
     made_.emplace(object.ptr(), registered);
     return registered;
   }
@@ -512,25 +529,8 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
     return PyNamespace(client_, Check(std::move(ns)));
   }
 
-  std::shared_ptr<PyBuffer> Register(py::object object) {
-    Memory m = MemoryOf(object);
-    if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = client_->Register(m.data, m.size);
-    }
-    return std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), object, m.read_only);
-  }
-
-  std::shared_ptr<PyBuffer> Allocate(size_t size) {
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = client_->Allocate(size);
-    }
-    return std::make_shared<PyBuffer>(client_, Check(std::move(buffer)), py::none(), false);
-  }
+  std::shared_ptr<PyBuffer> Register(py::object object) { return RegisterWith(client_, object); }
+  std::shared_ptr<PyBuffer> Allocate(size_t size) { return AllocateWith(client_, size); }
 
   py::dict Stats(std::optional<double> timeout) {
     v1::StatsResponse stats;
@@ -712,25 +712,8 @@ class PyCluster {
     return PyClusterNamespace(cluster_, Check(std::move(ns)), tokens_per_block);
   }
 
-  std::shared_ptr<PyBuffer> Register(py::object object) {
-    Memory m = MemoryOf(object);
-    if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = cluster_->Register(m.data, m.size);
-    }
-    return std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), object, m.read_only);
-  }
-
-  std::shared_ptr<PyBuffer> Allocate(size_t size) {
-    absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-    {
-      py::gil_scoped_release release;
-      buffer = cluster_->Allocate(size);
-    }
-    return std::make_shared<PyBuffer>(cluster_, Check(std::move(buffer)), py::none(), false);
-  }
+  std::shared_ptr<PyBuffer> Register(py::object object) { return RegisterWith(cluster_, object); }
+  std::shared_ptr<PyBuffer> Allocate(size_t size) { return AllocateWith(cluster_, size); }
 
   py::list Nodes() {
     std::vector<client::NodeStatus> nodes;
