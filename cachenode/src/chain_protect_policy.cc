@@ -1,5 +1,6 @@
 // chain-protect and chain-slru: see eviction_policy.h and cachenode/README.md
 // ("Why Belady wins") for the trace facts behind the three classes.
+#include <cstdint>
 #include <deque>
 #include <list>
 #include <utility>
@@ -51,19 +52,35 @@ class ChainProtectPolicy final : public EvictionPolicy {
       if (auto p = blocks_.find(*parent); p != blocks_.end()) parent_entry = &p->second;
     }
     if (parent_entry != nullptr) {
-      // A new child of a cached block: the block it replaces (the previous
-      // request's partial tail, usually) is unlikely to be asked for again.
       if (parent_entry->has_last_child && !(parent_entry->last_child == id.key)) {
-        if (auto old = blocks_.find(BlockId{id.namespace_id, parent_entry->last_child});
-            old != blocks_.end() && old->second.cls != kDead) {
-          Move(old->second, kDead);
+        auto old = blocks_.find(BlockId{id.namespace_id, parent_entry->last_child});
+        if (old != blocks_.end()) {
+          // On a path of one conversation, a new child replaces the previous
+          // request's partial tail, which is unlikely to be asked for again.
+          // A child that was extended, or a parent that already branched, is
+          // a shared prefix (a system prompt, a document): its children are
+          // other conversations, all alive.
+          if (!old->second.has_last_child && parent_entry->branches <= 1) {
+            if (old->second.cls != kDead) Move(old->second, kDead);
+          } else if (parent_entry->branches < UINT8_MAX) {
+            ++parent_entry->branches;
+          }
         }
+      } else if (parent_entry->branches == 0) {
+        parent_entry->branches = 1;
       }
       parent_entry->last_child = id.key;
       parent_entry->has_last_child = true;
-      // A chain that has been reused once is reused again (P ~ 0.8): its
-      // extensions inherit its protection.
-      if (parent_entry->cls == kProtected) cls = kProtected;
+      if (parent_entry->branches >= 2) {
+        // A new branch below a shared prefix starts a chain of its own.
+        if (roots_.Contains(id)) cls = kProtected;
+        roots_.Remember(id, high_water_);
+        entry.is_root = true;
+      } else if (parent_entry->cls == kProtected) {
+        // A chain that has been reused once is reused again (P ~ 0.8): its
+        // extensions inherit its protection.
+        cls = kProtected;
+      }
     } else if (!parent.has_value()) {
       // A root seen before starts a repeat of an earlier prefix.
       if (roots_.Contains(id)) cls = kProtected;
@@ -118,8 +135,9 @@ class ChainProtectPolicy final : public EvictionPolicy {
     std::list<BlockId>::iterator position;
     BlockKey last_child;  // the newest child inserted under this block
     bool has_last_child = false;
-    bool is_root = false;  // inserted without a parent
+    bool is_root = false;  // a chain's first block: no parent, or a new branch
     Class cls = kProbation;
+    uint8_t branches = 0;  // children that did not replace a partial tail
   };
   // To the front of class `to`; splicing keeps the node and its iterator.
   void Move(Entry& entry, Class to) {

@@ -113,7 +113,13 @@ std::unique_ptr<EvictionPolicy> MakeLruPolicy() { return std::make_unique<LruPol
 std::unique_ptr<EvictionPolicy> MakePrefixLruPolicy() { return std::make_unique<PrefixLruPolicy>(); }
 
 absl::StatusOr<std::unique_ptr<EvictionPolicy>> MakeEvictionPolicy(std::string_view name) {
+  if (name == "adaptive") {
+    absl::StatusOr<std::unique_ptr<AdaptiveEvictionPolicy>> adaptive = MakeAdaptivePolicy();
+    if (!adaptive.ok()) return adaptive.status();
+    return std::unique_ptr<EvictionPolicy>(*std::move(adaptive));
+  }
   if (name == "lru") return MakeLruPolicy();
+  if (name == "prefix-freq") return MakePrefixFreqPolicy();
   if (name == "prefix-lru") return MakePrefixLruPolicy();
   if (name == "chain-protect") return MakeChainProtectPolicy(0.0);
   if (name == "chain-slru") return MakeChainProtectPolicy(0.1);

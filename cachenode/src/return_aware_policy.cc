@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstdint>
 #include <deque>
 #include <list>
 #include <utility>
@@ -117,15 +118,31 @@ class ReturnAwarePolicy final : public EvictionPolicy {
         if (auto p = blocks_.find(*parent); p != blocks_.end()) parent_block = &p->second;
       }
       if (parent_block != nullptr) {
-        // A new child replaces the previous request's partial tail: that
-        // block cannot extend a prefix any more.
         if (Block* old = parent_block->newest_child; old != nullptr) {
-          old->parent = nullptr;
-          Kill(*old);
+          old->parent = nullptr;  // only the newest child keeps a link back
+          // On a path of one conversation, a new child replaces the previous
+          // request's partial tail: that block cannot extend a prefix any
+          // more. A child that was extended, or a parent that branched
+          // before, is a shared prefix whose children are all alive.
+          if (!old->extended && parent_block->branches <= 1) {
+            Kill(*old);
+          } else if (parent_block->branches < UINT8_MAX) {
+            ++parent_block->branches;
+          }
+        } else if (parent_block->branches == 0) {
+          parent_block->branches = 1;
         }
         parent_block->newest_child = &block;
+        parent_block->extended = true;
         block.parent = parent_block;
-        chain = parent_block->chain;
+        if (parent_block->branches >= 2) {
+          // A conversation is the path below its divergence point: a new
+          // branch starts a chain of its own (or a turn of one seen before),
+          // and the chain holding the branch point is shared from now on.
+          MakeShared(*parent_block->chain);
+        } else {
+          chain = parent_block->chain;
+        }
       }
     }
     // A root starts a turn; so does a block whose parent is not here (the
@@ -193,6 +210,11 @@ class ReturnAwarePolicy final : public EvictionPolicy {
         }
       }
     }
+    if (!shared_.empty()) {
+      Chain* oldest = shared_.back();
+      const double value = Value(*oldest);
+      if (victim == nullptr || value < lowest) victim = oldest;
+    }
     if (victim == nullptr) return std::nullopt;
     victim_ = victim;
     return victim->live.back();  // deepest first: the prefix stays whole
@@ -203,6 +225,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     if (it == blocks_.end()) return;
     const Block& block = it->second;
     Chain& chain = *block.chain;
+    if (chain.shared) return;
     const int kind = block.touched == chain.first_turn ? kFirst : kLater;
     const int cls = OutputClass(output_tokens);
     victim_ = nullptr;  // what is learned or the chain's class changes
@@ -233,6 +256,9 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     uint64_t last_turn = 0;
     int kind = kFirst;           // of its latest turn
     int output_class = kPending;  // of its latest turn, once hinted
+    // Holds a branch point: a prefix of many conversations (a system prompt,
+    // a document), whose turns teach nothing about conversations returning.
+    bool shared = false;
     std::list<BlockId> live;      // blocks that can extend a prefix, in insertion order
     size_t resident = 0;          // live and dead blocks
     std::list<Chain*>::iterator class_position;  // valid while `live` is not empty
@@ -245,6 +271,8 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     Block* newest_child = nullptr;
     Block* parent = nullptr;
     bool dead = false;
+    bool extended = false;  // has had a child
+    uint8_t branches = 0;   // children that did not replace a partial tail
     uint64_t touched = 0;  // the turn that last inserted or hit it
   };
 
@@ -259,6 +287,9 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     // before reused ones), which does better here than the kinds' estimates.
     if (!hints_seen_) return chain.kind == kFirst ? 0 : 1;
     const uint64_t silence = clock_ - chain.last_turn;
+    // A shared prefix is worth what a reused conversation is after the same
+    // silence: it stays while requests keep using it.
+    if (chain.shared) return stats_.Alive(kLater, kAnyOutput, silence);
     if (chain.output_class == kPending) {
       const bool waiting = pending_blocks_ * 10 <= blocks_.size() && !Overdue(chain);
       return waiting ? 2 : stats_.Alive(chain.kind, kAnyOutput, silence);
@@ -283,6 +314,11 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     // Out of its class list before its class changes; back at the front after.
     const bool listed = !chain.live.empty();
     if (listed) Unlist(chain);
+    if (chain.shared) {
+      chain.last_turn = clock_;
+      if (listed) List(chain);
+      return chain;
+    }
     if (created) {
       chain.root = root;
       chain.first_turn = clock_;
@@ -334,7 +370,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // hint (usually near the front: hints come within a few requests; the walk
   // is bounded).
   void List(Chain& chain) {
-    std::list<Chain*>& chains = classes_[chain.kind][chain.output_class];
+    std::list<Chain*>& chains = ListOf(chain);
     auto at = chains.begin();
     for (int steps = 0; at != chains.end() && (*at)->last_turn > chain.last_turn && steps < 64;
          ++steps) {
@@ -344,8 +380,20 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     victim_ = nullptr;
   }
   void Unlist(Chain& chain) {
-    classes_[chain.kind][chain.output_class].erase(chain.class_position);
+    ListOf(chain).erase(chain.class_position);
     victim_ = nullptr;
+  }
+  std::list<Chain*>& ListOf(Chain& chain) {
+    return chain.shared ? shared_ : classes_[chain.kind][chain.output_class];
+  }
+  void MakeShared(Chain& chain) {
+    if (chain.shared) return;
+    const bool listed = !chain.live.empty();
+    if (listed) Unlist(chain);
+    if (chain.output_class == kPending) pending_blocks_ -= chain.live.size();
+    chain.output_class = kAnyOutput;  // never pending again
+    chain.shared = true;
+    if (listed) List(chain);
   }
 
   // Chains are remembered after their blocks are gone, so a conversation
@@ -372,6 +420,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   std::pair<const BlockId, Block>* last_touched_ = nullptr;  // inserted or hit last
   absl::node_hash_map<BlockId, Chain> chains_;  // by root; stable addresses
   std::list<Chain*> classes_[2][kPending + 1];
+  std::list<Chain*> shared_;  // shared chains with live blocks, newest turn first
   std::list<BlockId> dead_;  // newest first
   std::deque<std::pair<BlockId, uint64_t>> forget_order_;
   ReturnStats stats_;
