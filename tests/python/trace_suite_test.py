@@ -166,7 +166,7 @@ class TraceSuiteTest(unittest.TestCase):
 
     def test_api_templates_single_turn(self):
         self.assertTrue(all(l["turn"] == 0 for l in self.labels["api-templates"]))
-        self.assertLessEqual(len(self.first_blocks("api-templates")), 16)
+        self.assertLessEqual(len(self.first_blocks("api-templates")), 30)  # 300 templates x 0.1
 
     def test_bad_arguments_write_nothing(self):
         out = os.path.join(self.tmp.name, "bad")

@@ -87,6 +87,8 @@ class Agent:
     tool_latency_mean_s: float # mean of the exponential gap between steps
     p_branch: float            # P(a step of the main line forks a second continuation)
     p_branch_step: float       # P(another step | a step of a fork)
+    p_user_wait: float = 0.0   # P(a step waits for the user instead of a tool)
+    user_think_mean_s: float = 0.0
 
 
 def agent_task(w, t_s, prefix, agent, **labels):
@@ -104,7 +106,9 @@ def agent_task(w, t_s, prefix, agent, **labels):
             w.emit(t_s, segments, call, session=session, turn=step, branch=branch, **labels)
             if rng.random() >= p_step:
                 return
-            t_s += call * DECODE_S_PER_TOKEN + rng.expovariate(1.0 / agent.tool_latency_mean_s)
+            wait = (agent.user_think_mean_s if rng.random() < agent.p_user_wait
+                    else agent.tool_latency_mean_s)
+            t_s += call * DECODE_S_PER_TOKEN + rng.expovariate(1.0 / wait)
             if t_s >= w.end_s or sum(length for _, length in segments) > MAX_PROMPT_TOKENS:
                 return
             if branch == 0 and rng.random() < agent.p_branch:

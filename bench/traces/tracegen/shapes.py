@@ -82,7 +82,8 @@ def rag(rng, scale):
 
 
 AGENT = Agent(task=Lengths(500, 1.0), call=Lengths(80, 0.8), tool_result=Lengths(400, 1.2),
-              p_step=0.88, tool_latency_mean_s=MACHINE_GAP_S, p_branch=0.1, p_branch_step=0.7)
+              p_step=0.88, tool_latency_mean_s=MACHINE_GAP_S, p_branch=0.1, p_branch_step=0.7,
+              p_user_wait=0.15, user_think_mean_s=HUMAN_THINK_S)
 
 
 def _tool_definitions(w, rng, count):
@@ -91,7 +92,8 @@ def _tool_definitions(w, rng, count):
 
 def agent(rng, scale):
     """Agent tasks of three kinds (Zipf(1) popular), each kind with its own
-    long tool-definition prefix; steps append a call and a short result."""
+    long tool-definition prefix; steps append a call and a short result,
+    seconds apart, except that a step now and then waits for the user."""
     w = Workload(rng, HOUR_S * scale)
     tools, pick = _tool_definitions(w, rng, 3), Zipf(3, 1.0)
     for t in _window(rng, scale, 0.25):
@@ -109,11 +111,11 @@ def _hot_prompts(w, rng, scale, count):
 
 def scan(rng, scale):
     """35% of requests are one-shot long documents (never reused, no shared
-    prefix); the rest are single-turn requests on a small hot set of
-    prompts (Zipf(1.1)) with a short unique suffix."""
+    prefix); the rest are single-turn requests on a hot set of 600 prompts
+    (Zipf(0.8)) with a short unique suffix."""
     w = Workload(rng, HOUR_S * scale)
-    hot = _hot_prompts(w, rng, scale, 48)
-    pick = Zipf(len(hot), 1.1)
+    hot = _hot_prompts(w, rng, scale, 600)
+    pick = Zipf(len(hot), 0.8)
     for t in _window(rng, scale, 1.7):
         if rng.random() < 0.35:
             single_request(w, t, [], SCAN_DOCUMENT, kind="scan")
@@ -144,11 +146,11 @@ def drift(rng, scale):
 
 
 def api_templates(rng, scale):
-    """Variant: single-turn API requests only, on 16 templates (Zipf(1.2)),
+    """Variant: single-turn API requests only, on 300 templates (Zipf(1)),
     each with a unique input (ATC'25's to-B trace: <0.1% multi-turn)."""
     w = Workload(rng, HOUR_S * scale)
-    templates = [_prompt(w, Lengths(3000, 0.8).draw(rng)) for _ in range(16)]
-    pick = Zipf(len(templates), 1.2)
+    templates = _hot_prompts(w, rng, scale, 300)
+    pick = Zipf(len(templates), 1.0)
     for t in _window(rng, scale, 3.0):
         single_request(w, t, templates[pick.draw(rng)], Lengths(700, 1.2), kind="api")
     return w
