@@ -133,11 +133,11 @@ def drift(rng, scale):
     half_s = HOUR_S * scale / 2
     system = _prompt(w, 1100)
     # Rates: about as many requests in each half (chats cut at the switch
-    # average 1.9 requests, an arrival of the second half 4.2).
+    # average 1.9 requests, an arrival of the second half 3.8).
     for t in _window(rng, scale, 1.5, 0.0, 0.5):
         chat_session(w, t, system, CHAT, until_s=half_s, kind="chat", phase=0)
     tools, pick = _tool_definitions(w, rng, 3), Zipf(3, 0.6)
-    for t in _window(rng, scale, 0.6, 0.5, 1.0):
+    for t in _window(rng, scale, 0.75, 0.5, 1.0):
         if rng.random() < 0.6:
             single_request(w, t, [], SCAN_DOCUMENT, kind="scan", phase=1)
         else:
