@@ -70,7 +70,7 @@ def rag(rng, scale):
     w = Workload(rng, HOUR_S * scale)
     instruction = _prompt(w, 700)
     corpus_size = max(100, int(3000 * scale))
-    documents = [w.segment(Lengths(1200, 0.6).draw(rng, low=300)) for _ in range(corpus_size)]
+    documents = [w.segment(Lengths(1200, 0.6).draw(rng, low=512)) for _ in range(corpus_size)]
     popularity = Zipf(corpus_size, 0.9)
     chat = Chat(first_message=Lengths(60, 0.8), followup=Lengths(120, 1.0),
                 p_second=0.3, p_next=0.6, think_mean_s=HUMAN_THINK_S)
