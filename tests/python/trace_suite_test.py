@@ -168,6 +168,19 @@ class TraceSuiteTest(unittest.TestCase):
         self.assertTrue(all(l["turn"] == 0 for l in self.labels["api-templates"]))
         self.assertLessEqual(len(self.first_blocks("api-templates")), 30)  # 300 templates x 0.1
 
+    def test_full_size_traces_stay_in_scale(self):
+        # Each full trace is about the shared trace's size: big enough to
+        # judge a policy, small enough to replay every policy in seconds.
+        out = os.path.join(self.tmp.name, "full")
+        done = subprocess.run([sys.executable, "-B", GENERATE, "--out", out],
+                              capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        for shape in SHAPES:
+            trace = read(os.path.join(out, shape + ".jsonl"))
+            distinct = len({h for r in trace for h in r["hash_ids"]})
+            self.assertTrue(3000 <= len(trace) <= 20000, (shape, len(trace)))
+            self.assertTrue(20000 <= distinct <= 120000, (shape, distinct))
+
     def test_bad_arguments_write_nothing(self):
         out = os.path.join(self.tmp.name, "bad")
         done = generate(out, extra=("--shapes", "rag,nonsense"))

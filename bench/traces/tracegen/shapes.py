@@ -2,6 +2,8 @@
 gives every parameter's source). A shape is a function (rng, scale) ->
 Workload; `scale` shortens the hour the trace covers and the populations
 that grow with it (documents, hot prompts), not the per-request model."""
+import dataclasses
+
 from .sampling import Zipf, bursty_poisson
 from .sessions import Agent, Chat, Lengths, agent_task, chat_session, single_request
 from .workload import Workload
@@ -51,8 +53,7 @@ def multi_tenant(rng, scale):
         preamble = w.segment(rng.randint(600, 1500))
         tenants.append([[preamble, w.segment(Lengths(1500, 0.8).draw(rng))] for _ in range(6)])
     tenant_pick, prompt_pick = Zipf(4, 1.0), Zipf(6, 1.2)
-    chat = Chat(CHAT.first_message, CHAT.followup, CHAT.p_second, CHAT.p_next,
-                CHAT.think_mean_s, return_coupling=True)
+    chat = dataclasses.replace(CHAT, return_coupling=True)
     for t in _window(rng, scale, 1.1):
         tenant = tenant_pick.draw(rng)
         prompt = tenants[tenant][prompt_pick.draw(rng)]
