@@ -1,0 +1,1 @@
+"""Generative models of KV-cache workloads, written as Mooncake-format traces."""
