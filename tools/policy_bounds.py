@@ -19,14 +19,18 @@ Also prints the blocks Belady and `fitted` hold on average for first-turn and
 later-turn chains: if the mix is the same, what Belady adds is *which*
 chains of a class it keeps, i.e. when they return.
 
-Usage: /usr/bin/python3 tools/policy_bounds.py TRACE [fractions, default 0.05,0.1,0.2]
+Usage: /usr/bin/python3 tools/policy_bounds.py TRACE [fractions, default 0.05,0.1,0.2] [--json=OUT]
+--json writes the fitted bounds ({"trace": name, "fitted": {fraction: token hit rate}}) for
+bench/policy_bench --suite --bounds=OUT, which prints the gap closed toward them.
 Pure Python: a few minutes per capacity.
 """
 import bisect, collections, heapq, json, math, sys
 from collections import OrderedDict
 
-T = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-FRACTIONS = [float(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "0.05,0.1,0.2").split(",")]
+JSON_OUT = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--json=")), None)
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--json=")]
+T = [json.loads(l) for l in open(ARGS[0]) if l.strip()]
+FRACTIONS = [float(x) for x in (ARGS[1] if len(ARGS) > 1 else "0.05,0.1,0.2").split(",")]
 DISTINCT = len({x for r in T for x in r["hash_ids"]})
 TOTAL = sum(r["input_length"] for r in T)
 CHAINS = collections.defaultdict(list)  # root -> request indexes
@@ -171,6 +175,7 @@ def belady(capacity, census=None):
     return hits / TOTAL
 
 
+BOUNDS = {}
 for f in FRACTIONS:
     cap = int(f * DISTINCT)
     census_b, census_f = collections.Counter(), collections.Counter()
@@ -179,8 +184,15 @@ for f in FRACTIONS:
     for name, score in (("fitted", fitted), ("end-oracle", end_oracle)):
         x = replay_chains(cap, score, census_f if name == "fitted" else None)
         row.append("%s %.3f (gap %.2f)" % (name, x, (x - l) / (b - l)))
+        if name == "fitted":
+            BOUNDS["%g" % f] = round(x, 4)
     print("; ".join(row), flush=True)
     for name, census in (("Belady", census_b), ("fitted", census_f)):
         n = census.pop("samples")
         print("  %s holds on average %d blocks of first-turn chains, %d of later-turn chains" %
               (name, census["first"] / n, census["later"] / n), flush=True)
+if JSON_OUT:
+    import os
+    with open(JSON_OUT, "w") as out:
+        json.dump({"trace": os.path.basename(ARGS[0]), "fitted": BOUNDS}, out, indent=1)
+        out.write("\n")

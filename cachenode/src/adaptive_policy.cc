@@ -76,34 +76,39 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
 
   void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
     ++clock_;
-    auto [it, inserted] = blocks_.try_emplace(id);
+    const uint64_t fingerprint = Fingerprint(id);
+    auto [it, inserted] = blocks_.try_emplace(fingerprint);
     Meta& meta = it->second;
-    if (inserted && parent.has_value() && !(*parent == id)) {
-      meta.parent = parent->key;
-      meta.has_parent = true;
-      const uint64_t up = Fingerprint(*parent);
-      if (Sampled(up)) {
-        meta.sampled_ancestor = up;
-      } else if (auto p = blocks_.find(*parent); p != blocks_.end()) {
-        meta.sampled_ancestor = p->second.sampled_ancestor;
+    if (inserted) {
+      meta.id = id;
+      if (parent.has_value() && !(*parent == id)) {
+        meta.parent = parent->key;
+        meta.has_parent = true;
+        const uint64_t up = Fingerprint(*parent);
+        if (Sampled(up)) {
+          meta.sampled_ancestor = up;
+        } else if (auto p = blocks_.find(up); p != blocks_.end()) {
+          meta.sampled_ancestor = p->second.sampled_ancestor;
+        }
       }
     }
     high_water_ = std::max(high_water_, blocks_.size());
     policy_->OnInsert(id, parent);
-    Access(id, meta);
+    Access(fingerprint, meta);
   }
 
   void OnHit(const BlockId& id) override {
     ++clock_;
-    auto it = blocks_.find(id);
+    const uint64_t fingerprint = Fingerprint(id);
+    auto it = blocks_.find(fingerprint);
     if (it == blocks_.end()) return;
     policy_->OnHit(id);
     it->second.hit = true;
-    Access(id, it->second);
+    Access(fingerprint, it->second);
   }
 
   void OnErase(const BlockId& id) override {
-    if (blocks_.erase(id) == 0) return;
+    if (blocks_.erase(Fingerprint(id)) == 0) return;
     policy_->OnErase(id);
   }
 
@@ -115,7 +120,7 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
     // The simulations hear it for the request's deepest sampled block.
     uint64_t fingerprint = Fingerprint(last_block);
     if (!Sampled(fingerprint)) {
-      auto it = blocks_.find(last_block);
+      auto it = blocks_.find(fingerprint);
       if (it == blocks_.end() || it->second.sampled_ancestor == 0) return;
       fingerprint = it->second.sampled_ancestor;
     }
@@ -133,7 +138,12 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   uint64_t switches() const override { return switches_; }
 
  private:
+  // Blocks are keyed by their 64-bit fingerprint: two blocks held at once
+  // share one with probability ~n^2/2^64 (a mix-up then only misorders
+  // those two in the simulations and the rebuild; the tier's own index
+  // never relies on it).
   struct Meta {
+    BlockId id;
     BlockKey parent;  // same namespace as the block
     uint64_t touched = 0;
     uint64_t sampled_ancestor = 0;  // fingerprint of the nearest sampled ancestor, 0: none
@@ -149,9 +159,8 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
     double score = 0;
   };
 
-  void Access(const BlockId& id, Meta& meta) {
+  void Access(uint64_t fingerprint, Meta& meta) {
     meta.touched = clock_;
-    const uint64_t fingerprint = Fingerprint(id);
     if (!Sampled(fingerprint)) return;
     Simulate(fingerprint, meta.sampled_ancestor);
     if (++sampled_accesses_ % kDecideEvery == 0) Decide();
@@ -219,13 +228,14 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   // counts it); what a policy learns over time (hint statistics, exact
   // frequencies) starts afresh.
   void Switch(size_t to) {
-    std::vector<std::pair<uint64_t, const BlockId*>> order;
+    std::vector<std::pair<uint64_t, const Meta*>> order;
     order.reserve(blocks_.size());
-    for (const auto& [id, meta] : blocks_) order.push_back({meta.touched, &id});
+    for (const auto& [fingerprint, meta] : blocks_) order.push_back({meta.touched, &meta});
     std::sort(order.begin(), order.end());
     std::unique_ptr<EvictionPolicy> next = *MakeEvictionPolicy(candidates_[to].name);
-    for (const auto& [touched, id] : order) {
-      const Meta& meta = blocks_.find(*id)->second;
+    for (const auto& [touched, m] : order) {
+      const Meta& meta = *m;
+      const BlockId* id = &meta.id;
       next->OnInsert(*id, meta.has_parent
                               ? std::optional<BlockId>(BlockId{id->namespace_id, meta.parent})
                               : std::nullopt);
@@ -240,7 +250,7 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   std::vector<Candidate> candidates_;
   size_t leader_ = 0;
   std::unique_ptr<EvictionPolicy> policy_;  // the leader, over every block held
-  absl::flat_hash_map<BlockId, Meta> blocks_;
+  absl::flat_hash_map<uint64_t, Meta> blocks_;  // by fingerprint
   uint64_t clock_ = 0;  // accesses
   uint64_t sampled_accesses_ = 0;
   uint64_t last_switch_ = 0;

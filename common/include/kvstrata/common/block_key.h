@@ -8,6 +8,7 @@
 
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -20,10 +21,20 @@ namespace kvstrata {
 struct BlockKey {
   std::array<uint8_t, 16> bytes{};
 
-  friend bool operator==(const BlockKey&, const BlockKey&) = default;
+  // As two words: the defaulted comparison and a byte-wise hash call memcmp
+  // and hash 16 single bytes, and every index and eviction policy compares
+  // and hashes keys on each call.
+  friend bool operator==(const BlockKey& a, const BlockKey& b) {
+    return a.word(0) == b.word(0) && a.word(1) == b.word(1);
+  }
   template <typename H>
   friend H AbslHashValue(H h, const BlockKey& k) {
-    return H::combine_contiguous(std::move(h), k.bytes.data(), k.bytes.size());
+    return H::combine(std::move(h), k.word(0), k.word(1));
+  }
+  uint64_t word(int i) const {
+    uint64_t w;
+    std::memcpy(&w, bytes.data() + 8 * i, sizeof(w));
+    return w;
   }
 
   std::string_view view() const {
