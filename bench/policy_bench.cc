@@ -35,9 +35,9 @@ ABSL_FLAG(std::string, policies,
           "Policies to compare.");
 ABSL_FLAG(std::string, fractions, "", "Capacities as fractions of distinct blocks "
           "(default 0.05,0.1,0.2; with --suite 0.02,0.05,0.1,0.2).");
-ABSL_FLAG(std::string, bounds, "",
-          "JSON written by tools/policy_bounds.py --json: prints the gap closed toward its "
-          "fitted online bound for that trace.");
+ABSL_FLAG(std::string, bounds, KVSTRATA_POLICY_BOUNDS,
+          "JSON files written by tools/policy_bounds.py --json (comma-separated): prints the gap "
+          "closed toward each trace's fitted online bound.");
 ABSL_FLAG(int, requests, 0, "Replay only the first N requests of each trace (0: all).");
 ABSL_FLAG(double, decode_ms_per_token, 50,
           "A request's finished-hint reaches the policy at its timestamp + output_length x this "

@@ -78,7 +78,7 @@ TEST_P(PolicyInvariants, CapacityVictimsAndPrefixes) {
           ASSERT_TRUE(victim.has_value());
           const uint64_t v = Number(*victim);
           ASSERT_TRUE(cached.contains(v)) << GetParam() << " named a block it does not hold";
-          if (GetParam() == "prefix-lru") {
+          if (GetParam() == "prefix-lru" || GetParam() == "prefix-freq") {
             for (uint64_t c : cached) {
               auto p = parent_of.find(c);
               ASSERT_FALSE(p != parent_of.end() && p->second == v) << "strands child " << c;
@@ -127,8 +127,8 @@ TEST_P(PolicyInvariants, DeterministicForAFixedTrace) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllPolicies, PolicyInvariants,
-                         ::testing::Values("lru", "prefix-lru", "chain-protect", "chain-slru",
-                                           "return-aware"),
+                         ::testing::Values("lru", "prefix-lru", "prefix-freq", "chain-protect",
+                                           "chain-slru", "return-aware", "adaptive"),
                          [](const auto& info) {
                            std::string name = info.param;
                            for (char& c : name) c = c == '-' ? '_' : c;
@@ -187,7 +187,8 @@ TEST(BeladyPrefixTest, NoPolicyBeatsThePrefixOptimum) {
     const uint64_t belady = ReplayBelady(trace, capacity).prefix_hit_blocks;
     ASSERT_LE(belady, best) << "round " << round;
     belady_below += belady < best;
-    for (const char* name : {"lru", "prefix-lru", "chain-protect", "chain-slru", "return-aware"}) {
+    for (const char* name : {"lru", "prefix-lru", "prefix-freq", "chain-protect", "chain-slru",
+                             "return-aware", "adaptive"}) {
       auto policy = MakeEvictionPolicy(name);
       ASSERT_TRUE(policy.ok());
       ASSERT_LE(Replay(trace, capacity, **policy).prefix_hit_blocks, best)

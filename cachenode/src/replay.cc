@@ -145,6 +145,7 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
       policy.OnInsert(IdOf(id), i > 0 ? std::optional<BlockId>(IdOf(request.hash_ids[i - 1]))
                                       : std::nullopt);
     }
+    if (options.after_request) options.after_request(r);
   }
   result.seconds = absl::ToDoubleSeconds(absl::Now() - start);
   return result;

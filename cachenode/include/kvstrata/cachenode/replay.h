@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,9 @@ struct ReplayOptions {
   // at one moment arrive in that order, before the next request. Negative:
   // no hints.
   double decode_ms_per_token = 50;
+  // Called after each request is replayed, with its index (tests look at a
+  // policy's state part-way through a trace).
+  std::function<void(size_t request)> after_request;
 };
 
 ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
