@@ -48,8 +48,10 @@ ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines w
 ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
           "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
           "blocks (> 1), comma-separated.");
-ABSL_FLAG(std::string, policy, "lru,prefix-lru,chain-protect,chain-slru,return-aware",
-          "replay: the eviction policies to measure, comma-separated.");
+ABSL_FLAG(std::string, policy, "adaptive",
+          "replay: the eviction policies to measure, comma-separated, each beside LRU and "
+          "Belady (adaptive is the node's default; all: adaptive,lru,prefix-lru,prefix-freq,"
+          "chain-protect,chain-slru,return-aware).");
 ABSL_FLAG(bool, live, false,
           "replay: replay against the node at --node through the client (Lookup, Fetch of the "
           "cached prefix, Publish of the rest) instead of offline; --block_bytes sets the block "
@@ -571,7 +573,7 @@ int main(int argc, char** argv) {
       "  lookup --keys=HEX,... | --tokens=1,2,...     longest stored prefix\n"
       "  stat   [--nodes=a,b,c | --dns=name:port]     node counters, or the whole cluster\n"
       "  drain  --node=ADDR [--undrain] [--nodes=...] a node refuses (or accepts again) new blocks\n"
-      "  replay --trace=FILE [--capacity=0.1] [--policy=lru,chain-protect]\n"
+      "  replay --trace=FILE [--capacity=0.1] [--policy=adaptive,chain-slru]\n"
       "                                               offline: policies vs LRU vs Belady\n"
       "  replay --live --trace=FILE [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
       "         [--hints=false]                       the trace against the node at --node\n"

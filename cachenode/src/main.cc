@@ -65,13 +65,16 @@ ABSL_FLAG(uint64_t, dram_auto_cap_bytes, 4ull << 30,
 ABSL_FLAG(
     uint64_t, slab_bytes, 64ull << 20,
     "Slab size of the DRAM tier (multiple of 4096). Also the largest block a namespace may have.");
-ABSL_FLAG(std::string, eviction_policy, "lru",
-          "Eviction policy of the DRAM tier: lru; prefix-lru (never evicts a block whose "
-          "descendants are cached; chains leave from their tail); chain-protect (new chains and "
-          "superseded tails leave before chains that were reused); chain-slru (the same, keeping "
-          "up to 10% of the tier for new chains); return-aware (conversations ranked by the "
-          "chance they come back, learned from engines' RequestFinished hints; with hints the "
-          "best on the Mooncake trace, see cachenode/README.md).");
+ABSL_FLAG(std::string, eviction_policy, "adaptive",
+          "Eviction policy of the DRAM tier: adaptive (follows whichever of chain-slru, lru, "
+          "return-aware and prefix-freq its sampled simulations show ahead; at or above LRU on "
+          "every trace of the suite, see cachenode/README.md); lru; prefix-lru (never evicts a "
+          "block whose descendants are cached; chains leave from their tail); prefix-freq "
+          "(least often used leaves of the prefix tree first, counts age); chain-protect (new "
+          "conversations and superseded tails leave before conversations that were reused); "
+          "chain-slru (the same, keeping up to 10% of the tier for new conversations); "
+          "return-aware (conversations ranked by the chance they come back, learned from "
+          "engines' RequestFinished hints).");
 ABSL_FLAG(std::string, ucx_transports, "",
           "UCX transports (UCX_TLS syntax, e.g. tcp or sm). Empty: UCX_TLS from the environment "
           "or UCX's choice.");
@@ -112,7 +115,7 @@ ABSL_FLAG(bool, nvme_flush_on_shutdown, true,
 ABSL_FLAG(bool, nvme_prefetch_on_lookup, true,
           "When a Lookup finds blocks on NVMe, start promoting them to DRAM in the background so "
           "the Fetch that follows finds them in memory.");
-ABSL_FLAG(std::string, nvme_eviction_policy, "lru",
+ABSL_FLAG(std::string, nvme_eviction_policy, "adaptive",
           "Eviction policy of the NVMe tier (same names as --eviction_policy).");
 
 namespace {

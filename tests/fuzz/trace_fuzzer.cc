@@ -46,7 +46,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (size_t capacity : {size_t{0}, size_t{3}}) {
     CheckCounts(cachenode::ReplayBelady(trace, capacity));
     // Every policy the node offers: a trace drives their hints too.
-    for (const char* name : {"lru", "prefix-lru", "chain-protect", "chain-slru", "return-aware"}) {
+    for (const char* name : {"lru", "prefix-lru", "prefix-freq", "chain-protect", "chain-slru", "return-aware",
+                             "adaptive"}) {
       auto policy = cachenode::MakeEvictionPolicy(name);
       Check(policy.ok());
       cachenode::ReplayResult result = cachenode::Replay(trace, capacity, **policy);

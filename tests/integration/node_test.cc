@@ -725,7 +725,8 @@ class SmallNodeTest : public ::testing::Test {};
 TEST_F(SmallNodeTest, FullTierEvictsLeastRecentlyUsedAndKeepsAccepting) {
   // 16 slabs of 1 MiB: 64 blocks of 256 KiB.
   auto node =
-      NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576"});
+      NodeProcess::Start(KVSTRATA_NODE_BINARY, {"--dram_bytes=16777216", "--slab_bytes=1048576",
+                                                "--eviction_policy=lru"});
   ASSERT_TRUE(node.ok()) << node.status();
   auto c = Connect((*node)->address());
   auto ns = c->OpenNamespace(OpaqueSpec("eviction"));

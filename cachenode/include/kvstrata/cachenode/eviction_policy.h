@@ -100,7 +100,8 @@ class AdaptiveEvictionPolicy : public EvictionPolicy {
   virtual std::vector<Score> scores() const = 0;
   virtual uint64_t switches() const = 0;
 };
-// Default candidates: lru (first), prefix-freq, chain-protect, return-aware.
+// Default candidates: chain-slru (the first leader: at or above LRU on every
+// trace of the suite), lru, return-aware, prefix-freq.
 // INVALID_ARGUMENT for an unknown candidate, or adaptive itself.
 absl::StatusOr<std::unique_ptr<AdaptiveEvictionPolicy>> MakeAdaptivePolicy(
     std::vector<std::string> candidates = {});

@@ -35,7 +35,7 @@ struct NodeOptions {
   std::string ucx_net_devices;
   uint64_t dram_bytes = 1ull << 30;
   uint64_t slab_bytes = 64ull << 20;  // also the largest block
-  std::string eviction_policy = "lru";
+  std::string eviction_policy = "adaptive";
   std::string ucx_transports;  // empty: UCX_TLS or UCX's choice
   bool ucx_tune_tcp = true;
   bool prefault = false;  // touch the whole arena at start

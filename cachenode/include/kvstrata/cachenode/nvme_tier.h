@@ -49,7 +49,7 @@ struct NvmeTierOptions {
   // pace instead of losing blocks; a disk that cannot keep up never stalls
   // it for longer than this.
   absl::Duration max_demotion_wait = absl::Milliseconds(100);
-  std::string eviction_policy = "lru";
+  std::string eviction_policy = "adaptive";
 };
 
 struct NvmeCounters {
