@@ -42,6 +42,12 @@ ABSL_FLAG(int, requests, 0, "Replay only the first N requests of each trace (0: 
 ABSL_FLAG(double, decode_ms_per_token, 50,
           "A request's finished-hint reaches the policy at its timestamp + output_length x this "
           "(ms); negative: no hints.");
+ABSL_FLAG(int, cluster_nodes, 0,
+          "Also replay each trace over this many nodes sharing the capacity, placing blocks "
+          "by --placement_groups, against one node of the whole capacity (0: off).");
+ABSL_FLAG(std::string, placement_groups, "1,4,16,64",
+          "Cluster placement: block i goes by the key of block i - i % G of its request.");
+ABSL_FLAG(std::string, cluster_policy, "adaptive", "Eviction policy of every node in the cluster replay.");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
@@ -214,6 +220,40 @@ int main(int argc, char** argv) {
       if (std::filesystem::path(b.trace).stem().string() == name) bound = &b;
     }
     summary += Summarise(name, *rows, distinct, bound, totals);  // printed after every table
+    if (const int nodes = absl::GetFlag(FLAGS_cluster_nodes); nodes > 0) {
+      std::printf("%d nodes, %s on each: token hit rate vs one node of the whole capacity, and "
+                  "load spread (most accesses on a node / mean)\n",
+                  nodes, absl::GetFlag(FLAGS_cluster_policy).c_str());
+      for (size_t capacity : capacities) {
+        auto one = kvstrata::cachenode::ReplayCluster(*trace, 1, capacity,
+                                                      absl::GetFlag(FLAGS_cluster_policy), 1,
+                                                      options);
+        if (!one.ok()) {
+          std::fprintf(stderr, "%s\n", one.status().ToString().c_str());
+          return 1;
+        }
+        std::string line = absl::StrFormat("  %5.1f%%: one node %.3f |", 100.0 * capacity / distinct,
+                                           one->total.token_hit_rate());
+        for (absl::string_view text :
+             absl::StrSplit(absl::GetFlag(FLAGS_placement_groups), ',', absl::SkipEmpty())) {
+          size_t group = 0;
+          if (!absl::SimpleAtoi(text, &group) || group == 0) {
+            std::fprintf(stderr, "bad placement group '%s'\n", std::string(text).c_str());
+            return 1;
+          }
+          auto split = kvstrata::cachenode::ReplayCluster(*trace, nodes, capacity / nodes,
+                                                          absl::GetFlag(FLAGS_cluster_policy),
+                                                          group, options);
+          if (!split.ok()) return 1;
+          absl::StrAppendFormat(&line, " G=%zu %.3f (%.2fx, spread %.2f) |", group,
+                                split->total.token_hit_rate(),
+                                split->total.token_hit_rate() /
+                                    std::max(one->total.token_hit_rate(), 1e-9),
+                                split->load_spread());
+        }
+        std::printf("%s\n", line.c_str());
+      }
+    }
   }
   if (totals.points > 0) {
     std::printf("\nadaptive against LRU and the best other policy of each replay:\n%s",

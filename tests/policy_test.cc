@@ -31,6 +31,16 @@ TraceRequest Request(std::vector<uint64_t> ids) {
   return r;
 }
 
+// The order in which a policy gives up everything it holds.
+std::vector<uint64_t> EvictionOrderOf(EvictionPolicy& policy) {
+  std::vector<uint64_t> order;
+  while (std::optional<BlockId> victim = policy.Victim()) {
+    order.push_back(Number(*victim));
+    policy.OnErase(*victim);
+  }
+  return order;
+}
+
 // Conversations: a root, a body that grows by a block or two per turn, and a
 // partial tail block that the next turn replaces.
 std::vector<TraceRequest> RandomConversations(uint32_t seed, int requests) {
@@ -240,6 +250,39 @@ TEST(ChainProtectTest, ARootSeenBeforeIsProtected) {
   EXPECT_EQ(policy->Victim(), Id(3));
   policy->OnErase(Id(3));
   EXPECT_EQ(policy->Victim(), Id(1));
+}
+
+TEST(ChainProtectTest, ABlockWhoseParentIsElsewhereStartsAChain) {
+  // A cluster node holds block 7 of a conversation whose block 6 lives on
+  // another node: 7 is remembered like a root, so when it comes back after
+  // being evicted it is protected, not one more new chain.
+  auto policy = MakeChainProtectPolicy(0.0);
+  policy->OnInsert(Id(7), Id(6));
+  policy->OnInsert(Id(20), std::nullopt);
+  policy->OnErase(Id(7));
+  policy->OnInsert(Id(7), Id(6));          // it comes back
+  policy->OnInsert(Id(30), std::nullopt);  // a new chain
+  EXPECT_EQ(policy->Victim(), Id(20));
+  policy->OnErase(Id(20));
+  EXPECT_EQ(policy->Victim(), Id(30));
+}
+
+TEST(ChainProtectTest, ChildrenOfASharedPrefixAreAllAlive) {
+  // 1-2 is a system prompt; 3 and 5 start two conversations (3 already
+  // extended by 4): 5 does not replace 3, and a third conversation 6 does
+  // not replace 5 either, though 5 is a leaf: 2 has branched.
+  auto policy = MakeChainProtectPolicy(0.0);
+  policy->OnInsert(Id(1), std::nullopt);
+  policy->OnInsert(Id(2), Id(1));
+  policy->OnInsert(Id(3), Id(2));
+  policy->OnInsert(Id(4), Id(3));
+  policy->OnInsert(Id(5), Id(2));
+  policy->OnInsert(Id(6), Id(2));
+  // Nothing is dead: the oldest block goes first (a superseded 3 or 5 would).
+  EXPECT_EQ(policy->Victim(), Id(1));
+  // Once the prompt is gone, only its newest child is known to be orphaned
+  // (it goes next); the others follow in insertion order.
+  EXPECT_EQ(EvictionOrderOf(*policy), (std::vector<uint64_t>{1, 2, 6, 3, 4, 5}));
 }
 
 TEST(ChainProtectTest, ProbationKeepsItsShare) {

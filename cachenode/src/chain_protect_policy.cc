@@ -81,8 +81,14 @@ class ChainProtectPolicy final : public EvictionPolicy {
         // extensions inherit its protection.
         cls = kProtected;
       }
-    } else if (!parent.has_value()) {
-      // A root seen before starts a repeat of an earlier prefix.
+    } else {
+      // A root, or a block whose parent this tier does not hold: in a
+      // cluster that places blocks one by one, most parents live on other
+      // nodes, so each block a node holds starts a chain of its own there
+      // (treating such blocks as roots took 3 nodes on the shared trace from
+      // 0.46x to 0.88x of one node's token hit rate at 2%; one node replaying
+      // a trace always holds the parent). A root seen before starts a repeat
+      // of an earlier prefix.
       if (roots_.Contains(id)) cls = kProtected;
       roots_.Remember(id, high_water_);
       entry.is_root = true;

@@ -203,6 +203,105 @@ ReplayResult ReplayBelady(const std::vector<TraceRequest>& trace, size_t capacit
 }
 
 namespace {
+
+// Rendezvous weight of (placement key, node): a splitmix64 mix, stable.
+uint64_t Weight(uint64_t key, uint64_t node) {
+  uint64_t x = key * 0x9e3779b97f4a7c15ULL + (node + 1) * 0xc2b2ae3d27d4eb4fULL;
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+double ClusterReplayResult::load_spread() const {
+  if (accesses.empty()) return 0;
+  uint64_t sum = 0, most = 0;
+  for (uint64_t a : accesses) {
+    sum += a;
+    most = std::max(most, a);
+  }
+  return sum ? static_cast<double>(most) * accesses.size() / sum : 0;
+}
+
+absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest>& trace,
+                                                  size_t nodes, size_t capacity_per_node,
+                                                  std::string_view policy_name, size_t group,
+                                                  const ReplayOptions& options) {
+  if (nodes == 0 || group == 0) return absl::InvalidArgumentError("nodes and group must be > 0");
+  struct Node {
+    std::unique_ptr<EvictionPolicy> policy;
+    absl::flat_hash_set<uint64_t> cached;
+  };
+  std::vector<Node> cluster(nodes);
+  for (Node& node : cluster) {
+    absl::StatusOr<std::unique_ptr<EvictionPolicy>> made = MakeEvictionPolicy(policy_name);
+    if (!made.ok()) return made.status();
+    node.policy = *std::move(made);
+  }
+  ClusterReplayResult result;
+  result.accesses.assign(nodes, 0);
+  auto owner = [&](const TraceRequest& request, size_t i) {
+    size_t anchor = i - i % group;
+    const uint64_t key = request.hash_ids[anchor];
+    size_t best = 0;
+    for (size_t n = 1; n < nodes; ++n) {
+      if (Weight(key, n) > Weight(key, best)) best = n;
+    }
+    return best;
+  };
+  using Hint = std::pair<double, size_t>;
+  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
+  std::vector<size_t> owners;
+  const absl::Time start = absl::Now();
+  for (size_t r = 0; r < trace.size(); ++r) {
+    const TraceRequest& request = trace[r];
+    if (request.hash_ids.empty()) continue;
+    while (!hints.empty() && hints.top().first <= request.timestamp) {
+      const TraceRequest& finished = trace[hints.top().second];
+      hints.pop();
+      cluster[owner(finished, finished.hash_ids.size() - 1)].policy->OnRequestFinished(
+          IdOf(finished.hash_ids.back()), finished.output_tokens());
+    }
+    if (options.decode_ms_per_token >= 0) {
+      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
+    }
+    owners.clear();
+    for (size_t i = 0; i < request.hash_ids.size(); ++i) owners.push_back(owner(request, i));
+    size_t k = 0;  // CountPrefix asks for the request's blocks in order
+    CountPrefix(request, [&](uint64_t id) { return cluster[owners[k++]].cached.contains(id); },
+                result.total);
+    for (size_t i = 0; i < request.hash_ids.size(); ++i) {
+      const uint64_t id = request.hash_ids[i];
+      Node& node = cluster[owners[i]];
+      ++result.accesses[owners[i]];
+      ++result.total.operations;
+      if (node.cached.contains(id)) {
+        ++result.total.access_hits;
+        node.policy->OnHit(IdOf(id));
+        continue;
+      }
+      while (node.cached.size() >= capacity_per_node) {
+        std::optional<BlockId> victim = node.policy->Victim();
+        if (!victim.has_value()) break;
+        uint64_t evicted;
+        std::memcpy(&evicted, victim->key.bytes.data(), sizeof(evicted));
+        node.cached.erase(evicted);
+        node.policy->OnErase(*victim);
+      }
+      if (capacity_per_node == 0) continue;
+      node.cached.insert(id);
+      node.policy->OnInsert(IdOf(id), i > 0 ? std::optional<BlockId>(IdOf(request.hash_ids[i - 1]))
+                                            : std::nullopt);
+    }
+  }
+  result.total.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  return result;
+}
+
+namespace {
 double NsPerOp(const ReplayResult& r) {
   return 1e9 * r.seconds / std::max<uint64_t>(r.operations, 1);
 }

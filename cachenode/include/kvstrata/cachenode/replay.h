@@ -79,6 +79,24 @@ ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_bloc
 // bound, since keeping a block only pays while its whole prefix is kept too.
 ReplayResult ReplayBelady(const std::vector<TraceRequest>& trace, size_t capacity_blocks);
 
+// The same replay over `nodes` caches of `capacity_per_node` blocks each, as
+// the cluster client places blocks: block i of a request goes to the node
+// chosen by rendezvous hashing of a placement key, the key of block
+// i - i % `group` of the same request (group 1: each block by its own key,
+// as Cluster does today; larger groups keep runs of a conversation on one
+// node). A request's hits are its leading blocks cached on their nodes; its
+// finished-hint goes to the node of its last block.
+struct ClusterReplayResult {
+  ReplayResult total;
+  std::vector<uint64_t> accesses;  // per node
+  // Most accesses on one node over the mean: 1 is perfectly even.
+  double load_spread() const;
+};
+absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest>& trace,
+                                                  size_t nodes, size_t capacity_per_node,
+                                                  std::string_view policy, size_t group,
+                                                  const ReplayOptions& options = {});
+
 // One policy at one capacity, beside LRU and Belady replayed in the same run.
 struct PolicyComparison {
   std::string policy;
