@@ -68,7 +68,7 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   AdaptivePolicy(std::vector<std::string> names,
                  std::vector<std::unique_ptr<EvictionPolicy>> simulations,
                  std::unique_ptr<EvictionPolicy> leader)
-      : policy_(std::move(leader)) {
+      : policy_(std::move(leader)), recent_(kRecentSlots) {
     for (size_t i = 0; i < names.size(); ++i) {
       candidates_.push_back(Candidate{.name = std::move(names[i]), .sim = std::move(simulations[i])});
     }
@@ -77,55 +77,66 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   void OnInsert(const BlockId& id, const std::optional<BlockId>& parent) override {
     ++clock_;
     const uint64_t fingerprint = Fingerprint(id);
-    auto [it, inserted] = blocks_.try_emplace(fingerprint);
-    Meta& meta = it->second;
-    if (inserted) {
-      meta.id = id;
-      if (parent.has_value() && !(*parent == id)) {
-        meta.parent = parent->key;
-        meta.has_parent = true;
-        const uint64_t up = Fingerprint(*parent);
-        if (Sampled(up)) {
-          meta.sampled_ancestor = up;
-        } else if (auto p = blocks_.find(up); p != blocks_.end()) {
-          meta.sampled_ancestor = p->second.sampled_ancestor;
-        }
-      }
-    }
-    high_water_ = std::max(high_water_, blocks_.size());
+    // A request's blocks come in order, so the parent is the block accessed
+    // just before; its nearest sampled ancestor-or-self is the child's
+    // nearest sampled ancestor.
+    const uint64_t ancestor =
+        parent.has_value() && Fingerprint(*parent) == last_ ? last_anchor_ : 0;
     policy_->OnInsert(id, parent);
-    Access(fingerprint, meta);
+    high_water_ = std::max(high_water_, size());
+    Access(fingerprint, ancestor);
   }
 
   void OnHit(const BlockId& id) override {
     ++clock_;
     const uint64_t fingerprint = Fingerprint(id);
-    auto it = blocks_.find(fingerprint);
-    if (it == blocks_.end()) return;
+    if (old_ != nullptr) {
+      // Switching: a block the previous leader holds moves to the new one
+      // when it is hit (it is reused: hit once more there).
+      const size_t before = old_->size();
+      old_->OnErase(id);
+      if (old_->size() < before) {
+        policy_->OnInsert(id, std::nullopt);
+        DropOldWhenEmpty();
+      }
+    }
     policy_->OnHit(id);
-    it->second.hit = true;
-    Access(fingerprint, it->second);
+    // A hit's ancestor: as recorded when its simulations last saw it, or,
+    // for a block no simulation holds, the block accessed before it (its
+    // parent, unless it is the root of a new request).
+    uint64_t ancestor = last_anchor_;
+    if (Sampled(fingerprint)) {
+      if (auto it = sampled_.find(fingerprint); it != sampled_.end()) ancestor = it->second.ancestor;
+    }
+    Access(fingerprint, ancestor);
   }
 
   void OnErase(const BlockId& id) override {
-    if (blocks_.erase(Fingerprint(id)) == 0) return;
     policy_->OnErase(id);
+    if (old_ != nullptr) {
+      old_->OnErase(id);
+      DropOldWhenEmpty();
+    }
   }
 
-  std::optional<BlockId> Victim() override { return policy_->Victim(); }
-  size_t size() const override { return blocks_.size(); }
+  std::optional<BlockId> Victim() override {
+    // The previous leader's blocks go first: they are the ones not hit since
+    // the switch.
+    if (old_ != nullptr) return old_->Victim();
+    return policy_->Victim();
+  }
+  size_t size() const override { return policy_->size() + (old_ != nullptr ? old_->size() : 0); }
 
   void OnRequestFinished(const BlockId& last_block, uint32_t output_tokens) override {
     policy_->OnRequestFinished(last_block, output_tokens);
-    // The simulations hear it for the request's deepest sampled block.
-    uint64_t fingerprint = Fingerprint(last_block);
-    if (!Sampled(fingerprint)) {
-      auto it = blocks_.find(fingerprint);
-      if (it == blocks_.end() || it->second.sampled_ancestor == 0) return;
-      fingerprint = it->second.sampled_ancestor;
-    }
+    if (old_ != nullptr) old_->OnRequestFinished(last_block, output_tokens);
+    // The simulations hear it for the request's deepest sampled block, if
+    // the block was accessed recently enough to be remembered.
+    const uint64_t fingerprint = Fingerprint(last_block);
+    const Recent& recent = recent_[fingerprint % kRecentSlots];
+    if (recent.fingerprint != fingerprint || recent.anchor == 0) return;
     for (Candidate& c : candidates_) {
-      c.sim->OnRequestFinished(NumberedBlockId(fingerprint), output_tokens);
+      c.sim->OnRequestFinished(NumberedBlockId(recent.anchor), output_tokens);
     }
   }
 
@@ -138,32 +149,44 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   uint64_t switches() const override { return switches_; }
 
  private:
-  // Blocks are keyed by their 64-bit fingerprint: two blocks held at once
-  // share one with probability ~n^2/2^64 (a mix-up then only misorders
-  // those two in the simulations and the rebuild; the tier's own index
-  // never relies on it).
-  struct Meta {
-    BlockId id;
-    BlockKey parent;  // same namespace as the block
-    uint64_t touched = 0;
-    uint64_t sampled_ancestor = 0;  // fingerprint of the nearest sampled ancestor, 0: none
-    bool has_parent = false;
-    bool hit = false;  // accessed again since it was inserted
-  };
   struct Candidate {
     std::string name;
     std::unique_ptr<EvictionPolicy> sim;
-    // Sampled blocks the simulation holds -> whether their last access was a
-    // prefix hit there (all sampled ancestors hit too).
-    absl::flat_hash_map<uint64_t, bool> cached;
+    size_t held = 0;  // sampled blocks its simulation holds
     double score = 0;
   };
+  // A sampled block in the simulations: bit i for candidate i, whether its
+  // simulation holds it and whether its last access there was a prefix hit
+  // (its sampled ancestors hit too), and its nearest sampled ancestor.
+  struct Presence {
+    uint64_t ancestor = 0;
+    uint8_t held = 0;
+    uint8_t prefix = 0;
+  };
+  // The nearest sampled ancestor-or-self of a recently accessed block, for
+  // finished-hints, which name a request's last block a little later.
+  // Direct-mapped: 4096 slots hold the last few thousand accesses (a hint
+  // arrives within a few requests), in 64 KiB.
+  struct Recent {
+    uint64_t fingerprint = 0;
+    uint64_t anchor = 0;
+  };
+  static constexpr size_t kRecentSlots = 4096;
 
-  void Access(uint64_t fingerprint, Meta& meta) {
-    meta.touched = clock_;
-    if (!Sampled(fingerprint)) return;
-    Simulate(fingerprint, meta.sampled_ancestor);
-    if (++sampled_accesses_ % kDecideEvery == 0) Decide();
+  void Access(uint64_t fingerprint, uint64_t ancestor) {
+    last_ = fingerprint;
+    if (Sampled(fingerprint)) {
+      last_anchor_ = fingerprint;
+      Simulate(fingerprint, ancestor);
+      if (++sampled_accesses_ % kDecideEvery == 0) Decide();
+    } else {
+      last_anchor_ = ancestor;
+    }
+    recent_[fingerprint % kRecentSlots] = {fingerprint, last_anchor_};
+  }
+
+  void DropOldWhenEmpty() {
+    if (old_ != nullptr && old_->size() == 0) old_.reset();
   }
 
   // One sampled access in every simulation. Its blocks form the prefix tree
@@ -179,35 +202,50 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
     const double half_life = std::max(kMinHalfLife, kHalfLifeTurnovers * capacity);
     const double decay = 1.0 - 0.6931471805599453 / half_life;
     const BlockId block = NumberedBlockId(fingerprint);
-    for (Candidate& c : candidates_) {
+    // One lookup for the block and one for its ancestor serve every
+    // simulation (a map per simulation cost four of each).
+    Presence& here = sampled_[fingerprint];
+    here.ancestor = ancestor;
+    uint8_t ancestor_prefix = 0xff;
+    if (ancestor != 0) {
+      auto a = sampled_.find(ancestor);
+      ancestor_prefix = a == sampled_.end() ? 0 : a->second.held & a->second.prefix;
+    }
+    for (size_t i = 0; i < candidates_.size(); ++i) {
+      Candidate& c = candidates_[i];
+      const uint8_t bit = uint8_t{1} << i;
       c.score *= decay;
-      auto it = c.cached.find(fingerprint);
-      bool prefix = it != c.cached.end();
-      if (prefix && ancestor != 0) {
-        auto a = c.cached.find(ancestor);
-        prefix = a != c.cached.end() && a->second;
-      }
-      if (it != c.cached.end()) {
+      if (here.held & bit) {
+        const bool prefix = ancestor_prefix & bit;
         c.score += prefix;
-        it->second = prefix;
+        here.prefix = prefix ? here.prefix | bit : here.prefix & ~bit;
         c.sim->OnHit(block);
         continue;
       }
-      while (c.cached.size() >= capacity) {
+      while (c.held >= capacity) {
         std::optional<BlockId> victim = c.sim->Victim();
         if (!victim.has_value()) break;
         uint64_t gone;
         std::memcpy(&gone, victim->key.bytes.data(), sizeof(gone));
-        c.cached.erase(gone);
         c.sim->OnErase(*victim);
+        --c.held;
+        // (`here` stays valid: it is not held by this simulation, so it is
+        // never the victim, and erasing from a flat_hash_map moves nothing.)
+        if (auto g = sampled_.find(gone); g != sampled_.end() && (g->second.held &= ~bit) == 0) {
+          sampled_.erase(g);
+        }
       }
-      c.cached.emplace(fingerprint, false);
+      here.held |= bit;
+      here.prefix &= ~bit;
+      ++c.held;
       c.sim->OnInsert(block, ancestor != 0 ? std::optional<BlockId>(NumberedBlockId(ancestor))
                                            : std::nullopt);
     }
+    if (here.held == 0) sampled_.erase(fingerprint);
   }
 
   void Decide() {
+    if (old_ != nullptr) return;  // the last switch is still under way
     size_t best = leader_;
     for (size_t i = 0; i < candidates_.size(); ++i) {
       if (candidates_[i].score > candidates_[best].score) best = i;
@@ -218,40 +256,28 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
                           (candidates_[best].score + candidates_[leader_].score + 1)) {
       return;
     }
-    if (clock_ - last_switch_ < blocks_.size()) return;
-    Switch(best);
-  }
-
-  // The new leader learns the blocks held, least recently touched first, as
-  // a tier that had run it would have inserted them, each hit once more if
-  // it had been hit (so reuse is known: chain-slru protects it, prefix-freq
-  // counts it); what a policy learns over time (hint statistics, exact
-  // frequencies) starts afresh.
-  void Switch(size_t to) {
-    std::vector<std::pair<uint64_t, const Meta*>> order;
-    order.reserve(blocks_.size());
-    for (const auto& [fingerprint, meta] : blocks_) order.push_back({meta.touched, &meta});
-    std::sort(order.begin(), order.end());
-    std::unique_ptr<EvictionPolicy> next = *MakeEvictionPolicy(candidates_[to].name);
-    for (const auto& [touched, m] : order) {
-      const Meta& meta = *m;
-      const BlockId* id = &meta.id;
-      next->OnInsert(*id, meta.has_parent
-                              ? std::optional<BlockId>(BlockId{id->namespace_id, meta.parent})
-                              : std::nullopt);
-      if (meta.hit) next->OnHit(*id);
-    }
-    policy_ = std::move(next);
-    leader_ = to;
+    if (clock_ - last_switch_ < size()) return;
+    // The new leader starts empty and takes over the blocks held as they
+    // are hit; the old one keeps the rest and gives them up first. No state
+    // per block is kept to rebuild from, and the switch costs O(1) per call
+    // while both run (at most one turnover of the tier).
+    old_ = std::move(policy_);
+    policy_ = *MakeEvictionPolicy(candidates_[best].name);
+    DropOldWhenEmpty();
+    leader_ = best;
     last_switch_ = clock_;
     ++switches_;
   }
 
-  std::vector<Candidate> candidates_;
+  std::vector<Candidate> candidates_;  // at most 8 (bits of a Presence)
   size_t leader_ = 0;
-  std::unique_ptr<EvictionPolicy> policy_;  // the leader, over every block held
-  absl::flat_hash_map<uint64_t, Meta> blocks_;  // by fingerprint
-  uint64_t clock_ = 0;  // accesses
+  std::unique_ptr<EvictionPolicy> policy_;  // the leader
+  std::unique_ptr<EvictionPolicy> old_;     // the previous leader, while it holds blocks
+  absl::flat_hash_map<uint64_t, Presence> sampled_;  // by fingerprint
+  std::vector<Recent> recent_;
+  uint64_t last_ = 0;         // fingerprint of the block accessed last
+  uint64_t last_anchor_ = 0;  // its nearest sampled ancestor-or-self
+  uint64_t clock_ = 0;        // accesses
   uint64_t sampled_accesses_ = 0;
   uint64_t last_switch_ = 0;
   uint64_t switches_ = 0;
@@ -263,6 +289,7 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
 absl::StatusOr<std::unique_ptr<AdaptiveEvictionPolicy>> MakeAdaptivePolicy(
     std::vector<std::string> candidates) {
   if (candidates.empty()) candidates = {"chain-slru", "lru", "return-aware", "prefix-freq"};
+  if (candidates.size() > 8) return absl::InvalidArgumentError("at most 8 candidates");
   std::vector<std::unique_ptr<EvictionPolicy>> simulations;
   for (const std::string& name : candidates) {
     if (name == "adaptive") return absl::InvalidArgumentError("adaptive cannot be its own candidate");

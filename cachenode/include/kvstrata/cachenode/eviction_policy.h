@@ -83,13 +83,15 @@ std::unique_ptr<EvictionPolicy> MakePrefixFreqPolicy();
 // Follows the candidate policy that would have had the most prefix hits
 // lately. Every candidate runs as a miniature simulation on 1/8 of the keys
 // (by a hash of the key) at 1/8 of the capacity, scoring prefix hits with
-// exponential decay (half-life: eight turnovers of the simulated cache); the
-// leader, the one policy that orders the real blocks, changes when another
-// candidate scores 2% more, at most once per turnover of the real cache
-// (the new leader is rebuilt from the blocks held, oldest first). Starts
-// with the first candidate. O(1) amortised per call plus the leader's cost;
-// about 75 bytes per block plus the leader's, plus about 600 per sampled
-// block for four candidates.
+// exponential decay (half-life: sixteen turnovers of the simulated cache);
+// the leader, the one policy that orders the real blocks, changes when
+// another candidate's score leads by three standard deviations, at most once
+// per turnover of the real cache. A new leader starts empty and takes each
+// block over when it is hit; the previous one gives up the rest first.
+// Starts with the first candidate. O(1) per call plus the leader's cost (and
+// the previous leader's while a switch is under way); memory: the leader's,
+// plus about 500 bytes per sampled block (60 per block) for four candidates,
+// plus 64 KiB.
 class AdaptiveEvictionPolicy : public EvictionPolicy {
  public:
   struct Score {

@@ -45,7 +45,7 @@ struct ReplayResult {
   uint64_t total_blocks = 0;
   uint64_t access_hits = 0;     // every access that found its block (not only prefixes)
   uint64_t operations = 0;      // policy calls
-  double seconds = 0;           // time spent replaying
+  double seconds = 0;           // CPU time the replaying thread spent
   double token_hit_rate() const {
     return total_tokens ? static_cast<double>(hit_tokens) / total_tokens : 0;
   }
