@@ -122,7 +122,9 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
   std::optional<BlockId> Victim() override {
     // The previous leader's blocks go first: they are the ones not hit since
     // the switch.
-    if (old_ != nullptr) return old_->Victim();
+    if (old_ != nullptr) {
+      if (std::optional<BlockId> victim = old_->Victim()) return victim;
+    }
     return policy_->Victim();
   }
   size_t size() const override { return policy_->size() + (old_ != nullptr ? old_->size() : 0); }
