@@ -241,6 +241,25 @@ class NvmeTier::Impl {
     return entries_.contains(last_block);
   }
 
+  void List(uint64_t namespace_id, BlockPage& page) {
+    {
+      std::lock_guard lock(queue_mu_);
+      for (const auto& [id, block] : queued_) {
+        if (id.namespace_id != namespace_id || !page.Wants(id.key)) continue;
+        page.Offer({.key = id.key,
+                    .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
+                    .size = block->size(),
+                    .tier = v1::TIER_NVME});
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, entry] : entries_) {
+      if (id.namespace_id != namespace_id || !page.Wants(id.key)) continue;
+      const IndexRecord& r = entry->record;
+      page.Offer({.key = id.key, .parent = r.parent, .size = r.size, .tier = v1::TIER_NVME});
+    }
+  }
+
   bool Contains(const BlockId& id) {
     {
       absl::MutexLock lock(&mu_);
@@ -744,6 +763,7 @@ std::vector<absl::Status> NvmeTier::Write(
   return impl_->Write(blocks);
 }
 bool NvmeTier::Erase(const BlockId& id) { return impl_->Erase(id); }
+void NvmeTier::List(uint64_t namespace_id, BlockPage& page) { impl_->List(namespace_id, page); }
 bool NvmeTier::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
   return impl_->RequestFinished(last_block, output_tokens);
 }
