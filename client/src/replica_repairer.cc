@@ -74,6 +74,7 @@ void ReplicaRepairer::RepairOnRead(const RepairNamespace& ns, const BlockKey& ke
     return;
   }
   queued_.insert({ns.id, key});
+  ++stats_.queued_on_read;
   queue_.push_back({ns, key, std::move(source), std::move(targets)});
 }
 
@@ -287,7 +288,8 @@ void ReplicaRepairer::CopyFrom(const RepairNamespace& ns, const NodePtr& source,
           ++failed;
         }
       }
-      if (!Throttle(done->bytes)) return count();
+      count();  // before the pause: what is copied shows at once
+      if (!Throttle(done->bytes)) return;
     }
     count();
   }

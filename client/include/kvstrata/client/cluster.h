@@ -67,7 +67,8 @@ struct ClusterOptions {
 struct RepairStats {
   uint64_t repaired_blocks = 0;  // copies made (a block copied to two owners counts twice)
   uint64_t repaired_bytes = 0;
-  uint64_t pending_blocks = 0;   // copies queued by fetches, not yet made
+  uint64_t queued_on_read = 0;   // copies fetches found wanting and queued
+  uint64_t pending_blocks = 0;   // of them, not yet made
   uint64_t dropped_blocks = 0;   // copies not queued: the queue was full
   uint64_t failed_blocks = 0;    // copies tried that failed (node down, no space, gone)
   uint64_t passes = 0;           // rejoin passes completed
