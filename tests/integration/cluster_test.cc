@@ -2,6 +2,8 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
 #include <map>
 #include <cstring>
 #include <optional>
@@ -14,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/cluster.h"
+#include "kvstrata/common/namespace_spec.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
 
@@ -453,6 +456,124 @@ TEST_F(ThreeNodeTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
   EXPECT_EQ(FetchStream(*cluster, *ns, 31, 300).second, 300u);  // still serves what it had
   EXPECT_EQ(FetchStream(*cluster, *ns, 32, 300).second, 300u);
   ASSERT_TRUE(cluster->Drain(addresses[0], false).ok());
+}
+
+// ---- tenants ----------------------------------------------------------------
+
+// sha256sum of `text`: the auth file holds digests, not tokens.
+std::string Sha256Hex(const std::string& text) {
+  FILE* pipe = popen(("printf %s '" + text + "' | sha256sum").c_str(), "r");
+  char out[65] = {};
+  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
+  if (pipe != nullptr) pclose(pipe);
+  return std::string(out, 64);
+}
+
+TEST(ClusterAuthTest, AnotherTenantCanNeitherListNorRepairANamespace) {
+  auto dir = testing::TempDir::Create("kvstrata-cluster-auth");
+  ASSERT_TRUE(dir.ok());
+  const std::string auth_file = (*dir)->File("auth");
+  {
+    std::ofstream out(auth_file);
+    out << "token sha256:" << Sha256Hex("acme-token") << " tenant acme\n"
+        << "token sha256:" << Sha256Hex("globex-token") << " tenant globex\n"
+        << "token sha256:" << Sha256Hex("admin-token") << " admin *\n";
+  }
+  auto start = [&](int port) {
+    std::vector<std::string> flags = {"--dram_bytes=268435456", "--slab_bytes=1048576",
+                                      "--transfer_timeout=5s", "--auth_file=" + auth_file};
+    if (port != 0) flags.push_back(absl::StrCat("--listen=127.0.0.1:", port));
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY, flags);
+    EXPECT_TRUE(node.ok()) << node.status();
+    return node.ok() ? *std::move(node) : nullptr;
+  };
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::vector<std::string> addresses;
+  for (int i = 0; i < 3; ++i) {
+    nodes.push_back(start(0));
+    ASSERT_NE(nodes.back(), nullptr);
+    addresses.push_back(nodes.back()->address());
+  }
+  auto connect = [&](const std::string& token, uint64_t repair) {
+    ClusterOptions options;
+    options.nodes = addresses;
+    options.replication = 2;
+    options.refresh_interval = absl::Milliseconds(200);
+    options.repair_bytes_per_second = repair;
+    options.client.auth_token = token;
+    auto cluster = Cluster::Connect(options);
+    EXPECT_TRUE(cluster.ok()) << cluster.status();
+    return cluster.ok() ? *std::move(cluster) : nullptr;
+  };
+  v1::NamespaceSpec acme_spec = Spec();
+  acme_spec.set_tenant("acme");
+  v1::NamespaceSpec globex_spec = Spec();
+  globex_spec.set_tenant("globex");
+
+  // acme publishes with R=2, and repairs nothing itself for now.
+  auto acme = connect("acme-token", 0);
+  ASSERT_NE(acme, nullptr);
+  absl::StatusOr<ClusterNamespace> acme_ns;
+  ASSERT_TRUE(WaitFor([&] { return (acme_ns = acme->OpenNamespace(acme_spec)).ok(); }))
+      << acme_ns.status();
+  constexpr size_t kCount = 200;
+  EXPECT_EQ(PublishStream(*acme, *acme_ns, 61, kCount).count(BlockOutcome::kOk), kCount);
+  const auto keys = acme_ns->Keys(testing::Tokens(61, kCount, kTokensPerBlock));
+
+  const int port = nodes[1]->port();
+  nodes[1]->process().Signal(SIGKILL);
+  nodes[1]->process().Wait();
+  nodes[1] = start(port);
+  ASSERT_NE(nodes[1], nullptr);
+
+  // globex's cluster, repairing at full speed, sees the rejoin...
+  auto globex = connect("globex-token", 64 << 20);
+  ASSERT_NE(globex, nullptr);
+  ASSERT_TRUE(WaitFor([&] {
+    for (const auto& status : globex->Nodes()) {
+      if (!status.healthy) return false;
+    }
+    return true;
+  }));
+  // ...but cannot open acme's namespace, so its repairer never walks it,
+  EXPECT_TRUE(absl::IsPermissionDenied(globex->OpenNamespace(acme_spec).status()));
+  absl::StatusOr<ClusterNamespace> globex_ns = globex->OpenNamespace(globex_spec);
+  ASSERT_TRUE(globex_ns.ok()) << globex_ns.status();
+  const uint64_t passes = globex->Repairs().passes;
+  ASSERT_TRUE(WaitFor([&] { return globex->Repairs().passes > passes; }));
+  // and listing it by id, a page or named keys, is refused on every node.
+  for (const std::string& address : addresses) {
+    auto stub = v1::CacheNode::NewStub(grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+    for (bool by_keys : {false, true}) {
+      grpc::ClientContext context;
+      context.AddMetadata("authorization", "Bearer globex-token");
+      v1::ListBlocksRequest request;
+      request.set_namespace_id(NamespaceId(acme_spec));
+      request.set_limit(4096);
+      if (by_keys) request.add_keys(std::string(keys[0].view()));
+      v1::ListBlocksResponse response;
+      const grpc::Status status = stub->ListBlocks(&context, request, &response);
+      // The restarted node has not seen acme's namespace opened again.
+      EXPECT_EQ(status.error_code(), address == addresses[1] ? grpc::StatusCode::NOT_FOUND
+                                                             : grpc::StatusCode::PERMISSION_DENIED)
+          << address;
+      EXPECT_EQ(response.blocks_size(), 0);
+    }
+  }
+  EXPECT_EQ(globex->Repairs().repaired_blocks, 0u);
+  absl::StatusOr<client::ReplicaCensus> census = acme_ns->Census();
+  ASSERT_TRUE(census.ok()) << census.status();
+  EXPECT_GT(census->under_replicated, 0u) << "another tenant's client repaired acme's blocks";
+
+  // acme's own repairer restores them (the same machinery, the right tenant).
+  auto acme_repairing = connect("acme-token", 64 << 20);
+  ASSERT_NE(acme_repairing, nullptr);
+  ASSERT_TRUE(WaitFor([&] { return acme_repairing->OpenNamespace(acme_spec).ok(); }));
+  ASSERT_TRUE(WaitFor([&] {
+    census = acme_ns->Census();
+    return census.ok() && census->under_replicated == 0;
+  })) << (census.ok() ? census->under_replicated : 0);
+  EXPECT_GT(acme_repairing->Repairs().repaired_blocks, 0u);
 }
 
 TEST(ClusterTest, MembershipFromDns) {
