@@ -505,7 +505,9 @@ TEST_P(IndexDamageTest, EverySurvivingBlockServesOnEveryRestartAndNoneIsWrong) {
   std::printf("damage %s: recovered %lu of %zu blocks, index repairs %lu\n",
               DamageName({GetParam(), 0}).c_str(), static_cast<unsigned long>(recovered), kCount,
               static_cast<unsigned long>(stats.nvme_index_repairs()));
-  if (GetParam() != IndexDamage::kDeletedIndex && GetParam() != IndexDamage::kWal) {
+  // A damaged WAL record is stepped over inside RocksDB, unreported: the
+  // count of blocks recovered is what shows it.
+  if (GetParam() != IndexDamage::kWal) {
     EXPECT_EQ(stats.nvme_index_repairs(), 1u) << "the damage went unnoticed";
   }
   if (stats.nvme_index_repairs() > 0) {
