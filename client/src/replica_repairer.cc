@@ -252,13 +252,14 @@ void ReplicaRepairer::CopyFrom(const RepairNamespace& ns, const NodePtr& source,
     for (size_t i = start; i < end; ++i) {
       items.push_back({copies[i].key, buffer_.get(), (i - start) * block_bytes});
     }
+    const absl::Time fetch_start = absl::Now();
     absl::StatusOr<TransferResult> fetched = cluster_.WithNamespace<TransferResult>(
         *source, ns.id, *ns.spec, [&](Namespace& handle) { return handle.Fetch(items); });
     if (!fetched.ok()) {
       for (size_t i = start; i < copies.size(); ++i) failed += copies[i].targets.size();
       return count();  // the source is gone: the next pass finds another
     }
-    if (!Throttle(fetched->bytes)) return count();
+    if (!Throttle(fetched->bytes, fetch_start)) return count();
     // Each target gets, in one publish, the fetched blocks it lacks.
     std::vector<std::pair<NodePtr, std::vector<PublishItem>>> publishes;
     for (size_t i = start; i < end; ++i) {
@@ -275,6 +276,7 @@ void ReplicaRepairer::CopyFrom(const RepairNamespace& ns, const NodePtr& source,
       }
     }
     for (const auto& [target, publish] : publishes) {
+      const absl::Time publish_start = absl::Now();
       absl::StatusOr<TransferResult> done = cluster_.WithNamespace<TransferResult>(
           *target, ns.id, *ns.spec, [&](Namespace& handle) { return handle.Publish(publish); });
       if (!done.ok()) {
@@ -289,16 +291,17 @@ void ReplicaRepairer::CopyFrom(const RepairNamespace& ns, const NodePtr& source,
         }
       }
       count();  // before the pause: what is copied shows at once
-      if (!Throttle(done->bytes)) return;
+      if (!Throttle(done->bytes, publish_start)) return;
     }
     count();
   }
 }
 
-bool ReplicaRepairer::Throttle(uint64_t bytes) {
+bool ReplicaRepairer::Throttle(uint64_t bytes, absl::Time started) {
   const absl::Time now = absl::Now();
-  // Idle time earns no credit: a burst after a quiet hour is still paced.
-  next_free_ = std::max(next_free_, now) +
+  // The transfer's own time counts toward its share, idle time before it
+  // does not: a burst after a quiet hour is still paced.
+  next_free_ = std::max(next_free_, started) +
                absl::Seconds(static_cast<double>(bytes) /
                              static_cast<double>(cluster_.options.repair_bytes_per_second));
   absl::MutexLock lock(&mu_);

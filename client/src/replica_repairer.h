@@ -70,8 +70,9 @@ class ReplicaRepairer {
   // Fetches `copies` from `source` and publishes each to its targets, a
   // buffer's worth at a time, at the byte rate.
   void CopyFrom(const RepairNamespace& ns, const NodePtr& source, std::vector<Copy> copies);
-  // Sleeps until `bytes` more fit the rate; false when stopping.
-  bool Throttle(uint64_t bytes);
+  // Sleeps until `bytes`, moved by a transfer begun at `started`, fit the
+  // rate; false when stopping.
+  bool Throttle(uint64_t bytes, absl::Time started);
   bool stopping();
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
