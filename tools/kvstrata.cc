@@ -4,6 +4,7 @@
 //   kvstrata get    --key=HEX --out=FILE                    fetch one block
 //   kvstrata lookup --keys=HEX,HEX,... | --tokens=1,2,3,... longest stored prefix
 //   kvstrata stat [--nodes=a,b,c | --dns=name:port]         node or cluster counters
+//     [--replication=R --model=... --block_bytes=N]         + a namespace's copies per node
 //   kvstrata drain --node=ADDR [--undrain]                  stop (or resume) new publishes
 //   kvstrata replay --trace=FILE [--capacity=0.1]           offline policy replay vs Belady
 //   kvstrata replay --live --trace=FILE                     the trace against a running node
@@ -16,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -44,6 +46,9 @@ ABSL_FLAG(std::string, nodes, "",
 ABSL_FLAG(std::string, dns, "",
           "stat/drain: name:port whose addresses are the cluster's nodes (a headless Service).");
 ABSL_FLAG(bool, undrain, false, "drain: take the node back into service instead.");
+ABSL_FLAG(int, replication, 0,
+          "stat --nodes: also list the namespace of --tenant/--model/... on every node and count "
+          "its blocks with fewer than this many live copies (0: skip).");
 ABSL_FLAG(std::string, trace, "", "replay: a Mooncake-format trace (JSON lines with hash_ids).");
 ABSL_FLAG(std::string, capacity, "0.05,0.1,0.2",
           "replay: cache capacities, as fractions of the trace's distinct blocks (<= 1) or in "
@@ -233,6 +238,8 @@ absl::StatusOr<std::unique_ptr<kvstrata::client::Cluster>> ClusterFromFlags() {
   options.dns = absl::GetFlag(FLAGS_dns);
   if (options.nodes.empty() && options.dns.empty()) options.nodes.push_back(absl::GetFlag(FLAGS_node));
   options.client.timeout = absl::GetFlag(FLAGS_timeout);
+  options.replication = std::max(1, absl::GetFlag(FLAGS_replication));
+  options.repair_bytes_per_second = 0;  // a tool looks; it copies nothing
   return kvstrata::client::Cluster::Connect(options);
 }
 
@@ -279,6 +286,19 @@ int ClusterStat() {
   std::printf("cluster: %d of %zu nodes up, blocks=%lu used=%.1f%% lookup_hit_rate=%.3f fetch_hit_rate=%.3f\n",
               healthy, nodes.size(), blocks, 100 * Ratio(stored, capacity), Ratio(hits, lookups),
               Ratio(fetch_hits, fetches));
+  if (const int replication = absl::GetFlag(FLAGS_replication); replication > 0) {
+    const kvstrata::v1::NamespaceSpec spec = SpecFromFlags(0);
+    auto ns = (*cluster)->OpenNamespace(spec);
+    if (!ns.ok()) return Die(ns.status());
+    auto census = ns->Census();
+    if (!census.ok()) return Die(census.status());
+    for (const auto& [address, held] : census->node_blocks) {
+      std::printf("%s namespace_blocks=%lu\n", address.c_str(), held);
+    }
+    std::printf("namespace %s/%s: blocks=%lu under_replicated=%lu (fewer than %d live copies)\n",
+                spec.tenant().c_str(), spec.model().c_str(), census->blocks,
+                census->under_replicated, replication);
+  }
   return healthy == static_cast<int>(nodes.size()) ? 0 : 3;
 }
 

@@ -44,4 +44,17 @@ size_t BlockIndex::size() const {
   return total;
 }
 
+void BlockIndex::List(uint64_t namespace_id, BlockPage& page) const {
+  for (Shard& shard : shards_) {
+    absl::MutexLock lock(&shard.mu);
+    for (const auto& [id, block] : shard.blocks) {
+      if (id.namespace_id != namespace_id || !page.Wants(id.key)) continue;
+      page.Offer({.key = id.key,
+                  .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
+                  .size = block->size(),
+                  .tier = v1::TIER_DRAM});
+    }
+  }
+}
+
 }  // namespace kvstrata::cachenode

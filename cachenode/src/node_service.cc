@@ -4,6 +4,7 @@
 #include "metrics.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "absl/container/flat_hash_set.h"
@@ -740,6 +741,61 @@ grpc::Status NodeService::DoRequestFinished(grpc::ServerContext* context,
   // Release order: a reader that sees the known count also sees the total.
   counters_.request_hints.fetch_add(1, std::memory_order_release);
   if (known) counters_.request_hints_known.fetch_add(1, std::memory_order_release);
+  return grpc::Status::OK;
+}
+
+namespace {
+
+void AddListed(const std::vector<ListedBlock>& blocks, v1::ListBlocksResponse* response) {
+  for (const ListedBlock& block : blocks) {
+    v1::ListedBlock* out = response->add_blocks();
+    out->set_key(std::string(block.key.view()));
+    if (block.parent.has_value()) out->set_parent(std::string(block.parent->view()));
+    out->set_size(block.size);
+    out->set_tier(block.tier);
+  }
+}
+
+}  // namespace
+
+grpc::Status NodeService::ListBlocks(grpc::ServerContext* context,
+                                     const v1::ListBlocksRequest* request,
+                                     v1::ListBlocksResponse* response) {
+  return Observed("ListBlocks", [&] { return DoListBlocks(context, request, response); });
+}
+
+grpc::Status NodeService::DoListBlocks(grpc::ServerContext* context,
+                                       const v1::ListBlocksRequest* request,
+                                       v1::ListBlocksResponse* response) {
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
+  if (!ns.ok()) return ToGrpc(ns.status());
+  if (request->limit() == 0 || request->limit() > limits::kMaxListBlocks) {
+    return InvalidArgument(absl::StrCat("a page lists 1..", limits::kMaxListBlocks,
+                                        " blocks, got ", request->limit()));
+  }
+  if (!request->keys().empty()) {
+    absl::StatusOr<std::vector<BlockKey>> keys = ParseKeys(request->keys(), limits::kMaxListBlocks);
+    if (!keys.ok()) return ToGrpc(keys.status());
+    std::vector<BlockId> ids;
+    ids.reserve(keys->size());
+    for (const BlockKey& key : *keys) ids.push_back(BlockId{ns->id, key});
+    AddListed(store_.Describe(ids), response);
+    return grpc::Status::OK;
+  }
+  std::optional<BlockKey> after;
+  if (!request->after().empty()) {
+    // Cursors are keys this node listed: always 16 bytes, never folded.
+    if (request->after().size() != sizeof(BlockKey::bytes)) {
+      return InvalidArgument(absl::StrCat("after must be empty or a 16-byte key, got ",
+                                          request->after().size(), " bytes"));
+    }
+    after.emplace();
+    std::memcpy(after->bytes.data(), request->after().data(), after->bytes.size());
+  }
+  bool more = false;
+  const std::vector<ListedBlock> page = store_.List(ns->id, after, request->limit(), &more);
+  AddListed(page, response);
+  if (more && !page.empty()) response->set_next_after(std::string(page.back().key.view()));
   return grpc::Status::OK;
 }
 

@@ -120,6 +120,8 @@ class NodeService final : public v1::CacheNode::Service {
                                v1::RequestFinishedResponse*) override;
   grpc::Status CloseNamespace(grpc::ServerContext*, const v1::CloseNamespaceRequest*,
                               v1::CloseNamespaceResponse*) override;
+  grpc::Status ListBlocks(grpc::ServerContext*, const v1::ListBlocksRequest*,
+                          v1::ListBlocksResponse*) override;
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
@@ -156,6 +158,8 @@ class NodeService final : public v1::CacheNode::Service {
                                  v1::RequestFinishedResponse*);
   grpc::Status DoCloseNamespace(grpc::ServerContext*, const v1::CloseNamespaceRequest*,
                                 v1::CloseNamespaceResponse*);
+  grpc::Status DoListBlocks(grpc::ServerContext*, const v1::ListBlocksRequest*,
+                            v1::ListBlocksResponse*);
   // The tenant's limits from the auth file (none without one).
   TenantQuota QuotaFor(const std::string& tenant) const;
 

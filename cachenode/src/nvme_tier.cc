@@ -67,6 +67,13 @@ class NvmeTier::Impl {
   }
 
   absl::Status Open() {
+    // Data files from an earlier run beside no index at all: the index was
+    // deleted (or the disk moved), and the files' blocks cannot be found.
+    bool data_existed = false;
+    for (const std::string& dir : options_.directories) {
+      std::error_code ec;
+      data_existed = data_existed || std::filesystem::exists(absl::StrCat(dir, "/kvstrata-data"), ec);
+    }
     for (const std::string& dir : options_.directories) {
       absl::StatusOr<std::unique_ptr<nvme::DataFile>> file =
           nvme::DataFile::Open(dir, options_.capacity_per_directory);
@@ -81,6 +88,14 @@ class NvmeTier::Impl {
     if (index_dir_.empty()) index_dir_ = absl::StrCat(options_.directories[0], "/kvstrata-index");
     db_options_.create_if_missing = true;
     db_options_.paranoid_checks = true;
+    // A damaged WAL record costs that write batch, not every batch after it
+    // (point-in-time recovery stops at the first bad record): each index
+    // record checks itself, overlapping ones are dropped at recovery and
+    // every read is verified, so a batch replayed past a lost one can cost
+    // misses, never wrong bytes.
+    db_options_.wal_recovery_mode = rocksdb::WALRecoveryMode::kSkipAnyCorruptedRecords;
+    std::error_code ec;
+    const bool index_existed = std::filesystem::exists(index_dir_, ec);
     absl::StatusOr<nvme::IndexOpening> opened = nvme::OpenIndex(index_dir_, db_options_);
     if (!opened.ok()) {
       ReportError(absl::FailedPreconditionError(
@@ -91,6 +106,12 @@ class NvmeTier::Impl {
         ReportError(absl::DataLossError(absl::StrCat(
             "NVMe index ", index_dir_, " was damaged (", opened->problem, ") and ",
             opened->restarted ? "could not be repaired: started empty" : "was repaired")));
+        absl::MutexLock lock(&mu_);
+        ++index_repairs_;
+      } else if (!index_existed && data_existed) {
+        ReportError(absl::DataLossError(absl::StrCat(
+            "NVMe index ", index_dir_,
+            " is missing beside data files of an earlier run: started empty, their blocks are lost")));
         absl::MutexLock lock(&mu_);
         ++index_repairs_;
       }
@@ -239,6 +260,25 @@ class NvmeTier::Impl {
     absl::MutexLock lock(&mu_);
     policy_->OnRequestFinished(last_block, output_tokens);
     return entries_.contains(last_block);
+  }
+
+  void List(uint64_t namespace_id, BlockPage& page) {
+    {
+      std::lock_guard lock(queue_mu_);
+      for (const auto& [id, block] : queued_) {
+        if (id.namespace_id != namespace_id || !page.Wants(id.key)) continue;
+        page.Offer({.key = id.key,
+                    .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
+                    .size = block->size(),
+                    .tier = v1::TIER_NVME});
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, entry] : entries_) {
+      if (id.namespace_id != namespace_id || !page.Wants(id.key)) continue;
+      const IndexRecord& r = entry->record;
+      page.Offer({.key = id.key, .parent = r.parent, .size = r.size, .tier = v1::TIER_NVME});
+    }
   }
 
   bool Contains(const BlockId& id) {
@@ -744,6 +784,7 @@ std::vector<absl::Status> NvmeTier::Write(
   return impl_->Write(blocks);
 }
 bool NvmeTier::Erase(const BlockId& id) { return impl_->Erase(id); }
+void NvmeTier::List(uint64_t namespace_id, BlockPage& page) { impl_->List(namespace_id, page); }
 bool NvmeTier::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
   return impl_->RequestFinished(last_block, output_tokens);
 }

@@ -1,5 +1,7 @@
 #include "tiered_store.h"
 
+#include <algorithm>
+
 #include "absl/container/flat_hash_set.h"
 #include "nvme/data_file.h"
 
@@ -25,6 +27,44 @@ void TieredStore::StopPrefetch() {
   }
   prefetch_cv_.notify_all();
   if (prefetcher_.joinable()) prefetcher_.join();
+}
+
+std::vector<ListedBlock> TieredStore::List(uint64_t namespace_id,
+                                           const std::optional<BlockKey>& after, size_t limit,
+                                           bool* more) {
+  BlockPage page(after, limit);
+  dram_.List(namespace_id, page);  // first: its offer wins for a block in both
+  if (nvme_ != nullptr && nvme_->ready()) nvme_->List(namespace_id, page);
+  *more = page.more();
+  return page.Take();
+}
+
+std::vector<ListedBlock> TieredStore::Describe(absl::Span<const BlockId> ids) {
+  std::vector<ListedBlock> out;
+  for (const BlockId& id : ids) {
+    if (std::shared_ptr<StoredBlock> block = dram_.Find(id, /*hit=*/false)) {
+      out.push_back({.key = id.key,
+                     .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
+                     .size = block->size(),
+                     .tier = v1::TIER_DRAM});
+      continue;
+    }
+    if (nvme_ == nullptr || !nvme_->ready()) continue;
+    if (std::optional<NvmeBlockInfo> info = nvme_->Find(id, /*hit=*/false)) {
+      out.push_back({.key = id.key, .parent = info->parent, .size = info->size, .tier = v1::TIER_NVME});
+    } else if (std::shared_ptr<StoredBlock> queued = nvme_->FindQueued(id)) {
+      out.push_back({.key = id.key,
+                     .parent = queued->has_parent ? std::optional(queued->parent) : std::nullopt,
+                     .size = queued->size(),
+                     .tier = v1::TIER_NVME});
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const ListedBlock& a, const ListedBlock& b) { return a.key.bytes < b.key.bytes; });
+  out.erase(std::unique(out.begin(), out.end(),
+                        [](const ListedBlock& a, const ListedBlock& b) { return a.key == b.key; }),
+            out.end());
+  return out;
 }
 
 void TieredStore::Prefetch(std::vector<BlockId> ids) {

@@ -40,6 +40,13 @@ class TieredStore {
   // promotes. A block whose NVMe bytes are damaged is a miss.
   std::vector<std::shared_ptr<StoredBlock>> Pin(absl::Span<const BlockId> ids);
   bool Erase(const BlockId& id);
+  // The namespace's blocks with keys after `after`, in key order, at most
+  // `limit`; `more` says whether others follow. A block in both tiers is
+  // listed once, as DRAM.
+  std::vector<ListedBlock> List(uint64_t namespace_id, const std::optional<BlockKey>& after,
+                                size_t limit, bool* more);
+  // Those of `ids` stored (in key order), without counting them as hits.
+  std::vector<ListedBlock> Describe(absl::Span<const BlockId> ids);
   // The engine's hint that the request whose prompt ended with `last_block`
   // finished, generating `output_tokens` tokens: passed to the policy of
   // every tier. True when some tier holds the block (or it is queued for

@@ -15,26 +15,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
-#include "client_impl.h"
+#include "cluster_impl.h"
+#include "replica_repairer.h"
 
 namespace kvstrata::client {
 namespace {
-
-// One member of the cluster: its client, health, and the namespaces opened on it.
-struct Node {
-  std::string address;
-  std::unique_ptr<Client> client;
-  std::atomic<bool> healthy{false};
-  std::atomic<bool> draining{false};
-  std::atomic<uint64_t> incarnation{0};  // changes when the node process restarts
-  absl::Mutex mu;
-  absl::flat_hash_map<uint64_t, Namespace> namespaces ABSL_GUARDED_BY(mu);
-};
-using NodePtr = std::shared_ptr<Node>;
-
-bool NodeIsDown(const absl::Status& status) {
-  return absl::IsUnavailable(status) || absl::IsDeadlineExceeded(status);
-}
 
 uint64_t Score(const BlockKey& key, uint64_t node_seed) {
   return XXH3_64bits_withSeed(key.bytes.data(), key.bytes.size(), node_seed);
@@ -104,136 +89,81 @@ std::vector<std::string> RendezvousOwners(const BlockKey& key,
   return owners;
 }
 
-class Cluster::Impl {
- public:
-  ClusterOptions options;
-  std::shared_ptr<transfer::Engine> engine;
+Cluster::Impl::Impl() = default;
 
-  ~Impl() {
-    stop_.Notify();
-    if (refresher_.joinable()) refresher_.join();
+Cluster::Impl::~Impl() {
+  stop_.Notify();
+  if (refresher_.joinable()) refresher_.join();
+  repairer_.reset();  // before the nodes it copies between go
+}
+
+void Cluster::Impl::StartRefresher() {
+  refresher_ = std::thread([this] {
+    while (!stop_.WaitForNotificationWithTimeout(options.refresh_interval)) Refresh();
+  });
+}
+
+void Cluster::Impl::StartRepairer() {
+  if (options.repair_bytes_per_second > 0) repairer_ = std::make_unique<ReplicaRepairer>(*this);
+}
+
+void Cluster::Impl::Refresh() {
+  std::vector<std::string> members = options.nodes;
+  if (!options.dns.empty()) {
+    std::vector<std::string> resolved = ResolveDns(options.dns);
+    members.insert(members.end(), resolved.begin(), resolved.end());
   }
-
-  void StartRefresher() {
-    refresher_ = std::thread([this] {
-      while (!stop_.WaitForNotificationWithTimeout(options.refresh_interval)) Refresh();
-    });
-  }
-
-  // Membership from the static list and DNS, then one health check per node
-  // (concurrently, each bounded by health_timeout).
-  void Refresh() {
-    std::vector<std::string> members = options.nodes;
-    if (!options.dns.empty()) {
-      std::vector<std::string> resolved = ResolveDns(options.dns);
-      members.insert(members.end(), resolved.begin(), resolved.end());
-    }
-    std::sort(members.begin(), members.end());
-    members.erase(std::unique(members.begin(), members.end()), members.end());
-    std::vector<NodePtr> current;
-    {
-      absl::MutexLock lock(&mu_);
-      std::vector<NodePtr> next;
-      for (const std::string& address : members) {
-        auto it = std::find_if(nodes_.begin(), nodes_.end(),
-                               [&](const NodePtr& n) { return n->address == address; });
-        if (it != nodes_.end()) {
-          next.push_back(*it);
-          continue;
-        }
-        ClientOptions client_options = options.client;
-        client_options.node_address = address;
-        absl::StatusOr<std::unique_ptr<Client>> client = ConnectSharingEngine(client_options, engine);
-        if (!client.ok()) continue;
-        auto node = std::make_shared<Node>();
-        node->address = address;
-        node->client = *std::move(client);
-        next.push_back(std::move(node));
-      }
-      nodes_ = std::move(next);
-      current = nodes_;
-    }
-    std::vector<std::future<void>> checks;
-    for (const NodePtr& node : current) {
-      checks.push_back(std::async(std::launch::async, [node, timeout = options.health_timeout] {
-        grpc::ClientContext context;
-        context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-        v1::HealthResponse health;
-        const bool ok = node->client->impl().stub->Health(&context, v1::HealthRequest(), &health).ok() &&
-                        health.serving();
-        node->draining.store(ok && health.draining());
-        if (ok && node->incarnation.exchange(health.incarnation()) != health.incarnation()) {
-          // A restarted node forgot its namespaces and has a new UCX address.
-          absl::MutexLock lock(&node->mu);
-          node->namespaces.clear();
-        }
-        node->healthy.store(ok);
-      }));
-    }
-    for (auto& check : checks) check.get();
-  }
-
-  std::vector<NodePtr> Nodes() {
+  std::sort(members.begin(), members.end());
+  members.erase(std::unique(members.begin(), members.end()), members.end());
+  std::vector<NodePtr> current;
+  {
     absl::MutexLock lock(&mu_);
-    return nodes_;
-  }
-
-  // Healthy nodes (for a publish: not draining either), by address.
-  std::vector<NodePtr> Live(bool for_publish) {
-    std::vector<NodePtr> live;
-    for (const NodePtr& node : Nodes()) {
-      if (node->healthy.load() && !(for_publish && node->draining.load())) live.push_back(node);
-    }
-    return live;
-  }
-
-  NodePtr Find(const std::string& address) {
-    for (const NodePtr& node : Nodes()) {
-      if (node->address == address) return node;
-    }
-    return nullptr;
-  }
-
-  // The node's handle of the namespace, opened there on first use.
-  absl::StatusOr<Namespace> NodeNamespace(Node& node, uint64_t id, const v1::NamespaceSpec& spec) {
-    {
-      absl::MutexLock lock(&node.mu);
-      if (auto it = node.namespaces.find(id); it != node.namespaces.end()) return it->second;
-    }
-    absl::StatusOr<Namespace> ns = node.client->OpenNamespace(spec, options.client.timeout);
-    if (!ns.ok()) return ns.status();
-    absl::MutexLock lock(&node.mu);
-    node.namespaces.insert_or_assign(id, *ns);
-    return *ns;
-  }
-
-  // Runs `op` with the node's handle of the namespace. A node that restarted
-  // has forgotten its namespaces (NOT_FOUND): reopen there and retry once.
-  template <typename T, typename Op>
-  absl::StatusOr<T> WithNamespace(Node& node, uint64_t id, const v1::NamespaceSpec& spec, Op op) {
-    for (int attempt = 0;; ++attempt) {
-      absl::StatusOr<Namespace> ns = NodeNamespace(node, id, spec);
-      absl::StatusOr<T> result = ns.ok() ? op(*ns) : absl::StatusOr<T>(ns.status());
-      if (result.ok() || !absl::IsNotFound(result.status()) || attempt > 0) {
-        if (!result.ok()) Failed(node, result.status());
-        return result;
+    std::vector<NodePtr> next;
+    for (const std::string& address : members) {
+      auto it = std::find_if(nodes_.begin(), nodes_.end(),
+                             [&](const NodePtr& n) { return n->address == address; });
+      if (it != nodes_.end()) {
+        next.push_back(*it);
+        continue;
       }
-      absl::MutexLock lock(&node.mu);
-      node.namespaces.erase(id);
+      ClientOptions client_options = options.client;
+      client_options.node_address = address;
+      absl::StatusOr<std::unique_ptr<Client>> client = ConnectSharingEngine(client_options, engine);
+      if (!client.ok()) continue;
+      auto node = std::make_shared<Node>();
+      node->address = address;
+      node->client = *std::move(client);
+      next.push_back(std::move(node));
     }
+    nodes_ = std::move(next);
+    current = nodes_;
   }
-
-  // A failed call takes the node out until a health check sees it again.
-  void Failed(Node& node, const absl::Status& status) {
-    if (NodeIsDown(status)) node.healthy.store(false);
+  std::atomic<bool> joined{false};
+  std::vector<std::future<void>> checks;
+  for (const NodePtr& node : current) {
+    checks.push_back(std::async(std::launch::async, [&joined, node, timeout = options.health_timeout] {
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+      v1::HealthResponse health;
+      const bool ok = node->client->impl().stub->Health(&context, v1::HealthRequest(), &health).ok() &&
+                      health.serving();
+      node->draining.store(ok && health.draining());
+      const bool restarted =
+          ok && node->incarnation.exchange(health.incarnation()) != health.incarnation();
+      if (restarted) {
+        // A restarted node forgot its namespaces and has a new UCX address.
+        absl::MutexLock lock(&node->mu);
+        node->namespaces.clear();
+      }
+      // New, back after being down, or restarted (maybe empty): blocks it
+      // owns may need copying back to it.
+      const bool was_healthy = node->healthy.exchange(ok);
+      if (ok && (restarted || !was_healthy)) joined.store(true);
+    }));
   }
-
- private:
-  absl::Mutex mu_;
-  std::vector<NodePtr> nodes_ ABSL_GUARDED_BY(mu_);
-  absl::Notification stop_;
-  std::thread refresher_;
-};
+  for (auto& check : checks) check.get();
+  if (joined.load() && repairer_ != nullptr) repairer_->NodeJoined();
+}
 
 namespace {
 
@@ -282,6 +212,9 @@ auto TransferFanOut(Cluster::Impl& cluster, uint64_t id, const v1::NamespaceSpec
   });
 }
 
+
+}  // namespace
+
 std::vector<NodePtr> OwnerNodes(const BlockKey& key, const std::vector<NodePtr>& live,
                                 size_t count) {
   std::vector<std::string> addresses;
@@ -294,8 +227,6 @@ std::vector<NodePtr> OwnerNodes(const BlockKey& key, const std::vector<NodePtr>&
   }
   return owners;
 }
-
-}  // namespace
 
 // How many owners, best first, may hold a key: its R replicas, and past each
 // draining node the node that took its publishes instead.
@@ -316,6 +247,7 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Connect(const ClusterOptions& 
       transfer::Engine::Create({.transports = options.client.ucx_transports});
   if (!engine.ok()) return engine.status();
   impl->engine = *std::move(engine);
+  impl->StartRepairer();  // before the first health checks, which it hears of
   impl->Refresh();
   impl->StartRefresher();
   return std::unique_ptr<Cluster>(new Cluster(std::move(impl)));
@@ -331,8 +263,12 @@ absl::StatusOr<ClusterNamespace> Cluster::OpenNamespace(const v1::NamespaceSpec&
   for (const NodePtr& node : live) {  // any node validates the spec and tells the block size
     absl::StatusOr<Namespace> ns = node->client->OpenNamespace(spec, impl_->options.client.timeout);
     if (ns.ok()) {
-      return ClusterNamespace(this, std::make_shared<v1::NamespaceSpec>(spec), ns->id(),
-                              ns->block_bytes(), ns->tokens_per_block());
+      auto shared_spec = std::make_shared<const v1::NamespaceSpec>(spec);
+      if (ReplicaRepairer* repairer = impl_->repairer()) {
+        repairer->AddNamespace({ns->id(), ns->block_bytes(), shared_spec});
+      }
+      return ClusterNamespace(this, shared_spec, ns->id(), ns->block_bytes(),
+                              ns->tokens_per_block());
     }
     impl_->Failed(*node, ns.status());
     if (!NodeIsDown(ns.status())) return ns.status();  // a bad spec is bad everywhere
@@ -381,6 +317,11 @@ absl::Status Cluster::Stats(const std::string& address, v1::StatsResponse* out) 
   NodePtr node = impl_->Find(address);
   if (node == nullptr) return absl::NotFoundError(absl::StrCat("no member ", address));
   return node->client->Stats(out, impl_->options.health_timeout * 4);
+}
+
+RepairStats Cluster::Repairs() {
+  ReplicaRepairer* repairer = impl_->repairer();
+  return repairer == nullptr ? RepairStats{} : repairer->stats();
 }
 
 std::vector<BlockKey> ClusterNamespace::Keys(absl::Span<const uint32_t> tokens,
@@ -499,6 +440,9 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
   const size_t candidates = CandidateCount(cluster, live);
   std::vector<std::vector<NodePtr>> owners(items.size());
   for (size_t i = 0; i < items.size(); ++i) owners[i] = OwnerNodes(items[i].key, live, candidates);
+  // Who said it lacks a block, and who had it: a repair on read.
+  std::vector<std::vector<NodePtr>> missed(items.size());
+  std::vector<NodePtr> found_on(items.size());
   // Rank by rank: what the best owner lacks is asked of the next one.
   for (size_t rank = 0; rank < candidates; ++rank) {
     Plan plan;
@@ -512,17 +456,39 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
                                 [](Namespace& ns, const std::vector<FetchItem>& batch) {
                                   return ns.Fetch(batch);
                                 });
-    for (auto& [indices, done] : calls) {
+    for (size_t c = 0; c < calls.size(); ++c) {
+      auto& [indices, done] = calls[c];
       if (!done.ok()) continue;  // that node's blocks stay misses
       for (size_t k = 0; k < indices.size(); ++k) {
         if (done->outcomes[k] == BlockOutcome::kOk) {
           result.outcomes[indices[k]] = BlockOutcome::kOk;
           result.sizes[indices[k]] = done->sizes[k];
+          found_on[indices[k]] = plan[c].first;
+        } else if (done->outcomes[k] == BlockOutcome::kNotFound) {
+          missed[indices[k]].push_back(plan[c].first);
         } else if (done->outcomes[k] == BlockOutcome::kChecksumMismatch) {
           result.outcomes[indices[k]] = BlockOutcome::kChecksumMismatch;
         }
       }
       result.bytes += done->bytes;
+    }
+  }
+  if (ReplicaRepairer* repairer = cluster.repairer()) {
+    const RepairNamespace ns{id_, block_bytes_, std::static_pointer_cast<const v1::NamespaceSpec>(spec_)};
+    std::vector<NodePtr> publish_live;  // computed for the first late find only
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (found_on[i] == nullptr || missed[i].empty()) continue;
+      if (publish_live.empty()) publish_live = cluster.Live(/*for_publish=*/true);
+      // Only the block's owners get a copy, not a node that took over from
+      // a draining one.
+      std::vector<NodePtr> targets;
+      for (const NodePtr& owner :
+           OwnerNodes(items[i].key, publish_live, cluster.options.replication)) {
+        if (std::find(missed[i].begin(), missed[i].end(), owner) != missed[i].end()) {
+          targets.push_back(owner);
+        }
+      }
+      repairer->RepairOnRead(ns, items[i].key, found_on[i], std::move(targets));
     }
   }
   return result;

@@ -141,6 +141,16 @@ void NodeRpcSeeds() {
   v1::CloseNamespaceRequest close;
   close.set_namespace_id(2);
   Rpc("close_namespace", 9, 0, close);
+  v1::ListBlocksRequest list;
+  list.set_namespace_id(1);
+  list.set_limit(2);
+  Rpc("list_blocks_page", 10, 0, list);
+  list.set_after(std::string(keys[1].view()));
+  Rpc("list_blocks_after", 10, 0, list);
+  list.clear_after();
+  list.add_keys(std::string(keys[2].view()));
+  list.add_keys(std::string(16, '\x07'));  // not stored
+  Rpc("list_blocks_keys", 10, 0, list);
 }
 
 void NamespaceSpecSeeds() {

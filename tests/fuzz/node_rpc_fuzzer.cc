@@ -128,6 +128,9 @@ struct Node {
   cachenode::NodeService service;
 };
 
+// OpenNamespace .. CloseNamespace, then ListBlocks: an input's first byte picks one.
+constexpr uint8_t kRpcs = 11;
+
 bool AllowedCode(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::OK:
@@ -151,7 +154,7 @@ bool Parse(Request& request, const uint8_t* data, size_t size) {
 grpc::Status Call(Node& node, uint8_t rpc, const uint8_t* data, size_t size) {
   grpc::ServerContext context;
   cachenode::NodeService& s = node.service;
-  switch (rpc % 10) {
+  switch (rpc % kRpcs) {
     case 0: {
       v1::OpenNamespaceRequest request;
       v1::OpenNamespaceResponse response;
@@ -239,13 +242,42 @@ grpc::Status Call(Node& node, uint8_t rpc, const uint8_t* data, size_t size) {
       request.set_namespace_id(node.MapNamespace(request.namespace_id()));
       return s.RequestFinished(&context, &request, &response);
     }
-    default: {
+    case 9: {
       v1::CloseNamespaceRequest request;
       v1::CloseNamespaceResponse response;
       if (!Parse(request, data, size)) return grpc::Status::CANCELLED;
       request.set_namespace_id(node.MapNamespace(request.namespace_id()));
       grpc::Status status = s.CloseNamespace(&context, &request, &response);
       if (status.ok()) Check(!node.namespaces.Get(request.namespace_id()).ok(), "closed is gone");
+      return status;
+    }
+    default: {
+      v1::ListBlocksRequest request;
+      v1::ListBlocksResponse response;
+      if (!Parse(request, data, size)) return grpc::Status::CANCELLED;
+      request.set_namespace_id(node.MapNamespace(request.namespace_id()));
+      grpc::Status status = s.ListBlocks(&context, &request, &response);
+      if (!status.ok()) return status;
+      Check(response.blocks_size() <= static_cast<int>(request.keys().empty()
+                                                          ? request.limit()
+                                                          : request.keys_size()),
+            "a page within its limit");
+      std::string previous;
+      for (const v1::ListedBlock& block : response.blocks()) {
+        Check(block.key().size() == 16 && block.key() > previous, "keys in order, each once");
+        if (request.keys().empty()) Check(block.key() > request.after(), "keys after the cursor");
+        previous = block.key();
+        // The preloaded chain lists each block with the one before it.
+        for (size_t i = 0; i < node.stored_keys.size(); ++i) {
+          if (block.key() != node.stored_keys[i].view()) continue;
+          Check(block.parent() == (i == 0 ? std::string() : std::string(node.stored_keys[i - 1].view())),
+                "parents as stored");
+          Check(block.size() == kOpaqueBlockBytes && block.tier() == v1::TIER_DRAM, "size and tier");
+        }
+      }
+      Check(response.next_after().empty() ||
+                (!response.blocks().empty() && response.next_after() == previous),
+            "the cursor is the page's last key");
       return status;
     }
   }
@@ -261,7 +293,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
-  const uint8_t rpc = data[0] % 10;
+  const uint8_t rpc = data[0] % kRpcs;
   Node node(/*allow_client_rkeys=*/data[1] & 1);
   const cachenode::TierCounters before = node.dram.counters();
 

@@ -217,6 +217,11 @@ class ClusterTest(unittest.TestCase):
             fetched = ns.fetch_async([(k, out, i * BLOCK) for i, k in enumerate(keys)]).wait()
             self.assertEqual(fetched.count(kvstrata.Outcome.OK), len(keys))
             self.assertTrue(np.array_equal(out, data))
+            # Every block is where placement puts it: the repairer copied nothing.
+            repairs = cluster.repairs()
+            self.assertEqual(repairs["repaired_blocks"], 0, repairs)
+            self.assertEqual(repairs["queued_on_read"], 0, repairs)
+            self.assertEqual(repairs["pending_blocks"], 0, repairs)
             # A node down: its blocks are misses, never errors.
             lost = max(range(3), key=lambda i: per_node[i])
             nodes[lost].stop()

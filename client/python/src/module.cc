@@ -737,6 +737,24 @@ class PyCluster {
     cluster_->Refresh();
   }
 
+  // The repairer's counters (cluster.h RepairStats); times in seconds.
+  py::dict Repairs() {
+    const client::RepairStats r = cluster_->Repairs();
+    py::dict d;
+    d["repaired_blocks"] = r.repaired_blocks;
+    d["repaired_bytes"] = r.repaired_bytes;
+    d["queued_on_read"] = r.queued_on_read;
+    d["pending_blocks"] = r.pending_blocks;
+    d["dropped_blocks"] = r.dropped_blocks;
+    d["failed_blocks"] = r.failed_blocks;
+    d["passes"] = r.passes;
+    d["passes_requested"] = r.passes_requested;
+    d["last_pass_end"] = r.passes == 0 ? py::object(py::none())
+                                       : py::object(py::float_(absl::ToUnixMicros(r.last_pass_end) / 1e6));
+    d["last_pass_seconds"] = absl::ToDoubleSeconds(r.last_pass_duration);
+    return d;
+  }
+
   void Drain(const std::string& address, bool draining) {
     absl::Status status;
     {
@@ -912,6 +930,7 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("allocate", &PyCluster::Allocate, py::arg("size"))
       .def("nodes", &PyCluster::Nodes)
       .def("refresh", &PyCluster::Refresh)
+      .def("repairs", &PyCluster::Repairs)
       .def("drain", &PyCluster::Drain, py::arg("address"), py::arg("draining") = true)
       .def("stats", &PyCluster::Stats, py::arg("address") = py::none(), py::arg("timeout") = py::none())
       .def("ping", &PyCluster::Ping, py::arg("timeout") = py::none());

@@ -9,6 +9,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata/cachenode/block.h"
+#include "kvstrata/cachenode/block_page.h"
 
 namespace kvstrata::cachenode {
 
@@ -21,6 +22,8 @@ class BlockIndex {
   // The removed block, or null when absent.
   std::shared_ptr<StoredBlock> Erase(const BlockId& id);
   size_t size() const;
+  // Offers `page` every block of the namespace (as DRAM blocks).
+  void List(uint64_t namespace_id, BlockPage& page) const;
 
  private:
   static constexpr size_t kShards = 32;

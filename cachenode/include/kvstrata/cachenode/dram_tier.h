@@ -48,6 +48,8 @@ class DramTier {
   // Number of leading keys stored (the longest cached prefix); hits them.
   size_t PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> keys);
   bool Erase(const BlockId& id);
+  // Offers `page` every block of the namespace stored here.
+  void List(uint64_t namespace_id, BlockPage& page) const { index_.List(namespace_id, page); }
   // Passes the engine's request-finished hint to the policy (which ignores
   // blocks it does not track). True when the block is stored here.
   bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);

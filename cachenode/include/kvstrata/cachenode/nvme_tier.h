@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "kvstrata/cachenode/block.h"
+#include "kvstrata/cachenode/block_page.h"
 
 namespace kvstrata::cachenode {
 
@@ -114,6 +115,8 @@ class NvmeTier {
   std::vector<absl::Status> Write(
       absl::Span<const std::pair<BlockId, std::shared_ptr<StoredBlock>>> blocks);
   bool Erase(const BlockId& id);
+  // Offers `page` every block of the namespace on NVMe or queued for it.
+  void List(uint64_t namespace_id, BlockPage& page);
   // Passes the engine's request-finished hint to the policy (which ignores
   // blocks it does not track: one still queued is not tracked yet). True
   // when the block is on NVMe.

@@ -9,6 +9,8 @@ namespace kvstrata::limits {
 
 inline constexpr size_t kMaxLookupKeys = 4096;
 inline constexpr size_t kMaxDeleteKeys = 4096;
+// Blocks per ListBlocks page: like a Lookup's keys, about 200 KiB of reply.
+inline constexpr size_t kMaxListBlocks = 4096;
 inline constexpr size_t kMaxTransferBlocks = 1024;
 inline constexpr size_t kMaxRegions = 64;
 inline constexpr size_t kMaxWorkerAddressBytes = 8192;
