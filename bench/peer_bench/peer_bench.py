@@ -60,13 +60,14 @@ def parse_args(argv):
     # small enough that every system must evict (policy_bench uses 5-20% of
     # the whole trace; a 2000-request slice repeats less, so a larger share).
     p.add_argument("--trace_capacity_fraction", type=float, default=0.25)
+    p.add_argument("--trace_repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true",
                    help="smoke version: one point (64 KiB x 32, 1 client) and 30 requests")
     args = p.parse_args(argv)
     if args.quick:
         args.value_sizes, args.batches, args.clients = [64 << 10], [32], [1]
-        args.seconds, args.trace_requests = 0.3, 30
+        args.seconds, args.trace_requests, args.trace_repeats = 0.3, 30, 1
         args.capacity_bytes = min(args.capacity_bytes, 256 << 20)
     return args
 
@@ -92,23 +93,11 @@ def stop_all(started):
         server.stop()
 
 
-def clear(server, value_bytes):
-    """Between points: drops what a system still holds (Mooncake's leased reads)."""
-    if server.name == "kvstrata":
-        return
-    from clients import connect
-    adapter = connect(server.spec, value_bytes, 1)
-    try:
-        adapter.clear()
-    finally:
-        adapter.close()
-
-
 def ratio(a, b):
     return a / b if b and b == b and a == a else float("nan")
 
 
-def print_table(points, names):
+def table_header(names):
     peers = [n for n in names if n != "kvstrata"]
     head = ["op", "value", "batch", "clients"]
     for n in names:
@@ -117,20 +106,23 @@ def print_table(points, names):
         for n in peers:
             head += ["kvstrata/%s GB/s" % n, "kvstrata/%s p50" % n]
     print("| " + " | ".join(head) + " |")
-    print("|" + " --- |" * len(head))
-    for point in points:
-        for op in ("put", "get"):
-            row = [op, size_text(point["value_bytes"]), str(point["batch"]), str(point["clients"])]
-            for n in names:
+    print("|" + " --- |" * len(head), flush=True)
+
+
+def print_rows(point, names):
+    peers = [n for n in names if n != "kvstrata"]
+    for op in ("put", "get"):
+        row = [op, size_text(point["value_bytes"]), str(point["batch"]), str(point["clients"])]
+        for n in names:
+            r = point["results"][n][op]
+            row += ["%.3f" % r["gbps"], "%.0f / %.0f" % (r["p50_us"], r["p99_us"])]
+        if "kvstrata" in names:
+            k = point["results"]["kvstrata"][op]
+            for n in peers:
                 r = point["results"][n][op]
-                row += ["%.3f" % r["gbps"], "%.0f / %.0f" % (r["p50_us"], r["p99_us"])]
-            if "kvstrata" in names:
-                k = point["results"]["kvstrata"][op]
-                for n in peers:
-                    r = point["results"][n][op]
-                    row += ["**%.2f**" % ratio(k["gbps"], r["gbps"]),
-                            "%.2f" % ratio(k["p50_us"], r["p50_us"])]
-            print("| " + " | ".join(row) + " |", flush=True)
+                row += ["**%.2f**" % ratio(k["gbps"], r["gbps"]),
+                        "%.2f" % ratio(k["p50_us"], r["p50_us"])]
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 def size_text(n):
@@ -143,6 +135,10 @@ def run_table(args, names):
     try:
         for name, server in started.items():
             print("# %s: %s" % (name, server.version))
+        print("# capacity %.0f MiB each; %.1f s per phase and point; p50/p99: per call (one batch)"
+              % (args.capacity_bytes / 2**20, args.seconds))
+        print()
+        table_header(names)
         index = 0
         for value_bytes in args.value_sizes:
             for batch in args.batches:
@@ -154,7 +150,6 @@ def run_table(args, names):
                     for name in names:
                         timeout = 120 + 4 * args.seconds
                         result = workload.run_point(started[name].spec, point, timeout)
-                        clear(started[name], value_bytes)
                         point["results"][name] = result
                         if result["get"]["wrong"] or result["get"]["missed"] or \
                                 result["put"]["refused"]:
@@ -164,8 +159,7 @@ def run_table(args, names):
                                            result["get"]["wrong"], result["get"]["missed"],
                                            result["put"]["refused"]))
                     points.append(point)
-        print()
-        print_table(points, names)
+                    print_rows(point, names)
     finally:
         stop_all(started)
     return points, bad
@@ -183,16 +177,27 @@ def run_trace(args, names):
               len(trace), os.path.basename(args.trace), distinct,
               size_text(args.trace_block_bytes), capacity / 2**20,
               100 * capacity / (distinct * args.trace_block_bytes)))
-    started = start_all(args, names, capacity)
-    results = {}
-    try:
-        for name in names:
-            results[name] = replay.run_replay(started[name].spec, trace, args.trace_block_bytes,
-                                              timeout=600)
-    finally:
-        stop_all(started)
-    head = ["system", "requests/s", "block hit rate", "token hit rate", "request p50 / p99 ms",
-            "puts refused", "lookup-then-get misses", "kvstrata / system requests/s"]
+    # Repeats alternate the systems, each on freshly started servers (an
+    # empty cache of the same capacity); the fastest repeat of each counts,
+    # as other work on the machine only ever slows a repeat down.
+    results, every, wrong = {}, {name: [] for name in names}, {name: 0 for name in names}
+    for _ in range(args.trace_repeats):
+        started = start_all(args, names, capacity)
+        try:
+            for name in names:
+                r = replay.run_replay(started[name].spec, trace, args.trace_block_bytes,
+                                      timeout=600)
+                every[name].append(r["requests_per_s"])
+                wrong[name] += r["wrong"]
+                if name not in results or r["requests_per_s"] > results[name]["requests_per_s"]:
+                    results[name] = r
+        finally:
+            stop_all(started)
+    for name in names:
+        results[name]["every_requests_per_s"] = every[name]
+    head = ["system", "requests/s (best of %d)" % args.trace_repeats, "block hit rate",
+            "token hit rate", "request p50 / p99 ms", "puts refused", "lookup-then-get misses",
+            "kvstrata / system requests/s"]
     print("| " + " | ".join(head) + " |")
     print("|" + " --- |" * len(head))
     k = results.get("kvstrata")
@@ -202,7 +207,7 @@ def run_trace(args, names):
             name, r["requests_per_s"], r["block_hit_rate"], r["token_hit_rate"], r["p50_ms"],
             r["p99_ms"], r["refused"], r["lookup_get_mismatches"],
             "%.2f" % ratio(k["requests_per_s"], r["requests_per_s"]) if k else "-"))
-    bad = ["%s replay: %d wrong blocks" % (n, r["wrong"]) for n, r in results.items() if r["wrong"]]
+    bad = ["%s replay: %d wrong blocks" % (n, count) for n, count in wrong.items() if count]
     return {"distinct_blocks": distinct, "capacity": capacity, "results": results}, bad
 
 

@@ -9,6 +9,8 @@ phases, each started by all clients together at a barrier and lasting
   (untimed) and goes on, so no system ever evicts during the phase.
 - get: the client first puts a working set (untimed, within the same share),
   then fetches it batch by batch in a cycle, and checks every value.
+Before the put phase each client warms up (one untimed put and get); after
+the get phase the first client clears the system for the next point.
 Latency is per call (one batch); throughput is the sum over clients of bytes
 moved / time spent inside calls, so the checking between calls (the same for
 every system) is not counted against any of them.
@@ -48,6 +50,13 @@ def run_client(spec, point, client_index, barrier, results):
             for slot, key_id in enumerate(ids):
                 content.stamp(adapter, slot, key_id)
             return ids
+
+        # Untimed warm-up: a client's first calls set up its connections
+        # (kvstrata's UCX endpoint, Mooncake's TCP connection to the segment).
+        warm = fresh_batch()
+        adapter.put(warm)
+        adapter.get(warm)
+        adapter.delete(warm)
 
         barrier.wait()
         live = []
@@ -94,6 +103,11 @@ def run_client(spec, point, client_index, barrier, results):
                 else:
                     outcome["wrong"] += 1
         adapter.delete([k for ids in working for k in ids])
+        # Mooncake refuses to remove values read within its lease (10 s by
+        # default): once every client is done, one drops what is left.
+        barrier.wait()
+        if client_index == 0:
+            adapter.clear()
     except Exception as e:  # reported by the parent, which fails the run
         outcome["error"] = "%s client %d: %s: %s" % (spec["system"], client_index,
                                                      type(e).__name__, e)
