@@ -6,7 +6,7 @@
 Starts a kvstrata-node, Mooncake Store (mooncake_master + a segment holder)
 and a redis-server, each with --capacity_bytes for values, and runs the same
 workload against each, point by point, so the three figures of a point are
-measured minutes apart at most: put and get of each value size x batch x
+measured seconds apart: put and get of each value size x batch x
 client count (workload.py), then a slice of the Mooncake trace replayed
 through each at equal capacity (replay.py). Prints throughput and per-call
 p50/p99 per system and point, and kvstrata / peer ratios.

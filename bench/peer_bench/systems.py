@@ -94,7 +94,7 @@ def start_kvstrata(node_binary, capacity):
 
 
 def kvstrata_revision():
-    """The source revision the node was built from, when it is a git checkout."""
+    """This checkout's revision (the node is taken to be built from it)."""
     source = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(["git", "-C", source, "log", "-1", "--format=%h %cs"],
                          capture_output=True, text=True)
@@ -136,8 +136,17 @@ def start_mooncake(master_binary, capacity):
             stop_process(process)
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    return Server("mooncake", spec, first_line([master_binary, "--version"]),
-                  stopper(processes, directory))
+    stop_rest = stopper(processes, directory)
+
+    def stop():
+        # The holder unmounts its segment and exits when its stdin closes.
+        try:
+            holder.stdin.close()
+            holder.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop_rest()
+    return Server("mooncake", spec, first_line([master_binary, "--version"]), stop)
 
 
 def start_redis(redis_binary, capacity):
