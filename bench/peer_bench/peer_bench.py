@@ -63,11 +63,11 @@ def parse_args(argv):
     p.add_argument("--trace_repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--quick", action="store_true",
-                   help="smoke version: one point (64 KiB x 32, 1 client) and 30 requests")
+                   help="smoke version: one point (64 KiB x 32, 1 client) and 100 requests")
     args = p.parse_args(argv)
     if args.quick:
         args.value_sizes, args.batches, args.clients = [64 << 10], [32], [1]
-        args.seconds, args.trace_requests, args.trace_repeats = 0.3, 30, 1
+        args.seconds, args.trace_requests, args.trace_repeats = 0.3, 100, 1
         args.capacity_bytes = min(args.capacity_bytes, 256 << 20)
     return args
 
