@@ -11,4 +11,7 @@ cmake --build --preset default
 # made here so ctest's time is the tests'. Without a package index it prints
 # why and the engine tests skip themselves.
 ./tests/engine/setup_venv.sh >/dev/null || echo "test.sh: no engine virtualenv; engine tests will skip"
+# The peer benchmark's virtualenv (pinned Mooncake Store and redis-py, cached
+# the same way); without a package index the peer tests skip.
+./bench/peer_bench/setup_venv.sh >/dev/null || echo "test.sh: no peer virtualenv; peer tests will skip"
 ctest --preset default "$@"
