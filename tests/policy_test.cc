@@ -413,6 +413,38 @@ TEST(ReturnAwareTest, SupersededTailGoesFirst) {
   EXPECT_EQ(policy->Victim(), Id(3));
 }
 
+// What a cluster node sees with blocks placed one by one: nearly every block
+// arrives with a parent it does not hold, so each is a chain of its own. The
+// chain memory once ran dry of entries while over its limit and crashed.
+TEST(PolicyInvariantsTest, OrphanedBlocksAtCapacityNeverBreakAPolicy) {
+  for (const char* name : {"lru", "prefix-lru", "prefix-freq", "chain-protect", "chain-slru",
+                           "return-aware", "adaptive"}) {
+    auto policy = MakeEvictionPolicy(name);
+    ASSERT_TRUE(policy.ok());
+    std::mt19937 rng(3);
+    absl::flat_hash_set<uint64_t> held;
+    for (uint64_t n = 1; n <= 20000; ++n) {
+      // Every third block is a conversation's next block held elsewhere;
+      // some come back (hits), a few with a parent that is held.
+      const uint64_t id = rng() % 4 == 0 && n > 10 ? n - 1 - rng() % 10 : 1000000 + n;
+      if (held.contains(id)) {
+        (*policy)->OnHit(Id(id));
+        continue;
+      }
+      while (held.size() >= 100) {
+        std::optional<BlockId> victim = (*policy)->Victim();
+        ASSERT_TRUE(victim.has_value()) << name;
+        ASSERT_TRUE(held.erase(Number(*victim))) << name;
+        (*policy)->OnErase(*victim);
+      }
+      held.insert(id);
+      (*policy)->OnInsert(Id(id), Id(id + 5000000));  // a parent on another node
+      if (n % 7 == 0) (*policy)->OnRequestFinished(Id(id), 10 + n % 300);
+    }
+    EXPECT_EQ((*policy)->size(), held.size()) << name;
+  }
+}
+
 TEST(ReplayHintsTest, HintsArriveAfterTheirDecodeTime) {
   // Requests every 100 ms, all distinct; request 0 decodes 10 tokens (500 ms
   // at 50 ms per token), the others one token (50 ms).

@@ -410,7 +410,11 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   void Remember(const Chain& chain) {
     forget_order_.push_back({chain.root, chain.last_turn});
     const size_t limit = std::max<size_t>(high_water_, 64);
-    while (chains_.size() > limit || forget_order_.size() > 2 * limit + 16) {
+    // (Chains with blocks have no entry to forget them by: when they are
+    // all that is over the limit, the entries run out first. A cluster node
+    // whose blocks all have parents elsewhere holds one chain per block.)
+    while ((chains_.size() > limit || forget_order_.size() > 2 * limit + 16) &&
+           !forget_order_.empty()) {
       const auto [root, stamp] = forget_order_.front();
       forget_order_.pop_front();
       auto it = chains_.find(root);

@@ -187,6 +187,7 @@ TEST_F(ThreeNodeTest, OneClientPublishesAnotherFetches) {
     v1::StatsResponse stats;
     ASSERT_TRUE(cluster->Stats(address, &stats).ok());
     EXPECT_NEAR(stats.tiers(0).blocks(), kCount / 3.0, 0.15 * kCount / 3.0) << address;
+    EXPECT_EQ(stats.tiers(0).evictions(), 0u) << address;
   }
 }
 
