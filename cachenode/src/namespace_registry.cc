@@ -14,7 +14,10 @@ absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& s
   if (absl::Status s = ValidateStoredFormat(spec); !s.ok()) return s;
   NamespaceInfo info{NamespaceId(spec), *block_bytes, spec};
   absl::MutexLock lock(&mu_);
-  if (auto it = namespaces_.find(info.id); it != namespaces_.end()) return it->second;
+  if (auto it = namespaces_.find(info.id); it != namespaces_.end()) {
+    ++it->second.opens;
+    return it->second.info;
+  }
   if (namespaces_.size() >= limits::kMaxNamespaces) {
     return absl::ResourceExhaustedError(
         absl::StrCat("this node holds its maximum of ", limits::kMaxNamespaces, " namespaces"));
@@ -26,7 +29,7 @@ absl::StatusOr<NamespaceInfo> NamespaceRegistry::Open(const v1::NamespaceSpec& s
                      " namespaces on this node; close one (CloseNamespace) first"));
   }
   ++of_tenant;
-  namespaces_.emplace(info.id, info);
+  namespaces_.emplace(info.id, Entry{info, 1});
   return info;
 }
 
@@ -37,21 +40,22 @@ absl::StatusOr<NamespaceInfo> NamespaceRegistry::Get(uint64_t id) const {
     return absl::NotFoundError(absl::StrCat("unknown namespace ", absl::Hex(id, absl::kZeroPad16),
                                             ": call OpenNamespace first"));
   }
-  return it->second;
+  return it->second.info;
 }
 
-absl::StatusOr<NamespaceInfo> NamespaceRegistry::Close(uint64_t id) {
+absl::StatusOr<bool> NamespaceRegistry::Close(uint64_t id) {
   absl::MutexLock lock(&mu_);
   auto it = namespaces_.find(id);
   if (it == namespaces_.end()) {
     return absl::NotFoundError(absl::StrCat("namespace ", absl::Hex(id, absl::kZeroPad16), " is not open"));
   }
-  NamespaceInfo info = std::move(it->second);
+  if (--it->second.opens > 0) return false;
+  const std::string tenant = it->second.info.spec.tenant();
   namespaces_.erase(it);
-  if (auto count = per_tenant_.find(info.spec.tenant()); count != per_tenant_.end() && --count->second == 0) {
+  if (auto count = per_tenant_.find(tenant); count != per_tenant_.end() && --count->second == 0) {
     per_tenant_.erase(count);
   }
-  return info;
+  return true;
 }
 
 size_t NamespaceRegistry::TenantNamespaces(const std::string& tenant) const {

@@ -722,10 +722,9 @@ grpc::Status NodeService::DoCloseNamespace(grpc::ServerContext* context,
                                            v1::CloseNamespaceResponse*) {
   absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
-  if (absl::StatusOr<NamespaceInfo> closed = namespaces_.Close(ns->id); !closed.ok()) {
-    return ToGrpc(closed.status());  // closed meanwhile by another call
-  }
-  ledger_.NamespaceClosed(ns->id);
+  absl::StatusOr<bool> closed = namespaces_.Close(ns->id);
+  if (!closed.ok()) return ToGrpc(closed.status());  // closed meanwhile by another call
+  if (*closed) ledger_.NamespaceClosed(ns->id);
   return grpc::Status::OK;
 }
 

@@ -256,6 +256,30 @@ TEST_F(AuthTest, SighupReloadsTheFileAndABrokenFileKeepsTheOldOne) {
   EXPECT_FALSE(node_->process().Exited());
 }
 
+TEST_F(AuthTest, OneClientClosingASharedNamespaceDoesNotEndAnothersUse) {
+  // Two engines of one tenant share a namespace; the first one leaves.
+  auto first = Connect(node_->address(), kAcmeToken);
+  auto second = Connect(node_->address(), kAcmeToken);
+  auto mine = first->OpenNamespace(Spec("acme", "shared-model"));
+  auto theirs = second->OpenNamespace(Spec("acme", "shared-model"));
+  ASSERT_TRUE(mine.ok() && theirs.ok());
+  ASSERT_EQ(PublishStream(*first, *mine, 31, 4)->count(BlockOutcome::kOk), 4u);
+  EXPECT_TRUE(mine->Close().ok());
+  // The other engine still reads, writes and hints.
+  EXPECT_EQ(FetchAndVerify(*second, *theirs, 31, 4), 4u);
+  EXPECT_EQ(PublishStream(*second, *theirs, 32, 2)->count(BlockOutcome::kOk), 2u);
+  const auto keys = theirs->Keys(testing::Tokens(32, 2, kTokensPerBlock));
+  EXPECT_TRUE(theirs->RequestFinished(keys.back(), 10).ok());
+  // Its own close is the last: the node forgets the namespace.
+  EXPECT_TRUE(theirs->Close().ok());
+  RawCaller raw(node_->address(), kAcmeToken);
+  v1::LookupRequest lookup;
+  lookup.set_namespace_id(theirs->id());
+  lookup.add_keys(std::string(keys.front().view()));
+  v1::LookupResponse found;
+  EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Lookup, lookup, &found), grpc::StatusCode::NOT_FOUND);
+}
+
 TEST_F(AuthTest, ATenantOverItsQuotaEvictsItsOwnBlocksNotOthers) {
   // 64 MiB node (256 blocks); acme may hold 8 MiB (32 blocks) and 2 namespaces.
   WriteAuthFile({"quota acme dram_bytes=8388608 namespaces=2"});

@@ -172,9 +172,11 @@ class Namespace {
   absl::StatusOr<bool> RequestFinished(const BlockKey& last_key, uint32_t output_tokens,
                                        std::optional<absl::Duration> timeout = std::nullopt);
 
-  // Closes the namespace on the node (its slot counts against the tenant's
-  // namespace quota). Blocks stay until evicted; OpenNamespace with the same
-  // spec finds them again. This object is unusable afterwards.
+  // Closes this OpenNamespace on the node. The node forgets the namespace
+  // (its slot counts against the tenant's namespace quota) once every open
+  // of it, by any client, was closed: closing never ends another client's
+  // use. Blocks stay until evicted; OpenNamespace with the same spec finds
+  // them again. This object is unusable afterwards.
   absl::Status Close(std::optional<absl::Duration> timeout = std::nullopt);
 
  private:
