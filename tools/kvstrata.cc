@@ -346,9 +346,96 @@ int Replay() {
   return 0;
 }
 
+void PrintLive(const kvstrata::tools::LiveReplayResult& result, uint64_t block_bytes,
+               uint64_t evictions, bool hints) {
+  std::printf(
+      "live: %llu requests in %.1f s, block %llu bytes; token hit rate %.4f, block hit rate "
+      "%.4f; published %llu blocks; node evictions %llu; prefixes shortened between lookup and "
+      "fetch %llu\n",
+      static_cast<unsigned long long>(result.requests), result.seconds,
+      static_cast<unsigned long long>(block_bytes), result.token_hit_rate(),
+      result.block_hit_rate(), static_cast<unsigned long long>(result.published_blocks),
+      static_cast<unsigned long long>(evictions),
+      static_cast<unsigned long long>(result.lookup_fetch_mismatches));
+  if (hints) {
+    std::printf("live: request-finished hints %llu, for a block the node held %llu, failed %llu\n",
+                static_cast<unsigned long long>(result.hints),
+                static_cast<unsigned long long>(result.hints_known),
+                static_cast<unsigned long long>(result.hint_failures));
+  }
+  for (const auto& [name, latency] :
+       {std::pair{"lookup", result.lookup}, std::pair{"fetch", result.fetch},
+        std::pair{"publish", result.publish}, std::pair{"hint", result.hint}}) {
+    std::printf("live: %-7s %6zu calls, p50 %8.1f us, p99 %8.1f us\n", name, latency.count,
+                latency.p50_us, latency.p99_us);
+  }
+}
+
+// The trace against the cluster of --nodes (or --dns): blocks placed as the
+// cluster client places them; then, offline, the same slice over as many
+// simulated nodes of the smallest node's capacity, and on one node of the
+// whole capacity.
+int ClusterLiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
+  auto cluster = ClusterFromFlags();
+  if (!cluster.ok()) return Die(cluster.status());
+  kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
+  spec.set_tokens_per_block(kvstrata::cachenode::kTraceTokensPerBlock);
+  auto ns = (*cluster)->OpenNamespace(spec);
+  if (!ns.ok()) return Die(ns.status());
+  kvstrata::tools::LiveReplayOptions options;
+  options.time_scale = absl::GetFlag(FLAGS_time_scale);
+  options.hints = absl::GetFlag(FLAGS_hints);
+  auto result = kvstrata::tools::LiveReplay(**cluster, *ns, trace, options);
+  if (!result.ok()) return Die(result.status());
+  uint64_t evictions = 0, smallest = UINT64_MAX, total = 0, busiest = 0, accesses = 0;
+  size_t nodes = 0;
+  for (const kvstrata::client::NodeStatus& node : (*cluster)->Nodes()) {
+    kvstrata::v1::StatsResponse stats;
+    if (absl::Status s = (*cluster)->Stats(node.address, &stats); !s.ok()) return Die(s);
+    uint64_t capacity = 0;
+    for (const auto& tier : stats.tiers()) {
+      capacity += tier.capacity_bytes();
+      evictions += tier.evictions();
+    }
+    // Blocks each node was asked about or sent: its share of the load.
+    const uint64_t load =
+        stats.lookup_hit_blocks() + stats.lookup_miss_blocks() + stats.published_blocks();
+    std::printf("live: node %s capacity %llu bytes, lookups+publishes %llu blocks\n",
+                node.address.c_str(), static_cast<unsigned long long>(capacity),
+                static_cast<unsigned long long>(load));
+    smallest = std::min(smallest, capacity);
+    total += capacity;
+    busiest = std::max(busiest, load);
+    accesses += load;
+    ++nodes;
+  }
+  PrintLive(*result, ns->block_bytes(), evictions, options.hints);
+  std::printf("live: %zu nodes, load spread %.2f (busiest node / mean)\n", nodes,
+              accesses ? static_cast<double>(busiest) * nodes / accesses : 0.0);
+  kvstrata::cachenode::ReplayOptions replay_options;
+  replay_options.decode_ms_per_token = options.hints ? 0 : -1;
+  const size_t per_node = smallest / ns->block_bytes();
+  const size_t whole = total / ns->block_bytes();
+  for (const std::string& policy : std::vector<std::string>(
+           absl::StrSplit(absl::GetFlag(FLAGS_policy), ',', absl::SkipEmpty()))) {
+    auto split = kvstrata::cachenode::ReplayCluster(trace, nodes, per_node, policy, 1,
+                                                    replay_options);
+    auto one = kvstrata::cachenode::ReplayCluster(trace, 1, whole, policy, 1, replay_options);
+    if (!split.ok()) return Die(split.status());
+    if (!one.ok()) return Die(one.status());
+    std::printf("offline %s, %zu nodes of %zu blocks: token hit rate %.4f, load spread %.2f\n",
+                policy.c_str(), nodes, per_node, split->total.token_hit_rate(),
+                split->load_spread());
+    std::printf("offline %s, one node of %zu blocks: token hit rate %.4f\n", policy.c_str(), whole,
+                one->total.token_hit_rate());
+  }
+  return 0;
+}
+
 // The trace against a running node; then the offline replay of the same slice
 // at the node's DRAM capacity in blocks, for comparison.
 int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
+  if (ClusterFlagsGiven()) return ClusterLiveReplay(trace);
   auto client = ConnectFromFlags();
   if (!client.ok()) return Die(client.status());
   kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
@@ -367,27 +454,7 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
     capacity_bytes += tier.capacity_bytes();
     evictions += tier.evictions();
   }
-  std::printf(
-      "live: %llu requests in %.1f s, block %llu bytes; token hit rate %.4f, block hit rate "
-      "%.4f; published %llu blocks; node evictions %llu; prefixes shortened between lookup and "
-      "fetch %llu\n",
-      static_cast<unsigned long long>(result->requests), result->seconds,
-      static_cast<unsigned long long>(ns->block_bytes()), result->token_hit_rate(),
-      result->block_hit_rate(), static_cast<unsigned long long>(result->published_blocks),
-      static_cast<unsigned long long>(evictions),
-      static_cast<unsigned long long>(result->lookup_fetch_mismatches));
-  if (options.hints) {
-    std::printf("live: request-finished hints %llu, for a block the node held %llu, failed %llu\n",
-                static_cast<unsigned long long>(result->hints),
-                static_cast<unsigned long long>(result->hints_known),
-                static_cast<unsigned long long>(result->hint_failures));
-  }
-  for (const auto& [name, latency] :
-       {std::pair{"lookup", result->lookup}, std::pair{"fetch", result->fetch},
-        std::pair{"publish", result->publish}, std::pair{"hint", result->hint}}) {
-    std::printf("live: %-7s %6zu calls, p50 %8.1f us, p99 %8.1f us\n", name, latency.count,
-                latency.p50_us, latency.p99_us);
-  }
+  PrintLive(*result, ns->block_bytes(), evictions, options.hints);
   const size_t capacity_blocks = capacity_bytes / ns->block_bytes();
   std::printf("offline, same slice, capacity %zu blocks (node DRAM / block bytes):\n",
               capacity_blocks);
@@ -596,7 +663,8 @@ int main(int argc, char** argv) {
       "  replay --trace=FILE [--capacity=0.1] [--policy=adaptive,chain-slru]\n"
       "                                               offline: policies vs LRU vs Belady\n"
       "  replay --live --trace=FILE [--block_bytes=N] [--time_scale=X] [--requests=N]\n"
-      "         [--hints=false]                       the trace against the node at --node\n"
+      "         [--hints=false] [--nodes=a,b,c]       the trace against the node at --node\n"
+      "                                               (or the cluster of --nodes / --dns)\n"
       "  demo                                         prefill worker -> decode worker handoff");
   std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   if (positional.size() < 2) {

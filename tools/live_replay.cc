@@ -32,21 +32,17 @@ void Fill(uint64_t hash, uint8_t* data, size_t size) {
   }
 }
 
-}  // namespace
-
-BlockKey TraceKey(uint64_t hash) {
-  BlockKey key;
-  std::memcpy(key.bytes.data(), &hash, sizeof(hash));
-  return key;
-}
-
-absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Namespace& ns,
-                                            const std::vector<cachenode::TraceRequest>& trace,
-                                            const LiveReplayOptions& options) {
+// The replay over one node (Client, Namespace) or a cluster (Cluster,
+// ClusterNamespace): both allocate registered memory and offer the same
+// namespace calls.
+template <typename Memory, typename Space>
+absl::StatusOr<LiveReplayResult> Run(Memory& memory, Space& ns,
+                                     const std::vector<cachenode::TraceRequest>& trace,
+                                     const LiveReplayOptions& options) {
   size_t longest = 1;
   for (const auto& request : trace) longest = std::max(longest, request.hash_ids.size());
   const uint64_t block_bytes = ns.block_bytes();
-  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer = client.Allocate(longest * block_bytes);
+  absl::StatusOr<std::unique_ptr<client::Buffer>> buffer = memory.Allocate(longest * block_bytes);
   if (!buffer.ok()) return buffer.status();
 
   LiveReplayResult result;
@@ -124,6 +120,26 @@ absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Name
   result.publish = Summarize(publishes);
   result.hint = Summarize(hints);
   return result;
+}
+
+}  // namespace
+
+BlockKey TraceKey(uint64_t hash) {
+  BlockKey key;
+  std::memcpy(key.bytes.data(), &hash, sizeof(hash));
+  return key;
+}
+
+absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Namespace& ns,
+                                            const std::vector<cachenode::TraceRequest>& trace,
+                                            const LiveReplayOptions& options) {
+  return Run(client, ns, trace, options);
+}
+
+absl::StatusOr<LiveReplayResult> LiveReplay(client::Cluster& cluster, client::ClusterNamespace& ns,
+                                            const std::vector<cachenode::TraceRequest>& trace,
+                                            const LiveReplayOptions& options) {
+  return Run(cluster, ns, trace, options);
 }
 
 }  // namespace kvstrata::tools

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "kvstrata/cachenode/replay.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/client/cluster.h"
 
 namespace kvstrata::tools {
 
@@ -55,6 +56,10 @@ struct LiveReplayResult {
 // that was fetched, then (with options.hints) RequestFinished for its last
 // block. Block bytes are derived from the key so fetches verify.
 absl::StatusOr<LiveReplayResult> LiveReplay(client::Client& client, client::Namespace& ns,
+                                            const std::vector<cachenode::TraceRequest>& trace,
+                                            const LiveReplayOptions& options);
+// The same through a cluster: each call fans out to the blocks' owners.
+absl::StatusOr<LiveReplayResult> LiveReplay(client::Cluster& cluster, client::ClusterNamespace& ns,
                                             const std::vector<cachenode::TraceRequest>& trace,
                                             const LiveReplayOptions& options);
 

@@ -3,6 +3,7 @@
 // rates that agree with the offline replay.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
@@ -180,6 +181,51 @@ TEST_F(LiveReplayTest, ReturnAwareNodeKeepsMoreWithHintsThanWithout) {
   EXPECT_GT(with_hints, without + 0.007);
   EXPECT_NEAR(with_hints, offline_with, 0.01);
   EXPECT_GT(offline_with, offline_without) << "the offline comparison got no hints";
+}
+
+// Three real nodes as one cache (the cluster client places blocks one by
+// one): the conversation workload keeps most of what one node of the same
+// total capacity would hit, the load is even, and the live run agrees with
+// the offline model of the same placement.
+TEST(ClusterLiveReplayTest, ThreeNodesKeepMostOfOneNodesHitRate) {
+  const std::string trace = KVSTRATA_SHARED_TRACE;
+  if (!std::ifstream(trace)) GTEST_SKIP() << "no shared trace at " << trace;
+  auto dir = TempDir::Create("cluster-live-replay");
+  ASSERT_TRUE(dir.ok());
+  std::vector<std::unique_ptr<NodeProcess>> nodes;
+  std::string addresses;
+  for (int i = 0; i < 3; ++i) {
+    // 96 MiB each (1,536 blocks of 64 KiB: together about 10% of the
+    // trace's 43,924 distinct blocks), the default eviction policy.
+    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
+                                   {"--dram_bytes=100663296", "--slab_bytes=1048576"},
+                                   (*dir)->File(absl::StrCat("node", i, ".log")));
+    ASSERT_TRUE(node.ok()) << node.status();
+    addresses += (addresses.empty() ? "" : ",") + (*node)->address();
+    nodes.push_back(std::move(*node));
+  }
+  const std::string log = (*dir)->File("cli.log");
+  auto cli = ChildProcess::Spawn({KVSTRATA_CLI_BINARY, "replay", "--live", "--nodes=" + addresses,
+                                  "--trace=" + trace, "--block_bytes=65536",
+                                  "--policy=adaptive"},
+                                 log);
+  ASSERT_TRUE(cli.ok());
+  ASSERT_EQ((*cli)->Wait(), 0) << ReadFile(log);
+  const std::string out = ReadFile(log);
+  const double live = NumberAfter(out, "live:", "token hit rate ");
+  const double offline = NumberAfter(out, "offline adaptive, 3 nodes", "token hit rate ");
+  const double one_node = NumberAfter(out, "offline adaptive, one node", "token hit rate ");
+  const double spread = NumberAfter(out, "live: 3 nodes", "spread ");
+  ASSERT_GT(live, 0) << out;
+  ASSERT_GT(one_node, 0) << out;
+  std::printf("3 nodes live %.4f, offline %.4f; one node offline %.4f; load spread %.2f\n", live,
+              offline, one_node, spread);
+  EXPECT_GT(NumberAfter(out, "live:", "node evictions "), 1000) << out;
+  EXPECT_GE(live, 0.85 * one_node) << out;
+  EXPECT_LE(spread, 1.5) << out;
+  // The offline model places by its own hash, not the client's: the same
+  // statistics, not the same blocks.
+  EXPECT_NEAR(live, offline, 0.05) << out;
 }
 
 }  // namespace
