@@ -44,6 +44,13 @@ struct EngineOptions {
   // nobody holds are closed, oldest first; if none is idle, Connect fails
   // with RESOURCE_EXHAUSTED instead of running the process out of fds.
   size_t max_peers = 0;
+  // UCX_RNDV_THRESH unless the environment sets it: messages below it go
+  // eagerly, larger ones by rendezvous. UCX 1.13's own choice is 1 MiB on TCP
+  // with the engine's 1 MiB segments but 8 KiB on shared memory, where a
+  // rendezvous handshake made 16 KiB blocks cost more than a copy through the
+  // shared segment (bench/README.md); 1 MiB keeps TCP as it was, and the CMA
+  // single copy for the 1 MiB blocks where it pays. Empty: UCX's choice.
+  std::string rendezvous_threshold = "1M";
   // Receive and drop every tagged message no posted receive matches. Only for
   // a side that posts each receive before its peer may send (the node: it
   // posts a publish's receives before sending the pull request): there every
@@ -55,6 +62,7 @@ struct EngineOptions {
 class Engine;
 class Peer;
 class PullServer;
+struct SendGroup;  // tagged sends counted to completion (tagged.cc)
 
 // A registered range of local memory. Unregistered on destruction; the memory
 // itself stays the caller's (or the engine's, for Allocate).
@@ -116,8 +124,27 @@ struct ReceiveOp {
 };
 
 // Tag of the pull request for a transfer with base tag `tag_base` (its block i
-// travels with tag tag_base + i, i < 65535).
+// travels with tag tag_base + i, i < 65534).
 inline uint64_t PullTag(uint64_t tag_base) { return tag_base | 0xffff; }
+// Tag of message `message` of a coalesced transfer: its blocks travel back to
+// back, CoalescedBlocksPerMessage at a time, in request order.
+inline uint64_t CoalescedTag(uint64_t tag_base, size_t message) {
+  return tag_base + 0x8000 + message;
+}
+// Largest coalesced message. Below the rendezvous threshold the engine sets
+// (EngineOptions::rendezvous_threshold), so a coalesced message always goes
+// eagerly: UCX 1.13's rendezvous of an IOV message took ~7 ms on TCP and
+// shared memory alike (bench/transfer_bench), and eager needs no handshake.
+inline constexpr size_t kMaxCoalescedMessageBytes = 512 << 10;
+// Blocks of `block_bytes` per coalesced message (at least one).
+inline size_t CoalescedBlocksPerMessage(size_t block_bytes) {
+  return block_bytes == 0 || block_bytes >= kMaxCoalescedMessageBytes
+             ? 1
+             : kMaxCoalescedMessageBytes / block_bytes;
+}
+// First u16 of a pull request that wants its blocks as one coalesced message
+// (tag CoalescedTag) instead of one message per block; the indices follow.
+inline constexpr uint16_t kCoalescedPullMarker = 0xffff;
 
 // Receives posted ahead of the messages that fill them. Destroying the batch
 // cancels what has not arrived and waits until UCX lets go of every buffer.
@@ -200,6 +227,15 @@ class Peer {
   // the comment in tagged.cc.
   absl::Status Send(absl::Span<const SendOp> ops, absl::Time deadline,
                     std::shared_ptr<void> keep_alive = nullptr);
+  // Sends the blocks back to back as coalesced messages of
+  // `blocks_per_message` blocks each, message k with tag
+  // CoalescedTag(tag_base, k) (a UCX IOV datatype: nothing is copied to join
+  // them; the blocks' own tags are ignored). For batches of small blocks,
+  // where one message per block costs more than its bytes. Same completion
+  // and deadline rules as Send.
+  absl::Status SendCoalesced(absl::Span<const SendOp> blocks, uint64_t tag_base,
+                             size_t blocks_per_message, absl::Time deadline,
+                             std::shared_ptr<void> keep_alive = nullptr);
 
   // UCX transport that carries this endpoint's bulk (RMA) traffic, e.g. "tcp",
   // "cma", "posix", "rc_mlx5"; several joined by ',' when UCX splits lanes.
@@ -213,6 +249,9 @@ class Peer {
  private:
   friend class Engine;
   Peer() = default;
+  // Posts sends through `post` into one group, then waits for all of them.
+  absl::Status SendAndWait(const std::function<void(const std::shared_ptr<SendGroup>&)>& post,
+                           absl::Time deadline, std::shared_ptr<void> keep_alive);
   absl::Status Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive);
   // Marks the peer failed and drops it from the engine's cache, so its
@@ -271,7 +310,10 @@ class Engine {
 
   // The sending side of a node-driven pull: waits for the pull request the
   // node sends with tag PullTag(tag_base) (the indices it wants, u16 each) and
-  // answers by sending blocks[i] with tag tag_base + i to `to`. Returns at once.
+  // answers by sending blocks[i] with tag tag_base + i to `to`, or, when the
+  // request starts with kCoalescedPullMarker, the wanted blocks coalesced
+  // (Peer::SendCoalesced, CoalescedBlocksPerMessage of blocks[0]'s length per
+  // message). Returns at once.
   absl::StatusOr<std::unique_ptr<PullServer>> ServePull(std::shared_ptr<Peer> to, uint64_t tag_base,
                                                         std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
