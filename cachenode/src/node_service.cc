@@ -226,10 +226,13 @@ absl::Status PullCoalesced(transfer::Peer& peer, uint64_t tag_base,
     wanted.push_back(static_cast<uint8_t>(i));
     wanted.push_back(static_cast<uint8_t>(i >> 8));
   }
-  // Held with the reservations until UCX lets go of the receives.
+  // UCX writes only into staging, never into the reserved chunks, so only
+  // staging is held until UCX lets go of the receives: a same-host client
+  // that dies mid-message (whose half-received message UCX 1.13 never ends)
+  // keeps a staging buffer, not tier memory, and the request returns at the
+  // stall timeout instead of waiting on UCX.
+  keep_alive.reset();
   std::shared_ptr<uint8_t[]> staging(new uint8_t[total]);
-  auto held = std::make_shared<std::pair<std::shared_ptr<void>, std::shared_ptr<uint8_t[]>>>(
-      std::move(keep_alive), staging);
   const size_t per_message = transfer::CoalescedBlocksPerMessage(sizes.front());
   std::vector<transfer::ReceiveOp> receives;
   for (size_t start = 0, offset = 0; start < sizes.size(); start += per_message) {
@@ -240,7 +243,7 @@ absl::Status PullCoalesced(transfer::Peer& peer, uint64_t tag_base,
     offset += length;
   }
   absl::StatusOr<std::unique_ptr<transfer::ReceiveBatch>> batch =
-      peer.engine().PostReceives(receives, std::move(held));
+      peer.engine().PostReceives(receives, staging, /*buffers_in_keep_alive=*/true);
   if (!batch.ok()) return batch.status();
   const transfer::SendOp pull{wanted.data(), wanted.size(), transfer::PullTag(tag_base)};
   if (absl::Status sent = peer.Send({&pull, 1}, deadline); !sent.ok()) return sent;

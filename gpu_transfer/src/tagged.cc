@@ -156,9 +156,10 @@ uint64_t Engine::NextTagBase() {
 }
 
 absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(
-    absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive) {
+    absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive, bool buffers_in_keep_alive) {
   std::unique_ptr<ReceiveBatch> batch(new ReceiveBatch());
   batch->engine_ = this;
+  batch->wait_on_destroy_ = !buffers_in_keep_alive;
   batch->state_ = std::make_shared<ReceiveBatch::State>();
   {
     absl::MutexLock lock(&batch->state_->mu);
@@ -241,9 +242,10 @@ ReceiveBatch::~ReceiveBatch() {
   for (void* request : requests_) {
     if (request != nullptr) ucp_request_cancel(impl.worker_, request);
   }
-  {
+  if (wait_on_destroy_) {
     // A receive already matched cannot be cancelled: wait for it to finish
-    // writing into the caller's buffer.
+    // writing into the caller's buffer. (Otherwise keep_alive holds the
+    // buffers until it does, and UCX frees the requests once complete.)
     absl::MutexLock lock(&state_->mu);
     auto all_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_->mu) {
       return state_->outstanding == 0;

@@ -172,6 +172,7 @@ class ReceiveBatch {
   friend class Engine;
   ReceiveBatch() = default;
   Engine* engine_ = nullptr;
+  bool wait_on_destroy_ = true;
   std::vector<void*> requests_;
   std::shared_ptr<State> state_;
 };
@@ -305,8 +306,12 @@ class Engine {
   // Posts one tagged receive per op (tags must be unique among pending
   // receives); peers fill them with Peer::Send. `keep_alive` is held until
   // UCX has released every buffer.
+  // `buffers_in_keep_alive`: every op's buffer lives in `keep_alive`, so
+  // destroying the batch need not wait for UCX to let go of them (a receive
+  // half-filled by a same-host peer that died never completes in UCX 1.13).
   absl::StatusOr<std::unique_ptr<ReceiveBatch>> PostReceives(
-      absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive = nullptr);
+      absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive = nullptr,
+      bool buffers_in_keep_alive = false);
 
   // The sending side of a node-driven pull: waits for the pull request the
   // node sends with tag PullTag(tag_base) (the indices it wants, u16 each) and
