@@ -196,16 +196,6 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
       return UcsError(absl::StrCat("UCX transports '", options.transports, "'"), status);
     }
   }
-  // A UCP setting, so ucp_config_modify applies it; an operator's
-  // UCX_RNDV_THRESH wins.
-  if (!options.rendezvous_threshold.empty() && std::getenv("UCX_RNDV_THRESH") == nullptr) {
-    status = ucp_config_modify(config, "RNDV_THRESH", options.rendezvous_threshold.c_str());
-    if (status != UCS_OK) {
-      ucp_config_release(config);
-      return UcsError(absl::StrCat("UCX rendezvous threshold '", options.rendezvous_threshold, "'"),
-                      status);
-    }
-  }
   if (!options.net_devices.empty()) {
     status = ucp_config_modify(config, "NET_DEVICES", options.net_devices.c_str());
     if (status != UCS_OK) {

@@ -1,6 +1,6 @@
 // Small blocks through a real node: coalesced tagged transfers (several
 // blocks per UCX message, eager), next to the one-message-per-block path they
-// replace for blocks up to 64 KiB. ctest runs this binary once per transport
+// replace for blocks up to 16 KiB. ctest runs this binary once per transport
 // (UCX_TLS=tcp, =sm).
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -75,9 +75,10 @@ class SmallBlocksTest : public ::testing::Test {
 NodeProcess* SmallBlocksTest::node_ = nullptr;
 
 TEST_F(SmallBlocksTest, CoalescedBlocksRoundTripByteExact) {
-  // 100 blocks: several coalesced messages per call at every size (32 of
-  // 16 KiB, 8 of 64 KiB per message) and a short last one; batches of 37 make
-  // partial messages too. The same data round-trips with coalescing off.
+  // 100 blocks: several coalesced messages per call (128 of 4 KiB, 32 of
+  // 16 KiB per message) and a short last one; batches of 37 make partial
+  // messages too; 64 KiB blocks go one message each. The same data
+  // round-trips with coalescing off.
   for (bool coalesce : {true, false}) {
     auto c = Connect(node_->address(), coalesce);
     ASSERT_NE(c, nullptr);

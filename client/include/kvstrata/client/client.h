@@ -66,9 +66,10 @@ struct ClientOptions {
   // the KVSTRATA_TOKEN environment variable, if set (so the C and Python
   // bindings, the CLI and engine connectors pick it up without code).
   std::string auth_token;
-  // Tagged transfers of small blocks (up to 64 KiB) carry all of a call's
-  // blocks in one UCX message instead of one message per block, when the node
-  // supports it. Off only to compare the two (bench/transfer_bench).
+  // Tagged transfers of small blocks (up to 16 KiB) carry a call's blocks in
+  // a few UCX messages (512 KiB each at most) instead of one message per
+  // block, when the node supports it. Off only to compare the two
+  // (bench/transfer_bench --transfer_methods=tagged,tagged_per_block).
   bool coalesce_small_blocks = true;
 };
 

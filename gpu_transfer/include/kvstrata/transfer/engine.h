@@ -44,13 +44,6 @@ struct EngineOptions {
   // nobody holds are closed, oldest first; if none is idle, Connect fails
   // with RESOURCE_EXHAUSTED instead of running the process out of fds.
   size_t max_peers = 0;
-  // UCX_RNDV_THRESH unless the environment sets it: messages below it go
-  // eagerly, larger ones by rendezvous. UCX 1.13's own choice is 1 MiB on TCP
-  // with the engine's 1 MiB segments but 8 KiB on shared memory, where a
-  // rendezvous handshake made 16 KiB blocks cost more than a copy through the
-  // shared segment (bench/README.md); 1 MiB keeps TCP as it was, and the CMA
-  // single copy for the 1 MiB blocks where it pays. Empty: UCX's choice.
-  std::string rendezvous_threshold = "1M";
   // Receive and drop every tagged message no posted receive matches. Only for
   // a side that posts each receive before its peer may send (the node: it
   // posts a publish's receives before sending the pull request): there every
@@ -131,10 +124,11 @@ inline uint64_t PullTag(uint64_t tag_base) { return tag_base | 0xffff; }
 inline uint64_t CoalescedTag(uint64_t tag_base, size_t message) {
   return tag_base + 0x8000 + message;
 }
-// Largest coalesced message. Below the rendezvous threshold the engine sets
-// (EngineOptions::rendezvous_threshold), so a coalesced message always goes
-// eagerly: UCX 1.13's rendezvous of an IOV message took ~7 ms on TCP and
-// shared memory alike (bench/transfer_bench), and eager needs no handshake.
+// Largest coalesced message: half of UCX 1.13's eager limit on TCP with the
+// engine's 1 MiB segments (ucx_info: eager zcopy up to 1 MiB, rendezvous
+// from there), so over TCP a coalesced message never needs the rendezvous
+// handshake that the small blocks it carries did not need either. On shared
+// memory every message over 8 KiB goes by rendezvous (one CMA copy) anyway.
 inline constexpr size_t kMaxCoalescedMessageBytes = 512 << 10;
 // Blocks of `block_bytes` per coalesced message (at least one).
 inline size_t CoalescedBlocksPerMessage(size_t block_bytes) {
