@@ -120,13 +120,12 @@ absl::Status CheckRange(const Buffer* buffer, size_t offset, uint64_t block_byte
   return absl::OkStatus();
 }
 
-// Blocks up to this size travel coalesced, a call's blocks in a few UCX
-// messages, instead of one message each. Measured at batch 32 with calls of
-// both kinds interleaved on one node (bench/README.md): 16 KiB blocks were
-// 15-25% faster coalesced on TCP and shared memory, publish and fetch; at
-// 64 KiB coalescing was even on TCP and 10-15% slower on shared memory,
-// where each 64 KiB block already goes by one CMA copy and the staging copy
-// coalescing adds at the receiver costs more than the messages it saves.
+// Blocks up to this size travel coalesced over TCP, a call's blocks in a few
+// UCX messages, instead of one message each. Measured at batch 32 with calls
+// of both kinds interleaved on one node (bench/coalesce_bench): 16 KiB blocks
+// were 14-19% faster coalesced, publish and fetch; at 64 KiB coalescing was
+// even (p10) or slower (p50), the staging copy it adds at the receiver
+// costing what the messages it saves did.
 constexpr uint64_t kCoalesceMaxBlockBytes = 16 << 10;
 
 // What a tagged transfer keeps alive next to its RPC.
@@ -274,6 +273,11 @@ size_t Client::Impl::CoalescedBlocks(uint64_t block_bytes) {
     return 0;
   }
   absl::MutexLock lock(&mu);
+  // Not to a node on this host over shared memory: there UCX 1.13 sends a
+  // message over 8 KiB by rendezvous, and an IOV one stalled for ~4 ms in
+  // most calls (16 KiB x 32: p50 4.0 ms coalesced, 0.5 ms one message per
+  // block, coalesce_bench), while each block alone is one CMA copy.
+  if (engine->shared_memory_enabled() && node_host_id == transfer::Engine::HostId()) return 0;
   return std::min<uint64_t>(max_coalesced_bytes / block_bytes, limits::kMaxTransferBlocks);
 }
 
@@ -452,7 +456,9 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
   const uint64_t ns = id_;
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   const absl::Time deadline = absl::Now() + impl.Timeout(timeout);
-  const size_t coalesced_blocks = impl.CoalescedBlocks(block_bytes);
+  // A single block is one message either way; coalescing would only add the
+  // staging copy (16 KiB x 1 over TCP: 0.79-0.99x, coalesce_bench).
+  const size_t coalesced_blocks = items.size() > 1 ? impl.CoalescedBlocks(block_bytes) : 0;
   const size_t batch_size = coalesced_blocks > 0
                                 ? std::min<size_t>(max_publish_blocks_, coalesced_blocks)
                                 : max_publish_blocks_;
@@ -535,7 +541,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const uint64_t ns = id_;
   const bool verify = impl.options.verify_checksums;
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
-  const size_t coalesced_blocks = impl.CoalescedBlocks(block_bytes);
+  const size_t coalesced_blocks = items.size() > 1 ? impl.CoalescedBlocks(block_bytes) : 0;
   const bool coalesced = coalesced_blocks > 0;
   return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
       items, impl.Timeout(timeout), coalesced ? coalesced_blocks : limits::kMaxTransferBlocks,

@@ -68,8 +68,8 @@ struct ClientOptions {
   std::string auth_token;
   // Tagged transfers of small blocks (up to 16 KiB) carry a call's blocks in
   // a few UCX messages (512 KiB each at most) instead of one message per
-  // block, when the node supports it. Off only to compare the two
-  // (bench/transfer_bench --transfer_methods=tagged,tagged_per_block).
+  // block, when the node supports it and is not reached over shared memory.
+  // Off only to compare the two (bench/coalesce_bench).
   bool coalesce_small_blocks = true;
 };
 
