@@ -8,11 +8,13 @@
 
 #include <cstring>
 #include <future>
+#include <random>
 #include <set>
 
 #include "absl/time/clock.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/client/quantized.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
@@ -197,6 +199,61 @@ TEST_F(SmallBlocksTest, MixedBlockSizesAtOnceFromOneClient) {
     }));
   }
   for (size_t k = 0; k < sizes.size(); ++k) EXPECT_EQ(verified[k].get(), 24u) << sizes[k];
+}
+
+TEST_F(SmallBlocksTest, EncodedBlocksOfUnequalSizeUnpackFromCoalescedMessages) {
+  // An fp8 namespace of 16 KiB fp16 blocks: the node stores (and returns)
+  // encoded blocks smaller than the block size, so a coalesced fetch packs
+  // blocks of another size than the destinations. Both ways must return the
+  // same bytes, and each must decode.
+  v1::NamespaceSpec spec;
+  spec.set_tenant("test");
+  spec.set_model("fp8-small");
+  spec.set_dtype(v1::DTYPE_FP16);
+  spec.set_num_layers(1);
+  spec.set_num_kv_heads(2);
+  spec.set_head_dim(128);
+  spec.set_tokens_per_block(16);
+  spec.set_format(v1::FORMAT_FP8_E4M3);
+  constexpr size_t kCount = 40;
+  std::vector<std::vector<uint8_t>> fetched_bytes[2];
+  for (bool coalesce : {true, false}) {
+    auto c = Connect(node_->address(), coalesce);
+    auto ns = c->OpenNamespace(spec);
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    const uint64_t block = ns->block_bytes();
+    ASSERT_EQ(block, 16384u);
+    auto buffer = c->Allocate(kCount * block);
+    ASSERT_TRUE(buffer.ok());
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (size_t e = 0; e < kCount * block / 2; ++e) {
+      const _Float16 h = static_cast<_Float16>(normal(rng));
+      std::memcpy((*buffer)->data() + 2 * e, &h, 2);
+    }
+    const auto keys = ns->Keys(testing::Tokens(coalesce ? 61 : 62, kCount, 16));
+    std::vector<PublishItem> publish;
+    std::vector<FetchItem> fetch;
+    for (size_t i = 0; i < kCount; ++i) {
+      publish.push_back({keys[i], std::nullopt, buffer->get(), i * block});
+      fetch.push_back({keys[i], buffer->get(), i * block});
+    }
+    auto published = ns->Publish(publish);
+    ASSERT_TRUE(published.ok()) << published.status();
+    ASSERT_EQ(published->count(BlockOutcome::kOk), kCount);
+    std::memset((*buffer)->data(), 0, kCount * block);
+    auto fetched = ns->Fetch(fetch);
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    std::vector<uint8_t> decoded(block);
+    for (size_t i = 0; i < kCount; ++i) {
+      ASSERT_EQ(fetched->outcomes[i], BlockOutcome::kOk) << i;
+      ASSERT_LT(fetched->sizes[i], block) << "fp8 blocks are stored smaller";
+      const uint8_t* stored = (*buffer)->data() + i * block;
+      EXPECT_TRUE(client::DequantizeBlock(stored, fetched->sizes[i], decoded.data(), block).ok());
+      fetched_bytes[coalesce ? 0 : 1].emplace_back(stored, stored + fetched->sizes[i]);
+    }
+  }
+  EXPECT_EQ(fetched_bytes[0], fetched_bytes[1]) << "coalesced and per-block fetches differ";
 }
 
 TEST_F(SmallBlocksTest, ClientKilledMidSmallBatchesLeaksNoMemory) {
