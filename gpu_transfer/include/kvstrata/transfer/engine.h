@@ -117,7 +117,7 @@ struct ReceiveOp {
 };
 
 // Tag of the pull request for a transfer with base tag `tag_base` (its block i
-// travels with tag tag_base + i, i < 65534).
+// travels with tag tag_base + i, i < 0x8000).
 inline uint64_t PullTag(uint64_t tag_base) { return tag_base | 0xffff; }
 // Tag of message `message` of a coalesced transfer: its blocks travel back to
 // back, CoalescedBlocksPerMessage at a time, in request order.
