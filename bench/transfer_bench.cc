@@ -14,9 +14,12 @@
 //   transfer_bench                 # full table, a couple of minutes
 //   transfer_bench --quick         # smoke test (ctest: transfer_bench_smoke)
 //
-// Every line reports GB/s (1e9 bytes/s). A "targets" section at the end checks
-// the project's goals at 1 MiB blocks, batch 32: fetch over shared memory >=
-// 0.5x memcpy, fetch over TCP >= 1.5x Redis GET. It is a report: the exit code
+// Every line reports GB/s (1e9 bytes/s); batch-1 points add p50/p99 latency per
+// call next to Redis's GET/SET, and each transport a Lookup of 64 keys next to
+// a pipelined Redis EXISTS of 64 keys. A "targets" section at the end checks
+// the project's goals: fetch and publish >= 1.5x Redis at batch 32 at every
+// block size, batch 1 p50 at or below Redis's, and at 1 MiB x 32 fetch over
+// shared memory >= 0.8x memcpy and over TCP >= 2x Redis GET. It is a report: the exit code
 // is 0 whether targets pass or miss, and non-zero only when something failed
 // to run.
 #include <fcntl.h>
@@ -84,7 +87,9 @@ ABSL_FLAG(double, seconds_per_point, 0.3,
 ABSL_FLAG(std::vector<std::string>, transfer_methods, std::vector<std::string>({"tagged", "rma"}),
           "How the node moves bytes (ClientOptions::transfer_method), each measured for publish "
           "and fetch: tagged (UCX tagged messages), rma (node-side get/put on the client's "
-          "memory keys; the node is started with --allow_client_rkeys). 'put' means rma.");
+          "memory keys; the node is started with --allow_client_rkeys), tagged_per_block "
+          "(tagged with one message per block also for small blocks, "
+          "ClientOptions::coalesce_small_blocks off). 'put' means rma.");
 ABSL_FLAG(uint64_t, node_dram_bytes, 3ull << 30, "DRAM tier of the node the benchmark starts.");
 ABSL_FLAG(bool, quick, false,
           "Smoke test: block sizes 65536,1048576, batches 1,32, 0.05 s per point, method tagged "
@@ -106,6 +111,9 @@ using TransferMethod = kvstrata::client::ClientOptions::TransferMethod;
 // The point the project's targets are stated at.
 constexpr uint64_t kTargetBlock = 1 << 20;
 constexpr size_t kTargetBatch = 32;
+// Keys per Lookup in the lookup latency line (a 16k-token prompt in blocks of
+// 256 tokens), next to a pipelined Redis EXISTS of as many keys.
+constexpr size_t kLookupKeys = 64;
 // Timed rounds per measurement even when one round outlasts --seconds_per_point,
 // so a single slow round does not make the number.
 constexpr int kMinTimedRounds = 3;
@@ -116,6 +124,7 @@ constexpr int kMinTimedRounds = 3;
 struct Method {
   std::string name;
   TransferMethod method;
+  bool coalesce = true;  // ClientOptions::coalesce_small_blocks
 };
 
 struct Config {
@@ -168,6 +177,8 @@ absl::StatusOr<Config> ConfigFromFlags() {
   for (const std::string& name : methods) {
     if (name == "tagged") {
       config.methods.push_back({name, TransferMethod::kTagged});
+    } else if (name == "tagged_per_block") {
+      config.methods.push_back({name, TransferMethod::kTagged, /*coalesce=*/false});
     } else if (name == "rma" || name == "put") {
       config.methods.push_back({"rma", TransferMethod::kRma});
       config.node_needs_rkeys = true;  // a node refuses RMA on client memory without it
@@ -291,6 +302,27 @@ absl::Status RedisGetBatch(redisContext* c, uint64_t size, size_t batch, uint8_t
   return absl::OkStatus();
 }
 
+// Pipelined EXISTS of kLookupKeys keys RedisSetBatch wrote: Redis's nearest
+// equivalent of a Lookup.
+absl::Status RedisExistsBatch(redisContext* c) {
+  for (size_t i = 0; i < kLookupKeys; ++i) {
+    const std::string key = absl::StrCat("bench:", i);
+    if (redisAppendCommand(c, "EXISTS %b", key.data(), key.size()) != REDIS_OK) {
+      return absl::InternalError(absl::StrCat("hiredis append EXISTS: ", c->errstr));
+    }
+  }
+  for (size_t i = 0; i < kLookupKeys; ++i) {
+    void* raw = nullptr;
+    if (redisGetReply(c, &raw) != REDIS_OK)
+      return absl::UnavailableError(absl::StrCat("EXISTS: ", c->errstr));
+    RedisReply reply(static_cast<redisReply*>(raw));
+    if (reply->type != REDIS_REPLY_INTEGER || reply->integer != 1) {
+      return absl::InternalError(absl::StrCat("EXISTS bench:", i, " did not find the key"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RedisFlush(redisContext* c) {
   RedisReply reply(static_cast<redisReply*>(redisCommand(c, "FLUSHALL")));
   if (reply == nullptr) return absl::UnavailableError(absl::StrCat("FLUSHALL: ", c->errstr));
@@ -300,16 +332,31 @@ absl::Status RedisFlush(redisContext* c) {
 // ---------------------------------------------------------------------------
 // Measurement
 
-// GB/s of `run`, which moves `bytes_per_round` bytes per call. One untimed
-// warm-up round (endpoint wire-up, first faults), then rounds until
-// `seconds` of timed work and at least kMinTimedRounds. Only `run` is timed:
-// `prepare` is per-round setup that is not part of the transfer (fresh keys,
-// deleting old ones).
-absl::StatusOr<double> MeasureGBps(double seconds, uint64_t bytes_per_round,
-                                   const std::function<absl::Status()>& prepare,
-                                   const std::function<absl::Status()>& run) {
+// Throughput of a repeated operation and the latency of one call of it.
+struct Measurement {
+  double gbps = 0;
+  double p50_us = 0;
+  double p99_us = 0;
+};
+
+// Nearest-rank percentile of `sorted` (ascending), in microseconds.
+double PercentileUs(const std::vector<double>& sorted, double fraction) {
+  if (sorted.empty()) return 0;
+  const size_t rank = static_cast<size_t>(fraction * static_cast<double>(sorted.size() - 1) + 0.5);
+  return sorted[std::min(rank, sorted.size() - 1)] * 1e6;
+}
+
+// GB/s of `run`, which moves `bytes_per_round` bytes per call, and the p50 and
+// p99 of one call. One untimed warm-up round (endpoint wire-up, first
+// faults), then rounds until `seconds` of timed work and at least
+// kMinTimedRounds. Only `run` is timed: `prepare` is per-round setup that is
+// not part of the transfer (fresh keys, deleting old ones).
+absl::StatusOr<Measurement> Measure(double seconds, uint64_t bytes_per_round,
+                                    const std::function<absl::Status()>& prepare,
+                                    const std::function<absl::Status()>& run) {
   using Clock = std::chrono::steady_clock;
   Clock::duration timed{};
+  std::vector<double> rounds;  // seconds per timed call
   for (int round = 0;; ++round) {  // round 0 is the warm-up
     if (prepare) {
       if (absl::Status s = prepare(); !s.ok()) return s;
@@ -317,12 +364,24 @@ absl::StatusOr<double> MeasureGBps(double seconds, uint64_t bytes_per_round,
     const Clock::time_point start = Clock::now();
     if (absl::Status s = run(); !s.ok()) return s;
     if (round == 0) continue;
-    timed += Clock::now() - start;
+    const Clock::duration took = Clock::now() - start;
+    timed += took;
+    rounds.push_back(std::chrono::duration<double>(took).count());
     const double elapsed = std::chrono::duration<double>(timed).count();
     if (round >= kMinTimedRounds && elapsed >= seconds) {
-      return static_cast<double>(bytes_per_round) * round / elapsed / 1e9;
+      std::sort(rounds.begin(), rounds.end());
+      return Measurement{static_cast<double>(bytes_per_round) * round / elapsed / 1e9,
+                         PercentileUs(rounds, 0.5), PercentileUs(rounds, 0.99)};
     }
   }
+}
+
+absl::StatusOr<double> MeasureGBps(double seconds, uint64_t bytes_per_round,
+                                   const std::function<absl::Status()>& prepare,
+                                   const std::function<absl::Status()>& run) {
+  absl::StatusOr<Measurement> m = Measure(seconds, bytes_per_round, prepare, run);
+  if (!m.ok()) return m.status();
+  return m->gbps;
 }
 
 // Page-touched plain heap memory for the memcpy baseline.
@@ -347,6 +406,8 @@ struct Baseline {
   double memcpy_gbps = 0;
   double redis_set_gbps = 0;
   double redis_get_gbps = 0;
+  Measurement redis_set;  // latency of one pipelined batch of SETs
+  Measurement redis_get;
 };
 
 // memcpy and Redis at one (block size, batch); the buffers hold the largest point.
@@ -362,14 +423,16 @@ absl::StatusOr<Baseline> MeasureBaseline(const Config& config, redisContext* red
   });
   if (!gbps.ok()) return gbps.status();
   baseline.memcpy_gbps = *gbps;
-  gbps = MeasureGBps(config.seconds, bytes, nullptr,
-                     [&] { return RedisSetBatch(redis, size, batch, src); });
-  if (!gbps.ok()) return gbps.status();
-  baseline.redis_set_gbps = *gbps;
-  gbps = MeasureGBps(config.seconds, bytes, nullptr,
-                     [&] { return RedisGetBatch(redis, size, batch, dst); });
-  if (!gbps.ok()) return gbps.status();
-  baseline.redis_get_gbps = *gbps;
+  absl::StatusOr<Measurement> set = Measure(config.seconds, bytes, nullptr,
+                                            [&] { return RedisSetBatch(redis, size, batch, src); });
+  if (!set.ok()) return set.status();
+  baseline.redis_set = *set;
+  baseline.redis_set_gbps = set->gbps;
+  absl::StatusOr<Measurement> get = Measure(config.seconds, bytes, nullptr,
+                                            [&] { return RedisGetBatch(redis, size, batch, dst); });
+  if (!get.ok()) return get.status();
+  baseline.redis_get = *get;
+  baseline.redis_get_gbps = get->gbps;
   if (absl::Status s = RedisFlush(redis); !s.ok()) return s;
   return baseline;
 }
@@ -414,12 +477,13 @@ absl::Status ExpectAllOk(const absl::StatusOr<TransferResult>& result, const cha
 class KvBench {
  public:
   static absl::StatusOr<std::unique_ptr<KvBench>> Create(const std::string& address,
-                                                         TransferMethod method, bool verify,
+                                                         const Method& method, bool verify,
                                                          uint64_t max_bytes,
                                                          uint64_t delete_after_bytes) {
     ClientOptions options;
     options.node_address = address;
-    options.transfer_method = method;
+    options.transfer_method = method.method;
+    options.coalesce_small_blocks = method.coalesce;
     options.verify_checksums = verify;
     // ucx_transports stays empty: the client takes UCX_TLS from the
     // environment, which the caller set for this transport config.
@@ -450,7 +514,7 @@ class KvBench {
   // Publish throughput: every round publishes `batch` new keys from the
   // source buffer. Published keys are deleted (untimed) once they hold
   // delete_after_bytes, and at the end, so the node never fills or evicts.
-  absl::StatusOr<double> Publish(Namespace& ns, size_t batch, double seconds) {
+  absl::StatusOr<Measurement> Publish(Namespace& ns, size_t batch, double seconds) {
     const uint64_t size = ns.block_bytes();
     std::vector<PublishItem> items(batch);
     std::vector<BlockKey> stored;
@@ -464,7 +528,7 @@ class KvBench {
       }
       return absl::OkStatus();
     };
-    absl::StatusOr<double> gbps = MeasureGBps(
+    absl::StatusOr<Measurement> gbps = Measure(
         seconds, size * batch, prepare, [&] { return ExpectAllOk(ns.Publish(items), "publish"); });
     // A failed publish stored fewer keys than were generated: the cleanup's
     // count would only hide the real error.
@@ -475,7 +539,7 @@ class KvBench {
 
   // Fetch throughput: `batch` stored blocks fetched again and again into the
   // destination buffer.
-  absl::StatusOr<double> Fetch(Namespace& ns, size_t batch, double seconds) {
+  absl::StatusOr<Measurement> Fetch(Namespace& ns, size_t batch, double seconds) {
     const uint64_t size = ns.block_bytes();
     std::vector<PublishItem> publish(batch);
     std::vector<FetchItem> fetch(batch);
@@ -488,7 +552,7 @@ class KvBench {
     }
     if (absl::Status s = ExpectAllOk(ns.Publish(publish), "publish of the fetch set"); !s.ok())
       return s;
-    absl::StatusOr<double> gbps = MeasureGBps(
+    absl::StatusOr<Measurement> gbps = Measure(
         seconds, size * batch, nullptr, [&] { return ExpectAllOk(ns.Fetch(fetch), "fetch"); });
     if (!gbps.ok()) return gbps.status();
     if (std::memcmp(src_->data(), dst_->data(), size * batch) != 0) {
@@ -496,6 +560,33 @@ class KvBench {
     }
     if (absl::Status s = Delete(ns, stored); !s.ok()) return s;
     return gbps;
+  }
+
+  // Latency of a Lookup of kLookupKeys keys that are all stored (the whole
+  // prefix is found, so the node looks at every key).
+  absl::StatusOr<Measurement> Lookup(Namespace& ns, double seconds) {
+    const uint64_t size = ns.block_bytes();
+    std::vector<PublishItem> publish(kLookupKeys);
+    std::vector<BlockKey> keys;
+    for (size_t i = 0; i < kLookupKeys; ++i) {
+      keys.push_back(keys_.Next());
+      publish[i] = PublishItem{keys.back(), std::nullopt, src_.get(), 0};
+    }
+    if (size > src_->size()) return absl::InvalidArgumentError("lookup blocks outgrow the buffer");
+    if (absl::Status s = ExpectAllOk(ns.Publish(publish), "publish of the lookup set"); !s.ok())
+      return s;
+    absl::StatusOr<Measurement> m = Measure(seconds, 0, nullptr, [&]() -> absl::Status {
+      absl::StatusOr<kvstrata::client::LookupResult> found = ns.Lookup(keys);
+      if (!found.ok()) return found.status();
+      if (found->prefix_length != kLookupKeys) {
+        return absl::InternalError(absl::StrCat("lookup found ", found->prefix_length, " of ",
+                                                kLookupKeys, " stored keys"));
+      }
+      return absl::OkStatus();
+    });
+    if (!m.ok()) return m.status();
+    if (absl::Status s = Delete(ns, keys); !s.ok()) return s;
+    return m;
   }
 
   // The UCX transports the node's endpoints use (asked while this client's
@@ -539,25 +630,36 @@ using ResultKey =
     std::tuple<std::string, std::string, uint64_t, size_t>;  // transport, method, block, batch
 
 struct KvResult {
-  double publish_gbps = 0;
-  double fetch_gbps = 0;
+  Measurement publish;
+  Measurement fetch;
 };
 
 double Ratio(double a, double b) { return b > 0 ? a / b : 0; }
 
 void PrintPoint(const std::string& transport, const std::string& method, const char* verify,
-                uint64_t size, size_t batch, const std::optional<double>& publish_gbps,
-                double fetch_gbps, const Baseline& base) {
+                uint64_t size, size_t batch, const std::optional<Measurement>& publish,
+                const Measurement& fetch, const Baseline& base) {
   std::printf("transport=%s method=%s verify=%s block=%llu batch=%zu", transport.c_str(),
               method.c_str(), verify, static_cast<unsigned long long>(size), batch);
-  if (publish_gbps.has_value()) std::printf(" publish_GBps=%.3f", *publish_gbps);
+  if (publish.has_value()) std::printf(" publish_GBps=%.3f", publish->gbps);
   std::printf(" fetch_GBps=%.3f memcpy_GBps=%.3f redis_set_GBps=%.3f redis_get_GBps=%.3f",
-              fetch_gbps, base.memcpy_gbps, base.redis_set_gbps, base.redis_get_gbps);
-  std::printf(" fetch/memcpy=%.2f fetch/redis_get=%.2f", Ratio(fetch_gbps, base.memcpy_gbps),
-              Ratio(fetch_gbps, base.redis_get_gbps));
-  if (publish_gbps.has_value())
-    std::printf(" publish/redis_set=%.2f", Ratio(*publish_gbps, base.redis_set_gbps));
+              fetch.gbps, base.memcpy_gbps, base.redis_set_gbps, base.redis_get_gbps);
+  std::printf(" fetch/memcpy=%.2f fetch/redis_get=%.2f", Ratio(fetch.gbps, base.memcpy_gbps),
+              Ratio(fetch.gbps, base.redis_get_gbps));
+  if (publish.has_value())
+    std::printf(" publish/redis_set=%.2f", Ratio(publish->gbps, base.redis_set_gbps));
   std::printf("\n");
+  if (batch == 1) {
+    // One block per call: the latency a single-block caller sees.
+    std::printf("  latency block=%llu batch=1 (p50/p99 us):",
+                static_cast<unsigned long long>(size));
+    if (publish.has_value()) {
+      std::printf(" publish=%.0f/%.0f redis_set=%.0f/%.0f", publish->p50_us, publish->p99_us,
+                  base.redis_set.p50_us, base.redis_set.p99_us);
+    }
+    std::printf(" fetch=%.0f/%.0f redis_get=%.0f/%.0f\n", fetch.p50_us, fetch.p99_us,
+                base.redis_get.p50_us, base.redis_get.p99_us);
+  }
   std::fflush(stdout);
 }
 
@@ -576,21 +678,35 @@ absl::Status RunMethod(const Config& config, const std::string& transport,
                        const std::string& address, const Method& method, uint64_t max_bytes,
                        const std::map<PointKey, Baseline>& baselines,
                        std::map<ResultKey, KvResult>* results) {
-  auto bench = KvBench::Create(address, method.method, /*verify=*/true, max_bytes,
+  auto bench = KvBench::Create(address, method, /*verify=*/true, max_bytes,
                                config.node_dram_bytes / 4);
   if (!bench.ok()) return bench.status();
   for (uint64_t size : config.block_sizes) {
     absl::StatusOr<Namespace> ns = (*bench)->Open(size);
     if (!ns.ok()) return ns.status();
     for (size_t batch : config.batches) {
-      absl::StatusOr<double> publish = (*bench)->Publish(*ns, batch, config.seconds);
+      absl::StatusOr<Measurement> publish = (*bench)->Publish(*ns, batch, config.seconds);
       if (!publish.ok()) return publish.status();
-      absl::StatusOr<double> fetch = (*bench)->Fetch(*ns, batch, config.seconds);
+      absl::StatusOr<Measurement> fetch = (*bench)->Fetch(*ns, batch, config.seconds);
       if (!fetch.ok()) return fetch.status();
       (*results)[{transport, method.name, size, batch}] = {*publish, *fetch};
       PrintPoint(transport, method.name, "on", size, batch, *publish, *fetch,
                  baselines.at({size, batch}));
     }
+  }
+  {
+    const uint64_t size = config.block_sizes.front();
+    absl::StatusOr<Namespace> ns = (*bench)->Open(size);
+    if (!ns.ok()) return ns.status();
+    absl::StatusOr<Measurement> lookup = (*bench)->Lookup(*ns, config.seconds);
+    if (!lookup.ok()) return lookup.status();
+    (*results)[{transport, method.name, 0, kLookupKeys}] = {{}, *lookup};
+    const Measurement& exists = baselines.at({0, kLookupKeys}).redis_get;
+    std::printf("  latency lookup of %zu keys (p50/p99 us): lookup=%.0f/%.0f redis_exists=%.0f/%.0f"
+                " lookup/redis_exists p50=%.2f\n",
+                kLookupKeys, lookup->p50_us, lookup->p99_us, exists.p50_us, exists.p99_us,
+                Ratio(lookup->p50_us, exists.p50_us));
+    std::fflush(stdout);
   }
   absl::StatusOr<std::vector<std::string>> used = (*bench)->NodeTransports();
   if (!used.ok()) return used.status();
@@ -606,12 +722,12 @@ absl::Status RunMethod(const Config& config, const std::string& transport,
 absl::Status RunVerifyOff(const Config& config, const std::string& transport,
                           const std::string& address, const Method& method,
                           const Baseline& baseline) {
-  auto bench = KvBench::Create(address, method.method, /*verify=*/false,
+  auto bench = KvBench::Create(address, method, /*verify=*/false,
                                kTargetBlock * kTargetBatch, config.node_dram_bytes / 4);
   if (!bench.ok()) return bench.status();
   absl::StatusOr<Namespace> ns = (*bench)->Open(kTargetBlock);
   if (!ns.ok()) return ns.status();
-  absl::StatusOr<double> fetch = (*bench)->Fetch(*ns, kTargetBatch, config.seconds);
+  absl::StatusOr<Measurement> fetch = (*bench)->Fetch(*ns, kTargetBatch, config.seconds);
   if (!fetch.ok()) return fetch.status();
   PrintPoint(transport, method.name, "off", kTargetBlock, kTargetBatch, std::nullopt, *fetch,
              baseline);
@@ -654,33 +770,57 @@ absl::Status RunTransport(const Config& config, const TempDir& dir, const std::s
   return absl::OkStatus();
 }
 
+// The project's targets, from what this run measured: throughput ratios at
+// batch kTargetBatch, and single-block p50 latency at batch 1 (a ratio over 1
+// means kvstrata is faster: Redis's p50 / kvstrata's).
 void PrintTargets(const Config& config, const std::map<PointKey, Baseline>& baselines,
                   const std::map<ResultKey, KvResult>& results) {
-  std::printf("\ntargets (block=%llu batch=%zu):\n", static_cast<unsigned long long>(kTargetBlock),
-              kTargetBatch);
-  const auto base = baselines.find({kTargetBlock, kTargetBatch});
-  struct Target {
-    const char* transport;
-    const char* baseline_name;
-    double factor;
-    double Baseline::*baseline;
-  };
-  const Target targets[] = {{"sm", "memcpy", 0.5, &Baseline::memcpy_gbps},
-                            {"tcp", "redis_get", 1.5, &Baseline::redis_get_gbps}};
-  for (const Target& target : targets) {
-    for (const Method& method : config.methods) {
-      const auto it = results.find({target.transport, method.name, kTargetBlock, kTargetBatch});
-      if (it == results.end() || base == baselines.end()) {
-        std::printf("  fetch over %-3s (method=%s) >= %.1fx %s: NOT MEASURED\n", target.transport,
-                    method.name.c_str(), target.factor, target.baseline_name);
-        continue;
-      }
-      const double ratio = Ratio(it->second.fetch_gbps, base->second.*target.baseline);
-      std::printf("  fetch over %-3s (method=%s) >= %.1fx %s: %.3f GB/s = %.2fx %s -> %s\n",
-                  target.transport, method.name.c_str(), target.factor, target.baseline_name,
-                  it->second.fetch_gbps, ratio, target.baseline_name,
-                  ratio >= target.factor ? "PASS" : "MISS");
+  std::printf("\ntargets:\n");
+  auto line = [](const std::string& what, double factor, std::optional<double> ratio) {
+    if (!ratio.has_value()) {
+      std::printf("  %s >= %.1fx: NOT MEASURED\n", what.c_str(), factor);
+      return;
     }
+    std::printf("  %s >= %.1fx: %.2fx -> %s\n", what.c_str(), factor, *ratio,
+                *ratio >= factor ? "PASS" : "MISS");
+  };
+  auto find = [&](const std::string& transport, const std::string& method, uint64_t size,
+                  size_t batch) -> std::pair<const KvResult*, const Baseline*> {
+    const auto r = results.find({transport, method, size, batch});
+    const auto b = baselines.find({size, batch});
+    if (r == results.end() || b == baselines.end()) return {nullptr, nullptr};
+    return {&r->second, &b->second};
+  };
+  for (const Method& method : config.methods) {
+    for (const std::string& transport : config.transports) {
+      const std::string where = absl::StrCat("over ", transport, " (", method.name, ")");
+      for (uint64_t size : config.block_sizes) {
+        auto [kv, base] = find(transport, method.name, size, kTargetBatch);
+        if (kv == nullptr) continue;
+        const std::string point = absl::StrCat(size, " x ", kTargetBatch, " ", where);
+        line(absl::StrCat("fetch   ", point, " / redis_get"), 1.5,
+             Ratio(kv->fetch.gbps, base->redis_get_gbps));
+        line(absl::StrCat("publish ", point, " / redis_set"), 1.5,
+             Ratio(kv->publish.gbps, base->redis_set_gbps));
+      }
+      for (uint64_t size : config.block_sizes) {
+        auto [kv, base] = find(transport, method.name, size, 1);
+        if (kv == nullptr) continue;
+        const std::string point = absl::StrCat(size, " x 1 ", where, " p50");
+        line(absl::StrCat("fetch   ", point, " redis_get / kvstrata"), 1.0,
+             Ratio(base->redis_get.p50_us, kv->fetch.p50_us));
+        line(absl::StrCat("publish ", point, " redis_set / kvstrata"), 1.0,
+             Ratio(base->redis_set.p50_us, kv->publish.p50_us));
+      }
+    }
+    auto [sm, sm_base] = find("sm", method.name, kTargetBlock, kTargetBatch);
+    line(absl::StrCat("fetch ", kTargetBlock, " x ", kTargetBatch, " over sm (", method.name,
+                      ") / memcpy"),
+         0.8, sm ? std::optional(Ratio(sm->fetch.gbps, sm_base->memcpy_gbps)) : std::nullopt);
+    auto [tcp, tcp_base] = find("tcp", method.name, kTargetBlock, kTargetBatch);
+    line(absl::StrCat("fetch ", kTargetBlock, " x ", kTargetBatch, " over tcp (", method.name,
+                      ") / redis_get"),
+         2.0, tcp ? std::optional(Ratio(tcp->fetch.gbps, tcp_base->redis_get_gbps)) : std::nullopt);
   }
 }
 
@@ -717,6 +857,15 @@ absl::Status Run(const Config& config) {
         baselines[{size, batch}] = *baseline;
       }
     }
+    // EXISTS of kLookupKeys stored keys (small values: EXISTS never reads them).
+    if (absl::Status s = RedisSetBatch(redis->connection.get(), 64, kLookupKeys, src.get());
+        !s.ok())
+      return s;
+    absl::StatusOr<Measurement> exists = Measure(
+        config.seconds, 0, nullptr, [&] { return RedisExistsBatch(redis->connection.get()); });
+    if (!exists.ok()) return exists.status();
+    if (absl::Status s = RedisFlush(redis->connection.get()); !s.ok()) return s;
+    baselines[{0, kLookupKeys}].redis_get = *exists;
   }
   std::map<ResultKey, KvResult> results;
   for (const std::string& transport : config.transports) {

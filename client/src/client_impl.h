@@ -18,12 +18,17 @@ class Client::Impl {
   std::unique_ptr<v1::CacheNode::Stub> stub;
 
   // The node's UCX worker (from OpenNamespace), for answering its pulls.
-  void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix) {
+  void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix,
+                     uint64_t coalesced_bytes) {
     absl::MutexLock lock(&mu);
     node_worker_address = std::move(address);
     node_host_id = std::move(host_id);
     tag_prefix = prefix;
+    max_coalesced_bytes = coalesced_bytes;
   }
+  // Most blocks of `block_bytes` one coalesced tagged transfer may carry; 0
+  // when blocks of this size go one message each (CoalescedBlocks in client.cc).
+  size_t CoalescedBlocks(uint64_t block_bytes);
   // A publish tag base no other client of this node uses: the node's prefix
   // for this client, then a counter (the low 16 bits index the blocks).
   uint64_t PublishTagBase() {
@@ -55,6 +60,7 @@ class Client::Impl {
   std::string node_worker_address ABSL_GUARDED_BY(mu);
   std::string node_host_id ABSL_GUARDED_BY(mu);
   uint32_t tag_prefix ABSL_GUARDED_BY(mu) = 0;
+  uint64_t max_coalesced_bytes ABSL_GUARDED_BY(mu) = 0;  // the node's; 0: it does not coalesce
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

@@ -1,4 +1,6 @@
 // Tagged messages: the fetch path that UCX runs fastest on TCP and shared memory.
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "engine_impl.h"
@@ -14,6 +16,39 @@ struct ReceiveBatch::State {
   bool interrupted ABSL_GUARDED_BY(mu) = false;
   std::vector<ucs_status_t> status ABSL_GUARDED_BY(mu);
   std::vector<size_t> received ABSL_GUARDED_BY(mu);
+};
+
+// Tagged sends counted to completion. Shared with UCX callbacks: a group given
+// up at its deadline completes later and only then releases `keep_alive`.
+struct SendGroup {
+  absl::Mutex mu;
+  size_t outstanding ABSL_GUARDED_BY(mu) = 0;
+  ucs_status_t first_error ABSL_GUARDED_BY(mu) = UCS_OK;
+  std::shared_ptr<void> keep_alive ABSL_GUARDED_BY(mu);
+  // IOV descriptors of gathered sends: UCX reads them until the send
+  // completes, so they live as long as the group (never let go early, unlike
+  // keep_alive).
+  std::vector<std::unique_ptr<std::vector<ucp_dt_iov_t>>> iovs ABSL_GUARDED_BY(mu);
+
+  void Finish(ucs_status_t status) ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    if (status != UCS_OK && first_error == UCS_OK) first_error = status;
+    if (--outstanding == 0) keep_alive.reset();
+  }
+  // Lets go of the memory before the sends complete (see Peer::Send).
+  void Abandon() ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    keep_alive.reset();
+  }
+  // OK once every send completed; the first error otherwise.
+  absl::Status Wait(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu) {
+    absl::MutexLock lock(&mu);
+    auto all_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return outstanding == 0; };
+    if (!mu.AwaitWithDeadline(absl::Condition(&all_done), deadline)) {
+      return absl::DeadlineExceededError("tagged sends missed their deadline");
+    }
+    return first_error == UCS_OK ? absl::OkStatus() : UcsError("tagged send", first_error);
+  }
 };
 
 namespace {
@@ -54,35 +89,6 @@ ucp_request_param_t ReceiveParam(void* user_data) {
   return param;
 }
 
-// Tagged sends counted to completion. Shared with UCX callbacks: a group given
-// up at its deadline completes later and only then releases `keep_alive`.
-struct SendGroup {
-  absl::Mutex mu;
-  size_t outstanding ABSL_GUARDED_BY(mu) = 0;
-  ucs_status_t first_error ABSL_GUARDED_BY(mu) = UCS_OK;
-  std::shared_ptr<void> keep_alive ABSL_GUARDED_BY(mu);
-
-  void Finish(ucs_status_t status) ABSL_LOCKS_EXCLUDED(mu) {
-    absl::MutexLock lock(&mu);
-    if (status != UCS_OK && first_error == UCS_OK) first_error = status;
-    if (--outstanding == 0) keep_alive.reset();
-  }
-  // Lets go of the memory before the sends complete (see Peer::Send).
-  void Abandon() ABSL_LOCKS_EXCLUDED(mu) {
-    absl::MutexLock lock(&mu);
-    keep_alive.reset();
-  }
-  // OK once every send completed; the first error otherwise.
-  absl::Status Wait(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu) {
-    absl::MutexLock lock(&mu);
-    auto all_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return outstanding == 0; };
-    if (!mu.AwaitWithDeadline(absl::Condition(&all_done), deadline)) {
-      return absl::DeadlineExceededError("tagged sends missed their deadline");
-    }
-    return first_error == UCS_OK ? absl::OkStatus() : UcsError("tagged send", first_error);
-  }
-};
-
 void OnSendDone(void* request, ucs_status_t status, void* user_data) {
   auto* group = static_cast<std::shared_ptr<SendGroup>*>(user_data);
   (*group)->Finish(status);
@@ -106,6 +112,42 @@ void PostTaggedSend(ucp_ep_h ep, const SendOp& op, const std::shared_ptr<SendGro
   }
 }
 
+// Posts one tagged message made of every part's bytes, counted in `group`.
+void PostGatheredSend(ucp_ep_h ep, absl::Span<const SendOp> parts, uint64_t tag,
+                      const std::shared_ptr<SendGroup>& group) {
+  auto iov = std::make_unique<std::vector<ucp_dt_iov_t>>();
+  iov->reserve(parts.size());
+  for (const SendOp& part : parts) {
+    iov->push_back({const_cast<uint8_t*>(part.data), part.length});
+  }
+  ucp_dt_iov_t* entries = iov->data();
+  const size_t count = iov->size();
+  {
+    absl::MutexLock lock(&group->mu);
+    ++group->outstanding;
+    group->iovs.push_back(std::move(iov));
+  }
+  auto* ref = new std::shared_ptr<SendGroup>(group);
+  ucp_request_param_t param = ContiguousParam(ref);
+  param.datatype = ucp_dt_make_iov();
+  param.cb.send = OnSendDone;
+  ucs_status_ptr_t request = ucp_tag_send_nbx(ep, entries, count, tag, &param);
+  if (request == nullptr || UCS_PTR_IS_ERR(request)) {  // done at once: no callback comes
+    delete ref;
+    group->Finish(request == nullptr ? UCS_OK : UCS_PTR_STATUS(request));
+  }
+}
+
+// Posts `blocks` as coalesced messages of `per_message` blocks each.
+void PostCoalescedSends(ucp_ep_h ep, absl::Span<const SendOp> blocks, uint64_t tag_base,
+                        size_t per_message, const std::shared_ptr<SendGroup>& group) {
+  per_message = std::max<size_t>(per_message, 1);
+  for (size_t start = 0, message = 0; start < blocks.size(); start += per_message, ++message) {
+    PostGatheredSend(ep, blocks.subspan(start, per_message), CoalescedTag(tag_base, message),
+                     group);
+  }
+}
+
 }  // namespace
 
 uint64_t Engine::NextTagBase() {
@@ -114,9 +156,10 @@ uint64_t Engine::NextTagBase() {
 }
 
 absl::StatusOr<std::unique_ptr<ReceiveBatch>> Engine::PostReceives(
-    absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive) {
+    absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive, bool buffers_in_keep_alive) {
   std::unique_ptr<ReceiveBatch> batch(new ReceiveBatch());
   batch->engine_ = this;
+  batch->wait_on_destroy_ = !buffers_in_keep_alive;
   batch->state_ = std::make_shared<ReceiveBatch::State>();
   {
     absl::MutexLock lock(&batch->state_->mu);
@@ -199,9 +242,10 @@ ReceiveBatch::~ReceiveBatch() {
   for (void* request : requests_) {
     if (request != nullptr) ucp_request_cancel(impl.worker_, request);
   }
-  {
+  if (wait_on_destroy_) {
     // A receive already matched cannot be cancelled: wait for it to finish
-    // writing into the caller's buffer.
+    // writing into the caller's buffer. (Otherwise keep_alive holds the
+    // buffers until it does, and UCX frees the requests once complete.)
     absl::MutexLock lock(&state_->mu);
     auto all_done = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(state_->mu) {
       return state_->outstanding == 0;
@@ -217,6 +261,25 @@ ReceiveBatch::~ReceiveBatch() {
 
 absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive) {
+  return SendAndWait(
+      [&](const std::shared_ptr<SendGroup>& group) {
+        for (const SendOp& op : ops) PostTaggedSend(static_cast<ucp_ep_h>(ep_), op, group);
+      },
+      deadline, std::move(keep_alive));
+}
+
+absl::Status Peer::SendCoalesced(absl::Span<const SendOp> blocks, uint64_t tag_base,
+                                 size_t blocks_per_message, absl::Time deadline,
+                                 std::shared_ptr<void> keep_alive) {
+  return SendAndWait(
+      [&](const std::shared_ptr<SendGroup>& group) {
+        PostCoalescedSends(static_cast<ucp_ep_h>(ep_), blocks, tag_base, blocks_per_message, group);
+      },
+      deadline, std::move(keep_alive));
+}
+
+absl::Status Peer::SendAndWait(const std::function<void(const std::shared_ptr<SendGroup>&)>& post,
+                               absl::Time deadline, std::shared_ptr<void> keep_alive) {
   if (failed()) return absl::UnavailableError("peer has failed");
   Touch();
   auto group = std::make_shared<SendGroup>();
@@ -225,7 +288,7 @@ absl::Status Peer::Send(absl::Span<const SendOp> ops, absl::Time deadline,
     group->keep_alive = std::move(keep_alive);
     group->outstanding = 1;  // this call's own hold, until every op is posted
   }
-  for (const SendOp& op : ops) PostTaggedSend(static_cast<ucp_ep_h>(ep_), op, group);
+  post(group);
   group->Finish(UCS_OK);
   engine_->impl_->Wake();
   absl::Status status = group->Wait(deadline);
@@ -279,14 +342,27 @@ void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t
   state->pulled = true;
   const size_t count = info->length / 2;
   auto ep = static_cast<ucp_ep_h>(state->to->endpoint());
-  for (size_t i = 0; i < count; ++i) {
-    const uint16_t index = static_cast<uint16_t>(state->request_buffer[2 * i] |
-                                                 (state->request_buffer[2 * i + 1] << 8));
+  auto u16_at = [&state](size_t i) {
+    return static_cast<uint16_t>(state->request_buffer[2 * i] |
+                                 (state->request_buffer[2 * i + 1] << 8));
+  };
+  const bool coalesced = count > 0 && u16_at(0) == kCoalescedPullMarker;
+  std::vector<SendOp> parts;
+  for (size_t i = coalesced ? 1 : 0; i < count; ++i) {
+    const uint16_t index = u16_at(i);
     if (index >= state->blocks.size()) {
       state->request_error = UCS_ERR_INVALID_PARAM;  // a pull for a block we never offered
       continue;
     }
-    PostTaggedSend(ep, state->blocks[index], state->sends);
+    if (coalesced) {
+      parts.push_back(state->blocks[index]);
+    } else {
+      PostTaggedSend(ep, state->blocks[index], state->sends);
+    }
+  }
+  if (coalesced && !parts.empty()) {
+    PostCoalescedSends(ep, parts, state->tag_base, CoalescedBlocksPerMessage(parts[0].length),
+                       state->sends);
   }
 }
 
@@ -296,7 +372,8 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
                                                               uint64_t tag_base,
                                                               std::vector<SendOp> blocks) {
   if (to == nullptr || to->failed()) return absl::UnavailableError("peer has failed");
-  if (blocks.size() >= 0xffff) return absl::InvalidArgumentError("too many blocks in one pull");
+  // Tags from tag_base + 0x8000 are the coalesced messages' and the pull's.
+  if (blocks.size() >= 0x8000) return absl::InvalidArgumentError("too many blocks in one pull");
   std::unique_ptr<PullServer> server(new PullServer());
   server->engine_ = this;
   server->state_ = std::make_shared<PullServer::State>();
@@ -305,7 +382,7 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   state.tag_base = tag_base;
   for (size_t i = 0; i < blocks.size(); ++i) blocks[i].tag = tag_base + i;
   state.blocks = std::move(blocks);
-  state.request_buffer.resize(2 * state.blocks.size() + 2);
+  state.request_buffer.resize(2 * state.blocks.size() + 2);  // + the coalesced marker
   auto* ref = new std::shared_ptr<PullServer::State>(server->state_);
   ucp_request_param_t param = ReceiveParam(ref);
   param.cb.recv = OnPullRequest;

@@ -66,6 +66,11 @@ struct ClientOptions {
   // the KVSTRATA_TOKEN environment variable, if set (so the C and Python
   // bindings, the CLI and engine connectors pick it up without code).
   std::string auth_token;
+  // Tagged transfers of small blocks (up to 16 KiB) carry a call's blocks in
+  // a few UCX messages (512 KiB each at most) instead of one message per
+  // block, when the node supports it and is not reached over shared memory.
+  // Off only to compare the two (bench/coalesce_bench).
+  bool coalesce_small_blocks = true;
 };
 
 // Per-block outcome of Publish and Fetch.

@@ -21,6 +21,11 @@ inline constexpr uint32_t kMaxKvHeads = 1024;
 inline constexpr uint32_t kMaxHeadDim = 4096;
 inline constexpr uint32_t kMaxTokensPerBlock = 65536;
 inline constexpr size_t kMaxNamespaces = 1024;
+// Largest coalesced tagged transfer (a request's blocks back to back in a few
+// UCX messages): the staging memory it costs the receiver per call. 4 MiB
+// holds 256 blocks of 16 KiB (the largest the client coalesces), eight
+// messages of 512 KiB; larger batches are split into calls of that size.
+inline constexpr uint64_t kMaxCoalescedBytes = 4 << 20;
 // gRPC message cap; the largest legal request (4096 keys of 32 bytes, or 1024
 // blocks plus 64 rkeys) stays far below it.
 inline constexpr int kMaxGrpcMessageBytes = 16 << 20;

@@ -55,6 +55,7 @@ struct EngineOptions {
 class Engine;
 class Peer;
 class PullServer;
+struct SendGroup;  // tagged sends counted to completion (tagged.cc)
 
 // A registered range of local memory. Unregistered on destruction; the memory
 // itself stays the caller's (or the engine's, for Allocate).
@@ -116,8 +117,28 @@ struct ReceiveOp {
 };
 
 // Tag of the pull request for a transfer with base tag `tag_base` (its block i
-// travels with tag tag_base + i, i < 65535).
+// travels with tag tag_base + i, i < 0x8000).
 inline uint64_t PullTag(uint64_t tag_base) { return tag_base | 0xffff; }
+// Tag of message `message` of a coalesced transfer: its blocks travel back to
+// back, CoalescedBlocksPerMessage at a time, in request order.
+inline uint64_t CoalescedTag(uint64_t tag_base, size_t message) {
+  return tag_base + 0x8000 + message;
+}
+// Largest coalesced message: half of UCX 1.13's eager limit on TCP with the
+// engine's 1 MiB segments (ucx_info: eager zcopy up to 1 MiB, rendezvous
+// from there), so over TCP a coalesced message never needs the rendezvous
+// handshake that the small blocks it carries did not need either. On shared
+// memory every message over 8 KiB goes by rendezvous (one CMA copy) anyway.
+inline constexpr size_t kMaxCoalescedMessageBytes = 512 << 10;
+// Blocks of `block_bytes` per coalesced message (at least one).
+inline size_t CoalescedBlocksPerMessage(size_t block_bytes) {
+  return block_bytes == 0 || block_bytes >= kMaxCoalescedMessageBytes
+             ? 1
+             : kMaxCoalescedMessageBytes / block_bytes;
+}
+// First u16 of a pull request that wants its blocks as one coalesced message
+// (tag CoalescedTag) instead of one message per block; the indices follow.
+inline constexpr uint16_t kCoalescedPullMarker = 0xffff;
 
 // Receives posted ahead of the messages that fill them. Destroying the batch
 // cancels what has not arrived and waits until UCX lets go of every buffer.
@@ -145,6 +166,7 @@ class ReceiveBatch {
   friend class Engine;
   ReceiveBatch() = default;
   Engine* engine_ = nullptr;
+  bool wait_on_destroy_ = true;
   std::vector<void*> requests_;
   std::shared_ptr<State> state_;
 };
@@ -200,6 +222,15 @@ class Peer {
   // the comment in tagged.cc.
   absl::Status Send(absl::Span<const SendOp> ops, absl::Time deadline,
                     std::shared_ptr<void> keep_alive = nullptr);
+  // Sends the blocks back to back as coalesced messages of
+  // `blocks_per_message` blocks each, message k with tag
+  // CoalescedTag(tag_base, k) (a UCX IOV datatype: nothing is copied to join
+  // them; the blocks' own tags are ignored). For batches of small blocks,
+  // where one message per block costs more than its bytes. Same completion
+  // and deadline rules as Send.
+  absl::Status SendCoalesced(absl::Span<const SendOp> blocks, uint64_t tag_base,
+                             size_t blocks_per_message, absl::Time deadline,
+                             std::shared_ptr<void> keep_alive = nullptr);
 
   // UCX transport that carries this endpoint's bulk (RMA) traffic, e.g. "tcp",
   // "cma", "posix", "rc_mlx5"; several joined by ',' when UCX splits lanes.
@@ -213,6 +244,9 @@ class Peer {
  private:
   friend class Engine;
   Peer() = default;
+  // Posts sends through `post` into one group, then waits for all of them.
+  absl::Status SendAndWait(const std::function<void(const std::shared_ptr<SendGroup>&)>& post,
+                           absl::Time deadline, std::shared_ptr<void> keep_alive);
   absl::Status Transfer(bool write, absl::Span<const RmaOp> ops, absl::Time deadline,
                         std::shared_ptr<void> keep_alive);
   // Marks the peer failed and drops it from the engine's cache, so its
@@ -266,12 +300,19 @@ class Engine {
   // Posts one tagged receive per op (tags must be unique among pending
   // receives); peers fill them with Peer::Send. `keep_alive` is held until
   // UCX has released every buffer.
+  // `buffers_in_keep_alive`: every op's buffer lives in `keep_alive`, so
+  // destroying the batch need not wait for UCX to let go of them (a receive
+  // half-filled by a same-host peer that died never completes in UCX 1.13).
   absl::StatusOr<std::unique_ptr<ReceiveBatch>> PostReceives(
-      absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive = nullptr);
+      absl::Span<const ReceiveOp> ops, std::shared_ptr<void> keep_alive = nullptr,
+      bool buffers_in_keep_alive = false);
 
   // The sending side of a node-driven pull: waits for the pull request the
   // node sends with tag PullTag(tag_base) (the indices it wants, u16 each) and
-  // answers by sending blocks[i] with tag tag_base + i to `to`. Returns at once.
+  // answers by sending blocks[i] with tag tag_base + i to `to`, or, when the
+  // request starts with kCoalescedPullMarker, the wanted blocks coalesced
+  // (Peer::SendCoalesced, CoalescedBlocksPerMessage of blocks[0]'s length per
+  // message). Returns at once.
   absl::StatusOr<std::unique_ptr<PullServer>> ServePull(std::shared_ptr<Peer> to, uint64_t tag_base,
                                                         std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
