@@ -32,7 +32,7 @@ TraceRequest Request(std::vector<uint64_t> ids) {
 }
 
 // The order in which a policy gives up everything it holds.
-std::vector<uint64_t> EvictionOrderOf(EvictionPolicy& policy) {
+std::vector<uint64_t> EvictionOrder(EvictionPolicy& policy) {
   std::vector<uint64_t> order;
   while (std::optional<BlockId> victim = policy.Victim()) {
     order.push_back(Number(*victim));
@@ -282,7 +282,7 @@ TEST(ChainProtectTest, ChildrenOfASharedPrefixAreAllAlive) {
   EXPECT_EQ(policy->Victim(), Id(1));
   // Once the prompt is gone, only its newest child is known to be orphaned
   // (it goes next); the others follow in insertion order.
-  EXPECT_EQ(EvictionOrderOf(*policy), (std::vector<uint64_t>{1, 2, 6, 3, 4, 5}));
+  EXPECT_EQ(EvictionOrder(*policy), (std::vector<uint64_t>{1, 2, 6, 3, 4, 5}));
 }
 
 TEST(ChainProtectTest, ProbationKeepsItsShare) {
@@ -318,15 +318,6 @@ void TeachOutputClasses(EvictionPolicy& policy, uint64_t base) {
   }
 }
 
-// The order in which a policy gives up everything it holds.
-std::vector<uint64_t> EvictionOrder(EvictionPolicy& policy) {
-  std::vector<uint64_t> order;
-  while (std::optional<BlockId> victim = policy.Victim()) {
-    order.push_back(Number(*victim));
-    policy.OnErase(*victim);
-  }
-  return order;
-}
 
 size_t Position(const std::vector<uint64_t>& order, uint64_t n) {
   return std::find(order.begin(), order.end(), n) - order.begin();
