@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,8 +82,20 @@ class VllmEngineTest(unittest.TestCase):
         argv += list(flags)
         log = os.path.join(cls.dir, name + ".log")
         with open(log, "w") as f:
-            run = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, timeout=300,
-                                 env=dict(os.environ, **(env or {})))
+            # A session of its own: with VLLM_ENABLE_V1_MULTIPROCESSING=1 the
+            # engine core and its worker are children that outlive the
+            # runner's os._exit (each left ~2 GiB behind per run); the whole
+            # group goes when the runner is done.
+            run = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, **(env or {})), start_new_session=True)
+            try:
+                run.wait(timeout=300)
+            finally:
+                try:
+                    os.killpg(run.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                run.wait()
         if run.returncode != 0 or not os.path.exists(out):
             with open(log) as f:
                 raise AssertionError("engine %s failed (exit %d):\n%s"
