@@ -48,6 +48,11 @@ ABSL_FLAG(int, cluster_nodes, 0,
 ABSL_FLAG(std::string, placement_groups, "1,4,16,64",
           "Cluster placement: block i goes by the key of block i - i % G of its request.");
 ABSL_FLAG(std::string, cluster_policy, "adaptive", "Eviction policy of every node in the cluster replay.");
+ABSL_FLAG(bool, precision, false,
+          "Also replay each trace with precision tiers: a block given up is transcoded one step "
+          "down raw > fp8_e4m3 > int4_kivi > int2_kivi before it is evicted, at the same bytes "
+          "(capacity in raw blocks), for each coarsest format allowed.");
+ABSL_FLAG(std::string, precision_policy, "lru", "Eviction policy of the precision-tier replay.");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
@@ -220,6 +225,31 @@ int main(int argc, char** argv) {
       if (std::filesystem::path(b.trace).stem().string() == name) bound = &b;
     }
     summary += Summarise(name, *rows, distinct, bound, totals);  // printed after every table
+    if (absl::GetFlag(FLAGS_precision)) {
+      const kvstrata::cachenode::PrecisionLadder ladder = kvstrata::cachenode::KernelFormatsLadder();
+      std::printf("precision tiers, %s: token hit rate at the same bytes by the coarsest format "
+                  "allowed (x raw), mean attention-output error of the hit blocks as served\n",
+                  absl::GetFlag(FLAGS_precision_policy).c_str());
+      for (size_t capacity : capacities) {
+        std::string line = absl::StrFormat("  %5.1f%%:", 100.0 * capacity / distinct);
+        double raw = 0;
+        for (size_t coarsest = 0; coarsest < ladder.formats.size(); ++coarsest) {
+          auto run = kvstrata::cachenode::ReplayPrecision(
+              *trace, static_cast<double>(capacity), absl::GetFlag(FLAGS_precision_policy), ladder,
+              coarsest, options);
+          if (!run.ok()) {
+            std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
+            return 1;
+          }
+          const double rate = run->total.token_hit_rate();
+          if (coarsest == 0) raw = rate;
+          absl::StrAppendFormat(&line, " %s %.3f (%.2fx, error %.3f) |",
+                                ladder.formats[coarsest], rate, raw > 0 ? rate / raw : 0.0,
+                                run->mean_error(ladder));
+        }
+        std::printf("%s\n", line.c_str());
+      }
+    }
     if (const int nodes = absl::GetFlag(FLAGS_cluster_nodes); nodes > 0) {
       std::printf("%d nodes, %s on each: token hit rate vs one node of the whole capacity, and "
                   "load spread (most accesses on a node / mean)\n",

@@ -333,5 +333,35 @@ TEST(PolicySuiteTest, ThreeNodesKeepMostOfOneNodesHitRate) {
   EXPECT_FALSE(ReplayCluster(*trace, 3, 100, "no-such-policy", 1).ok());
 }
 
+// The precision-tier model: with no coarser format allowed it is the plain
+// replay; allowing coarser formats at the same bytes keeps more blocks, so
+// more hits, served at no more than the coarsest format's error.
+TEST(PolicySuiteTest, PrecisionTiersHoldMoreAtTheSameBytes) {
+  const PrecisionLadder ladder = KernelFormatsLadder();
+  for (const std::string& path : SuiteTraces(KVSTRATA_TRACE_SUITE_SMALL_DIR)) {
+    auto trace = LoadMooncakeTrace(path);
+    ASSERT_TRUE(trace.ok());
+    const size_t capacity = 0.05 * DistinctBlocks(*trace);
+    auto lru = MakeEvictionPolicy("lru");
+    auto raw = ReplayPrecision(*trace, capacity, "lru", ladder, 0);
+    ASSERT_TRUE(raw.ok());
+    EXPECT_EQ(raw->total.hit_tokens, Replay(*trace, capacity, **lru).hit_tokens) << path;
+    EXPECT_EQ(raw->transcodes, 0u);
+    EXPECT_EQ(raw->mean_error(ladder), 0.0);
+    double previous = raw->total.token_hit_rate();
+    for (size_t coarsest = 1; coarsest < ladder.formats.size(); ++coarsest) {
+      auto run = ReplayPrecision(*trace, capacity, "lru", ladder, coarsest);
+      ASSERT_TRUE(run.ok());
+      EXPECT_GE(run->total.token_hit_rate(), previous - 0.01) << path << " " << coarsest;
+      EXPECT_LE(run->mean_error(ladder), ladder.attention_error[coarsest]) << path;
+      EXPECT_GT(run->transcodes, 0u) << path;
+      previous = run->total.token_hit_rate();
+    }
+  }
+  auto trace = LoadMooncakeTrace(std::string(KVSTRATA_TRACE_SUITE_SMALL_DIR) + "/rag.jsonl");
+  ASSERT_TRUE(trace.ok());
+  EXPECT_FALSE(ReplayPrecision(*trace, 10, "lru", ladder, 4).ok());
+}
+
 }  // namespace
 }  // namespace kvstrata::cachenode

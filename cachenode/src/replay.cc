@@ -310,6 +310,95 @@ absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest
   return result;
 }
 
+PrecisionLadder KernelFormatsLadder() {
+  return {{"raw", "fp8_e4m3", "int4_kivi", "int2_kivi"},
+          {1.0, 1.0 / 2.0, 1.0 / 3.2, 1.0 / 5.33},
+          {0.0, 0.0259, 0.0766, 0.4078}};
+}
+
+double PrecisionReplayResult::mean_error(const PrecisionLadder& ladder) const {
+  double weighted = 0;
+  uint64_t blocks = 0;
+  for (size_t level = 0; level < hit_blocks.size() && level < ladder.attention_error.size();
+       ++level) {
+    weighted += hit_blocks[level] * ladder.attention_error[level];
+    blocks += hit_blocks[level];
+  }
+  return blocks ? weighted / blocks : 0;
+}
+
+absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceRequest>& trace,
+                                                      double capacity_raw_blocks,
+                                                      std::string_view policy_name,
+                                                      const PrecisionLadder& ladder,
+                                                      size_t coarsest,
+                                                      const ReplayOptions& options) {
+  if (ladder.bytes.empty() || ladder.bytes.size() != ladder.formats.size() ||
+      coarsest >= ladder.bytes.size()) {
+    return absl::InvalidArgumentError("the ladder needs a byte ratio per format, up to coarsest");
+  }
+  absl::StatusOr<std::unique_ptr<EvictionPolicy>> made = MakeEvictionPolicy(policy_name);
+  if (!made.ok()) return made.status();
+  EvictionPolicy& policy = **made;
+  PrecisionReplayResult result;
+  result.hit_blocks.assign(ladder.bytes.size(), 0);
+  absl::flat_hash_map<uint64_t, uint8_t> level;  // cached block -> its format
+  double used = 0;
+  using Hint = std::pair<double, size_t>;
+  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
+  const double start = ThreadCpuSeconds();
+  for (size_t r = 0; r < trace.size(); ++r) {
+    const TraceRequest& request = trace[r];
+    while (!hints.empty() && hints.top().first <= request.timestamp) {
+      const TraceRequest& finished = trace[hints.top().second];
+      hints.pop();
+      policy.OnRequestFinished(IdOf(finished.hash_ids.back()), finished.output_tokens());
+    }
+    if (options.decode_ms_per_token >= 0 && !request.hash_ids.empty()) {
+      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
+    }
+    CountPrefix(request, [&](uint64_t id) { return level.contains(id); }, result.total);
+    for (size_t i = 0; i < request.hash_ids.size(); ++i) {
+      auto it = level.find(request.hash_ids[i]);
+      if (it == level.end()) break;
+      ++result.hit_blocks[it->second];
+    }
+    for (size_t i = 0; i < request.hash_ids.size(); ++i) {
+      const uint64_t id = request.hash_ids[i];
+      ++result.total.operations;
+      if (level.contains(id)) {
+        ++result.total.access_hits;
+        policy.OnHit(IdOf(id));
+        continue;
+      }
+      if (capacity_raw_blocks < ladder.bytes[0]) continue;
+      while (used + ladder.bytes[0] > capacity_raw_blocks + 1e-9) {
+        std::optional<BlockId> victim = policy.Victim();
+        if (!victim.has_value()) break;
+        uint64_t v;
+        std::memcpy(&v, victim->key.bytes.data(), sizeof(v));
+        uint8_t& l = level[v];
+        if (l < coarsest) {
+          used -= ladder.bytes[l] - ladder.bytes[l + 1];
+          ++l;
+          ++result.transcodes;
+          policy.OnHit(*victim);  // a fresh lease at the coarser format
+          continue;
+        }
+        used -= ladder.bytes[l];
+        level.erase(v);
+        policy.OnErase(*victim);
+      }
+      level[id] = 0;
+      used += ladder.bytes[0];
+      policy.OnInsert(IdOf(id), i > 0 ? std::optional<BlockId>(IdOf(request.hash_ids[i - 1]))
+                                      : std::nullopt);
+    }
+  }
+  result.total.seconds = ThreadCpuSeconds() - start;
+  return result;
+}
+
 namespace {
 double NsPerOp(const ReplayResult& r) {
   return 1e9 * r.seconds / std::max<uint64_t>(r.operations, 1);

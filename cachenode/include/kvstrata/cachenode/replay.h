@@ -97,6 +97,36 @@ absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest
                                                   std::string_view policy, size_t group,
                                                   const ReplayOptions& options = {});
 
+// Precision tiers: a tier of `capacity_raw_blocks` raw blocks' worth of
+// bytes where a block the policy gives up is first transcoded one step down
+// `ladder` (each step a coarser stored format, smaller by its byte ratio) and
+// kept, with a fresh lease on its place (as a compressed tier takes what the
+// raw one lets go); only a block at `coarsest` is evicted. A hit is served at
+// the block's current format; transcoding is lossy, so a hit does not bring
+// precision back (a republish would). coarsest = 0 is the plain replay.
+struct PrecisionLadder {
+  std::vector<std::string> formats;      // raw first, coarser after
+  std::vector<double> bytes;             // stored bytes per block, raw = 1
+  std::vector<double> attention_error;   // relative error of attention outputs when served
+};
+// The formats of kernels/ with kernels/README.md's captured-KV figures
+// (quant_eval): raw, fp8_e4m3 (2x, 0.026), int4_kivi (3.2x, 0.077),
+// int2_kivi (5.33x, 0.408).
+PrecisionLadder KernelFormatsLadder();
+struct PrecisionReplayResult {
+  ReplayResult total;
+  std::vector<uint64_t> hit_blocks;  // prefix-hit blocks served per format
+  uint64_t transcodes = 0;
+  // Mean attention-output error over the prefix-hit blocks, by their formats.
+  double mean_error(const PrecisionLadder& ladder) const;
+};
+absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceRequest>& trace,
+                                                      double capacity_raw_blocks,
+                                                      std::string_view policy,
+                                                      const PrecisionLadder& ladder,
+                                                      size_t coarsest,
+                                                      const ReplayOptions& options = {});
+
 // One policy at one capacity, beside LRU and Belady replayed in the same run.
 struct PolicyComparison {
   std::string policy;
