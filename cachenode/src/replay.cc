@@ -110,27 +110,49 @@ void CountPrefix(const TraceRequest& request, const Cached& cached, ReplayResult
   result.total_tokens += request.input_length;
 }
 
+// Finished-hints in flight: each request's hint is due at its timestamp +
+// output_length x decode_ms_per_token (ReplayOptions), and hints due by a
+// request's arrival reach the policy before it, earliest first.
+class HintQueue {
+ public:
+  HintQueue(const std::vector<TraceRequest>& trace, const ReplayOptions& options)
+      : trace_(trace), ms_per_token_(options.decode_ms_per_token) {}
+  // Request r arrives: `deliver(finished)` for each hint due by then, then
+  // r's own hint is queued.
+  template <typename Deliver>
+  void Arrive(size_t r, Deliver deliver) {
+    const TraceRequest& request = trace_[r];
+    while (!due_.empty() && due_.top().first <= request.timestamp) {
+      const TraceRequest& finished = trace_[due_.top().second];
+      due_.pop();
+      deliver(finished);
+    }
+    if (ms_per_token_ >= 0 && !request.hash_ids.empty()) {
+      due_.push({request.timestamp + request.output_length * ms_per_token_, r});
+    }
+  }
+
+ private:
+  using Hint = std::pair<double, size_t>;  // (due time, request index)
+  const std::vector<TraceRequest>& trace_;
+  const double ms_per_token_;
+  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> due_;
+};
+
 }  // namespace
 
 ReplayResult Replay(const std::vector<TraceRequest>& trace, size_t capacity_blocks,
                     EvictionPolicy& policy, const ReplayOptions& options) {
   ReplayResult result;
   absl::flat_hash_set<uint64_t> cached;
-  // Hints not delivered yet: (due time, request index), earliest first.
-  using Hint = std::pair<double, size_t>;
-  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
+  HintQueue hints(trace, options);
   const double start = ThreadCpuSeconds();
   for (size_t r = 0; r < trace.size(); ++r) {
     const TraceRequest& request = trace[r];
-    while (!hints.empty() && hints.top().first <= request.timestamp) {
-      const TraceRequest& finished = trace[hints.top().second];
-      hints.pop();
+    hints.Arrive(r, [&](const TraceRequest& finished) {
       ++result.operations;
       policy.OnRequestFinished(IdOf(finished.hash_ids.back()), finished.output_tokens());
-    }
-    if (options.decode_ms_per_token >= 0 && !request.hash_ids.empty()) {
-      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
-    }
+    });
     CountPrefix(request, [&](uint64_t id) { return cached.contains(id); }, result);
     for (size_t i = 0; i < request.hash_ids.size(); ++i) {
       const uint64_t id = request.hash_ids[i];
@@ -261,22 +283,16 @@ absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest
     }
     return best;
   };
-  using Hint = std::pair<double, size_t>;
-  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
+  HintQueue hints(trace, options);
   std::vector<size_t> owners;
   const double start = ThreadCpuSeconds();
   for (size_t r = 0; r < trace.size(); ++r) {
     const TraceRequest& request = trace[r];
     if (request.hash_ids.empty()) continue;
-    while (!hints.empty() && hints.top().first <= request.timestamp) {
-      const TraceRequest& finished = trace[hints.top().second];
-      hints.pop();
+    hints.Arrive(r, [&](const TraceRequest& finished) {
       cluster[owner(finished, finished.hash_ids.size() - 1)].policy->OnRequestFinished(
           IdOf(finished.hash_ids.back()), finished.output_tokens());
-    }
-    if (options.decode_ms_per_token >= 0) {
-      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
-    }
+    });
     owners.clear();
     for (size_t i = 0; i < request.hash_ids.size(); ++i) owners.push_back(owner(request, i));
     size_t k = 0;  // CountPrefix asks for the request's blocks in order
@@ -344,19 +360,13 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
   result.hit_blocks.assign(ladder.bytes.size(), 0);
   absl::flat_hash_map<uint64_t, uint8_t> level;  // cached block -> its format
   double used = 0;
-  using Hint = std::pair<double, size_t>;
-  std::priority_queue<Hint, std::vector<Hint>, std::greater<>> hints;
+  HintQueue hints(trace, options);
   const double start = ThreadCpuSeconds();
   for (size_t r = 0; r < trace.size(); ++r) {
     const TraceRequest& request = trace[r];
-    while (!hints.empty() && hints.top().first <= request.timestamp) {
-      const TraceRequest& finished = trace[hints.top().second];
-      hints.pop();
+    hints.Arrive(r, [&](const TraceRequest& finished) {
       policy.OnRequestFinished(IdOf(finished.hash_ids.back()), finished.output_tokens());
-    }
-    if (options.decode_ms_per_token >= 0 && !request.hash_ids.empty()) {
-      hints.push({request.timestamp + request.output_length * options.decode_ms_per_token, r});
-    }
+    });
     CountPrefix(request, [&](uint64_t id) { return level.contains(id); }, result.total);
     for (size_t i = 0; i < request.hash_ids.size(); ++i) {
       auto it = level.find(request.hash_ids[i]);
