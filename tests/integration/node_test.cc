@@ -784,24 +784,15 @@ TEST_F(SmallNodeTest, PrefixLruKeepsEveryCachedBlockUsable) {
 
 // ---- child processes ---------------------------------------------------------
 
-std::string Arg(int argc, char** argv, const std::string& name) {
-  const std::string prefix = "--" + name + "=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0)
-      return std::string(argv[i]).substr(prefix.size());
-  }
-  return "";
-}
-
 int RunChild(int argc, char** argv) {
-  const std::string role = Arg(argc, argv, "child");
-  auto c = Client::Connect({.node_address = Arg(argc, argv, "node")});
+  const std::string role = testing::ChildArg(argc, argv, "child");
+  auto c = Client::Connect({.node_address = testing::ChildArg(argc, argv, "node")});
   if (!c.ok()) return 10;
   if (role == "publish") {
     auto ns = (*c)->OpenNamespace(OpaqueSpec("two-process"));
     if (!ns.ok()) return 11;
-    auto result = PublishStream(**c, *ns, std::stoull(Arg(argc, argv, "seed")),
-                                std::stoull(Arg(argc, argv, "count")));
+    auto result = PublishStream(**c, *ns, std::stoull(testing::ChildArg(argc, argv, "seed")),
+                                std::stoull(testing::ChildArg(argc, argv, "count")));
     if (!result.ok()) return 12;
     return result->count(BlockOutcome::kOk) + result->count(BlockOutcome::kAlreadyPresent) ==
                    result->outcomes.size()
@@ -820,7 +811,7 @@ int RunChild(int argc, char** argv) {
 }  // namespace kvstrata
 
 int main(int argc, char** argv) {
-  if (!kvstrata::Arg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

@@ -704,22 +704,14 @@ TEST(BoundsTest, ManyClientsAtALowFileLimitNeverAbortTheNode) {
 
 // ---- child processes ---------------------------------------------------------
 
-std::string Arg(int argc, char** argv, const std::string& name) {
-  const std::string prefix = "--" + name + "=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0) return std::string(argv[i]).substr(prefix.size());
-  }
-  return "";
-}
-
 // Fetches stream `seed` over and over until it is killed.
 int RunChild(int argc, char** argv) {
-  auto c = Client::Connect({.node_address = Arg(argc, argv, "node")});
+  auto c = Client::Connect({.node_address = testing::ChildArg(argc, argv, "node")});
   if (!c.ok()) return 10;
   auto ns = (*c)->OpenNamespace(Spec("test", "pinned"));
   if (!ns.ok()) return 11;
-  const uint64_t seed = std::stoull(Arg(argc, argv, "seed"));
-  const size_t count = std::stoull(Arg(argc, argv, "count"));
+  const uint64_t seed = std::stoull(testing::ChildArg(argc, argv, "seed"));
+  const size_t count = std::stoull(testing::ChildArg(argc, argv, "count"));
   while (true) FetchAndVerify(**c, *ns, seed, count, count);
 }
 
@@ -727,7 +719,7 @@ int RunChild(int argc, char** argv) {
 }  // namespace kvstrata
 
 int main(int argc, char** argv) {
-  if (!kvstrata::Arg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

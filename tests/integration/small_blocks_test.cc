@@ -445,19 +445,10 @@ TEST_F(RawCoalescedTest, OversizeOrRmaCoalescedRequestsAreRefused) {
 
 // ---- child processes ---------------------------------------------------------
 
-std::string Arg(int argc, char** argv, const std::string& name) {
-  const std::string prefix = "--" + name + "=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0)
-      return std::string(argv[i]).substr(prefix.size());
-  }
-  return "";
-}
-
 int RunChild(int argc, char** argv) {
-  auto c = Client::Connect({.node_address = Arg(argc, argv, "node")});
+  auto c = Client::Connect({.node_address = testing::ChildArg(argc, argv, "node")});
   if (!c.ok()) return 10;
-  if (Arg(argc, argv, "child") == "small_forever") {
+  if (testing::ChildArg(argc, argv, "child") == "small_forever") {
     // Coalesced publishes and fetches of 16 KiB blocks until killed.
     auto ns = (*c)->OpenNamespace(Spec("doomed-small", 16384));
     if (!ns.ok()) return 11;
@@ -473,7 +464,7 @@ int RunChild(int argc, char** argv) {
 }  // namespace kvstrata
 
 int main(int argc, char** argv) {
-  if (!kvstrata::Arg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

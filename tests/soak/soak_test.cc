@@ -226,24 +226,16 @@ TEST_F(Soak, ClientsKilledAtRandomNeverSeeWrongBytes) {
   EXPECT_LE(after.rss_bytes, baseline.rss_bytes + (256ull << 20));
 }
 
-std::string Arg(int argc, char** argv, const std::string& name) {
-  const std::string prefix = "--" + name + "=";
-  for (int i = 1; i < argc; ++i) {
-    if (std::string(argv[i]).rfind(prefix, 0) == 0) return argv[i] + prefix.size();
-  }
-  return "";
-}
-
 }  // namespace
 }  // namespace kvstrata::soak
 
 int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]) != "--soak_worker") continue;
-    kvstrata::soak::WorkerOptions options{.node_address = kvstrata::soak::Arg(argc, argv, "node")};
+    kvstrata::soak::WorkerOptions options{.node_address = kvstrata::testing::ChildArg(argc, argv, "node")};
     int64_t deadline_ms = 0;
-    if (!absl::SimpleAtoi(kvstrata::soak::Arg(argc, argv, "seed"), &options.rng_seed) ||
-        !absl::SimpleAtoi(kvstrata::soak::Arg(argc, argv, "deadline_ms"), &deadline_ms)) {
+    if (!absl::SimpleAtoi(kvstrata::testing::ChildArg(argc, argv, "seed"), &options.rng_seed) ||
+        !absl::SimpleAtoi(kvstrata::testing::ChildArg(argc, argv, "deadline_ms"), &deadline_ms)) {
       fprintf(stderr, "--soak_worker needs --node, --seed and --deadline_ms\n");
       return 2;
     }

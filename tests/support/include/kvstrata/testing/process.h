@@ -38,7 +38,8 @@ class ChildProcess {
   // `log_path` empty: the child shares this process's stdout and stderr.
   static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::vector<std::string>& argv,
                                                              const std::string& log_path = "");
-  // This very binary again, with `args` (tests re-run themselves as workers).
+  // This very binary again, with `args` (tests re-run themselves as
+  // workers; the worker reads its `--name=value` args with ChildArg).
   static absl::StatusOr<std::unique_ptr<ChildProcess>> SpawnSelf(
       const std::vector<std::string>& args);
   ~ChildProcess();
@@ -65,6 +66,17 @@ class ChildProcess {
   int exit_code_ = 0;
   std::string log_path_;
 };
+
+// The value of `--name=value` in a worker's argv (ChildProcess::SpawnSelf),
+// or "" when absent.
+inline std::string ChildArg(int argc, char** argv, const std::string& name) {
+  const std::string prefix = "--" + name + "=";
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind(prefix, 0) == 0) return arg.substr(prefix.size());
+  }
+  return "";
+}
 
 // A kvstrata-node on free loopback ports (`--listen=127.0.0.1:0`, metrics too), started
 // and waited for until it has written its port file.
