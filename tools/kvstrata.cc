@@ -346,6 +346,21 @@ int Replay() {
   return 0;
 }
 
+// The namespace a live replay publishes into: --model etc., 64 KiB blocks
+// unless --block_bytes says otherwise, one trace block (512 tokens) each.
+kvstrata::v1::NamespaceSpec TraceSpecFromFlags() {
+  kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
+  spec.set_tokens_per_block(kvstrata::cachenode::kTraceTokensPerBlock);
+  return spec;
+}
+
+kvstrata::tools::LiveReplayOptions LiveOptionsFromFlags() {
+  kvstrata::tools::LiveReplayOptions options;
+  options.time_scale = absl::GetFlag(FLAGS_time_scale);
+  options.hints = absl::GetFlag(FLAGS_hints);
+  return options;
+}
+
 void PrintLive(const kvstrata::tools::LiveReplayResult& result, uint64_t block_bytes,
                uint64_t evictions, bool hints) {
   std::printf(
@@ -378,13 +393,9 @@ void PrintLive(const kvstrata::tools::LiveReplayResult& result, uint64_t block_b
 int ClusterLiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
   auto cluster = ClusterFromFlags();
   if (!cluster.ok()) return Die(cluster.status());
-  kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
-  spec.set_tokens_per_block(kvstrata::cachenode::kTraceTokensPerBlock);
-  auto ns = (*cluster)->OpenNamespace(spec);
+  auto ns = (*cluster)->OpenNamespace(TraceSpecFromFlags());
   if (!ns.ok()) return Die(ns.status());
-  kvstrata::tools::LiveReplayOptions options;
-  options.time_scale = absl::GetFlag(FLAGS_time_scale);
-  options.hints = absl::GetFlag(FLAGS_hints);
+  const kvstrata::tools::LiveReplayOptions options = LiveOptionsFromFlags();
   auto result = kvstrata::tools::LiveReplay(**cluster, *ns, trace, options);
   if (!result.ok()) return Die(result.status());
   uint64_t evictions = 0, smallest = UINT64_MAX, total = 0, busiest = 0, accesses = 0;
@@ -438,13 +449,9 @@ int LiveReplay(const std::vector<kvstrata::cachenode::TraceRequest>& trace) {
   if (ClusterFlagsGiven()) return ClusterLiveReplay(trace);
   auto client = ConnectFromFlags();
   if (!client.ok()) return Die(client.status());
-  kvstrata::v1::NamespaceSpec spec = SpecFromFlags(65536);
-  spec.set_tokens_per_block(kvstrata::cachenode::kTraceTokensPerBlock);
-  auto ns = (*client)->OpenNamespace(spec);
+  auto ns = (*client)->OpenNamespace(TraceSpecFromFlags());
   if (!ns.ok()) return Die(ns.status());
-  kvstrata::tools::LiveReplayOptions options;
-  options.time_scale = absl::GetFlag(FLAGS_time_scale);
-  options.hints = absl::GetFlag(FLAGS_hints);
+  const kvstrata::tools::LiveReplayOptions options = LiveOptionsFromFlags();
   auto result = kvstrata::tools::LiveReplay(**client, *ns, trace, options);
   if (!result.ok()) return Die(result.status());
   kvstrata::v1::StatsResponse stats;
