@@ -200,8 +200,9 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   engine_options.discard_unexpected_messages = true;
   if (options.check_peer_addresses) {
     engine_options.check_address = [checker = impl->address_checker.get()](
-                                       const std::string& address, bool same_host) {
-      return checker->Check(address, same_host);
+                                       const std::string& address, bool same_host,
+                                       bool failed_before) {
+      return checker->Check(address, same_host, failed_before);
     };
   }
   absl::StatusOr<std::unique_ptr<transfer::Engine>> engine =

@@ -27,6 +27,11 @@ constexpr char kSameHostFlag[] = "--check_same_host=";
 constexpr char kTransportsFlag[] = "--ucx_transports=";
 constexpr int kMaxConcurrentChecks = 4;
 constexpr size_t kMaxRemembered = 65536;
+constexpr int kHangsBeforeRefusal = 2;
+// The child's exit codes.
+constexpr int kPeerCheckGood = 0;
+constexpr int kPeerCheckUnreachable = 3;
+constexpr int kPeerCheckMalformed = 4;
 
 std::string FlagValue(int argc, char** argv, const char* prefix) {
   const size_t length = std::strlen(prefix);
@@ -48,21 +53,27 @@ int RunPeerCheck(int argc, char** argv) {
   auto engine = transfer::Engine::Create({.transports = FlagValue(argc, argv, kTransportsFlag)});
   if (!engine.ok()) return 2;
   // Creating the endpoint, wiring it up and closing it is everything the node
-  // would do with the address; an unreachable peer is not a crash, so the
-  // status does not matter.
-  (*engine)->Connect(address, same_host, absl::Now() + absl::Milliseconds(500)).IgnoreError();
+  // would do with the address. A peer that does not answer is well-formed
+  // but gone (or not there yet), which the node must not find out itself:
+  // UCX 1.13 leaks the socket of an endpoint it fails to create.
+  absl::Status connected =
+      (*engine)->Connect(address, same_host, absl::Now() + absl::Milliseconds(500)).status();
   engine->reset();
-  return 0;
+  if (connected.ok()) return kPeerCheckGood;
+  return absl::IsUnavailable(connected) || absl::IsDeadlineExceeded(connected)
+             ? kPeerCheckUnreachable
+             : kPeerCheckMalformed;
 }
 
 PeerAddressChecker::PeerAddressChecker(std::string transports, absl::Duration timeout)
     : transports_(std::move(transports)), timeout_(timeout) {}
 
-absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool same_host) {
+absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool same_host,
+                                       bool failed_before) {
   const uint64_t digest = XXH3_64bits(worker_address.data(), worker_address.size()) ^ same_host;
   {
     absl::MutexLock lock(&mu_);
-    if (good_.contains(digest)) return absl::OkStatus();
+    if (good_.contains(digest) && !failed_before) return absl::OkStatus();
     if (bad_.contains(digest)) return absl::InvalidArgumentError("malformed UCX worker address");
     while (running_ >= kMaxConcurrentChecks) slot_freed_.Wait(&mu_);
     ++running_;
@@ -84,7 +95,8 @@ absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool s
   const int spawned = posix_spawn(&pid, "/proc/self/exe", &actions, nullptr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
 
-  bool good = false;
+  enum class Verdict { kGood, kUnreachable, kHung, kBad };
+  Verdict verdict = Verdict::kBad;
   if (spawned == 0) {
     const absl::Time give_up = absl::Now() + timeout_;
     int status = 0;
@@ -92,11 +104,14 @@ absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool s
     while ((done = waitpid(pid, &status, WNOHANG)) == 0 && absl::Now() < give_up) {
       absl::SleepFor(absl::Milliseconds(2));
     }
-    if (done == 0) {  // hung: as bad as a crash
+    if (done == 0) {
       kill(pid, SIGKILL);
       waitpid(pid, &status, 0);
-    } else {
-      good = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+      verdict = Verdict::kHung;
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == kPeerCheckGood) {
+      verdict = Verdict::kGood;
+    } else if (WIFEXITED(status) && WEXITSTATUS(status) == kPeerCheckUnreachable) {
+      verdict = Verdict::kUnreachable;
     }
   }
 
@@ -106,15 +121,35 @@ absl::Status PeerAddressChecker::Check(const std::string& worker_address, bool s
   if (spawned != 0) {
     return absl::UnavailableError(absl::StrCat("cannot check a UCX address: ", strerror(spawned)));
   }
-  auto& remembered = good ? good_ : bad_;
-  if (remembered.size() >= kMaxRemembered) remembered.clear();
-  remembered.insert(digest);
-  if (!good) {
-    KVS_LOG(Warning) << "refused a malformed UCX worker address (" << worker_address.size()
-                     << " bytes)";
-    return absl::InvalidArgumentError("malformed UCX worker address");
+  auto remember = [&](absl::flat_hash_set<uint64_t>& set) {
+    if (set.size() >= kMaxRemembered) set.clear();
+    set.insert(digest);
+  };
+  switch (verdict) {
+    case Verdict::kGood:
+      remember(good_);
+      hung_.erase(digest);
+      return absl::OkStatus();
+    case Verdict::kUnreachable:
+      // Well-formed, but nobody answers: remembered as nothing, so the next
+      // call checks again.
+      return absl::UnavailableError(
+          "the client's UCX worker does not answer (has the client exited?)");
+    case Verdict::kHung:
+      // A check slowed by a loaded machine is not proof of a hostile
+      // address; a second hang is.
+      if (hung_.size() >= kMaxRemembered) hung_.clear();
+      if (++hung_[digest] < kHangsBeforeRefusal) {
+        return absl::UnavailableError("checking the UCX worker address timed out; try again");
+      }
+      break;
+    case Verdict::kBad:
+      break;
   }
-  return absl::OkStatus();
+  remember(bad_);
+  KVS_LOG(Warning) << "refused a malformed UCX worker address (" << worker_address.size()
+                   << " bytes)";
+  return absl::InvalidArgumentError("malformed UCX worker address");
 }
 
 }  // namespace kvstrata::cachenode

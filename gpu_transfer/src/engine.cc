@@ -32,6 +32,9 @@ constexpr absl::Duration kPeerIdleTimeout = absl::Seconds(30);
 // How often the progress thread closes endpoints UCX reported failed, or
 // idle ones.
 constexpr absl::Duration kReapInterval = absl::Seconds(1);
+// Addresses remembered as failed (EngineOptions::check_address): a few
+// hundred bytes each; more than any node sees die between two reconnects.
+constexpr size_t kMaxFailedKeys = 4096;
 // Stray messages land here and are dropped. Larger ones are received
 // truncated (UCX then ends the sender's request with an error); the size
 // only bounds the copy, not what a sender can send.
@@ -117,6 +120,11 @@ void Engine::Impl::DiscardUnexpected() {
   }
 }
 
+void Engine::Impl::RememberFailed(const std::string& key) {
+  if (failed_keys_.size() >= kMaxFailedKeys) failed_keys_.clear();
+  failed_keys_.insert(key);
+}
+
 void Engine::Impl::ReapFailedPeers() {
   std::vector<std::shared_ptr<Peer>> dead;
   {
@@ -124,6 +132,7 @@ void Engine::Impl::ReapFailedPeers() {
     for (auto it = peers_.begin(); it != peers_.end();) {
       if (it->second.use_count() == 1 &&
           (it->second->failed() || it->second->IdleLongerThan(kPeerIdleTimeout))) {
+        if (it->second->failed()) RememberFailed(it->first);
         dead.push_back(std::move(it->second));
         peers_.erase(it++);
       } else {
@@ -139,6 +148,7 @@ void Engine::Impl::Forget(const Peer* peer) {
   absl::MutexLock lock(&peers_mu_);
   for (auto it = peers_.begin(); it != peers_.end(); ++it) {
     if (it->second.get() == peer) {
+      RememberFailed(it->first);
       held = std::move(it->second);
       peers_.erase(it);
       break;
@@ -370,6 +380,7 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   }
   std::string key(worker_address);
   key.push_back(same_host ? 'L' : 'R');
+  bool failed_before = false;
   {
     absl::MutexLock lock(&impl_->peers_mu_);
     if (auto it = impl_->peers_.find(key); it != impl_->peers_.end() && !it->second->failed()) {
@@ -379,10 +390,14 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
     // Drop failed peers, and idle ones nobody holds (a dead peer on shared
     // memory is never reported failed), so endpoints do not accumulate; each
     // closes once its last user is done.
-    absl::erase_if(impl_->peers_, [](const auto& kv) {
-      return kv.second->failed() ||
-             (kv.second.use_count() == 1 && kv.second->IdleLongerThan(kPeerIdleTimeout));
+    absl::erase_if(impl_->peers_, [&](const auto& kv) {
+      if (kv.second->failed()) {
+        impl_->RememberFailed(kv.first);
+        return true;
+      }
+      return kv.second.use_count() == 1 && kv.second->IdleLongerThan(kPeerIdleTimeout);
     });
+    failed_before = impl_->failed_keys_.contains(key);
     if (const size_t max = impl_->options_.max_peers; max > 0 && impl_->peers_.size() >= max) {
       // Full: close the longest-idle endpoint nobody is using, if any.
       auto oldest = impl_->peers_.end();
@@ -403,7 +418,8 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   }
 
   if (impl_->options_.check_address) {
-    if (absl::Status vetted = impl_->options_.check_address(std::string(worker_address), same_host);
+    if (absl::Status vetted =
+            impl_->options_.check_address(std::string(worker_address), same_host, failed_before);
         !vetted.ok()) {
       return vetted;
     }
@@ -444,6 +460,7 @@ absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_ad
   KVS_LOG(Debug) << "UCX endpoint to a new " << (same_host ? "local" : "remote") << " peer uses "
                  << peer->transport_;
   absl::MutexLock lock(&impl_->peers_mu_);
+  impl_->failed_keys_.erase(key);
   auto [it, inserted] = impl_->peers_.try_emplace(std::move(key), peer);
   if (!inserted) {
     if (!it->second->failed()) return it->second;  // another request connected first

@@ -11,6 +11,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata/transfer/engine.h"
@@ -40,6 +41,10 @@ class Engine::Impl {
 
   absl::Mutex peers_mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Peer>> peers_ ABSL_GUARDED_BY(peers_mu_);
+  // Keys of peers whose endpoint failed, until one to the same address works
+  // again (EngineOptions::check_address). Bounded: cleared when full.
+  absl::flat_hash_set<std::string> failed_keys_ ABSL_GUARDED_BY(peers_mu_);
+  void RememberFailed(const std::string& key) ABSL_EXCLUSIVE_LOCKS_REQUIRED(peers_mu_);
   std::atomic<uint64_t> discarded_messages_{0};
 
   // Removes `peer` from the cache; the caller still holds it.

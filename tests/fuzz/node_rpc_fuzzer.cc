@@ -52,7 +52,7 @@ void Check(bool condition, const char* what) {
 kvstrata::transfer::Engine& RefusingEngine() {
   static kvstrata::transfer::Engine* engine = [] {
     kvstrata::transfer::EngineOptions options{.transports = "tcp"};
-    options.check_address = [](const std::string&, bool) {
+    options.check_address = [](const std::string&, bool, bool) {
       return absl::PermissionDeniedError("the fuzz harness refuses every peer address");
     };
     auto created = kvstrata::transfer::Engine::Create(options);

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <filesystem>
 #include <fstream>
 #include <future>
 #include <thread>
@@ -96,6 +97,15 @@ uint64_t NodeThreads(pid_t pid) {
     if (line.rfind("Threads:", 0) == 0) return std::stoull(line.substr(8));
   }
   return 0;
+}
+
+uint64_t NodeFds(pid_t pid) {
+  uint64_t fds = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"))) {
+    (void)entry;
+    ++fds;
+  }
+  return fds;
 }
 
 // ---- authentication and tenant isolation ---------------------------------
@@ -563,6 +573,55 @@ TEST_F(HostileTest, FetchIntoTheNodesOwnWorkerIsRefused) {
               grpc::StatusCode::INVALID_ARGUMENT);
   }
   EXPECT_EQ(FetchAndVerify(*c, *ns, 14, 4), 4u);
+}
+
+TEST_F(HostileTest, FetchesToClientsThatDiedLeaveNoSocketsBehind) {
+  // A client killed between sending a fetch and the node's connect: the
+  // node's endpoint to it fails (connection refused). UCX 1.13 keeps the
+  // socket of such an endpoint open for good unless the node avoids it.
+  auto c = Connect(node_->address(), "");
+  auto ns = c->OpenNamespace(Spec("test", "dead-clients"));
+  ASSERT_TRUE(ns.ok());
+  ASSERT_EQ(PublishStream(*c, *ns, 15, 4)->count(BlockOutcome::kOk), 4u);
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(15, 4, kTokensPerBlock));
+  RawCaller raw(node_->address(), "");
+  v1::OpenNamespaceResponse opened = OpenRaw(raw, "dead-clients");
+  const pid_t pid = node_->process().pid();
+  const uint64_t fds_before = NodeFds(pid);
+  constexpr int kDeadClients = 12;
+  for (int round = 0; round < kDeadClients; ++round) {
+    std::string address;
+    {
+      auto dead = transfer::Engine::Create({});
+      ASSERT_TRUE(dead.ok());
+      address = (*dead)->worker_address();
+    }  // its worker and listening sockets are gone now
+    v1::FetchRequest fetch;
+    fetch.set_namespace_id(opened.namespace_id());
+    fetch.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | uint64_t(round + 1) << 16);
+    fetch.mutable_destination()->set_worker_address(address);
+    v1::MemoryRegion* region = fetch.mutable_destination()->add_regions();
+    region->set_base_address(0x10000);
+    region->set_length(4 * kBlock);
+    for (size_t i = 0; i < 4; ++i) {
+      v1::FetchBlock* block = fetch.add_blocks();
+      block->set_key(std::string(keys[i].view()));
+      block->set_offset(i * kBlock);
+      block->set_capacity(kBlock);
+    }
+    v1::FetchResponse response;
+    EXPECT_NE(raw.Call(&v1::CacheNode::Stub::Fetch, fetch, &response), grpc::StatusCode::OK);
+  }
+  // Failed endpoints are closed within a second or two (the engine's reaper).
+  uint64_t fds_after = 0;
+  for (int i = 0; i < 50; ++i) {
+    fds_after = NodeFds(pid);
+    if (fds_after <= fds_before + 2) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_LE(fds_after, fds_before + 2) << kDeadClients << " dead clients left "
+                                       << fds_after - fds_before << " fds in the node";
+  EXPECT_EQ(FetchAndVerify(*c, *ns, 15, 4), 4u);
 }
 
 TEST_F(HostileTest, PlantedMessagesNeitherJamNorPoisonOtherPublishes) {

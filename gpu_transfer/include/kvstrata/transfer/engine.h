@@ -32,10 +32,15 @@ struct EngineOptions {
   // defaults (MEASUREMENTS.md: about 2x put bandwidth on loopback). A UCX_TCP_*
   // variable in the environment always wins.
   bool tune_tcp = true;
-  // Called before the engine first connects to a worker address it has not
-  // cached; an error refuses the address. Lets a server vet untrusted
-  // addresses (UCX does not validate them).
-  std::function<absl::Status(const std::string& worker_address, bool same_host)> check_address;
+  // Called before the engine connects to a worker address it holds no
+  // endpoint for; an error refuses the address. Lets a server vet untrusted
+  // addresses (UCX does not validate them). `failed_before` is true when the
+  // last endpoint to the address failed: its process may be gone, and UCX
+  // 1.13 leaks the socket of every endpoint it fails to create to a dead
+  // peer (connection refused), so a cached verdict must not be reused.
+  std::function<absl::Status(const std::string& worker_address, bool same_host,
+                             bool failed_before)>
+      check_address;
   // UCX network devices (UCX_NET_DEVICES syntax, e.g. "lo"); empty keeps
   // UCX_NET_DEVICES from the environment, or every device. A node serving
   // loopback only passes "lo" so its UCX interfaces listen on no other one.
