@@ -432,6 +432,26 @@ class HostileTest : public ::testing::Test {
     return opened;
   }
 
+  // A tagged fetch of `keys` into a made-up region of `worker_address`.
+  static v1::FetchRequest RawFetch(const v1::OpenNamespaceResponse& opened,
+                                   const std::vector<BlockKey>& keys, uint64_t tag,
+                                   const std::string& worker_address) {
+    v1::FetchRequest fetch;
+    fetch.set_namespace_id(opened.namespace_id());
+    fetch.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | tag << 16);
+    fetch.mutable_destination()->set_worker_address(worker_address);
+    v1::MemoryRegion* region = fetch.mutable_destination()->add_regions();
+    region->set_base_address(0x10000);
+    region->set_length(keys.size() * kBlock);
+    for (size_t i = 0; i < keys.size(); ++i) {
+      v1::FetchBlock* block = fetch.add_blocks();
+      block->set_key(std::string(keys[i].view()));
+      block->set_offset(i * kBlock);
+      block->set_capacity(kBlock);
+    }
+    return fetch;
+  }
+
   // A publish of `count` blocks from this test's (real) UCX worker, which
   // never answers the node's pull unless the caller serves it.
   v1::PublishRequest SilentPublish(uint64_t ns_id, size_t count, uint64_t tag_base,
@@ -553,20 +573,8 @@ TEST_F(HostileTest, FetchIntoTheNodesOwnWorkerIsRefused) {
   const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(14, 4, kTokensPerBlock));
   RawCaller raw(node_->address(), "");
   v1::OpenNamespaceResponse opened = OpenRaw(raw, "self");
-  v1::FetchRequest fetch;
-  fetch.set_namespace_id(opened.namespace_id());
-  fetch.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | 3 << 16);
-  fetch.mutable_destination()->set_worker_address(opened.worker_address());
+  v1::FetchRequest fetch = RawFetch(opened, keys, 3, opened.worker_address());
   fetch.mutable_destination()->set_host_id(opened.host_id());
-  v1::MemoryRegion* region = fetch.mutable_destination()->add_regions();
-  region->set_base_address(0x10000);
-  region->set_length(4 * kBlock);
-  for (size_t i = 0; i < 4; ++i) {
-    v1::FetchBlock* block = fetch.add_blocks();
-    block->set_key(std::string(keys[i].view()));
-    block->set_offset(i * kBlock);
-    block->set_capacity(kBlock);
-  }
   for (int round = 0; round < 20; ++round) {
     v1::FetchResponse response;
     EXPECT_EQ(raw.Call(&v1::CacheNode::Stub::Fetch, fetch, &response),
@@ -596,19 +604,7 @@ TEST_F(HostileTest, FetchesToClientsThatDiedLeaveNoSocketsBehind) {
       ASSERT_TRUE(dead.ok());
       address = (*dead)->worker_address();
     }  // its worker and listening sockets are gone now
-    v1::FetchRequest fetch;
-    fetch.set_namespace_id(opened.namespace_id());
-    fetch.set_tag_base(uint64_t{opened.tag_prefix()} << 32 | uint64_t(round + 1) << 16);
-    fetch.mutable_destination()->set_worker_address(address);
-    v1::MemoryRegion* region = fetch.mutable_destination()->add_regions();
-    region->set_base_address(0x10000);
-    region->set_length(4 * kBlock);
-    for (size_t i = 0; i < 4; ++i) {
-      v1::FetchBlock* block = fetch.add_blocks();
-      block->set_key(std::string(keys[i].view()));
-      block->set_offset(i * kBlock);
-      block->set_capacity(kBlock);
-    }
+    v1::FetchRequest fetch = RawFetch(opened, keys, round + 1, address);
     v1::FetchResponse response;
     EXPECT_NE(raw.Call(&v1::CacheNode::Stub::Fetch, fetch, &response), grpc::StatusCode::OK);
   }
