@@ -38,7 +38,15 @@ std::vector<ListedBlock> TieredStore::List(uint64_t namespace_id,
   dram_.List(namespace_id, page);  // before NVMe: its offer wins for a block in both
   if (nvme_ != nullptr && nvme_->ready()) nvme_->List(namespace_id, page);
   *more = page.more();
-  return page.Take();
+  std::vector<ListedBlock> listed = page.Take();
+  if (hbm_ != nullptr) {  // the HBM tier's index offers its blocks as DRAM's
+    for (ListedBlock& block : listed) {
+      if (block.tier == v1::TIER_DRAM && hbm_->slabs().Find({namespace_id, block.key}, false)) {
+        block.tier = v1::TIER_HBM;
+      }
+    }
+  }
+  return listed;
 }
 
 std::vector<ListedBlock> TieredStore::Describe(absl::Span<const BlockId> ids) {

@@ -3,7 +3,7 @@
 
 namespace kvstrata::transfer {
 
-absl::StatusOr<std::unique_ptr<DeviceMemory>> OpenCudaDevice(int device) {
+absl::StatusOr<std::unique_ptr<DeviceMemory>> OpenCudaDevice(int /*device*/) {
   return absl::UnimplementedError(
       "this build has no CUDA (CMake found no CUDA compiler): no HBM tier; rebuild where "
       "/usr/local/cuda or nvcc is present");
