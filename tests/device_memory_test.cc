@@ -142,6 +142,15 @@ TEST_P(DeviceMemoryTest, StagingLendsWholeChunksAndCopiesByteExact) {
 INSTANTIATE_TEST_SUITE_P(Devices, DeviceMemoryTest, ::testing::Values("host_double", "cuda"),
                          [](const auto& info) { return info.param; });
 
+// CMake found CUDA, so the CUDA implementation must be in the library (it
+// compiles in every CI run even where no GPU runs it).
+TEST(DeviceMemoryBuildTest, TheCudaImplementationIsBuiltWhereCudaIs) {
+  EXPECT_EQ(transfer::CudaDeviceMemoryBuilt(), KVSTRATA_EXPECT_CUDA != 0);
+  if (!transfer::CudaDeviceMemoryBuilt()) {
+    EXPECT_EQ(transfer::OpenCudaDevice(0).status().code(), absl::StatusCode::kUnimplemented);
+  }
+}
+
 // What makes the double a faithful stand-in: device memory is not host memory.
 TEST(HostDeviceDoubleTest, TheHostCannotTouchDeviceMemory) {
   testing::HostDeviceMemory device;

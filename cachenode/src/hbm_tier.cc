@@ -48,34 +48,42 @@ absl::StatusOr<bool> HbmTier::Admit(const BlockId& id, const StoredBlock& host) 
   return slabs_->Commit(id, *std::move(chunk));
 }
 
-absl::StatusOr<std::shared_ptr<StoredBlock>> HbmTier::Stage(std::shared_ptr<StoredBlock> block) {
-  const uint64_t size = block->size();
-  uint8_t* host = nullptr;
-  std::function<void()> release;
-  absl::StatusOr<std::unique_ptr<transfer::StagingPool::Lease>> lease = staging_->Take(size);
-  if (lease.ok()) {
-    host = (*lease)->data();
-    // std::function needs a copyable callable: share the lease and the pin.
-    release = [lease = std::shared_ptr<transfer::StagingPool::Lease>(*std::move(lease)),
-               pin = block] {};
-  } else {
-    // Every staging chunk is held by transfers in flight: memory of our own
-    // (UCX registers it per transfer, slower), never a miss for want of it.
-    host = new (std::nothrow) uint8_t[size];
-    if (host == nullptr) return absl::ResourceExhaustedError("no memory to stage an HBM block");
-    fallbacks_.fetch_add(1, std::memory_order_relaxed);
-    release = [host, pin = block] { delete[] host; };
+std::vector<std::shared_ptr<StoredBlock>> HbmTier::StageAll(
+    std::vector<std::shared_ptr<StoredBlock>> blocks) {
+  std::vector<std::shared_ptr<StoredBlock>> staged(blocks.size());
+  std::vector<transfer::StagingPool::Copy> copies;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    std::shared_ptr<StoredBlock>& block = blocks[i];
+    const uint64_t size = block->size();
+    uint8_t* host = nullptr;
+    std::function<void()> release;
+    absl::StatusOr<std::unique_ptr<transfer::StagingPool::Lease>> lease = staging_->Take(size);
+    if (lease.ok()) {
+      host = (*lease)->data();
+      // std::function needs a copyable callable: share the lease and the pin.
+      release = [lease = std::shared_ptr<transfer::StagingPool::Lease>(*std::move(lease)),
+                 pin = block] {};
+    } else {
+      // Every staging chunk is held by transfers in flight: memory of our
+      // own (UCX registers it per transfer, slower), never a miss for want
+      // of it.
+      host = new (std::nothrow) uint8_t[size];
+      if (host == nullptr) continue;
+      fallbacks_.fetch_add(1, std::memory_order_relaxed);
+      release = [host, pin = block] { delete[] host; };
+    }
+    staged[i] = std::make_shared<StoredBlock>(host, size, std::move(release));
+    staged[i]->checksum = block->checksum;
+    staged[i]->parent = block->parent;
+    staged[i]->has_parent = block->has_parent;
+    copies.push_back({host, block->data(), size});
   }
-  if (absl::Status s = staging_->CopyToHost(host, block->data(), size); !s.ok()) {
+  if (absl::Status s = staging_->CopyAll(copies, transfer::CopyKind::kDeviceToHost); !s.ok()) {
     copy_errors_.fetch_add(1, std::memory_order_relaxed);
-    release();
-    return s;
+    KVS_LOG(Warning) << "HBM: staging copies failed: " << s;
+    return std::vector<std::shared_ptr<StoredBlock>>(blocks.size());
   }
-  auto staged = std::make_shared<StoredBlock>(host, size, std::move(release));
-  staged->checksum = block->checksum;
-  staged->parent = block->parent;
-  staged->has_parent = block->has_parent;
-  staged_.fetch_add(1, std::memory_order_relaxed);
+  for (const auto& block : staged) staged_.fetch_add(block != nullptr, std::memory_order_relaxed);
   return staged;
 }
 

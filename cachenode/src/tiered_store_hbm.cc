@@ -89,20 +89,23 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
   std::vector<std::shared_ptr<StoredBlock>> pinned(ids.size());
   std::vector<BlockId> below;
   std::vector<size_t> below_index;
+  std::vector<std::shared_ptr<StoredBlock>> in_hbm;
+  std::vector<size_t> hbm_index;
   for (size_t i = 0; i < ids.size(); ++i) {
-    if (std::shared_ptr<StoredBlock> in_hbm = hbm_->slabs().Find(ids[i], /*hit=*/true)) {
-      absl::StatusOr<std::shared_ptr<StoredBlock>> staged = hbm_->Stage(std::move(in_hbm));
-      if (staged.ok()) {
-        pinned[i] = *std::move(staged);
-        continue;
-      }
-      // A failed device copy: the HBM copy cannot be trusted to be read, so
-      // drop it (a miss, or DRAM/NVMe below may still hold it).
-      KVS_LOG(Warning) << "HBM: staging failed, dropping the block: " << staged.status();
-      hbm_->slabs().Erase(ids[i]);
+    if (std::shared_ptr<StoredBlock> block = hbm_->slabs().Find(ids[i], /*hit=*/true)) {
+      in_hbm.push_back(std::move(block));
+      hbm_index.push_back(i);
+    } else {
+      below.push_back(ids[i]);
+      below_index.push_back(i);
     }
-    below.push_back(ids[i]);
-    below_index.push_back(i);
+  }
+  if (!in_hbm.empty()) {
+    std::vector<std::shared_ptr<StoredBlock>> staged = hbm_->StageAll(std::move(in_hbm));
+    for (size_t j = 0; j < staged.size(); ++j) {
+      // Not staged (no host memory, or a failed device copy): a miss here.
+      pinned[hbm_index[j]] = std::move(staged[j]);
+    }
   }
   if (below.empty()) return pinned;
   std::vector<std::shared_ptr<StoredBlock>> found = PinDramOrNvme(below);

@@ -80,7 +80,7 @@ absl::StatusOr<std::unique_ptr<StagingPool::Lease>> StagingPool::Take(uint64_t b
       absl::StrCat("staging: no ", want, " free chunks of ", chunk_bytes_, " bytes in ", used.size()));
 }
 
-absl::Status StagingPool::Copy(uint8_t* dst, const uint8_t* src, uint64_t bytes, CopyKind kind) {
+absl::Status StagingPool::CopyAll(absl::Span<const Copy> copies, CopyKind kind) {
   std::unique_ptr<DeviceStream> stream;
   {
     absl::MutexLock lock(&streams_mu_);
@@ -95,8 +95,11 @@ absl::Status StagingPool::Copy(uint8_t* dst, const uint8_t* src, uint64_t bytes,
     stream = *std::move(created);
   }
   absl::Status status;
-  for (uint64_t at = 0; at < bytes && status.ok(); at += chunk_bytes_) {
-    status = stream->Copy(dst + at, src + at, std::min(chunk_bytes_, bytes - at), kind);
+  for (const Copy& copy : copies) {
+    for (uint64_t at = 0; at < copy.bytes && status.ok(); at += chunk_bytes_) {
+      status = stream->Copy(copy.dst + at, copy.src + at, std::min(chunk_bytes_, copy.bytes - at), kind);
+    }
+    if (!status.ok()) break;
   }
   // Always wait: a failed queue may still have earlier copies in flight that
   // read or write the caller's memory.
@@ -110,11 +113,13 @@ absl::Status StagingPool::Copy(uint8_t* dst, const uint8_t* src, uint64_t bytes,
 }
 
 absl::Status StagingPool::CopyToHost(uint8_t* host, const uint8_t* device, uint64_t bytes) {
-  return Copy(host, device, bytes, CopyKind::kDeviceToHost);
+  const Copy copy{host, device, bytes};
+  return CopyAll({&copy, 1}, CopyKind::kDeviceToHost);
 }
 
 absl::Status StagingPool::CopyToDevice(uint8_t* device, const uint8_t* host, uint64_t bytes) {
-  return Copy(device, host, bytes, CopyKind::kHostToDevice);
+  const Copy copy{device, host, bytes};
+  return CopyAll({&copy, 1}, CopyKind::kHostToDevice);
 }
 
 StagingCounters StagingPool::counters() const {

@@ -4,13 +4,14 @@
 //
 // The blocks of `slabs()` hold device pointers. Host code and UCX must never
 // read them: bytes leave the GPU only through CopyToHost (demotion) and
-// Stage (a pinned host copy for a transfer), and enter through Admit, after
+// StageAll (pinned host copies for a transfer), and enter through Admit, after
 // the caller verified them in host memory. Thread-safe.
 #pragma once
 
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kvstrata/cachenode/dram_tier.h"
@@ -58,10 +59,12 @@ class HbmTier {
   // stored here already; RESOURCE_EXHAUSTED when nothing can be evicted to
   // make room (every chunk pinned), or a copy error.
   absl::StatusOr<bool> Admit(const BlockId& id, const StoredBlock& host);
-  // A host copy of `block` (an HBM block) for a transfer: in the staging
-  // pool, or in memory of its own when the pool is full. Holds `block`
-  // until the copy is dropped, so its chunk is not reused meanwhile.
-  absl::StatusOr<std::shared_ptr<StoredBlock>> Stage(std::shared_ptr<StoredBlock> block);
+  // Host copies of HBM blocks for a transfer (one Fetch's), in the staging
+  // pool or, when it is full, in memory of their own; the copies queue on
+  // one stream with one wait. Each copy holds its HBM block until dropped,
+  // so the chunk is not reused meanwhile. Null where a block could not be
+  // staged (no host memory; all null when the device copies failed).
+  std::vector<std::shared_ptr<StoredBlock>> StageAll(std::vector<std::shared_ptr<StoredBlock>> blocks);
   // Pinned, UCX-registered host memory for a block on its way in (a
   // publish lands there, is verified, then Admit copies it up);
   // RESOURCE_EXHAUSTED when the staging pool has no room now.

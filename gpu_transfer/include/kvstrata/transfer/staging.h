@@ -12,6 +12,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
 #include "kvstrata/transfer/device_memory.h"
 
 namespace kvstrata::transfer {
@@ -72,6 +73,15 @@ class StagingPool {
   // back, in chunk-sized copies on a stream of the pool; returns when done.
   absl::Status CopyToHost(uint8_t* host, const uint8_t* device, uint64_t bytes);
   absl::Status CopyToDevice(uint8_t* device, const uint8_t* host, uint64_t bytes);
+  // Many copies of one direction on one stream with one wait at the end
+  // (a batch of blocks: the copies queue back to back instead of each
+  // waiting for the last).
+  struct Copy {
+    uint8_t* dst;
+    const uint8_t* src;
+    uint64_t bytes;
+  };
+  absl::Status CopyAll(absl::Span<const Copy> copies, CopyKind kind);
 
   StagingCounters counters() const;
   uint64_t chunk_bytes() const { return chunk_bytes_; }
@@ -79,7 +89,6 @@ class StagingPool {
  private:
   StagingPool(DeviceMemory& device, uint64_t chunk_bytes, std::shared_ptr<Lease::State> state)
       : device_(device), chunk_bytes_(chunk_bytes), state_(std::move(state)) {}
-  absl::Status Copy(uint8_t* dst, const uint8_t* src, uint64_t bytes, CopyKind kind);
 
   DeviceMemory& device_;
   const uint64_t chunk_bytes_;
