@@ -8,11 +8,12 @@
 #                                        # pack the CUDA test binaries that need
 #                                        # Debian's libraries for the GPU machine
 #
-# What runs on the GPU machine:
+# What runs on the GPU machine (about a minute of builds and tests):
 #   1. the standalone kernels/ build (CMake + nvcc only) and its tests:
 #      quant_bench (GPU bytes against the CPU's for every format), and the
 #      GoogleTest suites when GoogleTest is found there;
-#   2. device memory and staging on CUDA (tests/device_memory_test.cc), from
+#   2. device memory and staging on CUDA (tests/device_memory_test.cc) and
+#      the HBM tier through the real kvstrata-node (tests/integration/hbm_test.cc), from
 #      the bundle when one was carried along (build-gpu-bundle/, see
 #      --bundle): those binaries need abseil, which a bare machine lacks, so
 #      they are built on the development machine and run here with the
@@ -27,19 +28,26 @@ bundle_dir="${KVSTRATA_GPU_BUNDLE:-build-gpu-bundle}"
 
 if [[ "${1:-}" == "--bundle" ]]; then
   out="${2:-$bundle_dir}"
-  binary=build/tests/device_memory_tests
-  [[ -x "$binary" ]] || { echo "gpu-check: build $binary first (cmake --build --preset default --target device_memory_tests)"; exit 1; }
-  rm -rf "$out" && mkdir -p "$out/lib" "$out/glibc"
-  cp "$binary" "$out/"
-  # Every shared library it loads except the CUDA driver (the GPU machine's
-  # own must be used); glibc apart, for machines whose own is older.
-  ldd "$binary" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | sort -u | while read -r lib; do
-    case "$(basename "$lib")" in
-      libcuda.so*|libnvidia*) ;;
-      libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*) cp -L "$lib" "$out/glibc/" ;;
-      *) cp -L "$lib" "$out/lib/" ;;
-    esac
+  binaries=(build/tests/device_memory_tests build/tests/hbm_tests build/cachenode/kvstrata-node)
+  for binary in "${binaries[@]}"; do
+    [[ -x "$binary" ]] || { echo "gpu-check: build $binary first (cmake --build --preset default --target device_memory_tests hbm_tests kvstrata-node)"; exit 1; }
   done
+  rm -rf "$out" && mkdir -p "$out/lib" "$out/glibc"
+  for binary in "${binaries[@]}"; do
+    strip -o "$out/$(basename "$binary")" "$binary"
+    # Every shared library it loads except the CUDA driver (the GPU
+    # machine's own must be used); glibc apart, for machines whose own is older.
+    ldd "$binary" | awk '/=> \// {print $3} /^[ \t]*\// {print $1}' | sort -u | while read -r lib; do
+      case "$(basename "$lib")" in
+        libcuda.so*|libnvidia*) ;;
+        libc.so*|libm.so*|libpthread.so*|libdl.so*|librt.so*|ld-linux*) cp -L "$lib" "$out/glibc/" ;;
+        *) cp -L "$lib" "$out/lib/" ;;
+      esac
+    done
+  done
+  # UCX loads its transports as modules.
+  ucx_modules=$(dirname "$(ldd build/cachenode/kvstrata-node | awk '/libucp.so/ {print $3}')")/ucx
+  [[ -d "$ucx_modules" ]] && cp -rL "$ucx_modules" "$out/lib/ucx"
   ldd --version | head -1 | awk '{print $NF}' > "$out/glibc/version"
   du -sh "$out"
   exit 0
@@ -71,7 +79,7 @@ step kernels_build cmake --build build-gpu/kernels -j "$jobs"
 step kernels_tests ctest --test-dir build-gpu/kernels --output-on-failure --timeout 300
 if [[ -x build-gpu/kernels/quant_bench ]]; then
   step kernels_bench build-gpu/kernels/quant_bench
-  grep -iE "gpu|ratio|x " build-gpu/kernels_bench.log | tail -15
+  summary+=("      kernels_bench: $(grep -m1 -E '^GPU' build-gpu/kernels_bench.log || echo 'no GPU line')")
 fi
 
 if [[ -x "$bundle_dir/device_memory_tests" ]]; then
@@ -83,6 +91,13 @@ if [[ -x "$bundle_dir/device_memory_tests" ]]; then
     # This glibc is as new as the build's: the machine's loader will do.
     step device_memory_cuda env LD_LIBRARY_PATH="$bundle_dir/lib:$driver_dirs" \
       "$bundle_dir/device_memory_tests" --gtest_filter='*cuda*'
+    # The HBM tier on the GPU through the real kvstrata-node, over TCP and
+    # shared memory (the same tests CI runs on the double).
+    for tls in tcp sm; do
+      step "hbm_tier_$tls" env LD_LIBRARY_PATH="$bundle_dir/lib:$driver_dirs" \
+        UCX_MODULE_DIR="$bundle_dir/lib/ucx" UCX_TLS="$tls" \
+        KVSTRATA_HBM_NODE="$(realpath "$bundle_dir/kvstrata-node")" "$bundle_dir/hbm_tests"
+    done
   else
     # An older glibc: the build's own loader and glibc. The IPC test re-runs
     # /proc/self/exe (the loader, then), so it is left out.
@@ -92,12 +107,13 @@ if [[ -x "$bundle_dir/device_memory_tests" ]]; then
     summary+=("NOTE  glibc $here < $built_with: ran with the build's loader, without the IPC test")
   fi
   if grep -q "SKIPPED \]" "build-gpu/device_memory_cuda.log"; then
-    summary+=("NOTE  device_memory_cuda skipped: $(grep -m1 'Skipped' -A0 build-gpu/device_memory_cuda.log)")
+    summary+=("WARN  device_memory_cuda tests skipped: $(grep -m1 -A1 ': Skipped' build-gpu/device_memory_cuda.log | tail -1)")
   fi
 else
   summary+=("SKIP  device_memory_cuda: no $bundle_dir (make it with scripts/gpu-check.sh --bundle on the build machine)")
 fi
 
+[[ -n "$gpu" ]] || summary+=("WARN  no GPU visible: every CUDA test above skipped; this run checked builds only")
 echo "==== gpu-check summary (${SECONDS} s) ===="
 printf '%s\n' "${summary[@]}"
 exit $failed
