@@ -154,7 +154,9 @@ TEST_F(HbmNodeTest, NewBlocksGoToHbmAndFetchByteExactThroughStaging) {
   const v1::StatsResponse s = Stats();
   EXPECT_EQ(s.hbm_staged_blocks(), 32u);
   EXPECT_EQ(s.hbm_staging_fallbacks(), 0u);
-  if (HbmNodeBinary() == KVSTRATA_TEST_NODE_BINARY) EXPECT_EQ(s.gpu_device(), "host double");
+  if (HbmNodeBinary() == KVSTRATA_TEST_NODE_BINARY) {
+    EXPECT_EQ(s.gpu_device(), "host double");
+  }
   EXPECT_FALSE(s.gpu_device().empty());
   EXPECT_EQ(FindTier(s, v1::TIER_HBM)->capacity_bytes(), 64 * kBlock);
   EXPECT_EQ(FindTier(s, v1::TIER_HBM)->errors(), 0u);
@@ -350,6 +352,36 @@ TEST_F(HbmNodeTest, ACleanShutdownWritesHbmToNvme) {
   EXPECT_EQ(Tiers(10, 12), std::vector<Tier>(12, Tier::kNvme));
   EXPECT_EQ(FetchAndVerify(*client_, *ns_, 10, 12, 12), 12u);
   EXPECT_EQ(Tiers(10, 12), std::vector<Tier>(12, Tier::kHbm)) << "hits come back up";
+}
+
+// Device copies that fail (the double's fault injection) never turn into
+// wrong bytes: a publish whose copy up fails is kept in DRAM, an HBM block
+// whose copy down fails is a miss, and the node keeps serving.
+TEST_F(HbmNodeTest, FailedDeviceCopiesAreMissesOrDramNeverWrongBytes) {
+  if (HbmNodeBinary() != KVSTRATA_TEST_NODE_BINARY) GTEST_SKIP() << "fault injection is the double's";
+  setenv("KVSTRATA_TEST_DEVICE_COPIES", "8", 1);  // one 256 KiB block is one copy
+  StartNode({HbmFlag(32), DramFlag(64)});
+  unsetenv("KVSTRATA_TEST_DEVICE_COPIES");
+  ASSERT_EQ(Publish(11, 8), 8u);
+  EXPECT_EQ(Tiers(11, 8), std::vector<Tier>(8, Tier::kHbm));
+  // Every copy fails from here on. New blocks stay in DRAM, byte-exact.
+  ASSERT_EQ(Publish(12, 8), 8u);
+  EXPECT_EQ(Tiers(12, 8), std::vector<Tier>(8, Tier::kDram));
+  EXPECT_EQ(FetchAndVerify(*client_, *ns_, 12, 8, 8), 8u);
+  EXPECT_EQ(Tiers(12, 8), std::vector<Tier>(8, Tier::kDram)) << "a failed promotion stays put";
+  // The HBM blocks cannot be copied down: misses, never other bytes.
+  const std::vector<BlockKey> keys = Keys(11, 8);
+  auto buffer = client_->Allocate(8 * kBlock);
+  ASSERT_TRUE(buffer.ok());
+  std::vector<client::FetchItem> items;
+  for (size_t i = 0; i < 8; ++i) items.push_back({keys[i], buffer->get(), i * kBlock});
+  auto fetched = ns_->Fetch(items);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_EQ(fetched->count(BlockOutcome::kNotFound), 8u);
+  buffer->reset();
+  const v1::StatsResponse s = Stats();
+  EXPECT_GE(FindTier(s, v1::TIER_HBM)->errors(), 8u + 8u + 1u);
+  ExpectNothingHeld();
 }
 
 // The real node binary on a machine without a GPU refuses --hbm_bytes with a

@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -45,8 +46,15 @@ class HostStream : public transfer::DeviceStream {
     if (!from.ok()) return from.status();
     absl::StatusOr<uint8_t*> to = Side(dst, bytes, dst_device, "destination");
     if (!to.ok()) return to.status();
+    const bool fail = !device_.TakeCopy();
     std::lock_guard lock(mu_);
-    queue_.push_back([from = *from, to = *to, bytes] { std::memmove(to, from, bytes); });
+    queue_.push_back([this, from = *from, to = *to, bytes, fail] {
+      if (fail) {
+        failed_ = true;
+      } else {
+        std::memmove(to, from, bytes);
+      }
+    });
     ++queued_;
     cv_.notify_all();
     return absl::OkStatus();
@@ -85,6 +93,7 @@ class HostStream : public transfer::DeviceStream {
     std::unique_lock lock(mu_, std::adopt_lock);
     cv_.wait(lock, [&] { return done_ >= sequence; });
     lock.release();
+    if (failed_) return absl::InternalError("host double: injected copy failure");
     return absl::OkStatus();
   }
 
@@ -120,6 +129,7 @@ class HostStream : public transfer::DeviceStream {
   uint64_t queued_ = 0;
   uint64_t done_ = 0;
   bool stopping_ = false;
+  std::atomic<bool> failed_{false};  // sticky, like a CUDA stream's error
   std::thread worker_;  // last: starts after the rest is ready
 };
 

@@ -11,6 +11,8 @@
 // the same bytes, like cudaIpcOpenMemHandle.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <map>
 #include <memory>
 
@@ -22,7 +24,11 @@ namespace kvstrata::testing {
 
 class HostDeviceMemory : public transfer::DeviceMemory {
  public:
-  HostDeviceMemory() = default;
+  // Fault injection: copies after the first `copies_before_failure` do not
+  // happen, and the Synchronize or event wait after them fails, as a CUDA
+  // error surfaces at the next synchronisation.
+  explicit HostDeviceMemory(uint64_t copies_before_failure = UINT64_MAX)
+      : copies_left_(copies_before_failure) {}
   ~HostDeviceMemory() override;
 
   std::string description() const override { return "host double"; }
@@ -39,6 +45,13 @@ class HostDeviceMemory : public transfer::DeviceMemory {
   // Whether [host, host + bytes) overlaps device memory (a host side of a
   // copy must not).
   bool OverlapsDevice(const void* host, uint64_t bytes) const;
+  // Takes one copy from the budget; false once it is spent.
+  bool TakeCopy() {
+    uint64_t left = copies_left_.load();
+    while (left > 0 && !copies_left_.compare_exchange_weak(left, left - 1)) {
+    }
+    return left > 0;
+  }
 
  private:
   struct Range {
@@ -48,6 +61,7 @@ class HostDeviceMemory : public transfer::DeviceMemory {
   };
   absl::StatusOr<transfer::DeviceAllocation> Map(int fd, uint64_t bytes, bool keep_fd);
 
+  std::atomic<uint64_t> copies_left_;
   mutable absl::Mutex mu_;
   std::map<uintptr_t, Range> ranges_ ABSL_GUARDED_BY(mu_);  // by device address
 };
