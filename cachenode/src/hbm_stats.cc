@@ -44,6 +44,7 @@ void AddHbmStats(TieredStore& store, v1::StatsResponse* response) {
   response->set_hbm_staging_bytes(c.staging.capacity_bytes);
   response->set_hbm_staging_leased_bytes(c.staging.leased_bytes);
   response->set_gpu_device(hbm->device().description());
+  response->set_hbm_ucx_cuda_memory(hbm->ucx_cuda_memory());
 }
 
 void AddHbmMetrics(TieredStore& store, std::vector<MetricFamily>& families) {

@@ -14,6 +14,7 @@
 #include "absl/synchronization/notification.h"
 #include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
+#include "kvstrata/transfer/memory_types.h"
 #include "kvstrata/common/log.h"
 #include "absl/strings/match.h"
 #include "auth.h"
@@ -202,8 +203,16 @@ absl::Status StartHbm(const NodeOptions& options, Node::Impl& impl) {
     KVS_LOG(Warning) << "HBM: cannot page-lock the DRAM arena (copies stay synchronous): "
                      << pin.status();
   }
+  // Device memory reaches clients through staging either way (handing UCX
+  // device memory directly is not built yet); say whether it could.
+  absl::StatusOr<bool> ucx_cuda = transfer::UcxSupportsCudaMemory(options.ucx_transports);
+  impl.hbm->set_ucx_cuda_memory(ucx_cuda.ok() && *ucx_cuda);
   KVS_LOG(Info) << "HBM tier: " << impl.hbm->slabs().capacity_bytes() << " bytes on "
-                << impl.hbm->device().description();
+                << impl.hbm->device().description() << "; transfers staged through "
+                << options.hbm_staging_bytes << " bytes of pinned host memory (UCX "
+                << (!ucx_cuda.ok() ? ucx_cuda.status().ToString()
+                                   : *ucx_cuda ? "reports CUDA memory" : "has no CUDA memory support")
+                << ")";
   return absl::OkStatus();
 }
 

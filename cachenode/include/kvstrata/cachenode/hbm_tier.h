@@ -73,6 +73,10 @@ class HbmTier {
   absl::Status CopyToHost(const StoredBlock& block, uint8_t* host);
 
   HbmCounters counters() const;
+  // Whether this node's UCX reports CUDA memory (transfer/memory_types.h);
+  // transfers stage either way for now. Set once, at start.
+  void set_ucx_cuda_memory(bool supported) { ucx_cuda_memory_ = supported; }
+  bool ucx_cuda_memory() const { return ucx_cuda_memory_; }
 
  private:
   HbmTier() = default;
@@ -84,6 +88,7 @@ class HbmTier {
   std::atomic<uint64_t> staged_{0};
   std::atomic<uint64_t> fallbacks_{0};
   std::atomic<uint64_t> copy_errors_{0};
+  bool ucx_cuda_memory_ = false;
 };
 
 }  // namespace kvstrata::cachenode
