@@ -78,8 +78,9 @@ absl::Status Run() {
     std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", tier), "--prefault",
                                       "--slab_bytes=67108864", "--eviction_policy=lru"};
     if (k == 1) flags.push_back(absl::StrCat("--hbm_bytes=", tier));
-    auto node = kvstrata::testing::NodeProcess::Start(k == 0 ? KVSTRATA_NODE_BINARY : KVSTRATA_TEST_NODE_BINARY,
-                                                      flags, (*dir)->File(absl::StrCat("node", k, ".log")));
+    auto node = kvstrata::testing::NodeProcess::Start(
+        k == 0 ? KVSTRATA_NODE_BINARY : KVSTRATA_TEST_NODE_BINARY, flags,
+        (*dir)->File(absl::StrCat("node", k, ".log")));
     if (!node.ok()) return node.status();
     Side& side = sides[k];
     side.node = *std::move(node);
@@ -122,7 +123,8 @@ absl::Status Run() {
         items.push_back({keys.back(), std::nullopt, side.src.get(), i * size});
       }
       std::vector<FetchItem> fetch;
-      for (size_t i = 0; i < batch; ++i) fetch.push_back({side.fetch_keys[i], side.dst.get(), i * size});
+      for (size_t i = 0; i < batch; ++i)
+        fetch.push_back({side.fetch_keys[i], side.dst.get(), i * size});
       std::memset(side.dst->data(), 0, size * batch);
       const auto t0 = std::chrono::steady_clock::now();
       auto published = side.ns->Publish(items);
@@ -131,7 +133,8 @@ absl::Status Run() {
       const auto t2 = std::chrono::steady_clock::now();
       if (!published.ok()) return published.status();
       if (!fetched.ok()) return fetched.status();
-      if (published->count(BlockOutcome::kOk) != batch || fetched->count(BlockOutcome::kOk) != batch ||
+      if (published->count(BlockOutcome::kOk) != batch ||
+          fetched->count(BlockOutcome::kOk) != batch ||
           std::memcmp(side.src->data(), side.dst->data(), size * batch) != 0) {
         return absl::DataLossError("a block did not round-trip");
       }
@@ -151,15 +154,18 @@ absl::Status Run() {
   auto line = [&](const char* what, std::vector<double> Side::*samples) {
     const auto& d = sides[0].*samples;
     const auto& h = sides[1].*samples;
-    std::printf("%-7s dram p10/p50=%.0f/%.0f us  hbm(staged) p10/p50=%.0f/%.0f us  dram/hbm p10=%.2f p50=%.2f\n",
-                what, Percentile(d, 0.1), Percentile(d, 0.5), Percentile(h, 0.1), Percentile(h, 0.5),
-                Percentile(d, 0.1) / Percentile(h, 0.1), Percentile(d, 0.5) / Percentile(h, 0.5));
+    std::printf(
+        "%-7s dram p10/p50=%.0f/%.0f us  hbm(staged) p10/p50=%.0f/%.0f us  dram/hbm p10=%.2f "
+        "p50=%.2f\n",
+        what, Percentile(d, 0.1), Percentile(d, 0.5), Percentile(h, 0.1), Percentile(h, 0.5),
+        Percentile(d, 0.1) / Percentile(h, 0.1), Percentile(d, 0.5) / Percentile(h, 0.5));
   };
   line("publish", &Side::publish_us);
   line("fetch", &Side::fetch_us);
   std::printf("# hbm node: %llu staged, %llu staging fallbacks, gpu=%s\n",
               static_cast<unsigned long long>(stats.hbm_staged_blocks()),
-              static_cast<unsigned long long>(stats.hbm_staging_fallbacks()), stats.gpu_device().c_str());
+              static_cast<unsigned long long>(stats.hbm_staging_fallbacks()),
+              stats.gpu_device().c_str());
   return absl::OkStatus();
 }
 

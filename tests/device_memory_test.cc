@@ -1,6 +1,8 @@
 // transfer::DeviceMemory and StagingPool, the same tests on each
 // implementation: the host-memory double everywhere, CUDA where a GPU is
 // (skipped, saying so, where none is). IPC goes through a second process.
+#include "kvstrata/transfer/device_memory.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -10,7 +12,6 @@
 #include "host_device_memory.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
-#include "kvstrata/transfer/device_memory.h"
 #include "kvstrata/transfer/staging.h"
 
 namespace kvstrata {
@@ -108,8 +109,8 @@ TEST_P(DeviceMemoryTest, AMalformedIpcHandleIsAnError) {
 }
 
 TEST_P(DeviceMemoryTest, StagingLendsWholeChunksAndCopiesByteExact) {
-  auto pool = transfer::StagingPool::Create(*device_, nullptr,
-                                            {.bytes = 4 << 20, .chunk_bytes = 1 << 20});
+  auto pool =
+      transfer::StagingPool::Create(*device_, nullptr, {.bytes = 4 << 20, .chunk_bytes = 1 << 20});
   ASSERT_TRUE(pool.ok()) << pool.status();
   auto one = (*pool)->Take(1);
   auto two = (*pool)->Take((1 << 20) + 1);  // two chunks
@@ -186,11 +187,13 @@ int RunChild(int argc, char** argv) {
   auto host = (*device)->AllocatePinnedHost(kBytes);
   auto stream = (*device)->CreateStream();
   if (!host.ok() || !stream.ok()) return 13;
-  if (!(*stream)->Copy(host->data(), mapped->data(), kBytes, CopyKind::kDeviceToHost).ok()) return 14;
+  if (!(*stream)->Copy(host->data(), mapped->data(), kBytes, CopyKind::kDeviceToHost).ok())
+    return 14;
   if (!(*stream)->Synchronize().ok()) return 15;
   if (std::memcmp(host->data(), Pattern(3, kBytes).data(), kBytes) != 0) return 16;
   std::memcpy(host->data(), Pattern(4, kBytes).data(), kBytes);
-  if (!(*stream)->Copy(mapped->data(), host->data(), kBytes, CopyKind::kHostToDevice).ok()) return 17;
+  if (!(*stream)->Copy(mapped->data(), host->data(), kBytes, CopyKind::kHostToDevice).ok())
+    return 17;
   return (*stream)->Synchronize().ok() ? 0 : 18;
 }
 
@@ -198,7 +201,8 @@ int RunChild(int argc, char** argv) {
 }  // namespace kvstrata
 
 int main(int argc, char** argv) {
-  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty())
+    return kvstrata::RunChild(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

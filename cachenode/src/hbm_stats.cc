@@ -70,18 +70,22 @@ void AddHbmMetrics(TieredStore& store, std::vector<MetricFamily>& families) {
                       {Sample(moves.promoted, MetricType::Counter, {{"move", "promoted"}}),
                        Sample(moves.demoted, MetricType::Counter, {{"move", "demoted"}}),
                        Sample(moves.demotion_drops, MetricType::Counter, {{"move", "dropped"}})}});
-  families.push_back({"kvstrata_hbm_staged_blocks_total",
-                      "Host copies of HBM blocks made for transfers, by where: the pinned staging "
-                      "pool, or memory of their own when the pool was full.",
-                      MetricType::Counter,
-                      {Sample(c.staged_blocks - c.staging_fallbacks, MetricType::Counter, {{"buffer", "staging"}}),
-                       Sample(c.staging_fallbacks, MetricType::Counter, {{"buffer", "fallback"}})}});
-  families.push_back({"kvstrata_hbm_staging_bytes", "The staging pool: capacity and bytes lent now.",
+  families.push_back(
+      {"kvstrata_hbm_staged_blocks_total",
+       "Host copies of HBM blocks made for transfers, by where: the pinned staging "
+       "pool, or memory of their own when the pool was full.",
+       MetricType::Counter,
+       {Sample(c.staged_blocks - c.staging_fallbacks, MetricType::Counter, {{"buffer", "staging"}}),
+        Sample(c.staging_fallbacks, MetricType::Counter, {{"buffer", "fallback"}})}});
+  families.push_back({"kvstrata_hbm_staging_bytes",
+                      "The staging pool: capacity and bytes lent now.",
                       MetricType::Gauge,
                       {Sample(c.staging.capacity_bytes, MetricType::Gauge, {{"what", "capacity"}}),
                        Sample(c.staging.leased_bytes, MetricType::Gauge, {{"what", "leased"}})}});
-  families.push_back({"kvstrata_hbm_copy_errors_total", "Device copies that failed.",
-                      MetricType::Counter, {Sample(c.copy_errors, MetricType::Counter)}});
+  families.push_back({"kvstrata_hbm_copy_errors_total",
+                      "Device copies that failed.",
+                      MetricType::Counter,
+                      {Sample(c.copy_errors, MetricType::Counter)}});
 }
 
 }  // namespace kvstrata::cachenode

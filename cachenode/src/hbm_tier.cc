@@ -37,7 +37,8 @@ absl::StatusOr<bool> HbmTier::Admit(const BlockId& id, const StoredBlock& host) 
   if (slabs_->Find(id, /*hit=*/false) != nullptr) return false;
   absl::StatusOr<std::shared_ptr<StoredBlock>> chunk = slabs_->Reserve(host.size());
   if (!chunk.ok()) return chunk.status();
-  if (absl::Status s = staging_->CopyToDevice((*chunk)->data(), host.data(), host.size()); !s.ok()) {
+  if (absl::Status s = staging_->CopyToDevice((*chunk)->data(), host.data(), host.size());
+      !s.ok()) {
     copy_errors_.fetch_add(1, std::memory_order_relaxed);
     KVS_LOG(Warning) << "HBM: copy to device failed: " << s;
     return s;

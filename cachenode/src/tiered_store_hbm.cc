@@ -26,7 +26,8 @@ void TieredStore::DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> 
     // of our own (freed once written).
     uint8_t* heap = nvme::AllocateAligned(block->size()).release();
     if (heap != nullptr) {
-      host = std::make_shared<StoredBlock>(heap, block->size(), [heap] { nvme::AlignedFree()(heap); });
+      host =
+          std::make_shared<StoredBlock>(heap, block->size(), [heap] { nvme::AlignedFree()(heap); });
     }
     if (host.ok() && hbm_->CopyToHost(*block, (*host)->data()).ok()) {
       (*host)->checksum = block->checksum;

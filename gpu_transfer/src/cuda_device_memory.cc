@@ -76,8 +76,8 @@ class CudaStream : public DeviceStream {
   absl::StatusOr<std::unique_ptr<DeviceEvent>> Record() override {
     cudaSetDevice(device_);
     cudaEvent_t event;
-    if (absl::Status s = CudaError(cudaEventCreateWithFlags(&event, cudaEventDisableTiming),
-                                   "cudaEventCreate");
+    if (absl::Status s =
+            CudaError(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "cudaEventCreate");
         !s.ok()) {
       return s;
     }
@@ -130,12 +130,13 @@ class CudaDeviceMemory : public DeviceMemory {
 
   absl::StatusOr<DeviceAllocation> PinHost(void* addr, uint64_t bytes) override {
     cudaSetDevice(device_);
-    if (absl::Status s = CudaError(cudaHostRegister(addr, bytes, cudaHostRegisterPortable),
-                                   "cudaHostRegister");
+    if (absl::Status s =
+            CudaError(cudaHostRegister(addr, bytes, cudaHostRegisterPortable), "cudaHostRegister");
         !s.ok()) {
       return s;
     }
-    return DeviceAllocation(static_cast<uint8_t*>(addr), bytes, [addr] { cudaHostUnregister(addr); });
+    return DeviceAllocation(static_cast<uint8_t*>(addr), bytes,
+                            [addr] { cudaHostUnregister(addr); });
   }
 
   absl::StatusOr<std::unique_ptr<DeviceStream>> CreateStream() override {
@@ -153,8 +154,8 @@ class CudaDeviceMemory : public DeviceMemory {
   absl::StatusOr<std::string> ExportIpc(const DeviceAllocation& allocation) override {
     cudaSetDevice(device_);
     cudaIpcMemHandle_t handle;
-    if (absl::Status s = CudaError(cudaIpcGetMemHandle(&handle, allocation.data()),
-                                   "cudaIpcGetMemHandle");
+    if (absl::Status s =
+            CudaError(cudaIpcGetMemHandle(&handle, allocation.data()), "cudaIpcGetMemHandle");
         !s.ok()) {
       return s;
     }
@@ -177,8 +178,8 @@ class CudaDeviceMemory : public DeviceMemory {
     std::memcpy(&size, bytes.data() + sizeof(handle), sizeof(size));
     cudaSetDevice(device_);
     void* p = nullptr;
-    if (absl::Status s = CudaError(
-            cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle");
+    if (absl::Status s = CudaError(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
+                                   "cudaIpcOpenMemHandle");
         !s.ok()) {
       return s;
     }

@@ -51,7 +51,8 @@ absl::StatusOr<std::unique_ptr<StagingPool>> StagingPool::Create(DeviceMemory& d
     absl::MutexLock lock(&state->mu);
     state->used.assign(chunks, false);
   }
-  return std::unique_ptr<StagingPool>(new StagingPool(device, options.chunk_bytes, std::move(state)));
+  return std::unique_ptr<StagingPool>(
+      new StagingPool(device, options.chunk_bytes, std::move(state)));
 }
 
 StagingPool::~StagingPool() = default;
@@ -71,13 +72,13 @@ absl::StatusOr<std::unique_ptr<StagingPool::Lease>> StagingPool::Take(uint64_t b
       std::fill(used.begin() + first, used.begin() + i + 1, true);
       state_->leased_bytes += want * chunk_bytes_;
       ++state_->leases;
-      return std::unique_ptr<Lease>(new Lease(state_, first, want,
-                                              state_->region.data() + first * chunk_bytes_, bytes));
+      return std::unique_ptr<Lease>(
+          new Lease(state_, first, want, state_->region.data() + first * chunk_bytes_, bytes));
     }
   }
   ++state_->exhausted;
-  return absl::ResourceExhaustedError(
-      absl::StrCat("staging: no ", want, " free chunks of ", chunk_bytes_, " bytes in ", used.size()));
+  return absl::ResourceExhaustedError(absl::StrCat("staging: no ", want, " free chunks of ",
+                                                   chunk_bytes_, " bytes in ", used.size()));
 }
 
 absl::Status StagingPool::CopyAll(absl::Span<const Copy> copies, CopyKind kind) {
@@ -97,7 +98,8 @@ absl::Status StagingPool::CopyAll(absl::Span<const Copy> copies, CopyKind kind) 
   absl::Status status;
   for (const Copy& copy : copies) {
     for (uint64_t at = 0; at < copy.bytes && status.ok(); at += chunk_bytes_) {
-      status = stream->Copy(copy.dst + at, copy.src + at, std::min(chunk_bytes_, copy.bytes - at), kind);
+      status =
+          stream->Copy(copy.dst + at, copy.src + at, std::min(chunk_bytes_, copy.bytes - at), kind);
     }
     if (!status.ok()) break;
   }

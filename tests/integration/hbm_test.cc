@@ -71,9 +71,9 @@ class HbmNodeTest : public ::testing::Test {
     std::vector<std::string> flags = {absl::StrCat("--slab_bytes=", kSlab), "--transfer_timeout=5s",
                                       "--eviction_policy=lru"};
     if (nvme) {
-      flags.insert(flags.end(), {"--nvme_dirs=" + temp_->File("nvme0"),
-                                 "--nvme_capacity_bytes=268435456", "--nvme_demotion_wait=10s",
-                                 "--nvme_eviction_policy=lru"});
+      flags.insert(flags.end(),
+                   {"--nvme_dirs=" + temp_->File("nvme0"), "--nvme_capacity_bytes=268435456",
+                    "--nvme_demotion_wait=10s", "--nvme_eviction_policy=lru"});
     }
     flags.insert(flags.end(), extra.begin(), extra.end());
     client_.reset();
@@ -134,7 +134,8 @@ class HbmNodeTest : public ::testing::Test {
     for (v1::Tier tier : {v1::TIER_HBM, v1::TIER_DRAM}) {
       const v1::TierStats* t = FindTier(s, tier);
       ASSERT_NE(t, nullptr);
-      EXPECT_EQ(t->used_bytes(), t->blocks() * kBlock) << v1::Tier_Name(tier) << " " << s.DebugString();
+      EXPECT_EQ(t->used_bytes(), t->blocks() * kBlock)
+          << v1::Tier_Name(tier) << " " << s.DebugString();
     }
   }
 
@@ -359,7 +360,8 @@ TEST_F(HbmNodeTest, ACleanShutdownWritesHbmToNvme) {
 // wrong bytes: a publish whose copy up fails is kept in DRAM, an HBM block
 // whose copy down fails is a miss, and the node keeps serving.
 TEST_F(HbmNodeTest, FailedDeviceCopiesAreMissesOrDramNeverWrongBytes) {
-  if (HbmNodeBinary() != KVSTRATA_TEST_NODE_BINARY) GTEST_SKIP() << "fault injection is the double's";
+  if (HbmNodeBinary() != KVSTRATA_TEST_NODE_BINARY)
+    GTEST_SKIP() << "fault injection is the double's";
   setenv("KVSTRATA_TEST_DEVICE_COPIES", "8", 1);  // one 256 KiB block is one copy
   StartNode({HbmFlag(32), DramFlag(64)});
   unsetenv("KVSTRATA_TEST_DEVICE_COPIES");
@@ -391,10 +393,10 @@ TEST(HbmRealNodeTest, WithoutAGpuTheNodeRefusesToStart) {
   if (transfer::OpenCudaDevice(0).ok()) GTEST_SKIP() << "this machine has a GPU";
   auto temp = testing::TempDir::Create("kvstrata-hbm-nogpu");
   ASSERT_TRUE(temp.ok());
-  auto child = ChildProcess::Spawn({KVSTRATA_NODE_BINARY, "--listen=127.0.0.1:0",
-                                    "--metrics_listen=", "--dram_bytes=67108864",
-                                    "--hbm_bytes=67108864"},
-                                   (*temp)->File("log"));
+  auto child =
+      ChildProcess::Spawn({KVSTRATA_NODE_BINARY, "--listen=127.0.0.1:0",
+                           "--metrics_listen=", "--dram_bytes=67108864", "--hbm_bytes=67108864"},
+                          (*temp)->File("log"));
   ASSERT_TRUE(child.ok());
   EXPECT_EQ((*child)->Wait(), 1);
   EXPECT_NE((*child)->LogTail().find("--hbm_bytes needs GPU 0"), std::string::npos)
@@ -418,7 +420,8 @@ int RunChild(int argc, char** argv) {
 }  // namespace kvstrata
 
 int main(int argc, char** argv) {
-  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty()) return kvstrata::RunChild(argc, argv);
+  if (!kvstrata::testing::ChildArg(argc, argv, "child").empty())
+    return kvstrata::RunChild(argc, argv);
   ::testing::InitGoogleTest(&argc, argv);
   return RUN_ALL_TESTS();
 }

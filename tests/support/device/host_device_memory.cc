@@ -130,7 +130,7 @@ class HostStream : public transfer::DeviceStream {
   uint64_t done_ = 0;
   bool stopping_ = false;
   std::atomic<bool> failed_{false};  // sticky, like a CUDA stream's error
-  std::thread worker_;  // last: starts after the rest is ready
+  std::thread worker_;               // last: starts after the rest is ready
 };
 
 }  // namespace
@@ -138,7 +138,7 @@ class HostStream : public transfer::DeviceStream {
 HostDeviceMemory::~HostDeviceMemory() = default;
 
 absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::Map(int fd, uint64_t bytes,
-                                                                  bool keep_fd) {
+                                                                 bool keep_fd) {
   void* backing = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (backing == MAP_FAILED) {
     close(fd);
@@ -159,20 +159,21 @@ absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::Map(int fd, uint64_
     absl::MutexLock lock(&mu_);
     ranges_[reinterpret_cast<uintptr_t>(device)] = {bytes, static_cast<uint8_t*>(backing), fd};
   }
-  return transfer::DeviceAllocation(static_cast<uint8_t*>(device), bytes, [this, device, backing, bytes] {
-    int fd = -1;
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = ranges_.find(reinterpret_cast<uintptr_t>(device));
-      if (it != ranges_.end()) {
-        fd = it->second.fd;
-        ranges_.erase(it);
-      }
-    }
-    munmap(device, bytes);
-    munmap(backing, bytes);
-    if (fd >= 0) close(fd);
-  });
+  return transfer::DeviceAllocation(static_cast<uint8_t*>(device), bytes,
+                                    [this, device, backing, bytes] {
+                                      int fd = -1;
+                                      {
+                                        absl::MutexLock lock(&mu_);
+                                        auto it = ranges_.find(reinterpret_cast<uintptr_t>(device));
+                                        if (it != ranges_.end()) {
+                                          fd = it->second.fd;
+                                          ranges_.erase(it);
+                                        }
+                                      }
+                                      munmap(device, bytes);
+                                      munmap(backing, bytes);
+                                      if (fd >= 0) close(fd);
+                                    });
 }
 
 absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::Allocate(uint64_t bytes) {
@@ -181,7 +182,8 @@ absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::Allocate(uint64_t b
   if (fd < 0) return absl::InternalError(absl::StrCat("memfd_create: ", std::strerror(errno)));
   if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     close(fd);
-    return absl::ResourceExhaustedError(absl::StrCat("ftruncate ", bytes, ": ", std::strerror(errno)));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("ftruncate ", bytes, ": ", std::strerror(errno)));
   }
   return Map(fd, bytes, /*keep_fd=*/true);
 }
@@ -190,12 +192,14 @@ absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::AllocatePinnedHost(
   if (bytes == 0) return absl::InvalidArgumentError("pinned allocation of 0 bytes");
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return absl::ResourceExhaustedError("mmap of pinned host memory failed");
-  return transfer::DeviceAllocation(static_cast<uint8_t*>(p), bytes, [p, bytes] { munmap(p, bytes); });
+  return transfer::DeviceAllocation(static_cast<uint8_t*>(p), bytes,
+                                    [p, bytes] { munmap(p, bytes); });
 }
 
 absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::PinHost(void* addr, uint64_t bytes) {
   if (addr == nullptr || bytes == 0) return absl::InvalidArgumentError("pinning an empty range");
-  if (OverlapsDevice(addr, bytes)) return absl::InvalidArgumentError("pinning device memory as host");
+  if (OverlapsDevice(addr, bytes))
+    return absl::InvalidArgumentError("pinning device memory as host");
   return transfer::DeviceAllocation(static_cast<uint8_t*>(addr), bytes, [] {});
 }
 
@@ -203,7 +207,8 @@ absl::StatusOr<std::unique_ptr<transfer::DeviceStream>> HostDeviceMemory::Create
   return std::unique_ptr<transfer::DeviceStream>(new HostStream(*this));
 }
 
-absl::StatusOr<std::string> HostDeviceMemory::ExportIpc(const transfer::DeviceAllocation& allocation) {
+absl::StatusOr<std::string> HostDeviceMemory::ExportIpc(
+    const transfer::DeviceAllocation& allocation) {
   absl::MutexLock lock(&mu_);
   auto it = ranges_.find(reinterpret_cast<uintptr_t>(allocation.data()));
   if (it == ranges_.end() || it->second.fd < 0) {
@@ -229,7 +234,8 @@ absl::StatusOr<transfer::DeviceAllocation> HostDeviceMemory::ImportIpc(std::stri
   const std::string path = absl::StrCat("/proc/", handle.pid, "/fd/", handle.fd);
   const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
   }
   return Map(fd, handle.size, /*keep_fd=*/false);
 }

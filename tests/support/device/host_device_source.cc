@@ -13,7 +13,8 @@ absl::StatusOr<std::unique_ptr<transfer::DeviceMemory>> OpenNodeDevice(int devic
   // Fault injection for tests: KVSTRATA_TEST_DEVICE_COPIES=N lets N copies
   // happen and fails every later one.
   uint64_t copies = UINT64_MAX;
-  if (const char* limit = std::getenv("KVSTRATA_TEST_DEVICE_COPIES")) copies = std::strtoull(limit, nullptr, 10);
+  if (const char* limit = std::getenv("KVSTRATA_TEST_DEVICE_COPIES"))
+    copies = std::strtoull(limit, nullptr, 10);
   return std::make_unique<testing::HostDeviceMemory>(copies);
 }
 

@@ -64,7 +64,8 @@ class HbmTier {
   // one stream with one wait. Each copy holds its HBM block until dropped,
   // so the chunk is not reused meanwhile. Null where a block could not be
   // staged (no host memory; all null when the device copies failed).
-  std::vector<std::shared_ptr<StoredBlock>> StageAll(std::vector<std::shared_ptr<StoredBlock>> blocks);
+  std::vector<std::shared_ptr<StoredBlock>> StageAll(
+      std::vector<std::shared_ptr<StoredBlock>> blocks);
   // Pinned, UCX-registered host memory for a block on its way in (a
   // publish lands there, is verified, then Admit copies it up);
   // RESOURCE_EXHAUSTED when the staging pool has no room now.

@@ -21,15 +21,15 @@ class Engine;
 class MemoryRegion;
 
 struct StagingOptions {
-  uint64_t bytes = 64ull << 20;        // the whole pinned region
-  uint64_t chunk_bytes = 1ull << 20;   // lease granularity and copy size
+  uint64_t bytes = 64ull << 20;       // the whole pinned region
+  uint64_t chunk_bytes = 1ull << 20;  // lease granularity and copy size
 };
 
 struct StagingCounters {
   uint64_t capacity_bytes = 0;
-  uint64_t leased_bytes = 0;   // held by leases now
-  uint64_t leases = 0;         // taken so far
-  uint64_t exhausted = 0;      // Take() found no room (the caller fell back)
+  uint64_t leased_bytes = 0;  // held by leases now
+  uint64_t leases = 0;        // taken so far
+  uint64_t exhausted = 0;     // Take() found no room (the caller fell back)
 };
 
 class StagingPool {
