@@ -490,7 +490,7 @@ int Stat() {
     std::cout << "tier " << kvstrata::v1::Tier_Name(tier.tier()) << " blocks=" << tier.blocks()
               << " stored_bytes=" << tier.stored_bytes() << " used_bytes=" << tier.used_bytes()
               << " capacity_bytes=" << tier.capacity_bytes() << " evictions=" << tier.evictions();
-    if (tier.tier() == kvstrata::v1::TIER_NVME) {
+    if (tier.tier() == kvstrata::v1::TIER_NVME || tier.tier() == kvstrata::v1::TIER_HBM) {
       std::cout << " errors=" << tier.errors();
       if (!tier.last_error().empty()) std::cout << " last_error=\"" << tier.last_error() << "\"";
     }
@@ -501,6 +501,14 @@ int Stat() {
               << " promoted=" << stats.promoted_blocks()
               << " corrupt_blocks=" << stats.nvme_corrupt_blocks()
               << " corrupt_records=" << stats.nvme_corrupt_records() << "\n";
+  }
+  if (!stats.gpu_device().empty()) {
+    std::cout << "hbm gpu=\"" << stats.gpu_device() << "\" promoted=" << stats.hbm_promoted_blocks()
+              << " demoted=" << stats.hbm_demoted_blocks() << " dropped=" << stats.hbm_demotion_drops()
+              << " staged=" << stats.hbm_staged_blocks()
+              << " staging_fallbacks=" << stats.hbm_staging_fallbacks()
+              << " staging_bytes=" << stats.hbm_staging_bytes()
+              << " staging_leased_bytes=" << stats.hbm_staging_leased_bytes() << "\n";
   }
   const uint64_t lookups = stats.lookup_hit_blocks() + stats.lookup_miss_blocks();
   std::cout << "namespaces " << stats.namespaces() << "\n"

@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvstrata/cachenode/node.h"
 #include "kvstrata/common/log.h"
+#include "device_source.h"
 #include "peer_check.h"
 
 ABSL_FLAG(std::string, listen, "127.0.0.1:50151",
@@ -117,6 +118,15 @@ ABSL_FLAG(bool, nvme_prefetch_on_lookup, true,
           "the Fetch that follows finds them in memory.");
 ABSL_FLAG(std::string, nvme_eviction_policy, "adaptive",
           "Eviction policy of the NVMe tier (same names as --eviction_policy).");
+ABSL_FLAG(uint64_t, hbm_bytes, 0,
+          "Size of the HBM tier in bytes of GPU memory (on --gpu_device). 0: no HBM tier. New and "
+          "hit blocks go to HBM first; its evictions go to DRAM, then NVMe. Needs a CUDA build "
+          "and a GPU (the node refuses to start otherwise).");
+ABSL_FLAG(int32_t, gpu_device, 0, "CUDA device (index among the visible ones) of the HBM tier.");
+ABSL_FLAG(uint64_t, hbm_staging_bytes, 64ull << 20,
+          "Pinned host memory, registered with UCX once, that transfers of HBM blocks stage "
+          "through (UCX here has no CUDA transports). A block finding it all in use is staged "
+          "in memory of its own.");
 
 namespace {
 
@@ -202,6 +212,10 @@ int main(int argc, char** argv) {
   options.nvme_flush_on_shutdown = absl::GetFlag(FLAGS_nvme_flush_on_shutdown);
   options.nvme_prefetch_on_lookup = absl::GetFlag(FLAGS_nvme_prefetch_on_lookup);
   options.nvme.max_demotion_wait = absl::GetFlag(FLAGS_nvme_demotion_wait);
+  options.hbm_bytes = absl::GetFlag(FLAGS_hbm_bytes);
+  options.gpu_device = absl::GetFlag(FLAGS_gpu_device);
+  options.hbm_staging_bytes = absl::GetFlag(FLAGS_hbm_staging_bytes);
+  options.open_device = kvstrata::cachenode::OpenNodeDevice;
 
   auto node = kvstrata::cachenode::Node::Start(options);
   if (!node.ok()) {

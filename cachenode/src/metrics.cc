@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "auth.h"
+#include "hbm_stats.h"
 #include "tenant_ledger.h"
 #include "tiered_store.h"
 #include "kvstrata/cachenode/namespace_registry.h"
@@ -227,6 +228,7 @@ class NodeMetrics::Collector : public prometheus::Collectable {
     out.push_back(Family("kvstrata_build_info", "Always 1; the labels say which build runs.",
                          MetricType::Gauge,
                          {Sample(1, MetricType::Gauge, {{"version", KVSTRATA_VERSION}})}));
+    AddHbmMetrics(store_, out);
     return out;
   }
 

@@ -14,10 +14,12 @@
 #include "absl/synchronization/notification.h"
 #include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
+#include "kvstrata/transfer/memory_types.h"
 #include "kvstrata/common/log.h"
 #include "absl/strings/match.h"
 #include "auth.h"
 #include "metrics.h"
+#include "nvme/data_file.h"
 #include "node_service.h"
 #include "peer_check.h"
 
@@ -32,6 +34,8 @@ class Node::Impl {
   std::unique_ptr<Authenticator> auth;                  // used by the service
   std::unique_ptr<transfer::Engine> engine;
   std::unique_ptr<transfer::MemoryRegion> arena;
+  std::unique_ptr<HbmTier> hbm;  // its staging is registered with the engine
+  transfer::DeviceAllocation arena_pin;  // the DRAM arena page-locked for GPU copies
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NvmeTier> nvme;
   std::unique_ptr<TieredStore> store;
@@ -67,6 +71,29 @@ class Node::Impl {
                   << absl::ToDoubleMilliseconds(absl::Now() - start) << " ms";
   }
 
+  // Writes every HBM block to NVMe through host memory, as DRAM's are.
+  void FlushHbmToNvme() {
+    std::vector<std::pair<BlockId, std::shared_ptr<StoredBlock>>> batch;
+    size_t written = 0;
+    auto write = [&] {
+      for (const absl::Status& s : nvme->Write(batch)) written += s.ok() ? 1 : 0;
+      batch.clear();
+    };
+    hbm->slabs().Drain([&](const BlockId& id, std::shared_ptr<StoredBlock> block) {
+      uint8_t* heap = nvme::AllocateAligned(block->size()).release();
+      if (heap == nullptr) return;
+      auto host = std::make_shared<StoredBlock>(heap, block->size(), [heap] { nvme::AlignedFree()(heap); });
+      if (!hbm->CopyToHost(*block, heap).ok()) return;
+      host->checksum = block->checksum;
+      host->parent = block->parent;
+      host->has_parent = block->has_parent;
+      batch.emplace_back(id, std::move(host));
+      if (batch.size() == 32) write();
+    });
+    write();
+    KVS_LOG(Info) << "shutdown: " << written << " HBM blocks on NVMe";
+  }
+
   ~Impl() {
     if (server) server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
     server.reset();
@@ -76,6 +103,7 @@ class Node::Impl {
     if (!shutdown.HasBeenNotified()) shutdown.Notify();
     if (auth_poller.joinable()) auth_poller.join();
     if (store != nullptr) store->StopPrefetch();
+    if (nvme != nullptr && flush_on_shutdown && hbm != nullptr) FlushHbmToNvme();
     if (nvme != nullptr && flush_on_shutdown) FlushDramToNvme();
     store.reset();
     // Writes what is queued for NVMe: it reads DRAM chunks, so before the arena goes.
@@ -83,6 +111,8 @@ class Node::Impl {
     // Transfers abandoned at a deadline may still target the arena: end them
     // before it is unregistered and unmapped.
     if (engine) engine->ClosePeers();
+    hbm.reset();
+    arena_pin = transfer::DeviceAllocation();
     dram.reset();
   }
 };
@@ -144,6 +174,46 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
     ssl.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
   }
   return grpc::SslServerCredentials(ssl);
+}
+
+// The HBM tier on the GPU the options name, with the DRAM tier's slab size
+// and policy; the DRAM arena is page-locked so copies to and from it are
+// asynchronous (a failure there only makes them slower).
+absl::Status StartHbm(const NodeOptions& options, Node::Impl& impl) {
+  auto open = options.open_device ? options.open_device : transfer::OpenCudaDevice;
+  absl::StatusOr<std::unique_ptr<transfer::DeviceMemory>> device = open(options.gpu_device);
+  if (!device.ok()) {
+    return absl::Status(device.status().code(),
+                        absl::StrCat("--hbm_bytes needs GPU ", options.gpu_device, ": ",
+                                     device.status().message()));
+  }
+  absl::StatusOr<std::unique_ptr<EvictionPolicy>> policy = MakeEvictionPolicy(options.eviction_policy);
+  if (!policy.ok()) return policy.status();
+  HbmTierOptions hbm{.capacity_bytes = options.hbm_bytes, .slab_bytes = options.slab_bytes};
+  hbm.staging.bytes = std::max<uint64_t>(options.hbm_staging_bytes, hbm.staging.chunk_bytes);
+  absl::StatusOr<std::unique_ptr<HbmTier>> tier =
+      HbmTier::Create(*std::move(device), hbm, *std::move(policy), impl.engine.get());
+  if (!tier.ok()) return tier.status();
+  impl.hbm = *std::move(tier);
+  absl::StatusOr<transfer::DeviceAllocation> pin =
+      impl.hbm->device().PinHost(impl.arena->data(), impl.arena->size());
+  if (pin.ok()) {
+    impl.arena_pin = *std::move(pin);
+  } else {
+    KVS_LOG(Warning) << "HBM: cannot page-lock the DRAM arena (copies stay synchronous): "
+                     << pin.status();
+  }
+  // Device memory reaches clients through staging either way (handing UCX
+  // device memory directly is not built yet); say whether it could.
+  absl::StatusOr<bool> ucx_cuda = transfer::UcxSupportsCudaMemory(options.ucx_transports);
+  impl.hbm->set_ucx_cuda_memory(ucx_cuda.ok() && *ucx_cuda);
+  KVS_LOG(Info) << "HBM tier: " << impl.hbm->slabs().capacity_bytes() << " bytes on "
+                << impl.hbm->device().description() << "; transfers staged through "
+                << options.hbm_staging_bytes << " bytes of pinned host memory (UCX "
+                << (!ucx_cuda.ok() ? ucx_cuda.status().ToString()
+                                   : *ucx_cuda ? "reports CUDA memory" : "has no CUDA memory support")
+                << ")";
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -232,8 +302,11 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
     impl->nvme = *std::move(tier);
     impl->flush_on_shutdown = options.nvme_flush_on_shutdown;
   }
+  if (options.hbm_bytes > 0) {
+    if (absl::Status s = StartHbm(options, *impl); !s.ok()) return s;
+  }
   impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get(),
-                                              options.nvme_prefetch_on_lookup);
+                                              options.nvme_prefetch_on_lookup, impl->hbm.get());
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
   impl->ledger = std::make_unique<TenantLedger>(*impl->dram);
   impl->dram->set_residency_hook(
@@ -296,7 +369,8 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                 << " metrics_port=" << (impl->metrics ? impl->metrics->port() : 0) << " dram_bytes=" << arena_bytes
                 << " slab_bytes=" << options.slab_bytes << " policy=" << options.eviction_policy
                 << " auth=" << (impl->auth ? options.auth_file : "off")
-                << " max_ucx_endpoints=" << engine_options.max_peers;
+                << " max_ucx_endpoints=" << engine_options.max_peers
+                << " hbm_bytes=" << (impl->hbm ? impl->hbm->slabs().capacity_bytes() : 0);
   return std::unique_ptr<Node>(new Node(std::move(impl)));
 }
 

@@ -1,6 +1,7 @@
 #include "node_service.h"
 
 #include "auth.h"
+#include "hbm_stats.h"
 #include "metrics.h"
 
 #include <algorithm>
@@ -556,7 +557,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
   for (int i = 0; i < blocks.size(); ++i) {
     if (response->status(i) == v1::BLOCK_ALREADY_PRESENT) continue;
     absl::StatusOr<std::shared_ptr<StoredBlock>> block =
-        to_transfer < max_blocks ? store_.dram().Reserve(ns->block_bytes)
+        to_transfer < max_blocks ? store_.Reserve(ns->block_bytes)
                                  : absl::ResourceExhaustedError("over the request's share");
     if (!block.ok()) {
       response->set_status(i, v1::BLOCK_NO_SPACE);
@@ -619,7 +620,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       reserved[i]->parent = *parents[i];
       reserved[i]->has_parent = true;
     }
-    if (store_.dram().Commit(ids[i], reserved[i])) {
+    if (store_.Commit(ids[i], reserved[i])) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
       const std::string format = StoredFormatLabel(ns->spec.format());
       counters_.ingest_bytes.Add(format, "received", ns->block_bytes);
@@ -763,6 +764,7 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
     response->set_nvme_index_repairs(nvme.index_repairs);
   }
   response->set_promoted_blocks(store_.promoted_blocks());
+  AddHbmStats(store_, response);
   response->set_namespaces(namespaces_.size());
   auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
   response->set_lookup_hit_blocks(load(counters_.lookup_hit_blocks));

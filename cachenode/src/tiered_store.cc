@@ -7,8 +7,9 @@
 
 namespace kvstrata::cachenode {
 
-TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch)
-    : dram_(dram), nvme_(nvme) {
+TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch, HbmTier* hbm)
+    : dram_(dram), nvme_(nvme), hbm_(hbm) {
+  if (hbm_ != nullptr) WireHbm();
   if (nvme_ != nullptr) {
     dram_.set_eviction_hook([nvme](const BlockId& id, std::shared_ptr<StoredBlock> block) {
       nvme->Demote(id, std::move(block));
@@ -33,15 +34,32 @@ std::vector<ListedBlock> TieredStore::List(uint64_t namespace_id,
                                            const std::optional<BlockKey>& after, size_t limit,
                                            bool* more) {
   BlockPage page(after, limit);
-  dram_.List(namespace_id, page);  // first: its offer wins for a block in both
+  if (hbm_ != nullptr) hbm_->slabs().List(namespace_id, page);
+  dram_.List(namespace_id, page);  // before NVMe: its offer wins for a block in both
   if (nvme_ != nullptr && nvme_->ready()) nvme_->List(namespace_id, page);
   *more = page.more();
-  return page.Take();
+  std::vector<ListedBlock> listed = page.Take();
+  if (hbm_ != nullptr) {  // the HBM tier's index offers its blocks as DRAM's
+    for (ListedBlock& block : listed) {
+      if (block.tier == v1::TIER_DRAM && hbm_->slabs().Find({namespace_id, block.key}, false)) {
+        block.tier = v1::TIER_HBM;
+      }
+    }
+  }
+  return listed;
 }
 
 std::vector<ListedBlock> TieredStore::Describe(absl::Span<const BlockId> ids) {
   std::vector<ListedBlock> out;
   for (const BlockId& id : ids) {
+    if (std::shared_ptr<StoredBlock> block =
+            hbm_ != nullptr ? hbm_->slabs().Find(id, /*hit=*/false) : nullptr) {
+      out.push_back({.key = id.key,
+                     .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
+                     .size = block->size(),
+                     .tier = v1::TIER_HBM});
+      continue;
+    }
     if (std::shared_ptr<StoredBlock> block = dram_.Find(id, /*hit=*/false)) {
       out.push_back({.key = id.key,
                      .parent = block->has_parent ? std::optional(block->parent) : std::nullopt,
@@ -99,9 +117,9 @@ void TieredStore::PrefetchLoop() {
 std::vector<v1::Tier> TieredStore::PrefixTiers(uint64_t namespace_id,
                                                absl::Span<const BlockKey> keys) {
   // The common case, a prefix wholly in DRAM, in one pass under one lock.
-  const size_t in_dram = dram_.PrefixLength(namespace_id, keys);
+  const size_t in_dram = hbm_ != nullptr ? 0 : dram_.PrefixLength(namespace_id, keys);
   std::vector<v1::Tier> tiers(in_dram, v1::TIER_DRAM);
-  if (nvme_ == nullptr) return tiers;
+  if (nvme_ == nullptr && hbm_ == nullptr) return tiers;
   // Past it, blocks may be on NVMe (or in DRAM again, promoted).
   std::vector<BlockId> on_nvme;
   uint64_t prefetch_bytes = 0;
@@ -110,8 +128,13 @@ std::vector<v1::Tier> TieredStore::PrefixTiers(uint64_t namespace_id,
   const uint64_t prefetch_limit = dram_.capacity_bytes() / 4;
   for (const BlockKey& key : keys.subspan(in_dram)) {
     const BlockId id{namespace_id, key};
-    if (dram_.Find(id, /*hit=*/true) != nullptr || nvme_->FindQueued(id) != nullptr) {
+    if (hbm_ != nullptr && hbm_->slabs().Find(id, /*hit=*/true) != nullptr) {
+      tiers.push_back(v1::TIER_HBM);
+    } else if (dram_.Find(id, /*hit=*/true) != nullptr ||
+               (nvme_ != nullptr && nvme_->FindQueued(id) != nullptr)) {
       tiers.push_back(v1::TIER_DRAM);  // a queued block is still in memory until written
+    } else if (nvme_ == nullptr) {
+      break;
     } else if (std::optional<NvmeBlockInfo> info = nvme_->Find(id, /*hit=*/true)) {
       tiers.push_back(v1::TIER_NVME);
       if (prefetch_bytes + info->size <= prefetch_limit) {
@@ -127,10 +150,11 @@ std::vector<v1::Tier> TieredStore::PrefixTiers(uint64_t namespace_id,
 }
 
 bool TieredStore::Contains(const BlockId& id) {
+  if (hbm_ != nullptr && hbm_->slabs().Find(id, /*hit=*/false) != nullptr) return true;
   return dram_.Find(id, /*hit=*/false) != nullptr || (nvme_ != nullptr && nvme_->Contains(id));
 }
 
-std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const BlockId> ids) {
+std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinDramOrNvme(absl::Span<const BlockId> ids) {
   std::vector<std::shared_ptr<StoredBlock>> pinned(ids.size());
   std::vector<BlockId> to_read;
   std::vector<size_t> read_index;
@@ -181,13 +205,15 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
 }
 
 bool TieredStore::Erase(const BlockId& id) {
+  const bool in_hbm = hbm_ != nullptr && hbm_->slabs().Erase(id);
   const bool in_dram = dram_.Erase(id);
   const bool in_nvme = nvme_ != nullptr && nvme_->Erase(id);
-  return in_dram || in_nvme;
+  return in_hbm || in_dram || in_nvme;
 }
 
 bool TieredStore::RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
   bool known = dram_.RequestFinished(last_block, output_tokens);
+  if (hbm_ != nullptr) known = hbm_->slabs().RequestFinished(last_block, output_tokens) || known;
   if (nvme_ != nullptr) {
     known = nvme_->RequestFinished(last_block, output_tokens) || known;
     known = known || nvme_->FindQueued(last_block) != nullptr;

@@ -1,6 +1,9 @@
-// The node's view over its tiers: the DRAM tier, and the NVMe tier when one
-// is configured. Finds a block wherever it is, promotes NVMe hits into DRAM
-// and demotes DRAM evictions to NVMe (wired at construction).
+// The node's view over its tiers: the DRAM tier, and the NVMe tier and the
+// HBM tier when configured. Finds a block wherever it is, promotes NVMe hits
+// into DRAM and demotes DRAM evictions to NVMe (wired at construction). With
+// HBM (tiered_store_hbm.cc): new and hit blocks go to HBM, HBM evictions to
+// DRAM; a block is in HBM or DRAM, never both, and HBM bytes leave the GPU
+// only as staged host copies.
 #pragma once
 
 #include <atomic>
@@ -14,6 +17,7 @@
 #include "absl/types/span.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/cachenode/dram_tier.h"
+#include "kvstrata/cachenode/hbm_tier.h"
 #include "kvstrata/cachenode/nvme_tier.h"
 
 namespace kvstrata::cachenode {
@@ -23,13 +27,34 @@ class TieredStore {
   // `nvme` may be null. Both must outlive the store. With `prefetch`,
   // PrefixTiers queues the NVMe blocks it finds for promotion in the
   // background, so the Fetch that usually follows a Lookup finds them in DRAM.
-  TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch = false);
+  // `hbm` may be null (no GPU tier); it must outlive the store too.
+  TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch = false, HbmTier* hbm = nullptr);
   ~TieredStore();
   // Ends background promotion (before the node flushes DRAM at shutdown).
   void StopPrefetch();
 
   DramTier& dram() { return dram_; }
   NvmeTier* nvme() { return nvme_; }
+  HbmTier* hbm() { return hbm_; }
+
+  // Memory for a block on its way in (a publish): with HBM, pinned staging
+  // memory when the pool has room (so landing evicts nothing from DRAM),
+  // else a DRAM reservation (DramTier::Reserve).
+  absl::StatusOr<std::shared_ptr<StoredBlock>> Reserve(uint64_t size);
+  // Makes a reserved, filled and verified block visible: copied into
+  // HBM when the node has it (hot-first placement; the DRAM chunk is then
+  // only the landing buffer), else, or when HBM cannot make room, committed
+  // to DRAM. False when not stored: `id` is stored already, or (with HBM,
+  // rarely) neither HBM nor DRAM has an unpinned chunk for it.
+  bool Commit(const BlockId& id, std::shared_ptr<StoredBlock> block);
+
+  // Blocks moved between HBM and DRAM.
+  struct HbmMoves {
+    uint64_t promoted = 0;        // DRAM (or NVMe) hits moved up into HBM
+    uint64_t demoted = 0;         // HBM evictions kept in DRAM
+    uint64_t demotion_drops = 0;  // HBM evictions DRAM had no room for (then gone)
+  };
+  HbmMoves hbm_moves() const;
 
   // The tier of each leading stored key (the longest cached prefix); tells
   // the policies of the tiers they were hit.
@@ -37,7 +62,9 @@ class TieredStore {
   bool Contains(const BlockId& id);
   // Pins each block that is stored, null for a miss. Blocks on NVMe are read
   // into DRAM (verified against their checksums) and committed there: a hit
-  // promotes. A block whose NVMe bytes are damaged is a miss.
+  // promotes. A block whose NVMe bytes are damaged is a miss. With HBM, a
+  // DRAM hit moves up into HBM, and an HBM hit comes back as a staged host
+  // copy that pins the HBM chunk until it is dropped.
   std::vector<std::shared_ptr<StoredBlock>> Pin(absl::Span<const BlockId> ids);
   bool Erase(const BlockId& id);
   // The namespace's blocks with keys after `after`, in key order, at most
@@ -56,12 +83,21 @@ class TieredStore {
   uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
 
  private:
+  std::vector<std::shared_ptr<StoredBlock>> PinDramOrNvme(absl::Span<const BlockId> ids);
+  // tiered_store_hbm.cc
+  void WireHbm();
+  void DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  void PromoteToHbm(const BlockId& id, const std::shared_ptr<StoredBlock>& block);
   void Prefetch(std::vector<BlockId> ids);
   void PrefetchLoop();
 
   DramTier& dram_;
   NvmeTier* const nvme_;
   std::atomic<uint64_t> promoted_{0};
+  HbmTier* const hbm_;
+  std::atomic<uint64_t> hbm_promoted_{0};
+  std::atomic<uint64_t> hbm_demoted_{0};
+  std::atomic<uint64_t> hbm_demotion_drops_{0};
 
   // Background promotion: a bounded queue (beyond it, Lookup hints are
   // dropped; the Fetch then promotes) and one thread.

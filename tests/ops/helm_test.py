@@ -80,6 +80,8 @@ def check_manifests(text, node_flags, label, gpu, tls, nvme, monitor, auth=True)
     expect("--metrics_listen=0.0.0.0:%d" % ports["metrics"] in flags, label + ": metrics port mismatch")
     limits = container["resources"].get("limits", {})
     expect(("nvidia.com/gpu" in limits) == gpu, label + ": GPU limits")
+    expect(("--hbm_bytes=" in flags) == gpu and ("--gpu_device=" in flags) == gpu,
+           label + ": the GPU values turn the HBM tier on, and only they")
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     expect(("tls" in mounts) == tls and ("--tls_cert_file" in flags) == tls, label + ": TLS")
     if tls:

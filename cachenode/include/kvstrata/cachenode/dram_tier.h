@@ -80,6 +80,10 @@ class DramTier {
   void Drain(const EvictionHook& sink);
 
   uint64_t max_block_bytes() const { return allocator_->max_allocation(); }
+  // Whether `block`'s bytes lie in this tier's arena (one Reserve made it).
+  bool Owns(const StoredBlock& block) const {
+    return block.data() >= arena_ && block.data() < arena_ + allocator_->capacity();
+  }
 
  private:
   // Takes the policy's victim out of the index and hands it to `sink`:

@@ -3,12 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "kvstrata/cachenode/nvme_tier.h"
+#include "kvstrata/transfer/device_memory.h"
 
 namespace kvstrata::cachenode {
 
@@ -62,6 +64,16 @@ struct NodeOptions {
   // A Lookup that finds blocks on NVMe starts promoting them to DRAM in the
   // background, so the Fetch that follows does not wait for the disk.
   bool nvme_prefetch_on_lookup = true;
+  // The HBM tier: `hbm_bytes` of GPU `gpu_device`'s memory (0: none), with
+  // the DRAM tier's slab size and eviction policy; transfers of its blocks
+  // stage through `hbm_staging_bytes` of pinned host memory.
+  uint64_t hbm_bytes = 0;
+  int gpu_device = 0;
+  uint64_t hbm_staging_bytes = 64ull << 20;
+  // Opens the GPU: transfer::OpenCudaDevice when unset. The binary chooses
+  // (cachenode/src/device_source.h): tests' node binary passes the host
+  // double, which lives in tests/.
+  std::function<absl::StatusOr<std::unique_ptr<transfer::DeviceMemory>>(int device)> open_device;
 };
 
 class Node {
