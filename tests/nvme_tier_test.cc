@@ -313,7 +313,9 @@ TEST_F(NvmeTierTest, DemotionQueueWritesBehindAndServesQueuedBlocks) {
     auto block = MakeBlock(i + 1, 32 * 1024);
     ASSERT_TRUE(tier->Demote(Id(i), block));
     // Until it is written a queued block is found with its bytes in memory.
-    if (auto queued = tier->FindQueued(Id(i))) EXPECT_EQ(queued.get(), block.get());
+    if (auto queued = tier->FindQueued(Id(i))) {
+      EXPECT_EQ(queued.get(), block.get());
+    }
     EXPECT_TRUE(tier->Contains(Id(i)));
   }
   tier->Flush();

@@ -82,7 +82,9 @@ TEST(PolicySuiteTest, EveryPolicyKeepsItsInvariantsOnEveryShape) {
               ASSERT_TRUE(victim.has_value()) << "a full policy named no victim";
               const uint64_t v = Number(*victim);
               ASSERT_TRUE(cached.contains(v)) << "named a block it does not hold";
-              if (keeps_prefixes) ASSERT_EQ(cached_children[v], 0u) << "stranded a child of " << v;
+              if (keeps_prefixes) {
+                ASSERT_EQ(cached_children[v], 0u) << "stranded a child of " << v;
+              }
               cached.erase(v);
               if (auto p = parent_of.find(v); p != parent_of.end()) --cached_children[p->second];
               policy.OnErase(*victim);

@@ -182,7 +182,9 @@ TEST(PrefixLruTest, NeverEvictsABlockWithCachedChildren) {
   }
   // A cached block's prefix is cached (chains were inserted head first).
   for (uint64_t id : cached) {
-    if (parent_of.contains(id)) EXPECT_TRUE(cached.contains(parent_of[id])) << id;
+    if (parent_of.contains(id)) {
+      EXPECT_TRUE(cached.contains(parent_of[id])) << id;
+    }
   }
 }
 

@@ -328,13 +328,14 @@ class NvmeTier::Impl {
       block_of.push_back(i);
     }
     std::vector<bool> verified(ids.size(), false);
+    // Each op's result says how it went (a failed ring fails every op).
     rings_.Run(absl::MakeSpan(ops), [&](size_t op) {
       // Verify as each read lands, while the rest are still in flight.
       const size_t i = block_of[op];
       const IndexRecord& r = entries[i]->record;
       if (bounce[i] != nullptr) std::memcpy(destinations[i]->data(), bounce[i].get(), r.size);
       verified[i] = BlockChecksum(destinations[i]->data(), r.size) == r.checksum;
-    });
+    }).IgnoreError();
     uint64_t read = 0, corrupt = 0, io_errors = 0;
     for (size_t op = 0; op < ops.size(); ++op) {
       const size_t i = block_of[op];
@@ -405,7 +406,7 @@ class NvmeTier::Impl {
                          .length = AlignUp(block.size()), .offset = records[i].offset});
       block_of.push_back(i);
     }
-    rings_.Run(absl::MakeSpan(ops));
+    rings_.Run(absl::MakeSpan(ops)).IgnoreError();  // per-op results below
     rocksdb::WriteBatch batch;
     for (size_t op = 0; op < ops.size(); ++op) {
       const size_t i = block_of[op];
