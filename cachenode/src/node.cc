@@ -20,6 +20,7 @@
 #include "metrics.h"
 #include "node_service.h"
 #include "peer_check.h"
+#include "precision_transcoder.h"
 
 namespace kvstrata::cachenode {
 
@@ -32,6 +33,9 @@ class Node::Impl {
   std::unique_ptr<Authenticator> auth;                  // used by the service
   std::unique_ptr<transfer::Engine> engine;
   std::unique_ptr<transfer::MemoryRegion> arena;
+  // Before the tiers: the transcoder reads the registry while they make room.
+  std::unique_ptr<NamespaceRegistry> namespaces;
+  std::unique_ptr<PrecisionTranscoder> transcoder;  // used by the DRAM tier
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NvmeTier> nvme;
   std::unique_ptr<TieredStore> store;
@@ -39,7 +43,6 @@ class Node::Impl {
   std::thread recovery;
   std::thread auth_poller;  // reloads a changed auth file
   bool flush_on_shutdown = false;
-  std::unique_ptr<NamespaceRegistry> namespaces;
   NodeCounters counters;
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<NodeService> service;
@@ -234,6 +237,9 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get(),
                                               options.nvme_prefetch_on_lookup);
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
+  // Precision tiers: namespaces with a coarsest_format transcode before evicting.
+  impl->transcoder = std::make_unique<PrecisionTranscoder>(*impl->namespaces);
+  impl->dram->set_transcoder(impl->transcoder.get());
   impl->ledger = std::make_unique<TenantLedger>(*impl->dram);
   impl->dram->set_residency_hook(
       [ledger = impl->ledger.get()](const BlockId& id, uint64_t size, bool resident) {

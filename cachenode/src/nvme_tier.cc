@@ -253,7 +253,8 @@ class NvmeTier::Impl {
     if (it == entries_.end()) return std::nullopt;
     if (hit) policy_->OnHit(id);
     const IndexRecord& r = it->second->record;
-    return NvmeBlockInfo{.size = r.size, .checksum = r.checksum, .parent = r.parent};
+    return NvmeBlockInfo{
+        .size = r.size, .checksum = r.checksum, .parent = r.parent, .format = static_cast<uint8_t>(r.format)};
   }
 
   bool RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
@@ -380,6 +381,7 @@ class NvmeTier::Impl {
       }
       records[i] = IndexRecord{.id = id,
                                .file = extent->first,
+                               .format = block->format,  // kept per block: precision tiers
                                .offset = extent->second,
                                .size = block->size(),
                                .checksum = block->checksum,

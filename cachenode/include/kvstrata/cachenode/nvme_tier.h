@@ -79,6 +79,7 @@ struct NvmeBlockInfo {
   uint64_t size = 0;
   uint64_t checksum = 0;
   std::optional<BlockKey> parent;
+  uint8_t format = 0;  // v1::StoredFormat of the stored bytes (StoredBlock::format)
 };
 
 class NvmeTier {
