@@ -94,7 +94,10 @@ void SlabAllocator::Free(uint64_t offset) {
 bool SlabAllocator::DrainSlabOf(uint64_t offset) {
   absl::MutexLock lock(&mu_);
   const uint32_t id = static_cast<uint32_t>(offset / slab_bytes_);
-  if (draining_.size() >= kMaxDraining || id >= slabs_.size() || slabs_[id].size_class < 0 ||
+  // A draining slab holds memory nobody uses until it empties: a small arena
+  // cannot afford it (one slab in eight at most).
+  const size_t max_draining = std::min(kMaxDraining, slabs_.size() / 8);
+  if (draining_.size() >= max_draining || id >= slabs_.size() || slabs_[id].size_class < 0 ||
       slabs_[id].draining) {
     return false;
   }

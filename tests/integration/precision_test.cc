@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/kvstrata.h"
 #include "kvstrata/kernels/quant.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
@@ -332,6 +333,61 @@ TEST_F(PrecisionTest, FetchesDuringTranscodesSeeOneWholeVersion) {
   EXPECT_GT(fetched_blocks.load(), 0u);
   EXPECT_GT(coarse_seen.load(), 0u) << "the reader never met a transcoded block";
   EXPECT_GT(Stats().transcoded_blocks(), 0u);
+}
+
+TEST_F(PrecisionTest, TheCApiOpensWithABudgetAndFetchesDecodedBlocksWithTheirFormats) {
+  ASSERT_NO_FATAL_FAILURE(StartNode());
+  kvs_client* c = nullptr;
+  ASSERT_EQ(kvs_connect(node_->address().c_str(), 20000, &c), 0) << kvs_last_error();
+  kvs_namespace_spec spec{};
+  spec.tenant = "test";
+  spec.model = "c-api";
+  spec.dtype = KVS_DTYPE_FP16;
+  spec.num_layers = kLayers;
+  spec.num_kv_heads = kHeads;
+  spec.head_dim = kHeadDim;
+  spec.tokens_per_block = kTokens;
+  kvs_namespace* ns = nullptr;
+  EXPECT_NE(kvs_open_namespace_with_budget(c, &spec, 17, &ns), 0) << "not a format";
+  ASSERT_EQ(kvs_open_namespace_with_budget(c, &spec, KVS_FORMAT_INT4_KIVI, &ns), 0) << kvs_last_error();
+  constexpr size_t kCount = 320, kBatch = 4;
+  const std::vector<uint32_t> tokens = testing::Tokens(6, kCount, kTokens);
+  std::vector<kvs_key> keys(kCount);
+  ASSERT_EQ(kvs_compute_keys(ns, tokens.data(), tokens.size(), nullptr, keys.data(), kCount), kCount);
+  kvs_buffer* buffer = nullptr;
+  ASSERT_EQ(kvs_allocate(c, kCount * kRawBytes, &buffer), 0) << kvs_last_error();
+  auto* bytes = static_cast<uint8_t*>(kvs_buffer_data(buffer));
+  for (size_t i = 0; i < kCount; ++i) FillKv(6000 + i, bytes + i * kRawBytes);
+  const std::vector<uint8_t> raw(bytes, bytes + kCount * kRawBytes);
+  for (size_t start = 0; start < kCount; start += kBatch) {
+    kvs_publish_item items[kBatch] = {};
+    for (size_t k = 0; k < kBatch; ++k) {
+      items[k].key = keys[start + k];
+      items[k].has_parent = start + k > 0;
+      if (items[k].has_parent) items[k].parent = keys[start + k - 1];
+      items[k].offset = (start + k) * kRawBytes;
+    }
+    ASSERT_EQ(kvs_publish(ns, buffer, items, kBatch, nullptr), 0) << kvs_last_error();
+  }
+  std::memset(bytes, 0, kCount * kRawBytes);
+  std::vector<size_t> offsets(kCount);
+  for (size_t i = 0; i < kCount; ++i) offsets[i] = i * kRawBytes;
+  std::vector<int> outcomes(kCount), formats(kCount, -1);
+  ASSERT_EQ(kvs_fetch_with_formats(ns, buffer, keys.data(), offsets.data(), kCount, outcomes.data(),
+                                   formats.data()),
+            0)
+      << kvs_last_error();
+  size_t coarse = 0;
+  for (size_t i = 0; i < kCount; ++i) {
+    if (outcomes[i] != KVS_BLOCK_OK) continue;
+    coarse += formats[i] != KVS_FORMAT_RAW;
+    const std::vector<uint8_t> want = Reference(raw.data() + i * kRawBytes, static_cast<StoredFormat>(formats[i]));
+    EXPECT_EQ(std::memcmp(bytes + i * kRawBytes, want.data(), kRawBytes), 0) << "block " << i;
+  }
+  EXPECT_GT(coarse, 0u);
+  kvs_buffer_destroy(buffer);
+  kvs_namespace_destroy(ns);
+  kvs_client_destroy(c);
 }
 
 TEST_F(PrecisionTest, TranscodedBlocksDemoteToNvmeAndRecoverWithTheirFormat) {

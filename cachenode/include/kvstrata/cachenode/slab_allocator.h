@@ -33,8 +33,8 @@ class SlabAllocator {
   // Stops handing out chunks of the slab holding `offset` (a chunk Allocate
   // returned): once its last chunk is freed it returns to the pool, where
   // another size class may take it. At most kMaxDraining slabs drain at a
-  // time (one for each rung of a precision ladder to win); false when that
-  // many do already, or this one does. Precision tiers use it to win whole slabs for
+  // time (one for each rung of a precision ladder to win), and one in eight
+  // of the arena's: false when that many do already, or this one does. Precision tiers use it to win whole slabs for
   // transcoded blocks, whose size class differs from the raw blocks'.
   bool DrainSlabOf(uint64_t offset);
   // The slab that started draining first, if any, serves its class again.
