@@ -189,6 +189,11 @@ class NodeMetrics::Collector : public prometheus::Collectable {
         const std::vector<ClientMetric::Label> labels = {{"tier", "dram"}, {"format", kFormatNames[f]}};
         blocks.push_back(Sample(tier.format_blocks[f], MetricType::Gauge, labels));
         bytes.push_back(Sample(tier.format_bytes[f], MetricType::Gauge, labels));
+        if (nvme.has_value()) {
+          const std::vector<ClientMetric::Label> on_nvme = {{"tier", "nvme"}, {"format", kFormatNames[f]}};
+          blocks.push_back(Sample(nvme->format_blocks[f], MetricType::Gauge, on_nvme));
+          bytes.push_back(Sample(nvme->format_bytes[f], MetricType::Gauge, on_nvme));
+        }
       }
       out.push_back(Family("kvstrata_stored_format_blocks", "Blocks stored per tier and stored format.",
                            MetricType::Gauge, std::move(blocks)));

@@ -772,6 +772,14 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
     nvme_tier->set_stored_bytes(nvme.stored_bytes);
     nvme_tier->set_blocks(nvme.blocks);
     nvme_tier->set_evictions(nvme.evictions);
+    for (size_t f = 0; f < kStoredFormats; ++f) {
+      if (nvme.format_blocks[f] == 0) continue;
+      v1::FormatStats* format = response->add_formats();
+      format->set_tier(v1::TIER_NVME);
+      format->set_format(static_cast<v1::StoredFormat>(f));
+      format->set_blocks(nvme.format_blocks[f]);
+      format->set_stored_bytes(nvme.format_bytes[f]);
+    }
     nvme_tier->set_errors(nvme.io_errors);
     nvme_tier->set_last_error(nvme.last_error);
     response->set_demoted_blocks(nvme.demoted_blocks);

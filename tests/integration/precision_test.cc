@@ -423,6 +423,11 @@ TEST_F(PrecisionTest, TranscodedBlocksDemoteToNvmeAndRecoverWithTheirFormat) {
   auto lookup = reopened->Lookup(keys);
   ASSERT_TRUE(lookup.ok());
   ASSERT_GT(lookup->prefix_length, 0u) << "blocks on NVMe survive the restart";
+  uint64_t nvme_fp8 = 0;
+  const v1::StatsResponse recovered = Stats();
+  for (const auto& f : recovered.formats())
+    if (f.tier() == v1::TIER_NVME && f.format() == v1::FORMAT_FP8_E4M3) nvme_fp8 = f.blocks();
+  EXPECT_GT(nvme_fp8, 0u) << "the recovered index knows each block's format";
   std::vector<BlockKey> head(keys.begin(), keys.begin() + lookup->prefix_length);
   std::vector<size_t> per_format = FetchAndCheck(*reopened, head, raw);
   // Demotion is LRU order, so the recovered head was transcoded before it left.

@@ -240,6 +240,17 @@ py::dict StatsDict(const v1::StatsResponse& stats) {
           break;
       }
     }
+    // Precision tiers: blocks and bytes per tier and stored format.
+    py::list formats;
+    for (const v1::FormatStats& f : stats.formats()) {
+      py::dict entry;
+      entry["tier"] = f.tier() == v1::TIER_NVME ? "nvme" : f.tier() == v1::TIER_HBM ? "hbm" : "dram";
+      entry["format"] = StoredFormatName(static_cast<client::StoredFormat>(f.format()));
+      entry["blocks"] = f.blocks();
+      entry["stored_bytes"] = f.stored_bytes();
+      formats.append(entry);
+    }
+    d["formats"] = formats;
     return d;
 }
 
