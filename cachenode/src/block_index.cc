@@ -1,8 +1,7 @@
 #include "kvstrata/cachenode/block_index.h"
 
-#include <utility>
-
 #include <cstring>
+#include <utility>
 
 namespace kvstrata::cachenode {
 

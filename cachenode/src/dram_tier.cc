@@ -120,15 +120,19 @@ bool DramTier::TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> 
     // new block. Erased or republished meanwhile: nothing to swap, and the
     // coarser copy goes back.
     if (!index_.Replace(id, old.get(), coarser)) return true;
+    // Counted under the lock: an erase of the new block (which takes it)
+    // then always subtracts after these adds.
     stored_bytes_.fetch_add(size, std::memory_order_relaxed);
     stored_bytes_.fetch_sub(old_size, std::memory_order_relaxed);
+    CountFormat(coarser->format, size, true);
+    CountFormat(old_format, old_size, false);
   }
-  CountFormat(old_format, old_size, false);
-  CountFormat(coarser->format, size, true);
   transcodes_.fetch_add(1, std::memory_order_relaxed);
   if (residency_hook_) {
-    residency_hook_(id, old_size, false);
+    // The new size first: a concurrent erase of the block then never takes
+    // its tenant's count through zero.
     residency_hook_(id, size, true);
+    residency_hook_(id, old_size, false);
   }
   return true;  // `old` drops here: its memory returns once no reader holds it
 }
