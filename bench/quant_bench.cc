@@ -2,7 +2,8 @@
 // in GB/s of fp16 (or bf16) input, against a copy of the same bytes measured
 // in the same run: memcpy on the CPU (one thread), cudaMemcpy device to
 // device on a GPU. On a GPU it also checks that the kernels' bytes equal the
-// CPU path's and fails if they do not.
+// CPU path's and fails if they do not. It also times the precision tiers'
+// transcodes, one rung down the ladder (raw > fp8 > int4 > int2), on the CPU.
 //
 //   quant_bench [--mib 64] [--dtype fp16|bf16] [--reps N] [--quick] [--cpu_only]
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -214,6 +216,40 @@ int main(int argc, char** argv) {
     Row(FormatName(f), "dequantize", raw, d, memcpy_gbs);
     std::printf("  %-10s compression %.2fx (%zu -> %zu bytes)\n", FormatName(f), double(raw) / enc.size(), raw,
                 enc.size());
+  }
+
+  // Precision tiers (NamespaceSpec.coarsest_format): what a node pays to move
+  // a block one rung down its ladder, done as cachenode/src/stored_format.cc
+  // does it: a raw block is encoded; an encoded one is decoded to raw first.
+  // GB/s of the block's raw bytes; "copy" is memcpy of those same raw bytes.
+  std::printf("precision-tier transcodes (node's CPU path, one thread)\n");
+  struct Rung {
+    const char* name;
+    std::optional<Format> from;
+    Format to;
+  };
+  const Rung rungs[] = {{"raw>fp8", std::nullopt, Format::kFp8E4m3},
+                        {"raw>int8", std::nullopt, Format::kInt8},
+                        {"fp8>int4", Format::kFp8E4m3, Format::kInt4Kivi},
+                        {"int8>int4", Format::kInt8, Format::kInt4Kivi},
+                        {"int4>int2", Format::kInt4Kivi, Format::kInt2Kivi}};
+  for (const Rung& r : rungs) {
+    QuantParams to{r.to, o.dtype, shape, 32};
+    std::vector<uint8_t> src, dst(EncodedBytes(to));
+    if (r.from.has_value()) {
+      QuantParams from{*r.from, o.dtype, shape, 32};
+      src.resize(EncodedBytes(from));
+      Die(Quantize(from, in.data(), raw, src.data(), src.size()), "quantize");
+    }
+    double t = CpuSeconds(o.reps, [&] {
+      const void* raw_in = in.data();
+      if (r.from.has_value()) {
+        Die(Dequantize(src.data(), src.size(), out.data(), raw), "dequantize");
+        raw_in = out.data();
+      }
+      Die(Quantize(to, raw_in, raw, dst.data(), dst.size()), "quantize");
+    });
+    Row(r.name, "transcode", raw, t, memcpy_gbs);
   }
 
 #if defined(KVSTRATA_KERNELS_CUDA)

@@ -85,3 +85,52 @@ TEST(SlabAllocatorTest, RandomAllocFreeKeepsAccounting) {
 
 }  // namespace
 }  // namespace kvstrata::cachenode
+
+namespace kvstrata::cachenode {
+namespace {
+
+TEST(SlabAllocatorDrainTest, ADrainingSlabIsNotRefilledAndReturnsToThePoolWhenEmpty) {
+  constexpr uint64_t kSlabBytes = 16 * 4096;
+  SlabAllocator allocator(8 * kSlabBytes, kSlabBytes);
+  std::vector<uint64_t> chunks;
+  while (auto offset = allocator.Allocate(4096)) chunks.push_back(*offset);
+  ASSERT_EQ(chunks.size(), 128u);
+  EXPECT_FALSE(allocator.draining());
+  ASSERT_TRUE(allocator.DrainSlabOf(chunks[0]));
+  EXPECT_FALSE(allocator.DrainSlabOf(chunks[0])) << "draining already";
+  EXPECT_TRUE(allocator.draining());
+  // Chunks freed in the draining slab are not handed out again...
+  for (size_t i = 0; i < 15; ++i) allocator.Free(chunks[i]);
+  EXPECT_FALSE(allocator.Allocate(4096).has_value());
+  // ...and its last one frees the whole slab, for any class.
+  allocator.Free(chunks[15]);
+  EXPECT_FALSE(allocator.draining());
+  EXPECT_EQ(allocator.free_slabs(), 1u);
+  EXPECT_TRUE(allocator.Allocate(3 * 4096).has_value());
+}
+
+TEST(SlabAllocatorDrainTest, StoppingADrainServesItsFreeChunksAgain) {
+  constexpr uint64_t kSlabBytes = 16 * 4096;
+  SlabAllocator allocator(16 * kSlabBytes, kSlabBytes);
+  std::vector<uint64_t> chunks;
+  while (auto offset = allocator.Allocate(4096)) chunks.push_back(*offset);
+  ASSERT_TRUE(allocator.DrainSlabOf(chunks[0]));
+  ASSERT_TRUE(allocator.DrainSlabOf(chunks[16]));
+  EXPECT_FALSE(allocator.DrainSlabOf(chunks[32])) << "at most kMaxDraining at once";
+  allocator.Free(chunks[0]);
+  EXPECT_FALSE(allocator.Allocate(4096).has_value());
+  allocator.StopDraining();  // the first one
+  EXPECT_EQ(allocator.Allocate(4096), chunks[0]);
+  EXPECT_TRUE(allocator.draining());  // the second still drains
+}
+
+TEST(SlabAllocatorDrainTest, ASmallArenaNeverDrains) {
+  constexpr uint64_t kSlabBytes = 16 * 4096;
+  SlabAllocator allocator(7 * kSlabBytes, kSlabBytes);
+  auto offset = allocator.Allocate(4096);
+  ASSERT_TRUE(offset.has_value());
+  EXPECT_FALSE(allocator.DrainSlabOf(*offset)) << "one slab in eight at most";
+}
+
+}  // namespace
+}  // namespace kvstrata::cachenode

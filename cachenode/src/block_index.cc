@@ -1,6 +1,7 @@
 #include "kvstrata/cachenode/block_index.h"
 
 #include <cstring>
+#include <utility>
 
 namespace kvstrata::cachenode {
 
@@ -23,6 +24,17 @@ bool BlockIndex::Insert(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   Shard& shard = ShardOf(id);
   absl::MutexLock lock(&shard.mu);
   return shard.blocks.emplace(id, std::move(block)).second;
+}
+
+bool BlockIndex::Replace(const BlockId& id, const StoredBlock* expected,
+                         std::shared_ptr<StoredBlock> block) {
+  std::shared_ptr<StoredBlock> old;  // dropped (maybe freeing its memory) after the lock
+  Shard& shard = ShardOf(id);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.blocks.find(id);
+  if (it == shard.blocks.end() || it->second.get() != expected) return false;
+  old = std::exchange(it->second, std::move(block));
+  return true;
 }
 
 std::shared_ptr<StoredBlock> BlockIndex::Erase(const BlockId& id) {

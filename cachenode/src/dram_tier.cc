@@ -1,5 +1,7 @@
 #include "kvstrata/cachenode/dram_tier.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace kvstrata::cachenode {
@@ -18,32 +20,128 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
                                                    allocator_->max_allocation()));
   }
   std::optional<uint64_t> offset = allocator_->Allocate(size);
-  // Evict until the allocation fits. A victim's memory returns when its last
-  // reader (or the NVMe write-behind queue) lets go, so a pinned victim only
-  // makes room later and the loop evicts further.
+  // Transcode or evict until the allocation fits. A victim's memory returns
+  // when its last reader (or the NVMe write-behind queue) lets go, so a
+  // pinned victim only makes room later and the loop goes on. It ends: each
+  // step evicts a block or moves one a rung down a finite ladder.
   while (!offset.has_value()) {
-    std::optional<bool> evicted =
-        RemoveVictim([&](const BlockId& id, std::shared_ptr<StoredBlock> block) {
-          evictions_.fetch_add(1, std::memory_order_relaxed);
-          if (eviction_hook_) eviction_hook_(id, std::move(block));
-        });
-    if (!evicted.has_value()) {
+    if (!MakeRoom().has_value()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
     }
     offset = allocator_->Allocate(size);
   }
+  return MakeBlock(*offset, size);
+}
+
+std::shared_ptr<StoredBlock> DramTier::MakeBlock(uint64_t offset, uint64_t size) {
   std::weak_ptr<SlabAllocator> allocator = allocator_;
-  const uint64_t at = *offset;
-  return std::make_shared<StoredBlock>(arena_ + at, size, [allocator, at] {
-    if (auto alive = allocator.lock()) alive->Free(at);
+  return std::make_shared<StoredBlock>(arena_ + offset, size, [allocator, offset] {
+    if (auto alive = allocator.lock()) alive->Free(offset);
   });
+}
+
+void DramTier::CountFormat(uint8_t format, uint64_t size, bool add) {
+  const size_t f = format < kStoredFormats ? format : 0;
+  if (add) {
+    format_blocks_[f].fetch_add(1, std::memory_order_relaxed);
+    format_bytes_[f].fetch_add(size, std::memory_order_relaxed);
+  } else {
+    format_blocks_[f].fetch_sub(1, std::memory_order_relaxed);
+    format_bytes_[f].fetch_sub(size, std::memory_order_relaxed);
+  }
+}
+
+std::optional<bool> DramTier::MakeRoom(bool follow_up) {
+  if (transcoder_ != nullptr) {
+    BlockId id;
+    std::shared_ptr<StoredBlock> block;
+    std::optional<uint64_t> coarser;
+    {
+      absl::MutexLock lock(&mu_);
+      std::optional<BlockId> victim = policy_->Victim();
+      if (!victim.has_value()) return std::nullopt;
+      id = *victim;
+      block = index_.Find(id);
+      if (block != nullptr) coarser = transcoder_->CoarserSize(id, *block);
+      // A fresh lease at the coarser format, taken now so that concurrent
+      // Reserves pick other victims while this one is encoded.
+      if (coarser.has_value()) policy_->OnHit(id);
+    }
+    if (coarser.has_value()) {
+      if (TranscodeInPlace(id, std::move(block), *coarser)) return true;
+      // No room (or no encoding) for the coarser copy: give the block up.
+      if (!Evict(id)) return false;
+      // That emptied the draining slab: transcode the next victim into it
+      // now, before the caller's allocation takes the slab for its own class.
+      if (follow_up && allocator_->free_slabs() > 0) MakeRoom(/*follow_up=*/false);
+      return true;
+    }
+  }
+  return RemoveVictim([&](const BlockId& victim, std::shared_ptr<StoredBlock> evicted) {
+    evictions_.fetch_add(1, std::memory_order_relaxed);
+    if (eviction_hook_) eviction_hook_(victim, std::move(evicted));
+  });
+}
+
+bool DramTier::TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size) {
+  if (size == 0 || size >= old->size()) return false;
+  std::optional<uint64_t> at = allocator_->Allocate(size);
+  if (!at.has_value()) {
+    // The coarser size class has no free chunk and no slab is free (the raw
+    // blocks hold them all): stop refilling the victim's slab so that it
+    // empties as its blocks are evicted or transcoded, and then serves the
+    // coarser class. A drain that does not finish within a few slabs' worth
+    // of evictions is given up for another.
+    const uint64_t chunks_per_slab = allocator_->max_allocation() / std::max<uint64_t>(old->size(), 1);
+    if (allocator_->draining() &&
+        drain_fallbacks_.fetch_add(1, std::memory_order_relaxed) > 4 * chunks_per_slab) {
+      allocator_->StopDraining();
+      drain_fallbacks_.store(0, std::memory_order_relaxed);
+    }
+    const uint8_t* data = old->data();
+    if (data >= arena_ && data < arena_ + allocator_->capacity() &&
+        allocator_->DrainSlabOf(static_cast<uint64_t>(data - arena_))) {
+      drain_fallbacks_.store(0, std::memory_order_relaxed);
+    }
+    return false;
+  }
+  std::shared_ptr<StoredBlock> coarser = MakeBlock(*at, size);
+  if (absl::Status s = transcoder_->Transcode(id, *old, *coarser); !s.ok()) return false;
+  // The checksum covers the stored bytes at every format.
+  coarser->checksum = BlockChecksum(coarser->data(), coarser->size());
+  coarser->parent = old->parent;
+  coarser->has_parent = old->has_parent;
+  const uint64_t old_size = old->size();
+  const uint8_t old_format = old->format;
+  {
+    absl::MutexLock lock(&mu_);
+    // Readers that pinned `old` keep sending it whole; later ones get the
+    // new block. Erased or republished meanwhile: nothing to swap, and the
+    // coarser copy goes back.
+    if (!index_.Replace(id, old.get(), coarser)) return true;
+    // Counted under the lock: an erase of the new block (which takes it)
+    // then always subtracts after these adds.
+    stored_bytes_.fetch_add(size, std::memory_order_relaxed);
+    stored_bytes_.fetch_sub(old_size, std::memory_order_relaxed);
+    CountFormat(coarser->format, size, true);
+    CountFormat(old_format, old_size, false);
+  }
+  transcodes_.fetch_add(1, std::memory_order_relaxed);
+  if (residency_hook_) {
+    // The new size first: a concurrent erase of the block then never takes
+    // its tenant's count through zero.
+    residency_hook_(id, size, true);
+    residency_hook_(id, old_size, false);
+  }
+  return true;  // `old` drops here: its memory returns once no reader holds it
 }
 
 bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   const uint64_t size = block->size();
   const bool has_parent = block->has_parent;
   const BlockKey parent = block->parent;
+  const uint8_t format = block->format;
   {
     absl::MutexLock lock(&mu_);
     if (!index_.Insert(id, std::move(block))) return false;
@@ -51,6 +149,7 @@ bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
                                      : std::nullopt);
     stored_bytes_.fetch_add(size, std::memory_order_relaxed);
   }
+  CountFormat(format, size, true);
   if (residency_hook_) residency_hook_(id, size, true);
   return true;
 }
@@ -85,6 +184,7 @@ std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id) {
     policy_->OnErase(id);
   }
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  CountFormat(block->format, block->size(), false);
   if (residency_hook_) residency_hook_(id, block->size(), false);
   return block;
 }
@@ -119,6 +219,7 @@ std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
   }
   if (block == nullptr) return false;
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
+  CountFormat(block->format, block->size(), false);
   if (residency_hook_) residency_hook_(id, block->size(), false);
   sink(id, std::move(block));
   return true;
@@ -136,6 +237,11 @@ TierCounters DramTier::counters() const {
   c.stored_bytes = stored_bytes_.load(std::memory_order_relaxed);
   c.blocks = index_.size();
   c.evictions = evictions_.load(std::memory_order_relaxed);
+  c.transcodes = transcodes_.load(std::memory_order_relaxed);
+  for (size_t f = 0; f < kStoredFormats; ++f) {
+    c.format_blocks[f] = format_blocks_[f].load(std::memory_order_relaxed);
+    c.format_bytes[f] = format_bytes_[f].load(std::memory_order_relaxed);
+  }
   return c;
 }
 

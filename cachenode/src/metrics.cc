@@ -180,6 +180,31 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                          MetricType::Counter,
                          per_tier(tier.evictions, [](const NvmeCounters& n) { return n.evictions; },
                                   MetricType::Counter)));
+    {
+      // Precision tiers: what DRAM holds at each stored format, and how many
+      // blocks were transcoded coarser (rate() gives transcodes per second).
+      static constexpr const char* kFormatNames[kStoredFormats] = {"raw", "fp8_e4m3", "int8",
+                                                                   "int4_kivi", "int2_kivi"};
+      std::vector<ClientMetric> blocks, bytes;
+      for (size_t f = 0; f < kStoredFormats; ++f) {
+        const std::vector<ClientMetric::Label> labels = {{"tier", "dram"}, {"format", kFormatNames[f]}};
+        blocks.push_back(Sample(tier.format_blocks[f], MetricType::Gauge, labels));
+        bytes.push_back(Sample(tier.format_bytes[f], MetricType::Gauge, labels));
+        if (nvme.has_value()) {
+          const std::vector<ClientMetric::Label> on_nvme = {{"tier", "nvme"}, {"format", kFormatNames[f]}};
+          blocks.push_back(Sample(nvme->format_blocks[f], MetricType::Gauge, on_nvme));
+          bytes.push_back(Sample(nvme->format_bytes[f], MetricType::Gauge, on_nvme));
+        }
+      }
+      out.push_back(Family("kvstrata_stored_format_blocks", "Blocks stored per tier and stored format.",
+                           MetricType::Gauge, std::move(blocks)));
+      out.push_back(Family("kvstrata_stored_format_bytes",
+                           "Stored bytes per tier and stored format.", MetricType::Gauge,
+                           std::move(bytes)));
+      out.push_back(Family("kvstrata_transcodes_total",
+                           "Blocks transcoded to a coarser stored format to make room (precision tiers).",
+                           MetricType::Counter, {Sample(tier.transcodes, MetricType::Counter)}));
+    }
     out.push_back(Family("kvstrata_promoted_blocks_total",
                          "NVMe hits read back into DRAM.", MetricType::Counter,
                          {Sample(store_.promoted_blocks(), MetricType::Counter)}));

@@ -22,6 +22,7 @@
 #include "nvme/data_file.h"
 #include "node_service.h"
 #include "peer_check.h"
+#include "precision_transcoder.h"
 
 namespace kvstrata::cachenode {
 
@@ -36,6 +37,9 @@ class Node::Impl {
   std::unique_ptr<transfer::MemoryRegion> arena;
   std::unique_ptr<HbmTier> hbm;  // its staging is registered with the engine
   transfer::DeviceAllocation arena_pin;  // the DRAM arena page-locked for GPU copies
+  // Before the tiers: the transcoder reads the registry while they make room.
+  std::unique_ptr<NamespaceRegistry> namespaces;
+  std::unique_ptr<PrecisionTranscoder> transcoder;  // used by the DRAM tier
   std::unique_ptr<DramTier> dram;
   std::unique_ptr<NvmeTier> nvme;
   std::unique_ptr<TieredStore> store;
@@ -43,7 +47,6 @@ class Node::Impl {
   std::thread recovery;
   std::thread auth_poller;  // reloads a changed auth file
   bool flush_on_shutdown = false;
-  std::unique_ptr<NamespaceRegistry> namespaces;
   NodeCounters counters;
   std::unique_ptr<NodeMetrics> metrics;
   std::unique_ptr<NodeService> service;
@@ -308,6 +311,9 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   impl->store = std::make_unique<TieredStore>(*impl->dram, impl->nvme.get(),
                                               options.nvme_prefetch_on_lookup, impl->hbm.get());
   impl->namespaces = std::make_unique<NamespaceRegistry>(options.slab_bytes);
+  // Precision tiers: namespaces with a coarsest_format transcode before evicting.
+  impl->transcoder = std::make_unique<PrecisionTranscoder>(*impl->namespaces);
+  impl->dram->set_transcoder(impl->transcoder.get());
   impl->ledger = std::make_unique<TenantLedger>(*impl->dram);
   impl->dram->set_residency_hook(
       [ledger = impl->ledger.get()](const BlockId& id, uint64_t size, bool resident) {

@@ -523,10 +523,16 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
   // Blocks stored already need no transfer.
   response->mutable_status()->Resize(blocks.size(), v1::BLOCK_OK);
   size_t missing = 0;
+  // A block a precision tier transcoded coarser is taken again: the raw
+  // republish replaces it (a hit never promotes it back, quantization being
+  // lossy).
+  std::vector<bool> replaces(blocks.size(), false);
   for (int i = 0; i < blocks.size(); ++i) {
-    if (store_.Contains(ids[i])) {
+    const std::optional<uint8_t> stored = store_.StoredFormatOf(ids[i]);
+    if (stored.has_value() && *stored == static_cast<uint8_t>(ns->spec.format())) {
       response->set_status(i, v1::BLOCK_ALREADY_PRESENT);
     } else {
+      replaces[i] = stored.has_value();
       ++missing;
     }
   }
@@ -620,6 +626,7 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       reserved[i]->parent = *parents[i];
       reserved[i]->has_parent = true;
     }
+    if (replaces[i]) store_.Erase(ids[i]);  // the coarser copy, in whichever tier
     if (store_.Commit(ids[i], reserved[i])) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
       const std::string format = StoredFormatLabel(ns->spec.format());
@@ -676,6 +683,7 @@ grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchR
   response->mutable_status()->Resize(blocks.size(), v1::BLOCK_NOT_FOUND);
   response->mutable_size()->Resize(blocks.size(), 0);
   response->mutable_checksum()->Resize(blocks.size(), 0);
+  response->mutable_format()->Resize(blocks.size(), v1::FORMAT_RAW);
   counters_.fetch_hit_blocks.fetch_add(hits, std::memory_order_relaxed);
   counters_.fetch_miss_blocks.fetch_add(blocks.size() - hits, std::memory_order_relaxed);
   if (hits == 0) return grpc::Status::OK;
@@ -716,6 +724,8 @@ grpc::Status NodeService::DoFetch(grpc::ServerContext* context, const v1::FetchR
     response->set_status(i, v1::BLOCK_OK);
     response->set_size(i, pinned[i]->size());
     response->set_checksum(i, pinned[i]->checksum);
+    // Per block: a precision tier may have transcoded it coarser.
+    response->set_format(i, static_cast<v1::StoredFormat>(pinned[i]->format));
   }
   response->set_bytes_transferred(bytes);
   counters_.transfer_bytes.Add("out", endpoint->peer->transport(), bytes);
@@ -745,6 +755,15 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   tier->set_stored_bytes(dram.stored_bytes);
   tier->set_blocks(dram.blocks);
   tier->set_evictions(dram.evictions);
+  for (size_t f = 0; f < kStoredFormats; ++f) {
+    if (dram.format_blocks[f] == 0) continue;
+    v1::FormatStats* format = response->add_formats();
+    format->set_tier(v1::TIER_DRAM);
+    format->set_format(static_cast<v1::StoredFormat>(f));
+    format->set_blocks(dram.format_blocks[f]);
+    format->set_stored_bytes(dram.format_bytes[f]);
+  }
+  response->set_transcoded_blocks(dram.transcodes);
   if (store_.nvme() != nullptr) {
     const NvmeCounters nvme = store_.nvme()->counters();
     v1::TierStats* nvme_tier = response->add_tiers();
@@ -754,6 +773,14 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
     nvme_tier->set_stored_bytes(nvme.stored_bytes);
     nvme_tier->set_blocks(nvme.blocks);
     nvme_tier->set_evictions(nvme.evictions);
+    for (size_t f = 0; f < kStoredFormats; ++f) {
+      if (nvme.format_blocks[f] == 0) continue;
+      v1::FormatStats* format = response->add_formats();
+      format->set_tier(v1::TIER_NVME);
+      format->set_format(static_cast<v1::StoredFormat>(f));
+      format->set_blocks(nvme.format_blocks[f]);
+      format->set_stored_bytes(nvme.format_bytes[f]);
+    }
     nvme_tier->set_errors(nvme.io_errors);
     nvme_tier->set_last_error(nvme.last_error);
     response->set_demoted_blocks(nvme.demoted_blocks);

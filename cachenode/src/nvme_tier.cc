@@ -4,6 +4,7 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <array>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -253,7 +254,8 @@ class NvmeTier::Impl {
     if (it == entries_.end()) return std::nullopt;
     if (hit) policy_->OnHit(id);
     const IndexRecord& r = it->second->record;
-    return NvmeBlockInfo{.size = r.size, .checksum = r.checksum, .parent = r.parent};
+    return NvmeBlockInfo{
+        .size = r.size, .checksum = r.checksum, .parent = r.parent, .format = static_cast<uint8_t>(r.format)};
   }
 
   bool RequestFinished(const BlockId& last_block, uint32_t output_tokens) {
@@ -381,6 +383,7 @@ class NvmeTier::Impl {
       }
       records[i] = IndexRecord{.id = id,
                                .file = extent->first,
+                               .format = block->format,  // kept per block: precision tiers
                                .offset = extent->second,
                                .size = block->size(),
                                .checksum = block->checksum,
@@ -482,6 +485,7 @@ class NvmeTier::Impl {
       entries_.erase(it);
       policy_->OnErase(id);
       stored_bytes_ -= entry->record.size;
+      CountFormat(entry->record, false);
     }
     DeleteRecords({id});
     return true;  // the extent frees when the last reader lets go of `entry`
@@ -499,6 +503,8 @@ class NvmeTier::Impl {
       c.ready = ready_;
       c.stored_bytes = stored_bytes_;
       c.blocks = entries_.size();
+      c.format_blocks = format_blocks_;
+      c.format_bytes = format_bytes_;
       c.evictions = evictions_;
       c.demoted_blocks = demoted_blocks_;
       c.demotion_drops = demotion_drops_;
@@ -553,11 +559,19 @@ class NvmeTier::Impl {
     return valid;
   }
 
+  // Blocks and bytes per stored format (precision tiers keep it per block).
+  void CountFormat(const IndexRecord& r, bool add) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const size_t f = r.format < format_blocks_.size() ? r.format : 0;
+    format_blocks_[f] += add ? 1 : -1;
+    format_bytes_[f] += add ? r.size : -r.size;
+  }
+
   void Insert(IndexRecord record) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     const BlockId id = record.id;
     std::optional<BlockId> parent;
     if (record.parent.has_value()) parent = BlockId{id.namespace_id, *record.parent};
     stored_bytes_ += record.size;
+    CountFormat(record, true);
     entries_[id] = std::make_shared<Entry>(this, std::move(record));
     policy_->OnInsert(id, parent);
   }
@@ -605,6 +619,7 @@ class NvmeTier::Impl {
         auto it = entries_.find(*victim);
         if (it == entries_.end()) continue;
         stored_bytes_ -= it->second->record.size;
+        CountFormat(it->second->record, false);
         released.push_back(std::move(it->second));
         entries_.erase(it);
         victims.push_back(*victim);
@@ -702,6 +717,8 @@ class NvmeTier::Impl {
   absl::flat_hash_map<BlockId, std::shared_ptr<Entry>> entries_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<EvictionPolicy> policy_ ABSL_GUARDED_BY(mu_);
   uint64_t stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::array<uint64_t, 5> format_blocks_ ABSL_GUARDED_BY(mu_){};
+  std::array<uint64_t, 5> format_bytes_ ABSL_GUARDED_BY(mu_){};
   uint64_t evictions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t demoted_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t demotion_drops_ ABSL_GUARDED_BY(mu_) = 0;

@@ -82,12 +82,52 @@ void SlabAllocator::Free(uint64_t offset) {
   std::vector<uint32_t>& partial = partial_[c];
   if (slab.used == 0) {
     if (slab.in_partial_list) partial.erase(std::find(partial.begin(), partial.end(), id));
+    if (slab.draining) draining_.erase(std::find(draining_.begin(), draining_.end(), id));
     slab = Slab{};
     unassigned_.push_back(id);
-  } else if (!slab.in_partial_list) {
+  } else if (!slab.in_partial_list && !slab.draining) {
     slab.in_partial_list = true;
     partial.push_back(id);
   }
+}
+
+bool SlabAllocator::DrainSlabOf(uint64_t offset) {
+  absl::MutexLock lock(&mu_);
+  const uint32_t id = static_cast<uint32_t>(offset / slab_bytes_);
+  // A draining slab holds memory nobody uses until it empties: a small arena
+  // cannot afford it (one slab in eight at most).
+  const size_t max_draining = std::min(kMaxDraining, slabs_.size() / 8);
+  if (draining_.size() >= max_draining || id >= slabs_.size() || slabs_[id].size_class < 0 ||
+      slabs_[id].draining) {
+    return false;
+  }
+  Slab& slab = slabs_[id];
+  if (slab.in_partial_list) {
+    std::vector<uint32_t>& partial = partial_[static_cast<size_t>(slab.size_class)];
+    partial.erase(std::find(partial.begin(), partial.end(), id));
+    slab.in_partial_list = false;
+  }
+  slab.draining = true;
+  draining_.push_back(id);
+  return true;
+}
+
+void SlabAllocator::StopDraining() {
+  absl::MutexLock lock(&mu_);
+  if (draining_.empty()) return;
+  const uint32_t id = draining_.front();
+  draining_.erase(draining_.begin());
+  Slab& slab = slabs_[id];
+  slab.draining = false;
+  if (!slab.free_chunks.empty()) {
+    slab.in_partial_list = true;
+    partial_[static_cast<size_t>(slab.size_class)].push_back(id);
+  }
+}
+
+bool SlabAllocator::draining() const {
+  absl::MutexLock lock(&mu_);
+  return !draining_.empty();
 }
 
 uint64_t SlabAllocator::used_bytes() const {

@@ -154,6 +154,19 @@ bool TieredStore::Contains(const BlockId& id) {
   return dram_.Find(id, /*hit=*/false) != nullptr || (nvme_ != nullptr && nvme_->Contains(id));
 }
 
+std::optional<uint8_t> TieredStore::StoredFormatOf(const BlockId& id) {
+  if (std::shared_ptr<StoredBlock> block = dram_.Find(id, /*hit=*/false)) return block->format;
+  if (hbm_ != nullptr) {
+    if (std::shared_ptr<StoredBlock> block = hbm_->slabs().Find(id, /*hit=*/false)) {
+      return block->format;
+    }
+  }
+  if (nvme_ == nullptr) return std::nullopt;
+  if (std::shared_ptr<StoredBlock> queued = nvme_->FindQueued(id)) return queued->format;
+  if (std::optional<NvmeBlockInfo> info = nvme_->Find(id, /*hit=*/false)) return info->format;
+  return std::nullopt;
+}
+
 std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinDramOrNvme(absl::Span<const BlockId> ids) {
   std::vector<std::shared_ptr<StoredBlock>> pinned(ids.size());
   std::vector<BlockId> to_read;
@@ -181,6 +194,7 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinDramOrNvme(absl::Span<
       unpromotable.insert(read_index.size());
     }
     (*block)->checksum = info->checksum;
+    (*block)->format = info->format;
     if (info->parent.has_value()) {
       (*block)->parent = *info->parent;
       (*block)->has_parent = true;

@@ -60,6 +60,9 @@ class TieredStore {
   // the policies of the tiers they were hit.
   std::vector<v1::Tier> PrefixTiers(uint64_t namespace_id, absl::Span<const BlockKey> keys);
   bool Contains(const BlockId& id);
+  // The stored format (v1::StoredFormat) of `id` wherever it is, nullopt
+  // when not stored; not a hit.
+  std::optional<uint8_t> StoredFormatOf(const BlockId& id);
   // Pins each block that is stored, null for a miss. Blocks on NVMe are read
   // into DRAM (verified against their checksums) and committed there: a hit
   // promotes. A block whose NVMe bytes are damaged is a miss. With HBM, a

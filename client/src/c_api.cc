@@ -60,8 +60,16 @@ int kvs_connect(const char* node_address, int timeout_ms, kvs_client** out) {
 void kvs_client_destroy(kvs_client* client) { delete client; }
 
 int kvs_open_namespace(kvs_client* client, const kvs_namespace_spec* spec, kvs_namespace** out) {
+  return kvs_open_namespace_with_budget(client, spec, KVS_FORMAT_RAW, out);
+}
+
+int kvs_open_namespace_with_budget(kvs_client* client, const kvs_namespace_spec* spec,
+                                   int coarsest_format, kvs_namespace** out) {
   if (client == nullptr || spec == nullptr || out == nullptr) {
     return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  }
+  if (!kvstrata::v1::StoredFormat_IsValid(coarsest_format)) {
+    return Fail(absl::StatusCode::kInvalidArgument, "unknown coarsest_format");
   }
   kvstrata::v1::NamespaceSpec proto;
   if (spec->tenant != nullptr) proto.set_tenant(spec->tenant);
@@ -74,6 +82,7 @@ int kvs_open_namespace(kvs_client* client, const kvs_namespace_spec* spec, kvs_n
   proto.set_tp_rank(spec->tp_rank);
   proto.set_tp_size(spec->tp_size);
   proto.set_block_bytes(spec->block_bytes);
+  proto.set_coarsest_format(static_cast<kvstrata::v1::StoredFormat>(coarsest_format));
   auto ns = client->client->OpenNamespace(proto);
   if (!ns.ok()) return Fail(ns.status());
   *out = new kvs_namespace{*std::move(ns)};
@@ -158,6 +167,11 @@ int kvs_publish(kvs_namespace* ns, const kvs_buffer* buffer, const kvs_publish_i
 
 int kvs_fetch(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys, const size_t* offsets,
               size_t count, int* outcomes) {
+  return kvs_fetch_with_formats(ns, buffer, keys, offsets, count, outcomes, nullptr);
+}
+
+int kvs_fetch_with_formats(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys,
+                           const size_t* offsets, size_t count, int* outcomes, int* formats) {
   if (ns == nullptr || buffer == nullptr ||
       ((keys == nullptr || offsets == nullptr) && count > 0)) {
     return Fail(absl::StatusCode::kInvalidArgument, "null argument");
@@ -170,6 +184,11 @@ int kvs_fetch(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys, const 
   auto result = ns->ns.Fetch(converted);
   if (!result.ok()) return Fail(result.status());
   StoreOutcomes(*result, outcomes);
+  if (formats != nullptr) {
+    for (size_t i = 0; i < count; ++i) {
+      formats[i] = i < result->formats.size() ? static_cast<int>(result->formats[i]) : KVS_FORMAT_RAW;
+    }
+  }
   return 0;
 }
 

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "client_impl.h"
+#include "kvstrata/client/quantized.h"
 #include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
 
@@ -145,6 +146,16 @@ struct TaggedSide {
 // the node then commits a prompt's blocks parents first, as one request
 // would, so its eviction order (and a prefix's survival) does not depend on
 // how a large publish was split.
+// Each block's stored format from a fetch reply (older nodes send none: raw).
+void AppendFormats(const v1::FetchResponse& response, size_t blocks, TransferResult* result) {
+  for (size_t i = 0; i < blocks; ++i) {
+    const int f = static_cast<int>(i) < response.format_size() ? response.format(static_cast<int>(i)) : 0;
+    const bool ok = result->outcomes.size() >= blocks &&
+                    result->outcomes[result->outcomes.size() - blocks + i] == BlockOutcome::kOk;
+    result->formats.push_back(ok && f >= 0 && f <= 4 ? static_cast<StoredFormat>(f) : StoredFormat::kRaw);
+  }
+}
+
 // A coalesced fetch's messages: the hits back to back in request order,
 // each response.size(i) bytes, CoalescedBlocksPerMessage hits per message
 // (message k lands at staging + k x per_message x block_bytes). Copies each
@@ -242,6 +253,7 @@ absl::StatusOr<TransferResult> RunBatches(
       if (first_error.ok()) first_error = FromGrpc(status);
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
       result.sizes.resize(result.outcomes.size(), 0);
+      result.formats.resize(result.outcomes.size(), StoredFormat::kRaw);
       continue;
     }
     const size_t before = result.outcomes.size();
@@ -252,8 +264,10 @@ absl::StatusOr<TransferResult> RunBatches(
       result.outcomes.resize(before);
       result.outcomes.insert(result.outcomes.end(), slice.size(), BlockOutcome::kTransferFailed);
       result.sizes.resize(before);
+      result.formats.resize(before);
     }
     result.sizes.resize(result.outcomes.size(), 0);  // Publish collects no sizes
+    result.formats.resize(result.outcomes.size(), StoredFormat::kRaw);
   }
   // One batch: its error is the call's error. Several: report per block,
   // unless every batch failed.
@@ -383,8 +397,13 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
       response.max_publish_blocks() == 0
           ? static_cast<uint32_t>(limits::kMaxTransferBlocks)
           : std::min<uint32_t>(response.max_publish_blocks(), limits::kMaxTransferBlocks);
-  return Namespace(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block(),
-                   max_publish_blocks);
+  Namespace ns(this, response.namespace_id(), response.block_bytes(), spec.tokens_per_block(),
+               max_publish_blocks);
+  // Blocks of a raw namespace come back encoded only when a precision tier
+  // transcoded them; the library decodes those (quantized namespaces leave
+  // decoding to the caller, who may do it on the GPU).
+  ns.decode_to_raw_ = spec.format() == v1::FORMAT_RAW && spec.num_layers() != 0;
+  return ns;
 }
 
 std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> region) {
@@ -543,7 +562,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
   const size_t coalesced_blocks = items.size() > 1 ? impl.CoalescedBlocks(block_bytes) : 0;
   const bool coalesced = coalesced_blocks > 0;
-  return RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
+  absl::StatusOr<TransferResult> fetched = RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
       items, impl.Timeout(timeout), coalesced ? coalesced_blocks : limits::kMaxTransferBlocks,
       /*in_order=*/false,
       [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
@@ -611,8 +630,10 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           return absl::InternalError("node answered a different number of blocks");
         }
         if (side.staging != nullptr) {
-          return UnpackCoalesced(slice, response, *receives, side.staging.get(), block_bytes,
-                                 verify, deadline, result);
+          absl::Status unpacked = UnpackCoalesced(slice, response, *receives, side.staging.get(),
+                                                  block_bytes, verify, deadline, result);
+          if (unpacked.ok()) AppendFormats(response, slice.size(), result);
+          return unpacked;
         }
         std::vector<size_t> received;
         if (receives != nullptr) {
@@ -640,6 +661,7 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           result->sizes.push_back(outcome == BlockOutcome::kOk ? response.size(i) : 0);
         }
         result->bytes += response.bytes_transferred();
+        AppendFormats(response, slice.size(), result);
         return absl::OkStatus();
       },
       // Checksum blocks as they land, on this thread, while the UCX progress
@@ -656,6 +678,27 @@ absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> item
           }
         }
       });
+  if (fetched.ok() && decode_to_raw_) DecodeTranscoded(items, block_bytes, *fetched);
+  return fetched;
+}
+
+// A raw namespace with a precision budget gets back some blocks the node
+// transcoded coarser: decode them in place (after their checksums matched)
+// so the caller always finds its dtype's layout, block_bytes of it.
+void Namespace::DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t block_bytes,
+                                 TransferResult& result) {
+  std::vector<uint8_t> encoded;
+  for (size_t i = 0; i < result.outcomes.size() && i < items.size(); ++i) {
+    if (result.outcomes[i] != BlockOutcome::kOk || result.formats[i] == StoredFormat::kRaw) continue;
+    uint8_t* at = items[i].buffer->data() + items[i].offset;
+    encoded.assign(at, at + result.sizes[i]);  // decoding writes over where it lies
+    if (!DequantizeBlock(encoded.data(), encoded.size(), at, block_bytes).ok()) {
+      result.outcomes[i] = BlockOutcome::kChecksumMismatch;  // damaged: never served as KV
+      result.sizes[i] = 0;
+      continue;
+    }
+    result.sizes[i] = block_bytes;
+  }
 }
 
 std::future<absl::StatusOr<TransferResult>> Namespace::FetchAsync(

@@ -437,6 +437,7 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
   TransferResult result;
   result.outcomes.assign(items.size(), BlockOutcome::kNotFound);
   result.sizes.assign(items.size(), 0);
+  result.formats.assign(items.size(), StoredFormat::kRaw);
   const size_t candidates = CandidateCount(cluster, live);
   std::vector<std::vector<NodePtr>> owners(items.size());
   for (size_t i = 0; i < items.size(); ++i) owners[i] = OwnerNodes(items[i].key, live, candidates);
@@ -463,6 +464,7 @@ absl::StatusOr<TransferResult> ClusterNamespace::Fetch(absl::Span<const FetchIte
         if (done->outcomes[k] == BlockOutcome::kOk) {
           result.outcomes[indices[k]] = BlockOutcome::kOk;
           result.sizes[indices[k]] = done->sizes[k];
+          if (k < done->formats.size()) result.formats[indices[k]] = done->formats[k];
           found_on[indices[k]] = plan[c].first;
         } else if (done->outcomes[k] == BlockOutcome::kNotFound) {
           missed[indices[k]].push_back(plan[c].first);

@@ -264,7 +264,10 @@ void ReplicaRepairer::CopyFrom(const RepairNamespace& ns, const NodePtr& source,
     std::vector<std::pair<NodePtr, std::vector<PublishItem>>> publishes;
     for (size_t i = start; i < end; ++i) {
       const size_t k = i - start;
-      if (fetched->outcomes[k] != BlockOutcome::kOk || fetched->sizes[k] != block_bytes) {
+      // A block a precision tier transcoded is decoded, lossy: never copy it
+      // to another node as if it were the raw block.
+      if (fetched->outcomes[k] != BlockOutcome::kOk || fetched->sizes[k] != block_bytes ||
+          (k < fetched->formats.size() && fetched->formats[k] != StoredFormat::kRaw)) {
         failed += copies[i].targets.size();  // evicted since listed, or damaged
         continue;
       }

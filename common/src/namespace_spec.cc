@@ -35,7 +35,8 @@ absl::StatusOr<uint64_t> ValidateNamespaceSpec(const v1::NamespaceSpec& spec,
     return absl::InvalidArgumentError(
         absl::StrCat("tp_rank ", spec.tp_rank(), " is not below tp_size ", tp_size));
   }
-  if (!v1::StoredFormat_IsValid(spec.format()) || !v1::DType_IsValid(spec.dtype())) {
+  if (!v1::StoredFormat_IsValid(spec.format()) || !v1::StoredFormat_IsValid(spec.coarsest_format()) ||
+      !v1::DType_IsValid(spec.dtype())) {
     return absl::InvalidArgumentError("unknown dtype or stored format");
   }
   uint64_t block_bytes = spec.block_bytes();
@@ -79,8 +80,15 @@ uint64_t NamespaceId(const v1::NamespaceSpec& spec) {
       "|", spec.tp_size() == 0 ? 1 : spec.tp_size(), "|", static_cast<int>(spec.format()), "|",
       // With a layout the block size is derived, so it must not split the id.
       spec.num_layers() != 0 ? 0 : spec.block_bytes());
+  // A precision budget changes what a fetch may return, so it splits the id;
+  // appended only when set, so namespaces without one keep their ids.
+  const std::string canonical_with_budget =
+      spec.coarsest_format() == v1::FORMAT_RAW
+          ? canonical
+          : absl::StrCat(canonical, "|c", static_cast<int>(spec.coarsest_format()));
   uint8_t digest[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const uint8_t*>(canonical.data()), canonical.size(), digest);
+  SHA256(reinterpret_cast<const uint8_t*>(canonical_with_budget.data()),
+         canonical_with_budget.size(), digest);
   uint64_t id = 0;
   for (int i = 0; i < 8; ++i) id |= uint64_t{digest[i]} << (8 * i);
   return id;

@@ -56,15 +56,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def caches(layout=KVCacheLayout.LBHNC, kernel=None, seed=None):
+def caches(layout=KVCacheLayout.LBHNC, kernel=None, seed=None, dtype=torch.float32):
     """The per-layer KV caches vLLM 0.32 would give register_kv_caches."""
-    spec = FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=HEAD,
-                             dtype=torch.float32)
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=HEAD, dtype=dtype)
     layer_stride, block_stride, _, _, _ = compute_layout_strides(spec, BLOCKS, LAYERS, layout)
     size = spec.page_size_bytes * BLOCKS * LAYERS
     raw = torch.zeros(size, dtype=torch.int8)
     if seed is not None:
-        raw.view(torch.float32).copy_(torch.randn(size // 4, generator=torch.Generator().manual_seed(seed)))
+        width = torch.finfo(dtype).bits // 8
+        raw.view(dtype).copy_(torch.randn(size // width, generator=torch.Generator().manual_seed(seed)))
     views = create_kv_cache_views(raw, spec, BLOCKS, layout, KVCacheTensor(
         size=size, layers=NAMES, layer_stride=layer_stride, block_stride=block_stride), kernel)
     return dict(zip(NAMES, views))
@@ -514,6 +514,34 @@ class ConnectorTest(unittest.TestCase):
                 ks, vs = read_block("rows", source[name], s_id, 1)
                 kd, vd = read_block("content", consumer.kv[name], d_id, 2)
                 self.assertTrue(torch.equal(ks, kd) and torch.equal(vs, vd))
+
+    def test_a_precision_budget_opens_layout_namespaces_and_loads_back(self):
+        # coarsest_format: fp16 K/V caches go to namespaces with the layout
+        # (one layer), which the node may transcode under pressure; here it
+        # has room, so the blocks come back raw, byte for byte.
+        tokens = list(range(7000, 7150))
+        extra = {"coarsest_format": "int4_kivi", "dtype": "float16"}
+        publisher = Engine(self, packing="rows", kv=caches(seed=5, dtype=torch.float16), **extra)
+        src_ids = [2, 5, 11, 1, 6]
+        external, (_, errors) = publisher.prefill(request("pp", tokens), src_ids)
+        self.assertEqual((external, errors), (0, set()))
+        self.assertEqual(publisher.worker.stats["saved_blocks"], 2)
+        ns = publisher.worker._namespace(0)
+        self.assertEqual(ns.block_bytes, 2 * CACHE * HEADS * HEAD * 2)
+        consumer = Engine(self, packing="rows", kv=caches(dtype=torch.float16), **extra)
+        req = request("pc", tokens)
+        dst_ids = [3, 8, 0, 14, 9]
+        self.assertEqual(consumer.admit(req, dst_ids), 128)
+        _, errors = consumer.step(new=[(req, dst_ids, 128)], scheduled={"pc": 22})
+        self.assertEqual(errors, set())
+        for name in NAMES:
+            for e in range(4):
+                ks, vs = read_block("rows", publisher.kv[name], src_ids[e], 1)
+                kd, vd = read_block("rows", consumer.kv[name], dst_ids[e], 1)
+                self.assertTrue(torch.equal(ks, kd) and torch.equal(vs, vd), (name, e))
+        # Without the budget it is another (opaque) namespace: nothing shared.
+        plain = Engine(self, packing="rows", kv=caches(dtype=torch.float16), dtype="float16")
+        self.assertEqual(plain.admit(request("px", tokens), [4, 7, 10, 12, 13]), 0)
 
     def test_bad_config_is_a_clear_error(self):
         with self.assertRaisesRegex(ValueError, "multiple of vLLM's block size"):

@@ -184,6 +184,59 @@ class BindingTest(unittest.TestCase):
         self.assertEqual(self.client.stats()["request_hints"], before + 2)
 
 
+class PrecisionTest(unittest.TestCase):
+    """A namespace with a precision budget on a node short of DRAM: cold blocks
+    are transcoded instead of evicted, and fetch hands them back decoded to
+    fp16 with their stored format named."""
+
+    def test_budget_transcodes_and_fetch_decodes(self):
+        node = NodeProcess(dram_bytes=16 << 20, extra_flags=["--slab_bytes=1048576",
+                                                              "--eviction_policy=lru"])
+        try:
+            client = kvstrata.Client(node.address, timeout=20.0)
+            layers, tokens, heads, dim = 2, 16, 8, 128
+            with self.assertRaises(ValueError):
+                client.open_namespace(tenant="test", model="p", dtype=1, num_layers=layers,
+                                      num_kv_heads=heads, head_dim=dim, tokens_per_block=tokens,
+                                      coarsest_format="int3")
+            ns = client.open_namespace(tenant="test", model="p", dtype=1, num_layers=layers,
+                                       num_kv_heads=heads, head_dim=dim, tokens_per_block=tokens,
+                                       coarsest_format="int4_kivi")
+            count, block = 320, ns.block_bytes
+            self.assertEqual(block, layers * 2 * tokens * heads * dim * 2)
+            rng = np.random.default_rng(7)
+            kv = rng.standard_normal((count, block // 2)).astype(np.float16)
+            keys = ns.keys(list(range(count * tokens)))
+            buffer = client.allocate(4 * block)
+            view = np.frombuffer(buffer, dtype=np.float16).reshape(4, block // 2)
+            for start in range(0, count, 4):
+                view[:] = kv[start:start + 4]
+                result = ns.publish([(keys[start + k], keys[start + k - 1] if start + k else None,
+                                      buffer, k * block) for k in range(4)])
+                self.assertEqual(result.count(kvstrata.Outcome.OK), 4)
+            out = client.allocate(count * block)
+            result = ns.fetch([(keys[i], out, i * block) for i in range(count)])
+            self.assertEqual(len(result.formats), count)
+            got = np.frombuffer(out, dtype=np.float16).reshape(count, block // 2)
+            ceilings = {"raw": 0.0, "fp8_e4m3": 0.06, "int4_kivi": 0.2}
+            seen = set()
+            for i, (outcome, fmt) in enumerate(zip(result.outcomes, result.formats)):
+                if outcome != kvstrata.Outcome.OK:
+                    continue
+                seen.add(fmt)
+                a, b = kv[i].astype(np.float64), got[i].astype(np.float64)
+                error = np.linalg.norm(a - b) / np.linalg.norm(a)
+                self.assertLessEqual(error, ceilings[fmt], "block %d stored as %s" % (i, fmt))
+            self.assertIn("raw", seen)
+            self.assertTrue(seen & {"fp8_e4m3", "int4_kivi"}, seen)
+            stats = client.stats()
+            self.assertGreater(stats["transcoded_blocks"], 0)
+            by_format = {f["format"]: f["blocks"] for f in stats["formats"] if f["tier"] == "dram"}
+            self.assertGreater(by_format.get("fp8_e4m3", 0) + by_format.get("int4_kivi", 0), 0)
+        finally:
+            node.stop()
+
+
 class ClusterTest(unittest.TestCase):
     """kvstrata.Cluster: three real nodes behind the single-node namespace API."""
 

@@ -92,6 +92,9 @@ absl::StatusOr<IndexRecord> DecodeRecord(std::string_view key, std::string_view 
   IndexRecord record;
   record.file = r.U16();
   record.format = r.U32();
+  if (record.format > 4) {  // v1::StoredFormat: a block must never be decoded as something else
+    return absl::DataLossError(absl::StrCat("index record of unknown stored format ", record.format));
+  }
   record.id.namespace_id = r.U64();
   r.Bytes(record.id.key.bytes.data(), 16);
   record.offset = r.U64();

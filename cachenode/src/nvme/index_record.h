@@ -23,7 +23,7 @@ namespace kvstrata::cachenode::nvme {
 struct IndexRecord {
   BlockId id;
   uint16_t file = 0;  // index into the tier's data files
-  uint32_t format = 0;
+  uint32_t format = 0;  // v1::StoredFormat of the block's bytes (per block: precision tiers)
   uint64_t offset = 0;
   uint64_t size = 0;
   uint64_t checksum = 0;

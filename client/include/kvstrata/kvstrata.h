@@ -39,6 +39,16 @@ typedef struct {
   uint64_t block_bytes;
 } kvs_namespace_spec;
 
+/* Stored formats (kvstrata.v1.StoredFormat): a precision budget, and how a
+ * fetched block was stored. */
+enum kvs_stored_format {
+  KVS_FORMAT_RAW = 0,
+  KVS_FORMAT_FP8_E4M3 = 1,
+  KVS_FORMAT_INT8 = 2,
+  KVS_FORMAT_INT4_KIVI = 3,
+  KVS_FORMAT_INT2_KIVI = 4
+};
+
 /* Per-block outcomes, as in kvstrata::client::BlockOutcome. */
 enum kvs_block_outcome {
   KVS_BLOCK_OK = 0,
@@ -64,6 +74,11 @@ int kvs_connect(const char* node_address, int timeout_ms, kvs_client** out);
 void kvs_client_destroy(kvs_client* client);
 
 int kvs_open_namespace(kvs_client* client, const kvs_namespace_spec* spec, kvs_namespace** out);
+/* The same with a precision budget (enum kvs_stored_format; KVS_FORMAT_RAW:
+ * none): the node may keep cold blocks transcoded down to it instead of
+ * evicting them. Needs a KV layout in fp16 or bf16. */
+int kvs_open_namespace_with_budget(kvs_client* client, const kvs_namespace_spec* spec,
+                                   int coarsest_format, kvs_namespace** out);
 void kvs_namespace_destroy(kvs_namespace* ns);
 /* Closes the namespace on the node (it counts against its tenant's namespace
  * quota); its blocks stay until evicted. Destroy the handle afterwards. The
@@ -89,6 +104,12 @@ int kvs_publish(kvs_namespace* ns, const kvs_buffer* buffer, const kvs_publish_i
                 size_t count, int* outcomes);
 int kvs_fetch(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys, const size_t* offsets,
               size_t count, int* outcomes);
+/* kvs_fetch, and formats (may be NULL) receives each block's stored format at
+ * the node (enum kvs_stored_format). A block of a namespace with a budget
+ * that the node transcoded arrives decoded to the namespace's dtype; its
+ * format says how lossy it is. */
+int kvs_fetch_with_formats(kvs_namespace* ns, kvs_buffer* buffer, const kvs_key* keys,
+                           const size_t* offsets, size_t count, int* outcomes, int* formats);
 int kvs_delete(kvs_namespace* ns, const kvs_key* keys, size_t count, size_t* deleted);
 /* A hint for the node's eviction policies: the request whose prompt ended
  * with block last_key finished, generating output_tokens tokens. known (may

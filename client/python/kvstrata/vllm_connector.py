@@ -67,6 +67,11 @@ _CACHE_DTYPES = {  # vLLM's cache_dtype -> the name in namespace ids
 }
 
 
+# Cache dtypes a precision budget (extra config "coarsest_format") can use,
+# as kvstrata.DType values: fp16 = 1, bf16 = 2 (quantized caches stay opaque).
+_LAYOUT_DTYPES = {"float16": 1, "half": 1, "bfloat16": 2}
+
+
 def _output_tokens(request) -> int:
     """Tokens the request generated: vLLM's Request.num_output_tokens, else
     len(output_token_ids), else 0 (unknown)."""
@@ -533,11 +538,24 @@ class KvstrataConnector(KVConnectorBase_V1):
         s = self._settings
         kind, heads, size, elem = self._layer_spec(layer)
         kv = 1 if kind == "mla" else 2
+        model = "%s#layer%d#%s:%s:%dx%d" % (s.model_id, layer, kind, s.cache_dtype, heads, size)
+        budget = str(self._extra.get("coarsest_format", "") or "")
+        if budget and budget != "raw" and kind == "kv" and s.cache_dtype in _LAYOUT_DTYPES:
+            # Precision tiers: the node may transcode cold blocks down to
+            # `budget` instead of evicting them, so it needs the layout (one
+            # layer: [2, tokens, heads, head_size], the stored block's own).
+            # The client library decodes such blocks back to the cache dtype.
+            ns = client.open_namespace(
+                tenant=s.tenant, model=model, dtype=_LAYOUT_DTYPES[s.cache_dtype], num_layers=1,
+                num_kv_heads=heads, head_dim=size, tokens_per_block=s.cache_block_tokens,
+                tp_rank=rank, tp_size=s.tp_size, coarsest_format=budget,
+                timeout=self._timeout if timeout is None else timeout)
+            self._namespaces[(layer, rank)] = ns
+            return ns
         # The layout is in the name: opaque (raw) blocks of one layer and rank,
         # never mixed with another dtype, head count or kind.
         ns = client.open_namespace(
-            tenant=s.tenant,
-            model="%s#layer%d#%s:%s:%dx%d" % (s.model_id, layer, kind, s.cache_dtype, heads, size),
+            tenant=s.tenant, model=model,
             tokens_per_block=s.cache_block_tokens, tp_rank=rank, tp_size=s.tp_size,
             block_bytes=kv * s.cache_block_tokens * heads * size * elem,
             timeout=self._timeout if timeout is None else timeout)

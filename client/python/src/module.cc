@@ -31,6 +31,27 @@ namespace py = pybind11;
 namespace kvstrata::python {
 namespace {
 
+// Precision budgets by the kernels' names ("" or "raw": none).
+v1::StoredFormat ParseCoarsestFormat(const std::string& name) {
+  if (name.empty() || name == "raw") return v1::FORMAT_RAW;
+  if (name == "fp8_e4m3") return v1::FORMAT_FP8_E4M3;
+  if (name == "int8") return v1::FORMAT_INT8;
+  if (name == "int4_kivi") return v1::FORMAT_INT4_KIVI;
+  if (name == "int2_kivi") return v1::FORMAT_INT2_KIVI;
+  throw py::value_error("coarsest_format is one of raw, fp8_e4m3, int8, int4_kivi, int2_kivi; got " +
+                        name);
+}
+
+std::string StoredFormatName(client::StoredFormat f) {
+  switch (f) {
+    case client::StoredFormat::kFp8E4m3: return "fp8_e4m3";
+    case client::StoredFormat::kInt8: return "int8";
+    case client::StoredFormat::kInt4Kivi: return "int4_kivi";
+    case client::StoredFormat::kInt2Kivi: return "int2_kivi";
+    default: return "raw";
+  }
+}
+
 using client::BlockOutcome;
 
 // A failed absl::Status on its way to Python as kvstrata.Error(code, message).
@@ -219,6 +240,17 @@ py::dict StatsDict(const v1::StatsResponse& stats) {
           break;
       }
     }
+    // Precision tiers: blocks and bytes per tier and stored format.
+    py::list formats;
+    for (const v1::FormatStats& f : stats.formats()) {
+      py::dict entry;
+      entry["tier"] = f.tier() == v1::TIER_NVME ? "nvme" : f.tier() == v1::TIER_HBM ? "hbm" : "dram";
+      entry["format"] = StoredFormatName(static_cast<client::StoredFormat>(f.format()));
+      entry["blocks"] = f.blocks();
+      entry["stored_bytes"] = f.stored_bytes();
+      formats.append(entry);
+    }
+    d["formats"] = formats;
     return d;
 }
 
@@ -509,8 +541,10 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
   PyNamespace OpenNamespace(const std::string& tenant, const std::string& model, int dtype,
                             uint32_t num_layers, uint32_t num_kv_heads, uint32_t head_dim,
                             uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
-                            uint64_t block_bytes, std::optional<double> timeout) {
+                            uint64_t block_bytes, const std::string& coarsest_format,
+                            std::optional<double> timeout) {
     v1::NamespaceSpec spec;
+    spec.set_coarsest_format(ParseCoarsestFormat(coarsest_format));
     spec.set_tenant(tenant);
     spec.set_model(model);
     spec.set_dtype(static_cast<v1::DType>(dtype));
@@ -692,8 +726,10 @@ class PyCluster {
   PyClusterNamespace OpenNamespace(const std::string& tenant, const std::string& model, int dtype,
                                    uint32_t num_layers, uint32_t num_kv_heads, uint32_t head_dim,
                                    uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
-                                   uint64_t block_bytes, std::optional<double> /*timeout*/) {
+                                   uint64_t block_bytes, const std::string& coarsest_format,
+                                   std::optional<double> /*timeout*/) {
     v1::NamespaceSpec spec;
+    spec.set_coarsest_format(ParseCoarsestFormat(coarsest_format));
     spec.set_tenant(tenant);
     spec.set_model(model);
     spec.set_dtype(static_cast<v1::DType>(dtype));
@@ -843,6 +879,15 @@ PYBIND11_MODULE(_kvstrata, m) {
 
   py::class_<client::TransferResult>(m, "TransferResult")
       .def_readonly("outcomes", &client::TransferResult::outcomes)
+      // Fetch: each block's stored format at the node ("raw", "fp8_e4m3",
+      // "int8", "int4_kivi", "int2_kivi"). Blocks of a raw namespace that a
+      // precision tier transcoded arrive decoded to its dtype; this says
+      // how lossy they are.
+      .def_property_readonly("formats", [](const client::TransferResult& r) {
+        std::vector<std::string> names;
+        for (client::StoredFormat f : r.formats) names.push_back(StoredFormatName(f));
+        return names;
+      })
       .def_readonly("bytes", &client::TransferResult::bytes)
       .def("count", &client::TransferResult::count)
       .def("__repr__", [](const client::TransferResult& r) {
@@ -894,7 +939,8 @@ PYBIND11_MODULE(_kvstrata, m) {
            py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
            py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
            py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
-           py::arg("block_bytes") = 0, py::arg("timeout") = py::none())
+           py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
+           py::arg("timeout") = py::none())
       .def("register", &PyClient::Register, py::arg("memory"))
       .def("allocate", &PyClient::Allocate, py::arg("size"))
       .def("stats", &PyClient::Stats, py::arg("timeout") = py::none())
@@ -925,7 +971,8 @@ PYBIND11_MODULE(_kvstrata, m) {
            py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
            py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
            py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
-           py::arg("block_bytes") = 0, py::arg("timeout") = py::none())
+           py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
+           py::arg("timeout") = py::none())
       .def("register", &PyCluster::Register, py::arg("memory"))
       .def("allocate", &PyCluster::Allocate, py::arg("size"))
       .def("nodes", &PyCluster::Nodes)

@@ -49,6 +49,10 @@ class StoredBlock {
   uint64_t checksum = 0;  // XXH3-64 of the stored bytes
   BlockKey parent;        // parent link of the prefix tree
   bool has_parent = false;
+  // How the bytes are stored (a v1::StoredFormat value): the namespace's
+  // format, or a coarser one after a precision transcode. Encoded blocks
+  // also say it in their header; this is what the node trusts and reports.
+  uint8_t format = 0;
 
  private:
   uint8_t* data_;

@@ -19,6 +19,9 @@ class BlockIndex {
   std::shared_ptr<StoredBlock> Find(const BlockId& id) const;
   // False (and no change) when `id` is present already.
   bool Insert(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  // Puts `block` in place of the stored one if that is still `expected`
+  // (readers pinning the old one keep it); false and no change otherwise.
+  bool Replace(const BlockId& id, const StoredBlock* expected, std::shared_ptr<StoredBlock> block);
   // The removed block, or null when absent.
   std::shared_ptr<StoredBlock> Erase(const BlockId& id);
   size_t size() const;

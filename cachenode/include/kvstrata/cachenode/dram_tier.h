@@ -6,11 +6,14 @@
 // its checksum, Commit() publishes it. Thread-safe.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
@@ -20,12 +23,36 @@
 
 namespace kvstrata::cachenode {
 
+// Stored formats are v1::StoredFormat values, 0 (raw) ..= 4 (int2_kivi).
+inline constexpr size_t kStoredFormats = 5;
+
 struct TierCounters {
   uint64_t capacity_bytes = 0;
   uint64_t used_bytes = 0;
   uint64_t stored_bytes = 0;
   uint64_t blocks = 0;
   uint64_t evictions = 0;
+  // Per stored format (index: v1::StoredFormat value): blocks and bytes.
+  std::array<uint64_t, kStoredFormats> format_blocks{};
+  std::array<uint64_t, kStoredFormats> format_bytes{};
+  uint64_t transcodes = 0;  // blocks transcoded to a coarser format
+};
+
+// Precision tiers (NamespaceSpec.coarsest_format): when Reserve must make
+// room, each block the policy names is first offered here; one whose
+// namespace allows a coarser format is transcoded to it in place of being
+// evicted, and stays with a fresh lease (as ReplayPrecision models). The
+// policy decides which blocks, the namespace's budget how far.
+class BlockTranscoder {
+ public:
+  virtual ~BlockTranscoder() = default;
+  // The bytes `block` takes one format coarser, when its namespace allows
+  // one; nullopt otherwise. Cheap: called under the tier's lock.
+  virtual std::optional<uint64_t> CoarserSize(const BlockId& id, const StoredBlock& block) const = 0;
+  // Encodes `from` one format coarser into `to` (CoarserSize bytes) and sets
+  // `to.format`; the tier sets the checksum, parent and swaps it in. Called
+  // without the tier's lock; `from` stays pinned and unchanged meanwhile.
+  virtual absl::Status Transcode(const BlockId& id, const StoredBlock& from, StoredBlock& to) const = 0;
 };
 
 class DramTier {
@@ -70,6 +97,10 @@ class DramTier {
   using ResidencyHook = std::function<void(const BlockId&, uint64_t size, bool resident)>;
   void set_residency_hook(ResidencyHook hook) { residency_hook_ = std::move(hook); }
 
+  // Enables precision tiers: `transcoder` (which must outlive the tier) is
+  // asked about every victim before it is evicted. Set once, before use.
+  void set_transcoder(const BlockTranscoder* transcoder) { transcoder_ = transcoder; }
+
   // Evicts `id` as if the policy had chosen it (the eviction hook demotes
   // it). False when it is not stored. A tenant over its quota makes room
   // this way among its own blocks.
@@ -92,12 +123,30 @@ class DramTier {
   std::optional<bool> RemoveVictim(const EvictionHook& sink);
   // Removes `id` from the index and the policy; null when it is not stored.
   std::shared_ptr<StoredBlock> TakeOut(const BlockId& id);
+  // One step of making room: transcodes the policy's victim when its
+  // namespace allows, else evicts it. nullopt when the policy holds none.
+  // `follow_up`: may take one more step (see the .cc).
+  std::optional<bool> MakeRoom(bool follow_up = true);
+  // Swaps `old` (stored as `id`) for its encoding one format coarser (`size`
+  // bytes). False when no memory of that size is free (then a slab starts
+  // draining so a later transcode finds some) or the encoding failed.
+  bool TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size);
+  std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
+  void CountFormat(uint8_t format, uint64_t size, bool add);
 
   uint8_t* const arena_;
   std::shared_ptr<SlabAllocator> allocator_;  // shared with blocks' release hooks
   BlockIndex index_;
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
+  std::atomic<uint64_t> transcodes_{0};
+  // Victims evicted for want of memory to transcode into while a slab
+  // drains: past a few slabs' worth the drain is given up (a hot or pinned
+  // block may keep it from ever emptying).
+  std::atomic<uint64_t> drain_fallbacks_{0};
+  std::array<std::atomic<uint64_t>, kStoredFormats> format_blocks_{};
+  std::array<std::atomic<uint64_t>, kStoredFormats> format_bytes_{};
+  const BlockTranscoder* transcoder_ = nullptr;
   EvictionHook eviction_hook_;
   ResidencyHook residency_hook_;
   // Serializes the policy, and eviction with commit so a victim chosen is

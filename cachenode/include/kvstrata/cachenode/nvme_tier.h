@@ -13,6 +13,7 @@
 // Demote() waits at most max_demotion_wait for room, then drops the block.
 #pragma once
 
+#include <array>
 #include <memory>
 #include <optional>
 #include <string>
@@ -59,6 +60,9 @@ struct NvmeCounters {
   uint64_t used_bytes = 0;      // allocated extents
   uint64_t stored_bytes = 0;    // sum of block sizes
   uint64_t blocks = 0;
+  // Per stored format (index: v1::StoredFormat value), as the DRAM tier's.
+  std::array<uint64_t, 5> format_blocks{};
+  std::array<uint64_t, 5> format_bytes{};
   uint64_t evictions = 0;
   uint64_t demoted_blocks = 0;      // written and indexed
   uint64_t demotion_drops = 0;      // not written: queue full, tier unusable, or I/O error
@@ -79,6 +83,7 @@ struct NvmeBlockInfo {
   uint64_t size = 0;
   uint64_t checksum = 0;
   std::optional<BlockKey> parent;
+  uint8_t format = 0;  // v1::StoredFormat of the stored bytes (StoredBlock::format)
 };
 
 class NvmeTier {

@@ -30,6 +30,18 @@ class SlabAllocator {
   // REQUIRES: offset came from Allocate and was not freed since.
   void Free(uint64_t offset);
 
+  // Stops handing out chunks of the slab holding `offset` (a chunk Allocate
+  // returned): once its last chunk is freed it returns to the pool, where
+  // another size class may take it. At most kMaxDraining slabs drain at a
+  // time (one for each rung of a precision ladder to win), and one in eight
+  // of the arena's: false when that many do already, or this one does. Precision tiers use it to win whole slabs for
+  // transcoded blocks, whose size class differs from the raw blocks'.
+  bool DrainSlabOf(uint64_t offset);
+  // The slab that started draining first, if any, serves its class again.
+  void StopDraining();
+  static constexpr size_t kMaxDraining = 2;
+  bool draining() const;
+
   // Chunk size that Allocate(size) hands out.
   uint64_t ChunkSize(uint64_t size) const;
   uint64_t max_allocation() const { return slab_bytes_; }
@@ -42,6 +54,7 @@ class SlabAllocator {
     int size_class = -1;  // -1: unassigned
     uint32_t used = 0;
     bool in_partial_list = false;
+    bool draining = false;
     std::vector<uint32_t> free_chunks;
   };
   size_t ClassOf(uint64_t size) const;
@@ -54,6 +67,7 @@ class SlabAllocator {
   std::vector<std::vector<uint32_t>> partial_
       ABSL_GUARDED_BY(mu_);  // per class: slabs with free chunks
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<uint32_t> draining_ ABSL_GUARDED_BY(mu_);  // oldest first
 };
 
 }  // namespace kvstrata::cachenode

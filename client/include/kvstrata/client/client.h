@@ -109,11 +109,22 @@ struct FetchItem {
 // fewer bytes than block_bytes: the encoded block, which
 // kvstrata/client/quantized.h decodes.
 
+// How the node stored a fetched block (NamespaceSpec.format, or coarser when
+// the namespace's precision budget, NamespaceSpec.coarsest_format, let the
+// node transcode it under pressure). Values are v1::StoredFormat's.
+enum class StoredFormat : uint8_t { kRaw = 0, kFp8E4m3 = 1, kInt8 = 2, kInt4Kivi = 3, kInt2Kivi = 4 };
+
 struct TransferResult {
   std::vector<BlockOutcome> outcomes;  // one per item, same order
   // Fetch: the bytes each kOk block filled (block_bytes, or less for a
   // quantized stored format); 0 for other outcomes, and for Publish.
   std::vector<uint64_t> sizes;
+  // Fetch: each kOk block's stored format at the node (kRaw otherwise, and
+  // for Publish). A namespace opened raw with a KV layout gets transcoded
+  // blocks decoded in place by the library: sizes[i] is then block_bytes and
+  // formats[i] says how lossy the bytes are (kernels/README.md has each
+  // format's error bound). A block that does not decode is kChecksumMismatch.
+  std::vector<StoredFormat> formats;
   uint64_t bytes = 0;                  // bytes moved
   size_t count(BlockOutcome outcome) const;
 };
@@ -193,9 +204,12 @@ class Namespace {
         block_bytes_(block_bytes),
         tokens_per_block_(tokens_per_block),
         max_publish_blocks_(max_publish_blocks) {}
+  void DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t block_bytes,
+                        TransferResult& result);
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;
+  bool decode_to_raw_ = false;  // raw with a layout: decode transcoded blocks
   uint32_t tokens_per_block_;
   // Blocks per Publish request the node accepts (its share limit).
   uint32_t max_publish_blocks_;
