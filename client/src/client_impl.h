@@ -3,6 +3,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
@@ -51,6 +52,27 @@ class Client::Impl {
     return engine->Connect(address, same_host, deadline);  // cached by the engine
   }
 
+  // Fast path grants, by namespace id (OpenNamespace).
+  struct FastGrant {
+    std::string capability;  // 16 bytes
+    uint32_t max_blocks = 0;
+    uint64_t max_bytes = 0;
+  };
+  void SetFastGrant(uint64_t namespace_id, std::optional<FastGrant> grant) {
+    absl::MutexLock lock(&mu);
+    if (grant.has_value()) {
+      fast_grants[namespace_id] = *std::move(grant);
+    } else {
+      fast_grants.erase(namespace_id);
+    }
+  }
+  std::optional<FastGrant> GetFastGrant(uint64_t namespace_id) {
+    absl::MutexLock lock(&mu);
+    auto it = fast_grants.find(namespace_id);
+    if (it == fast_grants.end()) return std::nullopt;
+    return it->second;
+  }
+
   absl::Duration Timeout(std::optional<absl::Duration> timeout) const {
     return timeout.value_or(options.timeout);
   }
@@ -61,6 +83,7 @@ class Client::Impl {
   std::string node_host_id ABSL_GUARDED_BY(mu);
   uint32_t tag_prefix ABSL_GUARDED_BY(mu) = 0;
   uint64_t max_coalesced_bytes ABSL_GUARDED_BY(mu) = 0;  // the node's; 0: it does not coalesce
+  absl::flat_hash_map<uint64_t, FastGrant> fast_grants ABSL_GUARDED_BY(mu);
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

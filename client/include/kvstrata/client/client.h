@@ -71,6 +71,12 @@ struct ClientOptions {
   // block, when the node supports it and is not reached over shared memory.
   // Off only to compare the two (bench/coalesce_bench).
   bool coalesce_small_blocks = true;
+  // Small Publish/Fetch calls (up to the node's fast_path_max_blocks and
+  // _bytes, 64 blocks and 4 MiB) go as one UCX active message each way
+  // instead of a gRPC call plus UCX transfers, when the node offers it
+  // (docs/ARCHITECTURE.md §3, "Fast path"). Any fast-path failure falls back
+  // to gRPC within the same deadline. Off only to compare the two.
+  bool fast_path = true;
 };
 
 // Per-block outcome of Publish and Fetch.
@@ -193,6 +199,11 @@ class Namespace {
         block_bytes_(block_bytes),
         tokens_per_block_(tokens_per_block),
         max_publish_blocks_(max_publish_blocks) {}
+  // The gRPC control path (the fast path's fallback, and for large calls).
+  absl::StatusOr<TransferResult> PublishOverGrpc(absl::Span<const PublishItem> items,
+                                                 absl::Time deadline);
+  absl::StatusOr<TransferResult> FetchOverGrpc(absl::Span<const FetchItem> items,
+                                               absl::Time deadline);
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;
