@@ -60,6 +60,15 @@ void FastPath::Revoke(uint64_t namespace_id) {
   });
 }
 
+void FastPath::Revoke(uint64_t namespace_id, std::string_view capability) {
+  fastpath::Capability key;
+  if (capability.size() != key.size()) return;
+  std::memcpy(key.data(), capability.data(), key.size());
+  absl::MutexLock lock(&mu_);
+  auto it = grants_.find(key);
+  if (it != grants_.end() && it->second.namespace_id == namespace_id) grants_.erase(it);
+}
+
 absl::StatusOr<FastPath::Grantee> FastPath::Authorize(const fastpath::Request& request) {
   Grantee who;
   {

@@ -62,8 +62,11 @@ class FastPath {
 
   // A capability for `ns`, or nullopt (format other than raw, table full).
   std::optional<fastpath::Capability> Grant(const NamespaceInfo& ns);
-  // Forgets every capability of the namespace (CloseNamespace).
+  // Forgets every capability of the namespace (its last CloseNamespace).
   void Revoke(uint64_t namespace_id);
+  // Forgets one capability, if it was granted for the namespace (the
+  // CloseNamespace of the opener it was granted to).
+  void Revoke(uint64_t namespace_id, std::string_view capability);
   // Serves one request; runs on the UCX progress thread.
   void Handle(std::shared_ptr<transfer::AmRequest> request);
   // Ends serving: waits for callbacks running now; later ones do nothing.

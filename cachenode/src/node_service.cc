@@ -855,6 +855,9 @@ grpc::Status NodeService::DoCloseNamespace(grpc::ServerContext* context,
                                            v1::CloseNamespaceResponse*) {
   absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
+  if (fast_path_ != nullptr && !request->fast_path_capability().empty()) {
+    fast_path_->Revoke(ns->id, request->fast_path_capability());
+  }
   absl::StatusOr<bool> closed = namespaces_.Close(ns->id);
   if (!closed.ok()) return ToGrpc(closed.status());  // closed meanwhile by another call
   if (*closed) {

@@ -707,6 +707,10 @@ absl::Status Namespace::Close(std::optional<absl::Duration> timeout) {
   SetDeadline(context, client_->impl().Timeout(timeout));
   v1::CloseNamespaceRequest request;
   request.set_namespace_id(id_);
+  if (std::optional<Client::Impl::FastGrant> grant = client_->impl().GetFastGrant(id_)) {
+    request.set_fast_path_capability(grant->capability);
+    client_->impl().SetFastGrant(id_, std::nullopt);
+  }
   v1::CloseNamespaceResponse response;
   return FromGrpc(client_->impl().stub->CloseNamespace(&context, request, &response));
 }

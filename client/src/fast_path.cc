@@ -63,8 +63,8 @@ std::optional<absl::StatusOr<std::pair<fastpath::Reply, transfer::AmReply>>> Cal
     Client::Impl& impl, uint64_t namespace_id, const fastpath::Request& request,
     absl::Span<const transfer::SendOp> data, absl::Time deadline) {
   const std::string header = fastpath::EncodeRequest(request);
-  if (header.size() + sizeof(uint64_t) > impl.engine->max_am_header_bytes()) return std::nullopt;
-  absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
+  if (header.size() + sizeof(uint64_t) > impl.FastMaxHeaderBytes()) return std::nullopt;
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.FastNodePeer(deadline);
   if (!node.ok()) return std::nullopt;  // gRPC reports why, or reconnects
   absl::StatusOr<transfer::AmReply> am = (*node)->Call(header, data, deadline);
   if (!am.ok()) {

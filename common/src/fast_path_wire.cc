@@ -89,6 +89,9 @@ absl::StatusOr<Request> DecodeRequest(std::string_view header) {
   in.Read(&count);
   in.Read(&request.block_bytes);
   if (!in.ok()) return absl::InvalidArgumentError("fast-path request truncated in its header");
+  if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
+    return absl::InvalidArgumentError("fast-path request with nonzero reserved bytes");
+  }
   if (op != static_cast<uint8_t>(Op::kFetch) && op != static_cast<uint8_t>(Op::kPublish)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown fast-path operation ", op));
   }
