@@ -12,8 +12,6 @@
 namespace kvstrata::cachenode {
 namespace {
 
-constexpr const char* kTransportLabel = "ucx-am";
-
 void ReplyError(transfer::AmRequest& am, const absl::Status& status) {
   am.Reply(fastpath::ErrorReply(status), nullptr, 0, nullptr);
 }
@@ -48,6 +46,7 @@ std::optional<fastpath::Capability> FastPath::Grant(const NamespaceInfo& ns) {
   if (grants_.size() >= options_.max_capabilities) return std::nullopt;
   grants_[capability] = Grantee{.namespace_id = ns.id,
                                 .block_bytes = ns.block_bytes,
+                                .tokens_per_block = ns.spec.tokens_per_block(),
                                 .tenant = ns.spec.tenant(),
                                 .inflight = std::make_shared<std::atomic<size_t>>(0)};
   return capability;
@@ -135,11 +134,35 @@ void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
   // Given back when the request is done (for a rendezvous publish: when its
   // data has landed and been stored).
   std::shared_ptr<void> slot(nullptr, [inflight = who->inflight](void*) { inflight->fetch_sub(1); });
-  if (request->op == fastpath::Op::kFetch) {
+  if (request->op == fastpath::Op::kLookup) {
+    Lookup(*request, *who, *am);
+  } else if (request->op == fastpath::Op::kFetch) {
     Fetch(*request, *who, *am);
   } else {
     Publish(*request, *who, std::move(am), std::move(slot));  // the slot travels with its data
   }
+}
+
+void FastPath::Lookup(const fastpath::Request& request, const Grantee& who,
+                      transfer::AmRequest& am) {
+  std::vector<BlockKey> keys;
+  keys.reserve(request.blocks.size());
+  for (const fastpath::Block& block : request.blocks) keys.push_back(block.key);
+  // Index lookups only (NVMe's index is in memory); NVMe blocks it finds are
+  // queued for promotion, never read here.
+  const std::vector<v1::Tier> tiers = store_.PrefixTiers(who.namespace_id, keys);
+  fastpath::Reply reply;
+  reply.blocks.resize(keys.size(), {.status = v1::BLOCK_NOT_FOUND});
+  for (size_t i = 0; i < tiers.size(); ++i) {
+    reply.blocks[i] = {.status = v1::BLOCK_OK, .size = static_cast<uint32_t>(tiers[i])};
+  }
+  const size_t prefix = tiers.size();
+  counters_.lookup_hit_blocks.fetch_add(prefix, std::memory_order_relaxed);
+  counters_.lookup_miss_blocks.fetch_add(keys.size() - prefix, std::memory_order_relaxed);
+  counters_.lookup_hit_tokens.fetch_add(prefix * who.tokens_per_block, std::memory_order_relaxed);
+  counters_.lookup_miss_tokens.fetch_add((keys.size() - prefix) * who.tokens_per_block,
+                                         std::memory_order_relaxed);
+  am.Reply(fastpath::EncodeReply(reply), nullptr, 0, nullptr);
 }
 
 void FastPath::Fetch(const fastpath::Request& request, const Grantee& who,
@@ -184,7 +207,9 @@ void FastPath::Fetch(const fastpath::Request& request, const Grantee& who,
   }
   hits.clear();  // unpinned
   reply.bytes_transferred = bytes;
-  counters_.transfer_bytes.Add("out", kTransportLabel, bytes);
+  const std::string transport = am.transport();
+  NoteTransport(transport);
+  counters_.transfer_bytes.Add("out", transport, bytes);
   std::shared_ptr<void> keep_alive;
   if (bytes > 0) {
     keep_alive = std::shared_ptr<void>(nullptr, [this, data, bytes](void*) { GiveBuffer(bytes); });
@@ -223,7 +248,7 @@ void FastPath::Publish(const fastpath::Request& request, const Grantee& who,
     return am->Reply(fastpath::EncodeReply(reply), nullptr, 0, nullptr);
   }
   if (const uint8_t* eager = am->eager_data(); eager != nullptr) {
-    Store(request, who, eager, &reply);
+    Store(request, who, eager, am->transport(), &reply);
     return am->Reply(fastpath::EncodeReply(reply), nullptr, 0, nullptr);
   }
   // Rendezvous: receive into staging, owned memory (never a reserved chunk:
@@ -246,13 +271,24 @@ void FastPath::Publish(const fastpath::Request& request, const Grantee& who,
       KVS_LOG(Warning) << "fast-path publish data failed: " << received;
       return ReplyError(*am, received);
     }
-    Store(state->first, who, staging.get(), &state->second);
+    Store(state->first, who, staging.get(), am->transport(), &state->second);
     am->Reply(fastpath::EncodeReply(state->second), nullptr, 0, nullptr);
   });
 }
 
+void FastPath::NoteTransport(const std::string& transport) {
+  absl::MutexLock lock(&mu_);
+  if (transports_.size() < 16) transports_.insert(transport);
+}
+
+std::vector<std::string> FastPath::Transports() {
+  absl::MutexLock lock(&mu_);
+  return std::vector<std::string>(transports_.begin(), transports_.end());
+}
+
 void FastPath::Store(const fastpath::Request& request, const Grantee& who, const uint8_t* data,
-                     fastpath::Reply* reply) {
+                     const std::string& transport, fastpath::Reply* reply) {
+  NoteTransport(transport);
   const uint64_t block_bytes = request.block_bytes;
   size_t missing = 0;
   for (const auto& block : reply->blocks) missing += block.status == v1::BLOCK_OK ? 1 : 0;
@@ -299,7 +335,7 @@ void FastPath::Store(const fastpath::Request& request, const Grantee& who, const
     }
   }
   reply->bytes_transferred = stored_bytes;
-  counters_.transfer_bytes.Add("in", kTransportLabel, stored_bytes);
+  counters_.transfer_bytes.Add("in", transport, stored_bytes);
 }
 
 }  // namespace kvstrata::cachenode

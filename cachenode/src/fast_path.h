@@ -1,5 +1,5 @@
-// The node's fast path (docs/ARCHITECTURE.md §3, "Fast path"): small Fetch
-// and Publish requests that arrive as UCX active messages and are served on
+// The node's fast path (docs/ARCHITECTURE.md §3, "Fast path"): small Lookup,
+// Fetch and Publish requests that arrive as UCX active messages and are served on
 // the UCX progress thread, with no gRPC call and no thread hand-off.
 //
 // Authentication rides on gRPC: OpenNamespace (authenticated and authorized
@@ -23,9 +23,11 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/common/fast_path_wire.h"
@@ -69,6 +71,8 @@ class FastPath {
   void Revoke(uint64_t namespace_id, std::string_view capability);
   // Serves one request; runs on the UCX progress thread.
   void Handle(std::shared_ptr<transfer::AmRequest> request);
+  // UCX transports fast-path requests came in on ("tcp", "cma", ...).
+  std::vector<std::string> Transports();
   // Ends serving: waits for callbacks running now; later ones do nothing.
   void Stop();
 
@@ -76,6 +80,7 @@ class FastPath {
   struct Grantee {
     uint64_t namespace_id = 0;
     uint64_t block_bytes = 0;
+    uint64_t tokens_per_block = 0;
     std::string tenant;
     std::shared_ptr<std::atomic<size_t>> inflight;
   };
@@ -91,13 +96,15 @@ class FastPath {
   // Reserves `bytes` of buffer_bytes; false when over.
   bool TakeBuffer(uint64_t bytes);
   void GiveBuffer(uint64_t bytes);
+  void Lookup(const fastpath::Request& request, const Grantee& who, transfer::AmRequest& am);
   void Fetch(const fastpath::Request& request, const Grantee& who, transfer::AmRequest& am);
   void Publish(const fastpath::Request& request, const Grantee& who,
                std::shared_ptr<transfer::AmRequest> am, std::shared_ptr<void> slot);
   // Stores the blocks of `data` (blocks x block_bytes, in request order)
   // that `reply` still marks missing (BLOCK_OK); fills the per-block status.
   void Store(const fastpath::Request& request, const Grantee& who, const uint8_t* data,
-             fastpath::Reply* reply);
+             const std::string& transport, fastpath::Reply* reply);
+  void NoteTransport(const std::string& transport);
 
   NamespaceRegistry& namespaces_;
   TieredStore& store_;
@@ -108,6 +115,7 @@ class FastPath {
 
   absl::Mutex mu_;
   absl::flat_hash_map<fastpath::Capability, Grantee, CapabilityHash> grants_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<std::string> transports_ ABSL_GUARDED_BY(mu_);
   // Held shared by every callback that touches the store; Stop takes it
   // exclusively.
   absl::Mutex running_mu_;

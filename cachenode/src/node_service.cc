@@ -819,7 +819,15 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   }
   response->set_bytes_in(counters_.transfer_bytes.Total("in"));
   response->set_bytes_out(counters_.transfer_bytes.Total("out"));
-  for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
+  std::vector<std::string> transports = engine_.ActiveTransports();
+  if (fast_path_ != nullptr) {
+    for (const std::string& t : fast_path_->Transports()) {
+      if (std::find(transports.begin(), transports.end(), t) == transports.end()) {
+        transports.push_back(t);
+      }
+    }
+  }
+  for (const std::string& t : transports) response->add_transports(t);
   response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
   return grpc::Status::OK;
 }

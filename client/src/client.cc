@@ -436,6 +436,7 @@ absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
                                                std::optional<absl::Duration> timeout) {
   LookupResult result;
   const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
+  if (auto fast = FastLookup(client_->impl(), id_, block_bytes_, keys, deadline)) return *fast;
   for (size_t start = 0; start < keys.size(); start += limits::kMaxLookupKeys) {
     const auto slice = keys.subspan(start, limits::kMaxLookupKeys);
     grpc::ClientContext context;
@@ -460,7 +461,8 @@ absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
 absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> items,
                                                   std::optional<absl::Duration> timeout) {
   const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
-  FastOutcome fast = FastPublish(client_->impl(), id_, block_bytes_, items, deadline);
+  FastOutcome fast =
+      FastPublish(client_->impl(), id_, block_bytes_, items, max_publish_blocks_, deadline);
   if (fast.result.has_value()) return *std::move(fast.result);
   return PublishOverGrpc(items, deadline);
 }

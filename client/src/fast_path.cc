@@ -90,6 +90,30 @@ std::optional<absl::StatusOr<std::pair<fastpath::Reply, transfer::AmReply>>> Cal
 
 }  // namespace
 
+std::optional<absl::StatusOr<LookupResult>> FastLookup(Client::Impl& impl, uint64_t namespace_id,
+                                                       uint64_t block_bytes,
+                                                       absl::Span<const BlockKey> keys,
+                                                       absl::Time deadline) {
+  // A lookup moves no data: only the key count bounds it.
+  std::optional<Client::Impl::FastGrant> grant = Applicable(impl, namespace_id, keys.size(), 0);
+  if (!grant.has_value()) return std::nullopt;
+  fastpath::Request request = BaseRequest(*grant, fastpath::Op::kLookup, namespace_id, block_bytes);
+  request.blocks.resize(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) request.blocks[i].key = keys[i];
+  auto called = Call(impl, namespace_id, request, {}, deadline);
+  if (!called.has_value()) return std::nullopt;
+  if (!called->ok()) return called->status();
+  LookupResult result;
+  for (const fastpath::BlockResult& block : (*called)->first.blocks) {
+    if (block.status != v1::BLOCK_OK) break;
+    ++result.prefix_length;
+    result.tiers.push_back(block.size == v1::TIER_NVME  ? Tier::kNvme
+                           : block.size == v1::TIER_HBM ? Tier::kHbm
+                                                        : Tier::kDram);
+  }
+  return result;
+}
+
 FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_bytes,
                       absl::Span<const FetchItem> items, absl::Time deadline) {
   FastOutcome out;
@@ -149,8 +173,10 @@ FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_
 }
 
 FastOutcome FastPublish(Client::Impl& impl, uint64_t namespace_id, uint64_t block_bytes,
-                        absl::Span<const PublishItem> items, absl::Time deadline) {
+                        absl::Span<const PublishItem> items, size_t max_blocks,
+                        absl::Time deadline) {
   FastOutcome out;
+  if (items.size() > max_blocks) return out;
   std::optional<Client::Impl::FastGrant> grant =
       Applicable(impl, namespace_id, items.size(), block_bytes);
   if (!grant.has_value()) return out;

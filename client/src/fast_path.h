@@ -23,7 +23,15 @@ struct FastOutcome {
 
 FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_bytes,
                       absl::Span<const FetchItem> items, absl::Time deadline);
+// A Lookup of up to kMaxBlocks keys: the result, or empty (use gRPC).
+std::optional<absl::StatusOr<LookupResult>> FastLookup(Client::Impl& impl, uint64_t namespace_id,
+                                                       uint64_t block_bytes,
+                                                       absl::Span<const BlockKey> keys,
+                                                       absl::Time deadline);
+// `max_blocks`: the node's per-request reservation limit (OpenNamespace's
+// max_publish_blocks); larger publishes go over gRPC, which splits them.
 FastOutcome FastPublish(Client::Impl& impl, uint64_t namespace_id, uint64_t block_bytes,
-                        absl::Span<const PublishItem> items, absl::Time deadline);
+                        absl::Span<const PublishItem> items, size_t max_blocks,
+                        absl::Time deadline);
 
 }  // namespace kvstrata::client

@@ -92,7 +92,8 @@ absl::StatusOr<Request> DecodeRequest(std::string_view header) {
   if (pad[0] != 0 || pad[1] != 0 || pad[2] != 0) {
     return absl::InvalidArgumentError("fast-path request with nonzero reserved bytes");
   }
-  if (op != static_cast<uint8_t>(Op::kFetch) && op != static_cast<uint8_t>(Op::kPublish)) {
+  if (op != static_cast<uint8_t>(Op::kFetch) && op != static_cast<uint8_t>(Op::kPublish) &&
+      op != static_cast<uint8_t>(Op::kLookup)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown fast-path operation ", op));
   }
   request.op = static_cast<Op>(op);
@@ -100,7 +101,8 @@ absl::StatusOr<Request> DecodeRequest(std::string_view header) {
     return absl::InvalidArgumentError(
         absl::StrCat("a fast-path request carries 1..", kMaxBlocks, " blocks, got ", count));
   }
-  if (request.block_bytes == 0 || static_cast<uint64_t>(request.block_bytes) * count > kMaxBytes) {
+  if (request.block_bytes == 0 ||
+      (request.op != Op::kLookup && static_cast<uint64_t>(request.block_bytes) * count > kMaxBytes)) {
     return absl::InvalidArgumentError(absl::StrCat("a fast-path request moves 1..", kMaxBytes,
                                                    " bytes, got ", count, " blocks of ",
                                                    request.block_bytes));

@@ -211,6 +211,16 @@ class IncomingRequest final : public AmRequest {
     }
   }
 
+  std::string transport() const override {
+    absl::MutexLock lock(&impl_->reply_transports_mu_);
+    auto it = impl_->reply_transports_.find(reply_ep_);
+    if (it != impl_->reply_transports_.end()) return it->second;
+    // An endpoint's address may be reused once UCX frees it: the cache is
+    // only a label, and bounded.
+    if (impl_->reply_transports_.size() >= 4096) impl_->reply_transports_.clear();
+    return impl_->reply_transports_[reply_ep_] = EndpointTransports(reply_ep_);
+  }
+
   void EndHandler() { in_handler_ = false; }
 
  private:

@@ -363,6 +363,8 @@ std::string RmaTransports(ucp_ep_h ep) {
 
 }  // namespace
 
+std::string EndpointTransports(ucp_ep_h ep) { return RmaTransports(ep); }
+
 absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address,
                                                       bool same_host, absl::Time deadline) {
   if (worker_address.empty()) return absl::InvalidArgumentError("empty UCX worker address");

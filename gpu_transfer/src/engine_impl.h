@@ -20,6 +20,8 @@
 namespace kvstrata::transfer {
 
 absl::Status UcsError(std::string_view what, ucs_status_t status);
+// The transports of an endpoint's lanes, from ucp_ep_print_info (engine.cc).
+std::string EndpointTransports(ucp_ep_h ep);
 
 struct AmCallState;  // a Peer::Call waiting for its reply (active_message.cc)
 class AmRequest;
@@ -63,6 +65,11 @@ class Engine::Impl {
   bool ProgressUntil(const std::atomic<bool>& finished, int wake_fd, absl::Time deadline);
   // Registers the reply handler on the worker (Create calls it).
   absl::Status StartActiveMessages();
+
+  // Transports of endpoints requests came in on, by endpoint (bounded).
+  absl::Mutex reply_transports_mu_;
+  absl::flat_hash_map<const void*, std::string> reply_transports_
+      ABSL_GUARDED_BY(reply_transports_mu_);
 
   // Removes `peer` from the cache; the caller still holds it.
   void Forget(const Peer* peer);

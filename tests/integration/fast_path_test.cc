@@ -109,6 +109,26 @@ TEST_F(FastPathTest, RoundTripsByteExactAtEverySizeAndBatch) {
   }
 }
 
+TEST_F(FastPathTest, LookupOfUpTo64KeysIsOneFastPathRequest) {
+  auto c = Connect(node_->address());
+  auto ns = c->OpenNamespace(Spec("lookup", 4096));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  ASSERT_EQ(PublishStream(*c, *ns, 3, 40, 40)->count(BlockOutcome::kOk), 40u);
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(3, 64, kTokensPerBlock));
+  const v1::StatsResponse before = Stats(*c);
+  auto found = ns->Lookup(keys);
+  ASSERT_TRUE(found.ok()) << found.status();
+  EXPECT_EQ(found->prefix_length, 40u);
+  EXPECT_EQ(found->tiers.size(), 40u);
+  const v1::StatsResponse after = Stats(*c);
+  EXPECT_EQ(after.fast_path_requests() - before.fast_path_requests(), 1u);
+  EXPECT_EQ(after.lookup_hit_blocks() - before.lookup_hit_blocks(), 40u);
+  // More keys than one request carries: gRPC, same answer.
+  const std::vector<BlockKey> many = ns->Keys(testing::Tokens(3, 100, kTokensPerBlock));
+  EXPECT_EQ(ns->Lookup(many)->prefix_length, 40u);
+  EXPECT_EQ(Stats(*c).fast_path_requests(), after.fast_path_requests());
+}
+
 TEST_F(FastPathTest, MixedSizesAndBothPathsConcurrently) {
   // Three block sizes at once from three threads, with batches that fit the
   // fast path (1..40 blocks) and some that do not (80 blocks: gRPC), all on

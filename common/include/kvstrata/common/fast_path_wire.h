@@ -31,7 +31,10 @@ inline constexpr uint64_t kMaxBytes = 4 << 20;
 // Longest error message a reply carries (longer ones are cut).
 inline constexpr size_t kMaxMessageBytes = 256;
 
-enum class Op : uint8_t { kFetch = 1, kPublish = 2 };
+// kLookup: the longest stored prefix of the keys; its reply gives
+// BLOCK_OK with `size` = the v1::Tier for each key of the prefix, then
+// BLOCK_NOT_FOUND. block_bytes is the namespace's, as for the others.
+enum class Op : uint8_t { kFetch = 1, kPublish = 2, kLookup = 3 };
 
 struct Block {
   BlockKey key;

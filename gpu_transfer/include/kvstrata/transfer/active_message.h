@@ -54,6 +54,9 @@ class AmRequest {
   // (holding `data`) is released when UCX is done with it. At most once.
   virtual void Reply(std::string header, const uint8_t* data, size_t length,
                      std::shared_ptr<void> keep_alive) = 0;
+  // The UCX transport of the endpoint the request came in on ("tcp",
+  // "cma", ...), as Peer::transport() says it; read once per endpoint.
+  virtual std::string transport() const = 0;
 };
 
 // Runs `handler` for every request the engine's worker receives, on its
