@@ -313,94 +313,127 @@ void ServeActiveMessages(Engine& engine, AmHandler handler) {
 
 absl::StatusOr<AmReply> Peer::Call(std::string_view header, absl::Span<const SendOp> data,
                                    absl::Time deadline) {
-  if (failed()) return absl::UnavailableError("peer has failed");
+  AmCallSpec spec{std::string(header), std::vector<SendOp>(data.begin(), data.end())};
+  return std::move(CallMany({&spec, 1}, deadline).front());
+}
+
+std::vector<absl::StatusOr<AmReply>> Peer::CallMany(absl::Span<const AmCallSpec> calls,
+                                                    absl::Time deadline) {
+  std::vector<absl::StatusOr<AmReply>> out;
+  if (failed()) {
+    out.assign(calls.size(), absl::UnavailableError("peer has failed"));
+    return out;
+  }
   Engine::Impl& impl = *engine_->impl_;
-  if (header.size() + kCallIdBytes > engine_->max_am_header_bytes()) {
-    return absl::InvalidArgumentError(absl::StrCat("an active-message header of ", header.size(),
-                                                   " bytes is over this worker's limit of ",
-                                                   engine_->max_am_header_bytes()));
-  }
   Touch();
-  auto state = std::make_shared<AmCallState>();
-  const uint64_t id = impl.next_call_.fetch_add(1, std::memory_order_relaxed);
-  state->frame.resize(kCallIdBytes);
-  std::memcpy(state->frame.data(), &id, sizeof(id));
-  state->frame.append(header);
-  size_t length = 0;
-  for (const SendOp& op : data) {
-    length += op.length;
-    // Adjacent parts (blocks back to back in one buffer) go as one.
-    if (!state->iov.empty() &&
-        static_cast<uint8_t*>(state->iov.back().buffer) + state->iov.back().length == op.data) {
-      state->iov.back().length += op.length;
-    } else {
-      state->iov.push_back({const_cast<uint8_t*>(op.data), op.length});
+  std::vector<std::shared_ptr<AmCallState>> states(calls.size());
+  std::vector<uint64_t> ids(calls.size(), 0);
+  for (size_t c = 0; c < calls.size(); ++c) {
+    const std::string& header = calls[c].header;
+    if (header.size() + kCallIdBytes > engine_->max_am_header_bytes()) continue;
+    auto state = std::make_shared<AmCallState>();
+    states[c] = state;
+    const uint64_t id = impl.next_call_.fetch_add(1, std::memory_order_relaxed);
+    ids[c] = id;
+    state->frame.resize(kCallIdBytes);
+    std::memcpy(state->frame.data(), &id, sizeof(id));
+    state->frame.append(header);
+    size_t length = 0;
+    for (const SendOp& op : calls[c].data) {
+      length += op.length;
+      // Adjacent parts (blocks back to back in one buffer) go as one.
+      if (!state->iov.empty() &&
+          static_cast<uint8_t*>(state->iov.back().buffer) + state->iov.back().length == op.data) {
+        state->iov.back().length += op.length;
+      } else {
+        state->iov.push_back({const_cast<uint8_t*>(op.data), op.length});
+      }
     }
-  }
-  if (state->iov.size() > 1 && !detects_failure_) {
-    // Shared memory: an IOV message over 8 KiB goes by rendezvous, and such
-    // messages stalled ~4 ms in most calls in UCX 1.13 (coalesce_bench),
-    // where one contiguous message is one CMA copy. Gathering costs one
-    // memcpy of a few hundred KiB at most.
-    state->gathered.reset(new uint8_t[length]);
-    size_t offset = 0;
-    for (const ucp_dt_iov_t& part : state->iov) {
-      std::memcpy(state->gathered.get() + offset, part.buffer, part.length);
-      offset += part.length;
+    if (state->iov.size() > 1 && !detects_failure_) {
+      // Shared memory: an IOV message over 8 KiB goes by rendezvous, and such
+      // messages stalled ~4 ms in most calls in UCX 1.13 (coalesce_bench),
+      // where one contiguous message is one CMA copy. Gathering costs one
+      // memcpy of a few hundred KiB at most.
+      state->gathered.reset(new uint8_t[length]);
+      size_t offset = 0;
+      for (const ucp_dt_iov_t& part : state->iov) {
+        std::memcpy(state->gathered.get() + offset, part.buffer, part.length);
+        offset += part.length;
+      }
+      state->iov.assign(1, ucp_dt_iov_t{state->gathered.get(), length});
     }
-    state->iov.assign(1, ucp_dt_iov_t{state->gathered.get(), length});
-  }
-  {
-    absl::MutexLock lock(&impl.calls_mu_);
-    impl.calls_[id] = state;
-  }
-  auto* ref = new std::shared_ptr<AmCallState>(state);
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
-                       UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = UCP_AM_SEND_FLAG_REPLY;
-  param.cb.send = OnCallSent;
-  param.user_data = ref;
-  const void* buffer = nullptr;
-  size_t count = 0;
-  if (state->iov.size() == 1) {
-    param.datatype = ucp_dt_make_contig(1);
-    buffer = state->iov[0].buffer;
-    count = length;
-  } else if (!state->iov.empty()) {
-    param.datatype = ucp_dt_make_iov();
-    buffer = state->iov.data();
-    count = state->iov.size();
-  } else {
-    param.datatype = ucp_dt_make_contig(1);
-  }
-  ucs_status_ptr_t request = ucp_am_send_nbx(static_cast<ucp_ep_h>(ep_), kRequestAmId,
-                                             state->frame.data(), state->frame.size(), buffer,
-                                             count, &param);
-  if (request == nullptr || UCS_PTR_IS_ERR(request)) {  // done at once: no callback comes
-    delete ref;
-    FinishSend(*state, request == nullptr ? UCS_OK : UCS_PTR_STATUS(request));
-  }
-  const bool done = impl.ProgressUntil(state->finished, state->wake_fd, deadline);
-  ucs_status_t send_status, reply_status;
-  {
-    absl::MutexLock lock(&state->mu);
-    send_status = state->send_status;
-    reply_status = state->reply_status;
-  }
-  if (!done || send_status != UCS_OK) {
     {
-      absl::MutexLock calls(&impl.calls_mu_);
-      impl.calls_.erase(id);
+      absl::MutexLock lock(&impl.calls_mu_);
+      impl.calls_[id] = state;
     }
-    // As for every transfer: an endpoint that failed or missed a deadline is
-    // not trusted again; it is force-closed once its last user lets go.
-    MarkFailed();
-    if (!done) return absl::DeadlineExceededError("active-message request missed its deadline");
-    return UcsError("active-message request", send_status);
+    auto* ref = new std::shared_ptr<AmCallState>(state);
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA |
+                         UCP_OP_ATTR_FIELD_DATATYPE | UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_REPLY;
+    param.cb.send = OnCallSent;
+    param.user_data = ref;
+    const void* buffer = nullptr;
+    size_t count = 0;
+    if (state->iov.size() == 1) {
+      param.datatype = ucp_dt_make_contig(1);
+      buffer = state->iov[0].buffer;
+      count = length;
+    } else if (!state->iov.empty()) {
+      param.datatype = ucp_dt_make_iov();
+      buffer = state->iov.data();
+      count = state->iov.size();
+    } else {
+      param.datatype = ucp_dt_make_contig(1);
+    }
+    ucs_status_ptr_t request = ucp_am_send_nbx(static_cast<ucp_ep_h>(ep_), kRequestAmId,
+                                               state->frame.data(), state->frame.size(), buffer,
+                                               count, &param);
+    if (request == nullptr || UCS_PTR_IS_ERR(request)) {  // done at once: no callback comes
+      delete ref;
+      FinishSend(*state, request == nullptr ? UCS_OK : UCS_PTR_STATUS(request));
+    }
   }
-  if (reply_status != UCS_OK) return UcsError("active-message reply", reply_status);
-  return std::move(state->reply);
+  bool failed_any = false;
+  for (size_t c = 0; c < calls.size(); ++c) {
+    const std::shared_ptr<AmCallState>& state = states[c];
+    if (state == nullptr) {
+      out.push_back(absl::InvalidArgumentError(absl::StrCat(
+          "an active-message header of ", calls[c].header.size(),
+          " bytes is over this worker's limit of ", engine_->max_am_header_bytes())));
+      continue;
+    }
+    // The calls progress together; waiting for each in turn waits for all.
+    const bool done = impl.ProgressUntil(state->finished, state->wake_fd, deadline);
+    ucs_status_t send_status, reply_status;
+    {
+      absl::MutexLock lock(&state->mu);
+      send_status = state->send_status;
+      reply_status = state->reply_status;
+    }
+    if (!done || send_status != UCS_OK) {
+      {
+        absl::MutexLock lock(&impl.calls_mu_);
+        impl.calls_.erase(ids[c]);
+      }
+      failed_any = true;
+      if (!done) {
+        out.push_back(absl::DeadlineExceededError("active-message request missed its deadline"));
+      } else {
+        out.push_back(UcsError("active-message request", send_status));
+      }
+      continue;
+    }
+    if (reply_status != UCS_OK) {
+      out.push_back(UcsError("active-message reply", reply_status));
+      continue;
+    }
+    out.push_back(std::move(state->reply));
+  }
+  // As for every transfer: an endpoint that failed or missed a deadline is
+  // not trusted again; it is force-closed once its last user lets go.
+  if (failed_any) MarkFailed();
+  return out;
 }
 
 }  // namespace kvstrata::transfer

@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "kvstrata/transfer/engine.h"
@@ -31,6 +32,12 @@ struct AmReply {
   std::string header;
   std::shared_ptr<uint8_t[]> data;
   size_t data_length = 0;
+};
+
+// One request of Peer::CallMany.
+struct AmCallSpec {
+  std::string header;
+  std::vector<SendOp> data;
 };
 
 // One request, as its handler sees it. Header() and, for eager requests,

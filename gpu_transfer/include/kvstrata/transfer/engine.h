@@ -57,6 +57,7 @@ class Peer;
 class PullServer;
 struct SendGroup;  // tagged sends counted to completion (tagged.cc)
 struct AmReply;    // active_message.h
+struct AmCallSpec; // active_message.h
 class AmRequest;   // active_message.h
 
 // A registered range of local memory. Unregistered on destruction; the memory
@@ -242,6 +243,10 @@ class Peer {
   // returned, and a late reply is dropped.
   absl::StatusOr<AmReply> Call(std::string_view header, absl::Span<const SendOp> data,
                                absl::Time deadline);
+  // Several calls in flight at once (posted in order, then waited for): the
+  // peer works on one while this side receives another. One result each.
+  std::vector<absl::StatusOr<AmReply>> CallMany(absl::Span<const AmCallSpec> calls,
+                                                absl::Time deadline);
 
   // UCX transport that carries this endpoint's bulk (RMA) traffic, e.g. "tcp",
   // "cma", "posix", "rc_mlx5"; several joined by ',' when UCX splits lanes.
