@@ -71,9 +71,10 @@ struct ClientOptions {
   // block, when the node supports it and is not reached over shared memory.
   // Off only to compare the two (bench/coalesce_bench).
   bool coalesce_small_blocks = true;
-  // Small Publish/Fetch calls (up to the node's fast_path_max_blocks and
-  // _bytes, 64 blocks and 4 MiB) go as one UCX active message each way
-  // instead of a gRPC call plus UCX transfers, when the node offers it
+  // Small Lookup/Publish/Fetch calls (up to 64 keys; up to 4 MiB of blocks,
+  // in requests of about 512 KiB and at most the node's fast_path_max_blocks
+  // each, in flight together) go as UCX active messages, one each way per
+  // request, instead of a gRPC call plus UCX transfers, when the node offers it
   // (docs/ARCHITECTURE.md §3, "Fast path"). Any fast-path failure falls back
   // to gRPC within the same deadline. Off only to compare the two.
   bool fast_path = true;
