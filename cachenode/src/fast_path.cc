@@ -29,8 +29,8 @@ FastPath::FastPath(NamespaceRegistry& namespaces, TieredStore& store, TenantLedg
 FastPath::~FastPath() { Stop(); }
 
 void FastPath::Stop() {
-  absl::MutexLock lock(&running_mu_);
-  stopped_ = true;
+  absl::MutexLock lock(&shared_->running_mu);
+  shared_->stopped = true;
 }
 
 std::optional<fastpath::Capability> FastPath::Grant(const NamespaceInfo& ns) {
@@ -95,18 +95,21 @@ absl::StatusOr<FastPath::Grantee> FastPath::Authorize(const fastpath::Request& r
 }
 
 bool FastPath::TakeBuffer(uint64_t bytes) {
-  uint64_t used = buffer_used_.load(std::memory_order_relaxed);
+  std::atomic<uint64_t>& in_use = shared_->buffer_used;
+  uint64_t used = in_use.load(std::memory_order_relaxed);
   do {
     if (used + bytes > options_.buffer_bytes) return false;
-  } while (!buffer_used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
+  } while (!in_use.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
   return true;
 }
 
-void FastPath::GiveBuffer(uint64_t bytes) { buffer_used_.fetch_sub(bytes, std::memory_order_relaxed); }
+void FastPath::GiveBuffer(uint64_t bytes) {
+  shared_->buffer_used.fetch_sub(bytes, std::memory_order_relaxed);
+}
 
 void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
-  absl::ReaderMutexLock running(&running_mu_);
-  if (stopped_) return;  // dropped: the client's deadline ends its wait
+  absl::ReaderMutexLock running(&shared_->running_mu);
+  if (shared_->stopped) return;  // dropped: the client's deadline ends its wait
   counters_.fast_path_requests.fetch_add(1, std::memory_order_relaxed);
   auto refuse = [&](const absl::Status& status) {
     counters_.fast_path_refused.fetch_add(1, std::memory_order_relaxed);
@@ -212,7 +215,9 @@ void FastPath::Fetch(const fastpath::Request& request, const Grantee& who,
   counters_.transfer_bytes.Add("out", transport, bytes);
   std::shared_ptr<void> keep_alive;
   if (bytes > 0) {
-    keep_alive = std::shared_ptr<void>(nullptr, [this, data, bytes](void*) { GiveBuffer(bytes); });
+    keep_alive = std::shared_ptr<void>(nullptr, [shared = shared_, data, bytes](void*) {
+      shared->buffer_used.fetch_sub(bytes, std::memory_order_relaxed);
+    });
   }
   am.Reply(fastpath::EncodeReply(reply), data.get(), bytes, std::move(keep_alive));
 }
@@ -261,11 +266,11 @@ void FastPath::Publish(const fastpath::Request& request, const Grantee& who,
   }
   std::shared_ptr<uint8_t[]> staging(new uint8_t[bytes]);
   auto state = std::make_shared<std::pair<fastpath::Request, fastpath::Reply>>(request, reply);
-  am->ReceiveData(staging.get(), [this, am, staging, bytes, state, who,
+  am->ReceiveData(staging.get(), [this, shared = shared_, am, staging, bytes, state, who,
                                   slot](absl::Status received) {
-    GiveBuffer(bytes);
-    absl::ReaderMutexLock running(&running_mu_);
-    if (stopped_) return;
+    shared->buffer_used.fetch_sub(bytes, std::memory_order_relaxed);
+    absl::ReaderMutexLock running(&shared->running_mu);
+    if (shared->stopped) return;  // `this` may be gone: touch nothing else
     if (!received.ok()) {
       counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
       KVS_LOG(Warning) << "fast-path publish data failed: " << received;

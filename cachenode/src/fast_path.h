@@ -111,15 +111,20 @@ class FastPath {
   TenantLedger& ledger_;
   NodeCounters& counters_;
   const FastPathOptions options_;
-  std::atomic<uint64_t> buffer_used_{0};
+  // What callbacks that may outlive this object (a reply or a rendezvous
+  // receive that completes after Stop, during shutdown) touch.
+  struct Shared {
+    std::atomic<uint64_t> buffer_used{0};
+    // Held shared by every callback that touches the store; Stop takes it
+    // exclusively.
+    absl::Mutex running_mu;
+    bool stopped ABSL_GUARDED_BY(running_mu) = false;
+  };
+  const std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
 
   absl::Mutex mu_;
   absl::flat_hash_map<fastpath::Capability, Grantee, CapabilityHash> grants_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<std::string> transports_ ABSL_GUARDED_BY(mu_);
-  // Held shared by every callback that touches the store; Stop takes it
-  // exclusively.
-  absl::Mutex running_mu_;
-  bool stopped_ ABSL_GUARDED_BY(running_mu_) = false;
 };
 
 }  // namespace kvstrata::cachenode
