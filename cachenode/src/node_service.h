@@ -12,6 +12,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
+#include "fast_path.h"
 #include "inflight_budget.h"
 #include "tenant_ledger.h"
 #include "tiered_store.h"
@@ -65,6 +66,10 @@ struct NodeCounters {
   // Publishes whose client stopped sending mid-transfer (or never started)
   // and were given up before their deadline, releasing what they reserved.
   std::atomic<uint64_t> stalled_transfers{0};
+  // Fast-path (UCX active-message) requests, and those answered with an
+  // error (malformed, unknown capability, over a limit).
+  std::atomic<uint64_t> fast_path_requests{0};
+  std::atomic<uint64_t> fast_path_refused{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
   PairCounters transfer_bytes;
@@ -97,6 +102,9 @@ struct NodeServiceOptions {
   // Null: no authentication (a node listening on loopback only, or one run
   // with --allow_unauthenticated).
   Authenticator* authenticator = nullptr;
+  // Serve small Fetch/Publish requests over UCX active messages (fast_path.h).
+  bool fast_path = true;
+  uint64_t fast_path_buffer_bytes = 64 << 20;
 };
 
 class NodeService final : public v1::CacheNode::Service {
@@ -105,6 +113,7 @@ class NodeService final : public v1::CacheNode::Service {
   NodeService(NamespaceRegistry& namespaces, TieredStore& store, TenantLedger& ledger,
               transfer::Engine& engine, NodeCounters& counters, NodeMetrics* metrics,
               const NodeServiceOptions& options);
+  ~NodeService() override;
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -177,6 +186,7 @@ class NodeService final : public v1::CacheNode::Service {
   const uint64_t incarnation_;
   NodeCounters& counters_;
   NodeMetrics* const metrics_;
+  std::unique_ptr<FastPath> fast_path_;  // null when off
 };
 
 }  // namespace kvstrata::cachenode

@@ -71,6 +71,13 @@ struct ClientOptions {
   // block, when the node supports it and is not reached over shared memory.
   // Off only to compare the two (bench/coalesce_bench).
   bool coalesce_small_blocks = true;
+  // Small Lookup/Publish/Fetch calls (up to 64 keys; up to 4 MiB of blocks,
+  // in requests of about 512 KiB and at most the node's fast_path_max_blocks
+  // each, in flight together) go as UCX active messages, one each way per
+  // request, instead of a gRPC call plus UCX transfers, when the node offers it
+  // (docs/ARCHITECTURE.md §3, "Fast path"). Any fast-path failure falls back
+  // to gRPC within the same deadline. Off only to compare the two.
+  bool fast_path = true;
 };
 
 // Per-block outcome of Publish and Fetch.
@@ -206,6 +213,11 @@ class Namespace {
         max_publish_blocks_(max_publish_blocks) {}
   void DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t block_bytes,
                         TransferResult& result);
+  // The gRPC control path (the fast path's fallback, and for large calls).
+  absl::StatusOr<TransferResult> PublishOverGrpc(absl::Span<const PublishItem> items,
+                                                 absl::Time deadline);
+  absl::StatusOr<TransferResult> FetchOverGrpc(absl::Span<const FetchItem> items,
+                                               absl::Time deadline);
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;
