@@ -40,7 +40,9 @@ TEST(FastPathWireTest, RequestsAndRepliesRoundTrip) {
   for (size_t i = 0; i < 5; ++i) {
     EXPECT_EQ(decoded->blocks[i].key, request.blocks[i].key);
     EXPECT_EQ(decoded->blocks[i].has_parent, i > 0);
-    if (i > 0) EXPECT_EQ(decoded->blocks[i].parent, request.blocks[i].parent);
+    if (i > 0) {
+      EXPECT_EQ(decoded->blocks[i].parent, request.blocks[i].parent);
+    }
     EXPECT_EQ(decoded->blocks[i].checksum, request.blocks[i].checksum);
   }
   Reply reply;
