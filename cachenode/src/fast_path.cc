@@ -40,6 +40,10 @@ std::optional<fastpath::Capability> FastPath::Grant(const NamespaceInfo& ns) {
   // a fast-path reply names none: its clients fetch over gRPC, whose reply
   // says each block's format.
   if (ns.spec.coarsest_format() != v1::FORMAT_RAW) return std::nullopt;
+  // A node with an HBM tier places new blocks in HBM and promotes DRAM hits
+  // there: device copies the progress thread must not wait for. Its clients
+  // use gRPC (a fast path for it would queue those copies to a thread).
+  if (store_.hbm() != nullptr) return std::nullopt;
   fastpath::Capability capability;
   {
     // absl::BitGen is seeded from the OS entropy source: 128 unguessable bits.
@@ -115,7 +119,13 @@ void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
   absl::ReaderMutexLock running(&shared_->running_mu);
   if (shared_->stopped) return;  // dropped: the client's deadline ends its wait
   counters_.fast_path_requests.fetch_add(1, std::memory_order_relaxed);
+  const absl::Time start = absl::Now();
+  const char* method = "Unknown";
+  auto observe = [&](int code) {
+    if (options_.observe) options_.observe(method, code, absl::Now() - start);
+  };
   auto refuse = [&](const absl::Status& status) {
+    observe(static_cast<int>(status.code()));
     counters_.fast_path_refused.fetch_add(1, std::memory_order_relaxed);
     if (absl::IsPermissionDenied(status)) {
       counters_.permission_denied_calls.fetch_add(1, std::memory_order_relaxed);
@@ -124,6 +134,9 @@ void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
   };
   absl::StatusOr<fastpath::Request> request = fastpath::DecodeRequest(am->header());
   if (!request.ok()) return refuse(request.status());
+  method = request->op == fastpath::Op::kLookup  ? "Lookup"
+           : request->op == fastpath::Op::kFetch ? "Fetch"
+                                                 : "Publish";
   absl::StatusOr<Grantee> who = Authorize(*request);
   if (!who.ok()) return refuse(who.status());
   const uint64_t data_bytes = request->op == fastpath::Op::kPublish
@@ -148,6 +161,7 @@ void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
   } else {
     Publish(*request, *who, std::move(am), std::move(slot));  // the slot travels with its data
   }
+  observe(0);  // admitted: per-block outcomes are in the reply, as over gRPC
 }
 
 void FastPath::Lookup(const fastpath::Request& request, const Grantee& who,
@@ -178,23 +192,25 @@ void FastPath::Fetch(const fastpath::Request& request, const Grantee& who,
   reply.blocks.resize(request.blocks.size());
   std::vector<std::shared_ptr<StoredBlock>> hits(request.blocks.size());
   uint64_t bytes = 0;
-  size_t found = 0;
+  size_t found = 0, missed = 0;
   for (size_t i = 0; i < request.blocks.size(); ++i) {
     const BlockId id{who.namespace_id, request.blocks[i].key};
     hits[i] = store_.dram().Find(id, /*hit=*/true);
     if (hits[i] != nullptr) {
       bytes += hits[i]->size();
       ++found;
+    } else if (store_.Contains(id)) {
+      // In HBM (device memory, which gRPC stages) or on NVMe only (which
+      // gRPC reads on a thread of its own): the client fetches it over gRPC,
+      // which counts the hit.
+      reply.blocks[i].status = fastpath::kNotInMemory;
     } else {
-      // Stored on NVMe only: the client fetches it over gRPC, which reads
-      // the disk on a thread of its own.
-      reply.blocks[i].status =
-          store_.nvme() != nullptr && store_.nvme()->Contains(id) ? fastpath::kNotInMemory
-                                                                  : v1::BLOCK_NOT_FOUND;
+      reply.blocks[i].status = v1::BLOCK_NOT_FOUND;
+      ++missed;
     }
   }
   counters_.fetch_hit_blocks.fetch_add(found, std::memory_order_relaxed);
-  counters_.fetch_miss_blocks.fetch_add(request.blocks.size() - found, std::memory_order_relaxed);
+  counters_.fetch_miss_blocks.fetch_add(missed, std::memory_order_relaxed);
   if (bytes > 0 && !TakeBuffer(bytes)) {
     counters_.fast_path_refused.fetch_add(1, std::memory_order_relaxed);
     return ReplyError(am, absl::ResourceExhaustedError("fast-path reply memory is all in use"));
@@ -334,7 +350,13 @@ void FastPath::Store(const fastpath::Request& request, const Grantee& who, const
       (*block)->parent = request.blocks[i].parent;
       (*block)->has_parent = true;
     }
-    if (store_.dram().Commit(BlockId{who.namespace_id, request.blocks[i].key}, *block)) {
+    // Through the tiered store, so a node with HBM places it there as a
+    // gRPC publish would and a block is never in HBM and DRAM at once.
+    absl::StatusOr<bool> committed =
+        store_.Commit(BlockId{who.namespace_id, request.blocks[i].key}, *block);
+    if (!committed.ok()) {
+      result.status = v1::BLOCK_NO_SPACE;
+    } else if (*committed) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
       counters_.ingest_bytes.Add("raw", "received", block_bytes);
       counters_.ingest_bytes.Add("raw", "stored", block_bytes);

@@ -29,6 +29,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/common/fast_path_wire.h"
 #include "kvstrata/transfer/active_message.h"
@@ -54,6 +55,11 @@ struct FastPathOptions {
   // The tenant's DRAM quota in bytes (0: none).
   std::function<uint64_t(const std::string& tenant)> quota_bytes;
   const std::atomic<bool>* draining = nullptr;
+  // Called once per request: its method ("Lookup", "Fetch", "Publish",
+  // "Unknown"), the status code of its admission (0 once authorized and in
+  // its limits; a later failure, such as reply memory running out, is in the
+  // reply and in Stats' fast_path_refused) and its time on the progress thread.
+  std::function<void(const char* method, int code, absl::Duration elapsed)> observe;
 };
 
 class FastPath {

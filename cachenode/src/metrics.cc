@@ -272,11 +272,11 @@ NodeMetrics::NodeMetrics(const NodeCounters& counters, TieredStore& store,
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(&prometheus::BuildCounter()
                      .Name("kvstrata_rpc_requests_total")
-                     .Help("gRPC requests served, by method and status code.")
+                     .Help("Requests served, by method, status code and path (grpc or fast_path).")
                      .Register(*registry_)),
       durations_(&prometheus::BuildHistogram()
                       .Name("kvstrata_rpc_duration_seconds")
-                      .Help("gRPC request latency at the node, by method and status code.")
+                      .Help("Request latency at the node, by method, status code and path.")
                       .Register(*registry_)),
       collector_(std::make_shared<Collector>(counters, store, namespaces, ledger, engine, auth)) {}
 
@@ -295,14 +295,16 @@ absl::Status NodeMetrics::Serve(const std::string& listen) {
   return absl::OkStatus();
 }
 
-void NodeMetrics::ObserveRpc(const char* method, int code, absl::Duration elapsed) {
+void NodeMetrics::ObserveRpc(const char* method, int code, absl::Duration elapsed,
+                             const char* path) {
   // 25 µs (a lookup on loopback) to 10 s (a large transfer at its deadline).
   static const prometheus::Histogram::BucketBoundaries kBuckets = {
       25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
       25e-3, 50e-3, 0.1,    0.25,   0.5,    1,    2.5,    5,    10};
-  requests_->Add({{"method", method}, {"code", std::to_string(code)}}).Increment();
-  durations_->Add({{"method", method}, {"code", std::to_string(code)}}, kBuckets)
-      .Observe(absl::ToDoubleSeconds(elapsed));
+  const std::map<std::string, std::string> labels = {
+      {"method", method}, {"code", std::to_string(code)}, {"path", path}};
+  requests_->Add(labels).Increment();
+  durations_->Add(labels, kBuckets).Observe(absl::ToDoubleSeconds(elapsed));
 }
 
 }  // namespace kvstrata::cachenode

@@ -47,8 +47,11 @@ class NodeMetrics {
   absl::Status Serve(const std::string& listen);
   int port() const { return port_; }
 
-  // One finished RPC: counted and timed by method and gRPC status code.
-  void ObserveRpc(const char* method, int code, absl::Duration elapsed);
+  // One finished request: counted and timed by method, status code and path
+  // ("grpc", or "fast_path" for a UCX active-message request, timed to its
+  // reply or, for a publish whose data comes by rendezvous, to its hand-off).
+  void ObserveRpc(const char* method, int code, absl::Duration elapsed,
+                  const char* path = "grpc");
 
   class Collector;
 

@@ -314,7 +314,11 @@ NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, Tena
           .max_request_bytes = static_cast<uint64_t>(
               static_cast<double>(store.dram().capacity_bytes()) * options.max_request_share),
           .quota_bytes = [this](const std::string& tenant) { return QuotaFor(tenant).dram_bytes; },
-          .draining = &draining_});
+          .draining = &draining_,
+          .observe =
+              [this](const char* method, int code, absl::Duration elapsed) {
+                if (metrics_ != nullptr) metrics_->ObserveRpc(method, code, elapsed, "fast_path");
+              }});
   transfer::ServeActiveMessages(
       engine_, [fast = fast_path_.get()](std::shared_ptr<transfer::AmRequest> request) {
         fast->Handle(std::move(request));
@@ -655,7 +659,10 @@ grpc::Status NodeService::DoPublish(grpc::ServerContext* context, const v1::Publ
       reserved[i]->has_parent = true;
     }
     if (replaces[i]) store_.Erase(ids[i]);  // the coarser copy, in whichever tier
-    if (store_.Commit(ids[i], reserved[i])) {
+    absl::StatusOr<bool> committed = store_.Commit(ids[i], reserved[i]);
+    if (!committed.ok()) {
+      response->set_status(i, v1::BLOCK_NO_SPACE);
+    } else if (*committed) {
       counters_.published_blocks.fetch_add(1, std::memory_order_relaxed);
       const std::string format = StoredFormatLabel(ns->spec.format());
       counters_.ingest_bytes.Add(format, "received", ns->block_bytes);

@@ -44,9 +44,10 @@ class TieredStore {
   // Makes a reserved, filled and verified block visible: copied into
   // HBM when the node has it (hot-first placement; the DRAM chunk is then
   // only the landing buffer), else, or when HBM cannot make room, committed
-  // to DRAM. False when not stored: `id` is stored already, or (with HBM,
-  // rarely) neither HBM nor DRAM has an unpinned chunk for it.
-  bool Commit(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  // to DRAM. True when stored, false when `id` is stored already;
+  // RESOURCE_EXHAUSTED when (with HBM, rarely) neither HBM nor DRAM has an
+  // unpinned chunk for it, so the publisher hears NO_SPACE, not "present".
+  absl::StatusOr<bool> Commit(const BlockId& id, std::shared_ptr<StoredBlock> block);
 
   // Blocks moved between HBM and DRAM.
   struct HbmMoves {

@@ -66,7 +66,7 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> TieredStore::Reserve(uint64_t size)
   return dram_.Reserve(size);
 }
 
-bool TieredStore::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
+absl::StatusOr<bool> TieredStore::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   if (hbm_ == nullptr) return dram_.Commit(id, std::move(block));
   if (dram_.Find(id, /*hit=*/false) != nullptr) return false;
   absl::StatusOr<bool> admitted = hbm_->Admit(id, *block);
@@ -75,7 +75,7 @@ bool TieredStore::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) 
   // (a block that landed in staging is first copied into a DRAM chunk).
   if (!dram_.Owns(*block)) {
     absl::StatusOr<std::shared_ptr<StoredBlock>> chunk = dram_.Reserve(block->size());
-    if (!chunk.ok()) return false;
+    if (!chunk.ok()) return chunk.status();
     std::memcpy((*chunk)->data(), block->data(), block->size());
     (*chunk)->checksum = block->checksum;
     (*chunk)->parent = block->parent;
