@@ -126,10 +126,12 @@ class DramTier {
   // One step of making room: transcodes the policy's victim when its
   // namespace allows, else evicts it. nullopt when the policy holds none.
   // `follow_up`: may take one more step (see the .cc).
-  std::optional<bool> MakeRoom(bool follow_up = true);
+  // `transcode_only`: never evicts (false when the victim cannot be transcoded).
+  std::optional<bool> MakeRoom(bool follow_up = true, bool transcode_only = false);
   // Swaps `old` (stored as `id`) for its encoding one format coarser (`size`
-  // bytes). False when no memory of that size is free (then a slab starts
-  // draining so a later transcode finds some) or the encoding failed.
+  // bytes): in a chunk of its size class, else in a piece of a raw-sized
+  // chunk (SlabAllocator::AllocatePiece). False when neither is free or the
+  // encoding failed.
   bool TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size);
   std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
   void CountFormat(uint8_t format, uint64_t size, bool add);
@@ -140,10 +142,9 @@ class DramTier {
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
   std::atomic<uint64_t> transcodes_{0};
-  // Victims evicted for want of memory to transcode into while a slab
-  // drains: past a few slabs' worth the drain is given up (a hot or pinned
-  // block may keep it from ever emptying).
-  std::atomic<uint64_t> drain_fallbacks_{0};
+  // The largest raw block a transcode came from: the size of the chunks
+  // encoded blocks are packed into (SlabAllocator::AllocatePiece).
+  std::atomic<uint64_t> host_bytes_{0};
   std::array<std::atomic<uint64_t>, kStoredFormats> format_blocks_{};
   std::array<std::atomic<uint64_t>, kStoredFormats> format_bytes_{};
   const BlockTranscoder* transcoder_ = nullptr;
