@@ -180,6 +180,28 @@ TEST_F(PrecisionTierTest, EncodedCopiesShareRawChunksAndAPinnedPieceKeepsItsByte
   EXPECT_EQ(checked, c.blocks);
 }
 
+// A small block reserved in a full tier (an encoded block promoted from
+// NVMe, a quantized namespace's) takes a piece too, instead of evicting
+// until a whole slab frees for its size class.
+TEST_F(PrecisionTierTest, ASmallBlockInAFullTierTakesAPiece) {
+  const uint64_t ns = Open(v1::FORMAT_INT4_KIVI);
+  for (uint64_t n = 0; n < 200; ++n) Put(ns, n);
+  const TierCounters before = tier_.counters();
+  std::vector<std::shared_ptr<StoredBlock>> small;
+  for (int i = 0; i < 4; ++i) {
+    auto block = tier_.Reserve(20000);  // no slab of this class exists
+    ASSERT_TRUE(block.ok()) << block.status();
+    std::memset((*block)->data(), 0x5a, 20000);
+    small.push_back(*std::move(block));
+  }
+  const TierCounters after = tier_.counters();
+  EXPECT_LE(after.evictions - before.evictions, 4u) << "at most one eviction per block";
+  EXPECT_LE(after.used_bytes, kArena);
+  for (const auto& b : small) {
+    for (size_t k = 0; k < 20000; k += 997) ASSERT_EQ(b->data()[k], 0x5a) << "pieces overlap";
+  }
+}
+
 TEST_F(PrecisionTierTest, NamespaceWithoutBudgetIsEvictedNeverTranscoded) {
   const uint64_t ns = Open(v1::FORMAT_RAW);
   for (uint64_t n = 0; n < 100; ++n) Put(ns, n);

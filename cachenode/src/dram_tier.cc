@@ -25,6 +25,12 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
   // pinned victim only makes room later and the loop goes on. It ends: each
   // step evicts a block or moves one a rung down a finite ladder.
   while (!offset.has_value()) {
+    // A block smaller than a raw chunk (an encoded one promoted from NVMe,
+    // a quantized namespace's) fits a piece when its class has no slab.
+    if (const uint64_t host = host_bytes_.load(std::memory_order_relaxed); host > size) {
+      offset = allocator_->AllocatePiece(size, host);
+      if (offset.has_value()) break;
+    }
     if (!MakeRoom().has_value()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
