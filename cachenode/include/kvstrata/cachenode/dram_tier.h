@@ -128,11 +128,13 @@ class DramTier {
   // `follow_up`: may take one more step (see the .cc).
   // `transcode_only`: never evicts (false when the victim cannot be transcoded).
   std::optional<bool> MakeRoom(bool follow_up = true, bool transcode_only = false);
-  // Swaps `old` (stored as `id`) for its encoding one format coarser (`size`
-  // bytes): in a chunk of its size class, else in a piece of a raw-sized
-  // chunk (SlabAllocator::AllocatePiece). False when neither is free or the
-  // encoding failed.
-  bool TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size);
+  // Memory for `old`'s encoding one format coarser (`size` bytes): a chunk
+  // of its size class, else a piece of a raw-sized chunk
+  // (SlabAllocator::AllocatePiece); nullopt when neither is free.
+  std::optional<uint64_t> RoomFor(const StoredBlock& old, uint64_t size);
+  // Encodes `old` (stored as `id`) into `at` (from RoomFor, owned from here)
+  // and swaps it in. False when the encoding failed (`at` is freed).
+  bool TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t at, uint64_t size);
   std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
   void CountFormat(uint8_t format, uint64_t size, bool add);
 
