@@ -17,6 +17,21 @@ The model has random weights (seed 1234, kvstrata.examples.tiny_llm.TinyConfig).
 Prompt lengths are 1000..16000: not multiples of the 256-token cache block, so
 the decode worker computes the prompt's tail (length mod 256) itself.
 
+--precision adds a row set on a prefix a precision tier transcoded (issue 20):
+a node of its own (--precision_dram_bytes, 16 MiB in 1 MiB slabs, LRU, an
+NVMe tier so a block the tier evicts is still there), bf16 paged caches, and
+namespaces with coarsest_format=int4_kivi. The prefill worker publishes the
+prompt; the decode worker loads it while it is raw (raw-cached); then filler
+blocks of another namespace with the same budget are published
+(--precision_filler_tiers DRAM tiers' worth), which under LRU pushes the
+prompt's blocks down the ladder, and the decode worker loads it again
+(transcoded-cached: the connector's
+transcoded_blocks counts the layer-blocks that came back coarser than raw,
+from result.formats). Prints TTFT recomputed (no cache) / raw-cached /
+transcoded-cached, the formats loaded, and the max abs logit difference of
+each against the recomputed run (raw-cached must be 0: bf16 bytes round
+trip exactly) and whether the greedy token is the same.
+
 --vllm adds a row set measured with a real vLLM engine on CPU (vLLM importable:
 run it in tests/engine/setup_venv.sh's virtualenv): a 4-layer random-weight
 Llama made with transformers, three engine processes against the same node
@@ -30,6 +45,7 @@ the node's raw Lookup latency for the same key count, in the same run.
 """
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -50,6 +66,15 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="cached runs per length (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--ucx_transports", default="")
+    parser.add_argument("--precision", action="store_true",
+                        help="also the transcoded-prefix row set (precision tiers)")
+    parser.add_argument("--precision_only", action="store_true",
+                        help="only the transcoded-prefix row set")
+    parser.add_argument("--precision_prompt_tokens", default="1000,4000")
+    parser.add_argument("--precision_dram_bytes", type=int, default=16 << 20)
+    parser.add_argument("--precision_budget", default="int4_kivi")
+    parser.add_argument("--precision_filler_tiers", type=float, default=2.5,
+                        help="filler published after the raw-cached runs, in DRAM tiers' worth")
     parser.add_argument("--vllm", action="store_true", help="also the real-vLLM row set")
     parser.add_argument("--vllm_only", action="store_true", help="only the real-vLLM row set")
     parser.add_argument("--vllm_prompt_tokens", default="1000,2000,4000")
@@ -64,8 +89,10 @@ def main():
         node = NodeProcess(args.node_binary, dram_bytes=args.dram_bytes)
         address = node.address
     try:
-        if not args.vllm_only:
+        if not args.vllm_only and not args.precision_only:
             run(args, address)
+        if args.precision or args.precision_only:
+            run_precision(args)
         if args.vllm or args.vllm_only:
             run_vllm(args, address)
     finally:
@@ -130,6 +157,116 @@ def run(args, address):
         if runs[0]["loaded_tokens"] == 0 or not identical:
             raise SystemExit("FAIL: the cached run loaded nothing or its logits differ")
     print("ratio local/cached TTFT: %s" % ", ".join("%.1fx" % r for r in ratios))
+
+
+# ------------------------------------------------- transcoded-prefix rows
+
+def _stored_formats(client):
+    """{format: blocks} over every tier of the node, from Stats."""
+    counts = {}
+    for entry in client.stats()["formats"]:
+        counts[entry["format"]] = counts.get(entry["format"], 0) + entry["blocks"]
+    return counts
+
+
+def run_precision(args):
+    import tempfile
+    import kvstrata
+
+    if not args.node_binary:
+        raise SystemExit("--precision starts its own node: pass --node_binary")
+    cfg = TinyConfig()
+    model = TinyLM(cfg)
+    lengths = [int(x) for x in args.precision_prompt_tokens.split(",")]
+    c = args.cache_block_tokens
+    blocks = max(lengths) // cfg.block_size + 4
+    kv_dtype = torch.bfloat16
+    block_bytes = 2 * c * cfg.num_kv_heads * cfg.head_size * 2  # one layer, K and V, bf16
+    nvme = tempfile.mkdtemp(prefix="kvstrata-ttft-nvme.")
+    node = NodeProcess(args.node_binary, dram_bytes=args.precision_dram_bytes, extra_flags=[
+        "--slab_bytes=1048576", "--eviction_policy=lru", "--nvme_dirs=" + nvme,
+        "--nvme_capacity_bytes=%d" % (1 << 30)])
+    try:
+        config = connector_config(node.address, cfg, c, ucx_transports=args.ucx_transports,
+                                  dtype="bfloat16", coarsest_format=args.precision_budget)
+        local = TinyEngine(model, blocks, kv_dtype=kv_dtype)
+        prefill = TinyEngine(model, blocks, config, kv_dtype=kv_dtype)
+        decode = TinyEngine(model, blocks, config, kv_dtype=kv_dtype)
+        client = kvstrata.Client(node.address, timeout=30.0, ucx_transports=args.ucx_transports)
+        # The filler: other prompts' KV blocks (bf16 normal values) under the
+        # same budget, published straight through the client (no prefill).
+        filler = client.open_namespace(model="ttft-filler", dtype=2, num_layers=1,
+                                       num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_size,
+                                       tokens_per_block=c, coarsest_format=args.precision_budget)
+        assert filler.block_bytes == block_bytes, filler.block_bytes
+        filler_data = torch.randn(16 * block_bytes // 2, generator=torch.Generator().manual_seed(3))
+        filler_data = filler_data.to(torch.bfloat16).view(torch.uint8)
+        filler_buf = client.register(filler_data)
+        filler_state = {"seed": 0}
+
+        def fill(count):
+            """Publishes `count` raw filler blocks (16 per call, chained)."""
+            for start in range(0, count, 16):
+                n = min(16, count - start)
+                filler_state["seed"] += 1
+                keys = filler.keys(make_prompt(cfg, n * c, 10 ** 6 + filler_state["seed"]))
+                filler.publish([(keys[i], keys[i - 1] if i else None, filler_buf, i * block_bytes)
+                                for i in range(n)])
+
+        capacity = args.precision_dram_bytes // block_bytes
+        local.generate(make_prompt(cfg, 600, 999))  # warm-up: first-call costs
+        print("precision tiers: bf16 paged caches, budget %s; node %d MiB DRAM (%d raw blocks of "
+              "%d KiB, 1 MiB slabs, LRU) + NVMe; filler: %.1f tiers of another namespace's blocks, same budget"
+              % (args.precision_budget, args.precision_dram_bytes >> 20, capacity, block_bytes >> 10,
+                 args.precision_filler_tiers))
+        print("%7s %9s %9s %9s %9s %12s %-30s %11s %11s %6s" % (
+            "tokens", "recomp_s", "raw_s", "transc_s", "ratio", "filler_blk", "layer-blocks loaded",
+            "raw_maxdiff", "tr_maxdiff", "argmax"))
+        for n in lengths:
+            fill(capacity)  # the tier full of raw blocks: the prompt is published under pressure
+            prompt = make_prompt(cfg, n, 200 + n)
+            layer_blocks = (n // c) * cfg.num_layers
+            recomputed = local.generate(prompt)
+            prefill.generate(prompt)
+            stats = decode.worker_connector.stats
+            decode.generate(prompt)  # warm-up (UCX endpoints, staging), loads it raw
+            before = stats["transcoded_blocks"]
+            raw_runs = [decode.generate(prompt) for _ in range(args.repeats)]
+            if stats["transcoded_blocks"] != before:
+                raise SystemExit("FAIL: the raw-cached run loaded transcoded blocks")
+            # Filler: under LRU the prompt's blocks become victims after about a
+            # tier's worth, are transcoded a rung down, take a fresh lease, and
+            # so on to the budget, then go to NVMe keeping their format.
+            filled = int(args.precision_filler_tiers * capacity)
+            fill(filled)
+            before = stats["transcoded_blocks"]
+            decode.worker_connector.loaded_formats.clear()
+            tr_runs = [decode.generate(prompt) for _ in range(args.repeats)]
+            transcoded = (stats["transcoded_blocks"] - before) // args.repeats
+            loaded = " ".join("%s:%d" % (f, k // args.repeats) for f, k in
+                              sorted(decode.worker_connector.loaded_formats.items()))
+            raw_ttft = statistics.median(r["ttft"] for r in raw_runs)
+            tr_ttft = statistics.median(r["ttft"] for r in tr_runs)
+            ref = recomputed["logits"][0]
+            raw_diff = float((raw_runs[0]["logits"][0] - ref).abs().max())
+            tr_diff = float((tr_runs[0]["logits"][0] - ref).abs().max())
+            same = int(torch.argmax(tr_runs[0]["logits"][0])) == int(torch.argmax(ref))
+            print("%7d %9.3f %9.3f %9.3f %8.1fx %12d %-30s %11.2e %11.2e %6s"
+                  % (n, recomputed["ttft"], raw_ttft, tr_ttft, recomputed["ttft"] / tr_ttft, filled,
+                     "%d/%d transcoded %s" % (transcoded, layer_blocks, loaded),
+                     raw_diff, tr_diff, "same" if same else "differs"))
+            node_formats = " ".join("%s:%d" % kv for kv in sorted(_stored_formats(client).items()))
+            print("        logit scale: max abs %.2f; transcoded-cached loaded %d tokens; "
+                  "node blocks by format (DRAM+NVMe) %s"
+                  % (float(ref.abs().max()), tr_runs[0]["loaded_tokens"], node_formats))
+            sys.stdout.flush()
+            if raw_diff != 0.0 or raw_runs[0]["loaded_tokens"] == 0:
+                raise SystemExit("FAIL: the raw-cached run loaded nothing or its logits differ")
+            if transcoded == 0 or tr_runs[0]["loaded_tokens"] == 0:
+                raise SystemExit("FAIL: no transcoded block was loaded")
+    finally:
+        node.stop()
+        shutil.rmtree(nvme, ignore_errors=True)
 
 
 # ------------------------------------------------------------- real vLLM rows

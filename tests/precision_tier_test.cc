@@ -138,6 +138,72 @@ TEST_F(PrecisionTierTest, VictimsAreTranscodedWithRightChecksumHeaderAndParent) 
   EXPECT_EQ(std::memcmp(pinned->data(), pinned_bytes.data(), kRaw), 0);
 }
 
+// A full tier has no slab for a coarser size class: encoded copies go into
+// pieces of raw-sized chunks (SlabAllocator::AllocatePiece), several per
+// chunk. A reader's pin on one piece keeps its bytes while the blocks around
+// it in the same chunk are transcoded, evicted and their pieces reused.
+TEST_F(PrecisionTierTest, EncodedCopiesShareRawChunksAndAPinnedPieceKeepsItsBytes) {
+  const uint64_t ns = Open(v1::FORMAT_INT4_KIVI);
+  for (uint64_t n = 0; n < 200; ++n) Put(ns, n);
+  TierCounters c = tier_.counters();
+  EXPECT_EQ(tier_.counters().used_bytes, kArena) << "full";
+  // Raw and fp8 and int4 all in raw-class chunks: with one slab class only,
+  // well over the 64 blocks raw chunks hold (draining slabs for the coarser
+  // classes, before pieces, held fewer).
+  EXPECT_GT(c.blocks, kArena / kRaw * 14 / 10) << c.blocks;
+  EXPECT_GT(c.format_blocks[v1::FORMAT_FP8_E4M3], 0u);
+  EXPECT_GT(c.format_blocks[v1::FORMAT_INT4_KIVI], 0u);
+  std::shared_ptr<StoredBlock> pinned;
+  uint64_t pinned_n = 0;
+  for (uint64_t n = 0; n < 200 && pinned == nullptr; ++n) {
+    std::shared_ptr<StoredBlock> b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false);
+    if (b != nullptr && b->format == v1::FORMAT_INT4_KIVI) pinned = b, pinned_n = n;
+  }
+  ASSERT_NE(pinned, nullptr);
+  const std::vector<uint8_t> bytes(pinned->data(), pinned->data() + pinned->size());
+  for (uint64_t n = 200; n < 600; ++n) Put(ns, n);  // everything before 200 moves or goes
+  EXPECT_EQ(tier_.Find(NumberedBlockId(pinned_n, ns), /*hit=*/false), nullptr) << "evicted";
+  EXPECT_EQ(pinned->checksum, BlockChecksum(pinned->data(), pinned->size()));
+  EXPECT_EQ(std::memcmp(pinned->data(), bytes.data(), bytes.size()), 0)
+      << "a piece was handed out again while a reader held it";
+  pinned.reset();
+  for (uint64_t n = 600; n < 700; ++n) Put(ns, n);  // its host is usable again
+  c = tier_.counters();
+  EXPECT_LE(c.used_bytes, kArena);
+  EXPECT_GT(c.blocks, kArena / kRaw * 14 / 10) << c.blocks;
+  // Every stored block reads back with its checksum.
+  size_t checked = 0;
+  for (uint64_t n = 0; n < 700; ++n) {
+    std::shared_ptr<StoredBlock> b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false);
+    if (b == nullptr) continue;
+    ++checked;
+    EXPECT_EQ(b->checksum, BlockChecksum(b->data(), b->size())) << "block " << n;
+  }
+  EXPECT_EQ(checked, c.blocks);
+}
+
+// A small block reserved in a full tier (an encoded block promoted from
+// NVMe, a quantized namespace's) takes a piece too, instead of evicting
+// until a whole slab frees for its size class.
+TEST_F(PrecisionTierTest, ASmallBlockInAFullTierTakesAPiece) {
+  const uint64_t ns = Open(v1::FORMAT_INT4_KIVI);
+  for (uint64_t n = 0; n < 200; ++n) Put(ns, n);
+  const TierCounters before = tier_.counters();
+  std::vector<std::shared_ptr<StoredBlock>> small;
+  for (int i = 0; i < 4; ++i) {
+    auto block = tier_.Reserve(20000);  // no slab of this class exists
+    ASSERT_TRUE(block.ok()) << block.status();
+    std::memset((*block)->data(), 0x5a, 20000);
+    small.push_back(*std::move(block));
+  }
+  const TierCounters after = tier_.counters();
+  EXPECT_LE(after.evictions - before.evictions, 4u) << "at most one eviction per block";
+  EXPECT_LE(after.used_bytes, kArena);
+  for (const auto& b : small) {
+    for (size_t k = 0; k < 20000; k += 997) ASSERT_EQ(b->data()[k], 0x5a) << "pieces overlap";
+  }
+}
+
 TEST_F(PrecisionTierTest, NamespaceWithoutBudgetIsEvictedNeverTranscoded) {
   const uint64_t ns = Open(v1::FORMAT_RAW);
   for (uint64_t n = 0; n < 100; ++n) Put(ns, n);

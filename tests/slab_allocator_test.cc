@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <iterator>
+#include <map>
 #include <random>
 #include <set>
 
@@ -89,47 +91,90 @@ TEST(SlabAllocatorTest, RandomAllocFreeKeepsAccounting) {
 namespace kvstrata::cachenode {
 namespace {
 
-TEST(SlabAllocatorDrainTest, ADrainingSlabIsNotRefilledAndReturnsToThePoolWhenEmpty) {
-  constexpr uint64_t kSlabBytes = 16 * 4096;
-  SlabAllocator allocator(8 * kSlabBytes, kSlabBytes);
-  std::vector<uint64_t> chunks;
-  while (auto offset = allocator.Allocate(4096)) chunks.push_back(*offset);
-  ASSERT_EQ(chunks.size(), 128u);
-  EXPECT_FALSE(allocator.draining());
-  ASSERT_TRUE(allocator.DrainSlabOf(chunks[0]));
-  EXPECT_FALSE(allocator.DrainSlabOf(chunks[0])) << "draining already";
-  EXPECT_TRUE(allocator.draining());
-  // Chunks freed in the draining slab are not handed out again...
-  for (size_t i = 0; i < 15; ++i) allocator.Free(chunks[i]);
-  EXPECT_FALSE(allocator.Allocate(4096).has_value());
-  // ...and its last one frees the whole slab, for any class.
-  allocator.Free(chunks[15]);
-  EXPECT_FALSE(allocator.draining());
+// Pieces: encoded blocks packed into raw-sized chunks (precision tiers).
+constexpr uint64_t kRaw = 128 << 10;
+
+TEST(SlabAllocatorPieceTest, PiecesShareAHostChunkAndItReturnsWhenTheLastIsFreed) {
+  SlabAllocator allocator(kSlab, kSlab);  // eight 128 KiB chunks
+  std::vector<uint64_t> raw;
+  for (int i = 0; i < 7; ++i) raw.push_back(*allocator.Allocate(kRaw));
+  // One raw chunk left: an fp8 copy of a 128 KiB block (65728 bytes, 68 KiB
+  // of pieces) and an int4 one (45120 bytes, 48 KiB) go into it, a second
+  // int4 does not fit.
+  std::optional<uint64_t> fp8 = allocator.AllocatePiece(65728, kRaw);
+  ASSERT_TRUE(fp8.has_value());
+  EXPECT_FALSE(allocator.Allocate(kRaw).has_value()) << "the host chunk is taken";
+  std::optional<uint64_t> int4 = allocator.AllocatePiece(45120, /*host_size=*/0);
+  ASSERT_TRUE(int4.has_value()) << "the fp8 piece's host has a 60 KiB hole";
+  EXPECT_EQ(*fp8 / kRaw, *int4 / kRaw) << "same host";
+  EXPECT_NE(*fp8, *int4);
+  EXPECT_EQ(*fp8 % 4096, 0u);
+  EXPECT_EQ(*int4 % 4096, 0u);
+  EXPECT_GE(*int4, *fp8 + (68 << 10)) << "after the fp8 piece, no overlap";
+  EXPECT_FALSE(allocator.AllocatePiece(45120, kRaw).has_value()) << "no hole, no free chunk";
+  EXPECT_EQ(allocator.piece_bytes(), uint64_t{116} << 10);
+  EXPECT_EQ(allocator.used_bytes(), 8 * kRaw) << "a host counts whole";
+  allocator.Free(*fp8);
+  EXPECT_FALSE(allocator.Allocate(kRaw).has_value()) << "the int4 piece still holds the host";
+  std::optional<uint64_t> again = allocator.AllocatePiece(60 << 10, 0);
+  ASSERT_TRUE(again.has_value()) << "the freed hole is reused";
+  allocator.Free(*again);
+  allocator.Free(*int4);
+  EXPECT_EQ(allocator.piece_bytes(), 0u);
+  std::optional<uint64_t> back = allocator.Allocate(kRaw);
+  ASSERT_TRUE(back.has_value()) << "the empty host returned to its slab";
+  for (uint64_t offset : raw) allocator.Free(offset);
+  allocator.Free(*back);
+  EXPECT_EQ(allocator.used_bytes(), 0u);
   EXPECT_EQ(allocator.free_slabs(), 1u);
-  EXPECT_TRUE(allocator.Allocate(3 * 4096).has_value());
 }
 
-TEST(SlabAllocatorDrainTest, StoppingADrainServesItsFreeChunksAgain) {
-  constexpr uint64_t kSlabBytes = 16 * 4096;
-  SlabAllocator allocator(16 * kSlabBytes, kSlabBytes);
-  std::vector<uint64_t> chunks;
-  while (auto offset = allocator.Allocate(4096)) chunks.push_back(*offset);
-  ASSERT_TRUE(allocator.DrainSlabOf(chunks[0]));
-  ASSERT_TRUE(allocator.DrainSlabOf(chunks[16]));
-  EXPECT_FALSE(allocator.DrainSlabOf(chunks[32])) << "at most kMaxDraining at once";
-  allocator.Free(chunks[0]);
-  EXPECT_FALSE(allocator.Allocate(4096).has_value());
-  allocator.StopDraining();  // the first one
-  EXPECT_EQ(allocator.Allocate(4096), chunks[0]);
-  EXPECT_TRUE(allocator.draining());  // the second still drains
+TEST(SlabAllocatorPieceTest, APieceAsLargeAsItsHostIsRefused) {
+  SlabAllocator allocator(kSlab, kSlab);
+  EXPECT_FALSE(allocator.AllocatePiece(kRaw, kRaw).has_value());
+  EXPECT_FALSE(allocator.AllocatePiece(0, kRaw).has_value());
+  EXPECT_FALSE(allocator.AllocatePiece(4096, 0).has_value()) << "holes only, and none";
+  EXPECT_EQ(allocator.used_bytes(), 0u);
 }
 
-TEST(SlabAllocatorDrainTest, ASmallArenaNeverDrains) {
-  constexpr uint64_t kSlabBytes = 16 * 4096;
-  SlabAllocator allocator(7 * kSlabBytes, kSlabBytes);
-  auto offset = allocator.Allocate(4096);
-  ASSERT_TRUE(offset.has_value());
-  EXPECT_FALSE(allocator.DrainSlabOf(*offset)) << "one slab in eight at most";
+TEST(SlabAllocatorPieceTest, RandomPiecesAndChunksNeverOverlapAndAccountingReturnsToZero) {
+  SlabAllocator allocator(4 * kSlab, kSlab);
+  std::mt19937 rng(7);
+  std::map<uint64_t, uint64_t> live;  // offset -> footprint
+  auto overlaps = [&](uint64_t at, uint64_t size) {
+    auto next = live.lower_bound(at);
+    if (next != live.end() && next->first < at + size) return true;
+    if (next != live.begin() && std::prev(next)->first + std::prev(next)->second > at) return true;
+    return false;
+  };
+  for (int i = 0; i < 20000; ++i) {
+    if (!live.empty() && rng() % 2 == 0) {
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      allocator.Free(it->first);
+      live.erase(it);
+      continue;
+    }
+    std::optional<uint64_t> at;
+    uint64_t footprint;
+    if (rng() % 3 == 0) {
+      at = allocator.Allocate(kRaw);
+      footprint = kRaw;
+    } else {
+      const uint64_t size = 1 + rng() % (kRaw - 4096);
+      at = allocator.AllocatePiece(size, kRaw);
+      footprint = (size + 4095) / 4096 * 4096;
+    }
+    if (!at.has_value()) continue;
+    ASSERT_EQ(*at % 4096, 0u);
+    ASSERT_LE(*at + footprint, allocator.capacity());
+    ASSERT_FALSE(overlaps(*at, footprint)) << "at " << *at;
+    live[*at] = footprint;
+  }
+  for (const auto& [offset, footprint] : live) allocator.Free(offset);
+  EXPECT_EQ(allocator.used_bytes(), 0u);
+  EXPECT_EQ(allocator.piece_bytes(), 0u);
+  EXPECT_EQ(allocator.free_slabs(), 4u);
 }
 
 }  // namespace

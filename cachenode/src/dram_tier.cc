@@ -19,12 +19,29 @@ absl::StatusOr<std::shared_ptr<StoredBlock>> DramTier::Reserve(uint64_t size) {
     return absl::InvalidArgumentError(absl::StrCat("block of ", size, " bytes; this tier holds 1..",
                                                    allocator_->max_allocation()));
   }
+  // Compress before taking memory when the tier is nearly full: a chunk
+  // that just came free (an NVMe write-behind released it) then hosts the
+  // victim's coarser copy and the caller takes the victim's raw chunk,
+  // rather than the caller taking it and the victim being evicted raw next.
+  if (transcoder_ != nullptr) {
+    const uint64_t host = host_bytes_.load(std::memory_order_relaxed);
+    if (host > 0 && size >= host &&
+        allocator_->capacity() - allocator_->used_bytes() <= 2 * allocator_->ChunkSize(host)) {
+      MakeRoom(/*follow_up=*/false, /*transcode_only=*/true);
+    }
+  }
   std::optional<uint64_t> offset = allocator_->Allocate(size);
   // Transcode or evict until the allocation fits. A victim's memory returns
   // when its last reader (or the NVMe write-behind queue) lets go, so a
   // pinned victim only makes room later and the loop goes on. It ends: each
   // step evicts a block or moves one a rung down a finite ladder.
   while (!offset.has_value()) {
+    // A block smaller than a raw chunk (an encoded one promoted from NVMe,
+    // a quantized namespace's) fits a piece when its class has no slab.
+    if (const uint64_t host = host_bytes_.load(std::memory_order_relaxed); host > size) {
+      offset = allocator_->AllocatePiece(size, host);
+      if (offset.has_value()) break;
+    }
     if (!MakeRoom().has_value()) {
       return absl::ResourceExhaustedError(
           absl::StrCat("DRAM tier full: no evictable block frees room for ", size, " bytes"));
@@ -52,11 +69,11 @@ void DramTier::CountFormat(uint8_t format, uint64_t size, bool add) {
   }
 }
 
-std::optional<bool> DramTier::MakeRoom(bool follow_up) {
+std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
   if (transcoder_ != nullptr) {
     BlockId id;
     std::shared_ptr<StoredBlock> block;
-    std::optional<uint64_t> coarser;
+    std::optional<uint64_t> coarser, at;
     {
       absl::MutexLock lock(&mu_);
       std::optional<BlockId> victim = policy_->Victim();
@@ -64,19 +81,28 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up) {
       id = *victim;
       block = index_.Find(id);
       if (block != nullptr) coarser = transcoder_->CoarserSize(id, *block);
-      // A fresh lease at the coarser format, taken now so that concurrent
-      // Reserves pick other victims while this one is encoded.
-      if (coarser.has_value()) policy_->OnHit(id);
+      // Memory for the copy first (the allocator's lock is a leaf), then a
+      // fresh lease at the coarser format, taken now so that concurrent
+      // Reserves pick other victims while this one is encoded. A victim
+      // with no room takes no lease.
+      if (coarser.has_value()) at = RoomFor(*block, *coarser);
+      if (at.has_value()) policy_->OnHit(id);
     }
     if (coarser.has_value()) {
-      if (TranscodeInPlace(id, std::move(block), *coarser)) return true;
-      // No room (or no encoding) for the coarser copy: give the block up.
+      if (at.has_value() && TranscodeInto(id, std::move(block), *at, *coarser)) return true;
+      if (transcode_only) return false;
+      // No room (or no encoding) for the coarser copy: give the block up
+      // (our pin first, so that its memory can return).
+      block.reset();
       if (!Evict(id)) return false;
-      // That emptied the draining slab: transcode the next victim into it
-      // now, before the caller's allocation takes the slab for its own class.
-      if (follow_up && allocator_->free_slabs() > 0) MakeRoom(/*follow_up=*/false);
+      // That freed a raw chunk: transcode the next victim into it now (cut
+      // into pieces), before the caller's allocation takes it for its own
+      // block. A pinned victim frees nothing yet: the follow-up then finds no
+      // room and changes nothing.
+      if (follow_up) MakeRoom(/*follow_up=*/false, /*transcode_only=*/true);
       return true;
     }
+    if (transcode_only) return false;
   }
   return RemoveVictim([&](const BlockId& victim, std::shared_ptr<StoredBlock> evicted) {
     evictions_.fetch_add(1, std::memory_order_relaxed);
@@ -84,29 +110,32 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up) {
   });
 }
 
-bool DramTier::TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size) {
-  if (size == 0 || size >= old->size()) return false;
+std::optional<uint64_t> DramTier::RoomFor(const StoredBlock& old, uint64_t size) {
+  if (size == 0 || size >= old.size()) return std::nullopt;
   std::optional<uint64_t> at = allocator_->Allocate(size);
   if (!at.has_value()) {
-    // The coarser size class has no free chunk and no slab is free (the raw
-    // blocks hold them all): stop refilling the victim's slab so that it
-    // empties as its blocks are evicted or transcoded, and then serves the
-    // coarser class. A drain that does not finish within a few slabs' worth
-    // of evictions is given up for another.
-    const uint64_t chunks_per_slab = allocator_->max_allocation() / std::max<uint64_t>(old->size(), 1);
-    if (allocator_->draining() &&
-        drain_fallbacks_.fetch_add(1, std::memory_order_relaxed) > 4 * chunks_per_slab) {
-      allocator_->StopDraining();
-      drain_fallbacks_.store(0, std::memory_order_relaxed);
+    // Share a raw-sized chunk with other encoded blocks: a hole one holds,
+    // or a free chunk of the raw class cut into pieces. Raw chunks are what
+    // a full tier has; a slab of the coarser class is not.
+    if (old.format == 0) {
+      uint64_t seen = host_bytes_.load(std::memory_order_relaxed);
+      while (old.size() > seen &&
+             !host_bytes_.compare_exchange_weak(seen, old.size(), std::memory_order_relaxed)) {
+      }
     }
-    const uint8_t* data = old->data();
-    if (data >= arena_ && data < arena_ + allocator_->capacity() &&
-        allocator_->DrainSlabOf(static_cast<uint64_t>(data - arena_))) {
-      drain_fallbacks_.store(0, std::memory_order_relaxed);
-    }
-    return false;
+    at = allocator_->AllocatePiece(size, host_bytes_.load(std::memory_order_relaxed));
   }
-  std::shared_ptr<StoredBlock> coarser = MakeBlock(*at, size);
+  // Neither: the caller evicts the victim, which frees a raw chunk, and
+  // transcodes the next victim into it (MakeRoom's follow-up). Draining a
+  // slab for the coarser class instead (what this did before pieces) held
+  // 167 blocks in precision_test's pressure test where pieces hold 192.
+  return at;
+}
+
+bool DramTier::TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t at,
+                             uint64_t size) {
+  // Owns `at` from here: dropped on any failure, which frees it.
+  std::shared_ptr<StoredBlock> coarser = MakeBlock(at, size);
   if (absl::Status s = transcoder_->Transcode(id, *old, *coarser); !s.ok()) return false;
   // The checksum covers the stored bytes at every format.
   coarser->checksum = BlockChecksum(coarser->data(), coarser->size());

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cassert>
+#include <iterator>
 
 namespace kvstrata::cachenode {
 namespace {
@@ -39,9 +40,13 @@ uint64_t SlabAllocator::ChunkSize(uint64_t size) const {
 
 std::optional<uint64_t> SlabAllocator::Allocate(uint64_t size) {
   if (size == 0 || size > slab_bytes_) return std::nullopt;
+  absl::MutexLock lock(&mu_);
+  return AllocateLocked(size);
+}
+
+std::optional<uint64_t> SlabAllocator::AllocateLocked(uint64_t size) {
   const size_t c = ClassOf(size);
   const uint64_t chunk = class_sizes_[c];
-  absl::MutexLock lock(&mu_);
   std::vector<uint32_t>& partial = partial_[c];
   if (partial.empty()) {
     if (unassigned_.empty()) return std::nullopt;
@@ -68,8 +73,85 @@ std::optional<uint64_t> SlabAllocator::Allocate(uint64_t size) {
   return uint64_t{id} * slab_bytes_ + uint64_t{index} * chunk;
 }
 
+uint64_t SlabAllocator::LargestHole(const Host& host) {
+  uint64_t largest = 0, at = 0;
+  for (const auto& [start, size] : host.pieces) {
+    largest = std::max(largest, start - at);
+    at = start + RoundUpToPage(size);
+  }
+  return std::max(largest, host.chunk - at);
+}
+
+std::optional<uint64_t> SlabAllocator::AllocatePiece(uint64_t size, uint64_t host_size) {
+  if (size == 0 || size > slab_bytes_ || host_size > slab_bytes_) return std::nullopt;
+  const uint64_t chunk = host_size == 0 ? 0 : ChunkSize(host_size);
+  const uint64_t need = RoundUpToPage(size);
+  absl::MutexLock lock(&mu_);
+  uint64_t base;
+  Host* host;
+  auto fit = holes_.lower_bound({need, 0});  // best fit, in a host of any class
+  if (fit != holes_.end()) {
+    base = fit->second;
+    host = &hosts_.at(base);
+    holes_.erase(fit);
+  } else {
+    if (need >= chunk) return std::nullopt;  // also: host_size 0, holes only
+    std::optional<uint64_t> fresh = AllocateLocked(host_size);
+    if (!fresh.has_value()) return std::nullopt;
+    base = *fresh;
+    host = &hosts_[base];
+    host->chunk = chunk;
+  }
+  // First fit inside the host (a chunk holds a handful of pieces).
+  uint64_t at = 0;
+  for (const auto& [start, piece] : host->pieces) {
+    if (start - at >= need) break;
+    at = start + RoundUpToPage(piece);
+  }
+  assert(at + need <= host->chunk);
+  host->pieces[at] = size;
+  host->largest_hole = LargestHole(*host);
+  if (host->largest_hole > 0) holes_.insert({host->largest_hole, base});
+  piece_bytes_ += need;
+  return base + at;
+}
+
+uint64_t SlabAllocator::piece_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return piece_bytes_;
+}
+
 void SlabAllocator::Free(uint64_t offset) {
   absl::MutexLock lock(&mu_);
+  // A piece: its host is the last one at or before it (hosts never overlap).
+  if (!hosts_.empty()) {
+    auto host = hosts_.upper_bound(offset);
+    if (host != hosts_.begin()) {
+      --host;
+      const uint64_t base = host->first;
+      Host& h = host->second;
+      if (offset < base + h.chunk) {
+        auto piece = h.pieces.find(offset - base);
+        assert(piece != h.pieces.end());
+        if (piece == h.pieces.end()) return;
+        piece_bytes_ -= RoundUpToPage(piece->second);
+        h.pieces.erase(piece);
+        if (h.largest_hole > 0) holes_.erase({h.largest_hole, base});
+        if (h.pieces.empty()) {
+          hosts_.erase(host);
+          FreeLocked(base);
+        } else {
+          h.largest_hole = LargestHole(h);
+          holes_.insert({h.largest_hole, base});
+        }
+        return;
+      }
+    }
+  }
+  FreeLocked(offset);
+}
+
+void SlabAllocator::FreeLocked(uint64_t offset) {
   const uint32_t id = static_cast<uint32_t>(offset / slab_bytes_);
   assert(id < slabs_.size());
   Slab& slab = slabs_[id];
@@ -82,52 +164,12 @@ void SlabAllocator::Free(uint64_t offset) {
   std::vector<uint32_t>& partial = partial_[c];
   if (slab.used == 0) {
     if (slab.in_partial_list) partial.erase(std::find(partial.begin(), partial.end(), id));
-    if (slab.draining) draining_.erase(std::find(draining_.begin(), draining_.end(), id));
     slab = Slab{};
     unassigned_.push_back(id);
-  } else if (!slab.in_partial_list && !slab.draining) {
+  } else if (!slab.in_partial_list) {
     slab.in_partial_list = true;
     partial.push_back(id);
   }
-}
-
-bool SlabAllocator::DrainSlabOf(uint64_t offset) {
-  absl::MutexLock lock(&mu_);
-  const uint32_t id = static_cast<uint32_t>(offset / slab_bytes_);
-  // A draining slab holds memory nobody uses until it empties: a small arena
-  // cannot afford it (one slab in eight at most).
-  const size_t max_draining = std::min(kMaxDraining, slabs_.size() / 8);
-  if (draining_.size() >= max_draining || id >= slabs_.size() || slabs_[id].size_class < 0 ||
-      slabs_[id].draining) {
-    return false;
-  }
-  Slab& slab = slabs_[id];
-  if (slab.in_partial_list) {
-    std::vector<uint32_t>& partial = partial_[static_cast<size_t>(slab.size_class)];
-    partial.erase(std::find(partial.begin(), partial.end(), id));
-    slab.in_partial_list = false;
-  }
-  slab.draining = true;
-  draining_.push_back(id);
-  return true;
-}
-
-void SlabAllocator::StopDraining() {
-  absl::MutexLock lock(&mu_);
-  if (draining_.empty()) return;
-  const uint32_t id = draining_.front();
-  draining_.erase(draining_.begin());
-  Slab& slab = slabs_[id];
-  slab.draining = false;
-  if (!slab.free_chunks.empty()) {
-    slab.in_partial_list = true;
-    partial_[static_cast<size_t>(slab.size_class)].push_back(id);
-  }
-}
-
-bool SlabAllocator::draining() const {
-  absl::MutexLock lock(&mu_);
-  return !draining_.empty();
 }
 
 uint64_t SlabAllocator::used_bytes() const {

@@ -65,7 +65,7 @@ def main():
     exported = scrape_names(args.node, args.cli)
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     failures = []
-    for wanted in ("throughput", "hit rate", "latency", "tier", "evictions"):
+    for wanted in ("throughput", "hit rate", "latency", "tier", "evictions", "transcode"):
         if wanted not in titles:
             failures.append("no panel about " + wanted)
     count = 0

@@ -421,13 +421,17 @@ class KvstrataConnector(KVConnectorBase_V1):
         # lookups: scheduler lookups that reached the node; lookup_hits: of those,
         # with a prefix; lookup_timeouts / lookup_errors / degraded_lookups: misses
         # because of the node; load_errors: blocks reported for recompute;
-        # save_errors: layer publishes that failed; skipped_requests: prompt embeds.
+        # save_errors: layer publishes that failed; skipped_requests: prompt embeds;
+        # transcoded_blocks: layer-blocks loaded that a precision tier had
+        # transcoded (stored coarser than raw, decoded by the client library).
         self.stats = {"loaded_tokens": 0, "saved_blocks": 0, "fetched_bytes": 0,
                       "published_bytes": 0, "load_wait_s": 0.0, "lookups": 0,
                       "lookup_hits": 0, "lookup_timeouts": 0, "lookup_errors": 0,
                       "degraded_lookups": 0, "load_errors": 0, "save_errors": 0,
-                      "skipped_requests": 0, "request_hints": 0, "hint_errors": 0}
+                      "skipped_requests": 0, "request_hints": 0, "hint_errors": 0,
+                      "transcoded_blocks": 0}
         self._reported = {}  # stats as of the last get_kv_connector_stats
+        self.loaded_formats = collections.Counter()  # transcoded_blocks by stored format
         # (seconds, hit) of the scheduler's recent lookup rounds (bench/ttft_bench.py).
         self.lookup_seconds = collections.deque(maxlen=10000)
 
@@ -955,6 +959,7 @@ class KvstrataConnector(KVConnectorBase_V1):
             raise state["error"]
         result = state["future"].wait()
         self.stats["fetched_bytes"] += result.bytes
+        self._count_formats(result)
         self._scatter(layer_name, state, result, count=(layer_name == self._layer_order[-1]))
 
     def _scatter(self, layer_name, state, result, count):
@@ -1103,6 +1108,7 @@ class KvstrataConnector(KVConnectorBase_V1):
                     raise future
                 result = future.wait()
                 self.stats["fetched_bytes"] += result.bytes
+                self._count_formats(result)
                 if failed:
                     continue
                 state = {"future": None, "run": run, "plan": plan, "slots": run[1]}
@@ -1131,6 +1137,13 @@ class KvstrataConnector(KVConnectorBase_V1):
         except Exception:
             logger.exception("kvstrata: finishing asynchronous loads")
         return None, (done or None)
+
+    def _count_formats(self, result) -> None:
+        """Layer-blocks of a fetch stored coarser than raw (misses say raw)."""
+        for f in getattr(result, "formats", ()):
+            if f != "raw":
+                self.stats["transcoded_blocks"] += 1
+                self.loaded_formats[f] += 1
 
     def get_block_ids_with_load_errors(self):
         errors, self._load_errors = self._load_errors, set()

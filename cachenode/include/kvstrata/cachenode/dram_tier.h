@@ -126,11 +126,15 @@ class DramTier {
   // One step of making room: transcodes the policy's victim when its
   // namespace allows, else evicts it. nullopt when the policy holds none.
   // `follow_up`: may take one more step (see the .cc).
-  std::optional<bool> MakeRoom(bool follow_up = true);
-  // Swaps `old` (stored as `id`) for its encoding one format coarser (`size`
-  // bytes). False when no memory of that size is free (then a slab starts
-  // draining so a later transcode finds some) or the encoding failed.
-  bool TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size);
+  // `transcode_only`: never evicts (false when the victim cannot be transcoded).
+  std::optional<bool> MakeRoom(bool follow_up = true, bool transcode_only = false);
+  // Memory for `old`'s encoding one format coarser (`size` bytes): a chunk
+  // of its size class, else a piece of a raw-sized chunk
+  // (SlabAllocator::AllocatePiece); nullopt when neither is free.
+  std::optional<uint64_t> RoomFor(const StoredBlock& old, uint64_t size);
+  // Encodes `old` (stored as `id`) into `at` (from RoomFor, owned from here)
+  // and swaps it in. False when the encoding failed (`at` is freed).
+  bool TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t at, uint64_t size);
   std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
   void CountFormat(uint8_t format, uint64_t size, bool add);
 
@@ -140,10 +144,9 @@ class DramTier {
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
   std::atomic<uint64_t> transcodes_{0};
-  // Victims evicted for want of memory to transcode into while a slab
-  // drains: past a few slabs' worth the drain is given up (a hot or pinned
-  // block may keep it from ever emptying).
-  std::atomic<uint64_t> drain_fallbacks_{0};
+  // The largest raw block a transcode came from: the size of the chunks
+  // encoded blocks are packed into (SlabAllocator::AllocatePiece).
+  std::atomic<uint64_t> host_bytes_{0};
   std::array<std::atomic<uint64_t>, kStoredFormats> format_blocks_{};
   std::array<std::atomic<uint64_t>, kStoredFormats> format_bytes_{};
   const BlockTranscoder* transcoder_ = nullptr;

@@ -10,7 +10,10 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -30,17 +33,18 @@ class SlabAllocator {
   // REQUIRES: offset came from Allocate and was not freed since.
   void Free(uint64_t offset);
 
-  // Stops handing out chunks of the slab holding `offset` (a chunk Allocate
-  // returned): once its last chunk is freed it returns to the pool, where
-  // another size class may take it. At most kMaxDraining slabs drain at a
-  // time (one for each rung of a precision ladder to win), and one in eight
-  // of the arena's: false when that many do already, or this one does. Precision tiers use it to win whole slabs for
-  // transcoded blocks, whose size class differs from the raw blocks'.
-  bool DrainSlabOf(uint64_t offset);
-  // The slab that started draining first, if any, serves its class again.
-  void StopDraining();
-  static constexpr size_t kMaxDraining = 2;
-  bool draining() const;
+
+  // Sub-allocation (precision tiers): a 4 KiB-aligned piece of `size` bytes
+  // (taking `size` rounded up to 4 KiB) inside a chunk cut into pieces, so
+  // several encoded blocks share one raw-sized chunk instead of needing a
+  // slab of their own class. Takes the best-fitting hole of a chunk already
+  // cut, else a free chunk of `host_size`'s class (Allocate(host_size); 0:
+  // holes only) when the piece is smaller than it; nullopt otherwise. Each
+  // piece is freed alone with Free(offset); the host chunk returns to its
+  // slab when its last piece is freed.
+  std::optional<uint64_t> AllocatePiece(uint64_t size, uint64_t host_size);
+  // Bytes in pieces now (part of used_bytes(), which counts host chunks whole).
+  uint64_t piece_bytes() const;
 
   // Chunk size that Allocate(size) hands out.
   uint64_t ChunkSize(uint64_t size) const;
@@ -54,10 +58,18 @@ class SlabAllocator {
     int size_class = -1;  // -1: unassigned
     uint32_t used = 0;
     bool in_partial_list = false;
-    bool draining = false;
     std::vector<uint32_t> free_chunks;
   };
   size_t ClassOf(uint64_t size) const;
+  // A chunk cut into pieces: its live pieces by offset within it (-> size).
+  struct Host {
+    uint64_t chunk = 0;
+    std::map<uint64_t, uint64_t> pieces;
+    uint64_t largest_hole = 0;
+  };
+  static uint64_t LargestHole(const Host& host);
+  void FreeLocked(uint64_t offset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::optional<uint64_t> AllocateLocked(uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const uint64_t slab_bytes_;
   std::vector<uint64_t> class_sizes_;  // ascending, multiples of 4 KiB
@@ -67,7 +79,10 @@ class SlabAllocator {
   std::vector<std::vector<uint32_t>> partial_
       ABSL_GUARDED_BY(mu_);  // per class: slabs with free chunks
   uint64_t used_bytes_ ABSL_GUARDED_BY(mu_) = 0;
-  std::vector<uint32_t> draining_ ABSL_GUARDED_BY(mu_);  // oldest first
+  std::map<uint64_t, Host> hosts_ ABSL_GUARDED_BY(mu_);  // by the host chunk's offset
+  // (largest hole, host offset) of every host with a hole: best fit by lower_bound.
+  std::set<std::pair<uint64_t, uint64_t>> holes_ ABSL_GUARDED_BY(mu_);
+  uint64_t piece_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace kvstrata::cachenode

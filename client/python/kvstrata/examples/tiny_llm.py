@@ -127,10 +127,12 @@ class TinyLM:
             q = q * (1.0 / math.sqrt(cfg.head_size))
             k = self._rope(_linear(h, w["wk"]).view(n, cfg.num_kv_heads, cfg.head_size), positions)
             v = _linear(h, w["wv"]).view(n, cfg.num_kv_heads, cfg.head_size)
-            kv[0, slot_block, slot_offset] = k
-            kv[1, slot_block, slot_offset] = v
-            keys = kv[0, ids[:context_blocks]].reshape(-1, cfg.num_kv_heads, cfg.head_size)[:end]
-            values = kv[1, ids[:context_blocks]].reshape(-1, cfg.num_kv_heads, cfg.head_size)[:end]
+            kv[0, slot_block, slot_offset] = k.to(kv.dtype)
+            kv[1, slot_block, slot_offset] = v.to(kv.dtype)
+            # A bf16/fp16 cache (TinyEngine kv_dtype) is read back into fp32 for
+            # the math; .float() of an fp32 cache is the tensor itself.
+            keys = kv[0, ids[:context_blocks]].reshape(-1, cfg.num_kv_heads, cfg.head_size)[:end].float()
+            values = kv[1, ids[:context_blocks]].reshape(-1, cfg.num_kv_heads, cfg.head_size)[:end].float()
             heads = []
             for head in range(cfg.num_heads):
                 kv_head = head // group
@@ -167,14 +169,20 @@ class Request:
 
 
 class TinyEngine:
-    """One request at a time, vLLM v1's call sequence around the connector."""
+    """One request at a time, vLLM v1's call sequence around the connector.
 
-    def __init__(self, model: TinyLM, num_blocks, connector_config=None, chunk=256):
+    kv_dtype: the paged cache's dtype (fp32 by default; torch.bfloat16 or
+    float16 for a cache a precision budget can transcode: pass the same
+    dtype name as connector_config's dtype=). The math stays fp32."""
+
+    def __init__(self, model: TinyLM, num_blocks, connector_config=None, chunk=256,
+                 kv_dtype=torch.float32):
         cfg = model.cfg
         self.model = model
         self.chunk = chunk
         self.kv_caches = {layer_name(i): torch.zeros(2, num_blocks, cfg.block_size,
-                                                     cfg.num_kv_heads, cfg.head_size)
+                                                     cfg.num_kv_heads, cfg.head_size,
+                                                     dtype=kv_dtype)
                           for i in range(cfg.num_layers)}
         self.free_blocks = list(range(num_blocks))
         self.scheduler_connector = self.worker_connector = None
