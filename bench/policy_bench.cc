@@ -53,6 +53,9 @@ ABSL_FLAG(bool, precision, false,
           "down raw > fp8_e4m3 > int4_kivi > int2_kivi before it is evicted, at the same bytes "
           "(capacity in raw blocks), for each coarsest format allowed.");
 ABSL_FLAG(std::string, precision_policy, "lru", "Eviction policy of the precision-tier replay.");
+ABSL_FLAG(std::string, precision_rungs, "",
+          "With --precision: the formats a block steps down through, finest first, from "
+          "raw,fp8_e4m3,int4_kivi,int2_kivi (default: all of them).");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
@@ -226,7 +229,22 @@ int main(int argc, char** argv) {
     }
     summary += Summarise(name, *rows, distinct, bound, totals);  // printed after every table
     if (absl::GetFlag(FLAGS_precision)) {
-      const kvstrata::cachenode::PrecisionLadder ladder = kvstrata::cachenode::KernelFormatsLadder();
+      kvstrata::cachenode::PrecisionLadder ladder = kvstrata::cachenode::KernelFormatsLadder();
+      if (const std::string rungs = absl::GetFlag(FLAGS_precision_rungs); !rungs.empty()) {
+        kvstrata::cachenode::PrecisionLadder picked;
+        for (absl::string_view rung : absl::StrSplit(rungs, ',')) {
+          auto it = std::find(ladder.formats.begin(), ladder.formats.end(), std::string(rung));
+          if (it == ladder.formats.end()) {
+            std::fprintf(stderr, "--precision_rungs: unknown format %s\n", std::string(rung).c_str());
+            return 1;
+          }
+          const size_t k = it - ladder.formats.begin();
+          picked.formats.push_back(ladder.formats[k]);
+          picked.bytes.push_back(ladder.bytes[k]);
+          picked.attention_error.push_back(ladder.attention_error[k]);
+        }
+        ladder = std::move(picked);
+      }
       std::printf("precision tiers, %s: token hit rate at the same bytes by the coarsest format "
                   "allowed (x raw), mean attention-output error of the hit blocks as served\n",
                   absl::GetFlag(FLAGS_precision_policy).c_str());
