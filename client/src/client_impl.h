@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/synchronization/mutex.h"
+#include "device_staging.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/transfer/engine.h"
@@ -16,6 +17,9 @@ class Client::Impl {
   std::shared_ptr<transfer::Engine> engine;  // shared by a Cluster's node clients
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::CacheNode::Stub> stub;
+  // Device buffers and their staging (declared after `engine`, so its pool
+  // is unregistered before the engine goes).
+  std::unique_ptr<DeviceStager> device;
 
   // The node's UCX worker (from OpenNamespace), for answering its pulls.
   void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix,
