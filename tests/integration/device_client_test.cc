@@ -15,6 +15,7 @@
 #include "host_device_memory.h"
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
+#include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
@@ -283,6 +284,26 @@ TEST_F(DeviceClientTest, DeviceBuffersRefuseRmaAndNeedAGpuWhenNoneIsGiven) {
       << none.status();
   // Host buffers of that client are unaffected.
   EXPECT_TRUE((*plain)->Allocate(kBlock).ok());
+}
+
+// The C API's device buffers use the CUDA device (no injection seam): here,
+// without a GPU, they fail with a message that says why, and a host
+// pointer never registers as device memory.
+TEST_F(DeviceClientTest, CApiDeviceBuffersSayWhatIsMissing) {
+  if (transfer::OpenCudaDevice(0).ok()) GTEST_SKIP() << "this machine has a GPU";
+  kvs_client* c = nullptr;
+  ASSERT_EQ(kvs_connect(node_->address().c_str(), 10000, &c), 0) << kvs_last_error();
+  kvs_buffer* buffer = nullptr;
+  EXPECT_NE(kvs_allocate_device(c, kBlock, &buffer), 0);
+  EXPECT_NE(std::string(kvs_last_error()).find("device buffers need a GPU"), std::string::npos)
+      << kvs_last_error();
+  std::vector<uint8_t> host(kBlock);
+  EXPECT_NE(kvs_register_device(c, host.data(), host.size(), &buffer), 0);
+  EXPECT_EQ(buffer, nullptr);
+  EXPECT_EQ(kvs_register_device(c, host.data(), host.size(), nullptr), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  ASSERT_EQ(kvs_allocate(c, kBlock, &buffer), 0) << "host buffers are unaffected";
+  kvs_buffer_destroy(buffer);
+  kvs_client_destroy(c);
 }
 
 // A device copy that fails (the double's fault injection: a CUDA error at
