@@ -792,6 +792,13 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   }
   response->set_promoted_blocks(store_.promoted_blocks());
   AddHbmStats(store_, response);
+  ipc_leases_.Sweep();  // an expired lease is not reported as pinned
+  response->set_device_ipc_clients(counters_.device_ipc_clients.load(std::memory_order_relaxed));
+  response->set_device_staged_clients(
+      counters_.device_staged_clients.load(std::memory_order_relaxed));
+  response->set_device_ipc_blocks(counters_.device_ipc_blocks.load(std::memory_order_relaxed));
+  response->set_device_ipc_pinned_blocks(
+      counters_.device_ipc_pinned_blocks.load(std::memory_order_relaxed));
   response->set_namespaces(namespaces_.size());
   auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
   response->set_lookup_hit_blocks(load(counters_.lookup_hit_blocks));

@@ -407,6 +407,7 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
   }
   impl->stub = v1::CacheNode::NewStub(impl->channel);
   impl->device = std::make_unique<DeviceStager>(impl->options, impl->engine.get());
+  impl->ipc = std::make_unique<DeviceIpcPath>();
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
@@ -458,7 +459,11 @@ absl::StatusOr<std::unique_ptr<Buffer>> Client::Allocate(size_t size, MemoryKind
   return WrapRegion(*std::move(region));
 }
 
-DeviceStagingCounters Client::DeviceStaging() const { return impl_->device->counters(); }
+DeviceStagingCounters Client::DeviceStaging() const {
+  DeviceStagingCounters counters = impl_->device->counters();
+  impl_->ipc->AddCounters(counters);
+  return counters;
+}
 
 absl::Status Client::Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout) {
   grpc::ClientContext context;
@@ -689,6 +694,18 @@ void FinishDeviceBlocks(DeviceStager& device, const StagedBlocks& staged, uint64
 
 absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
                                                 std::optional<absl::Duration> timeout) {
+  Client::Impl& impl = client_->impl();
+  if (impl.options.device_ipc && impl.ipc != nullptr &&
+      std::any_of(items.begin(), items.end(), [](const FetchItem& item) {
+        return item.buffer != nullptr && item.buffer->kind() == MemoryKind::kDevice;
+      })) {
+    return FetchWithDeviceIpc(items, timeout);
+  }
+  return FetchThroughNode(items, timeout);
+}
+
+absl::StatusOr<TransferResult> Namespace::FetchThroughNode(absl::Span<const FetchItem> items,
+                                                           std::optional<absl::Duration> timeout) {
   Client::Impl& impl = client_->impl();
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;

@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/synchronization/mutex.h"
+#include "device_ipc.h"
 #include "device_staging.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
@@ -20,6 +21,8 @@ class Client::Impl {
   // Device buffers and their staging (declared after `engine`, so its pool
   // is unregistered before the engine goes).
   std::unique_ptr<DeviceStager> device;
+  // The same-host CUDA IPC path; after `device`, so its mapping goes first.
+  std::unique_ptr<DeviceIpcPath> ipc;
 
   // The node's UCX worker (from OpenNamespace), for answering its pulls.
   void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix,

@@ -136,6 +136,19 @@ absl::Status DeviceStager::CopyUp(const StagedBlocks& staged, const std::vector<
   return absl::OkStatus();
 }
 
+absl::Status DeviceStager::CopyOnDevice(absl::Span<const transfer::StagingPool::Copy> copies) {
+  absl::StatusOr<transfer::StagingPool*> pool = Pool();
+  if (!pool.ok()) return pool.status();
+  return (*pool)->CopyAll(copies, transfer::CopyKind::kDeviceToDevice);
+}
+
+absl::StatusOr<transfer::DeviceMemory*> DeviceStager::Device() {
+  absl::StatusOr<transfer::StagingPool*> pool = Pool();
+  if (!pool.ok()) return pool.status();
+  absl::MutexLock lock(&mu_);
+  return device_.get();
+}
+
 DeviceStagingCounters DeviceStager::counters() const {
   DeviceStagingCounters out;
   {

@@ -61,6 +61,10 @@ class DeviceStager {
   absl::Status CopyUp(const StagedBlocks& staged, const std::vector<uint64_t>& sizes);
 
   DeviceStagingCounters counters() const;
+  // Device-to-device copies on one stream, one wait (the CUDA IPC path).
+  absl::Status CopyOnDevice(absl::Span<const transfer::StagingPool::Copy> copies);
+  // The device (opening it as Register would); for importing IPC handles.
+  absl::StatusOr<transfer::DeviceMemory*> Device();
 
  private:
   // The device and pool, opened on first use (the CUDA runtime is not

@@ -4,6 +4,7 @@
 // publishes and fetches device buffers against a real kvstrata-node through
 // its staging pool. Real UCX over loopback (ctest runs this over TCP and over
 // shared memory).
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -13,7 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "host_device_memory.h"
-#include "kvstrata.pb.h"
+#include "kvstrata.grpc.pb.h"
+#include "kvstrata/transfer/engine.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
@@ -374,6 +376,170 @@ TEST_F(DeviceClientTest, AClientKilledMidStagedTransferLeaksNothingOnTheNode) {
   ASSERT_TRUE(published.ok()) << published.status();
   EXPECT_EQ(published->count(BlockOutcome::kOk), 8u);
   EXPECT_EQ(testing::FetchAndVerify(*client_, *ns, 9, 8, 8), 8u);
+}
+
+// ---- same-host CUDA IPC (issue 19 item 5), on the test node's double ----
+// kvstrata-test-node's HBM arena is the double's memfd: the client's double
+// maps it through /proc/<node>/fd as cudaIpcOpenMemHandle would.
+
+class DeviceIpcTest : public ::testing::Test {
+ protected:
+  void StartNode(std::vector<std::string> extra) {
+    std::vector<std::string> flags = {"--slab_bytes=1048576", "--transfer_timeout=3s",
+                                      "--eviction_policy=lru"};
+    flags.insert(flags.end(), extra.begin(), extra.end());
+    client_.reset();
+    auto node = NodeProcess::Start(KVSTRATA_TEST_NODE_BINARY, flags);
+    ASSERT_TRUE(node.ok()) << node.status();
+    node_ = *std::move(node);
+    ClientOptions options{.node_address = node_->address(), .timeout = absl::Seconds(20)};
+    options.device = device_;
+    auto c = Client::Connect(options);
+    ASSERT_TRUE(c.ok()) << c.status();
+    client_ = *std::move(c);
+    auto ns = client_->OpenNamespace(Spec());
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    ns_ = *ns;
+  }
+  v1::StatsResponse Stats() {
+    v1::StatsResponse stats;
+    EXPECT_TRUE(client_->Stats(&stats).ok());
+    return stats;
+  }
+  // Fetches `count` blocks of stream `seed` into a device buffer (odd
+  // items into host memory when `mixed`) and checks every byte.
+  size_t FetchIntoDevice(uint64_t seed, size_t count, bool mixed = false) {
+    const std::vector<BlockKey> keys = ns_->Keys(testing::Tokens(seed, count, kTokensPerBlock));
+    auto device = client_->Allocate(count * kBlock, MemoryKind::kDevice);
+    auto host = client_->Allocate(count * kBlock);
+    EXPECT_TRUE(device.ok() && host.ok());
+    std::vector<FetchItem> items;
+    for (size_t i = 0; i < count; ++i) {
+      items.push_back({keys[i], mixed && i % 2 ? host->get() : device->get(), i * kBlock});
+    }
+    auto fetched = ns_->Fetch(items);
+    EXPECT_TRUE(fetched.ok()) << fetched.status();
+    if (!fetched.ok()) return 0;
+    size_t exact = 0;
+    for (size_t i = 0; i < count; ++i) {
+      if (fetched->outcomes[i] != BlockOutcome::kOk) continue;
+      EXPECT_EQ(fetched->sizes[i], kBlock);
+      const std::vector<uint8_t> got =
+          mixed && i % 2 ? std::vector<uint8_t>((*host)->data() + i * kBlock,
+                                                (*host)->data() + (i + 1) * kBlock)
+                         : FromDevice(*device_, (*device)->data() + i * kBlock, kBlock);
+      exact += got == Block(seed, i);
+    }
+    return exact;
+  }
+
+  std::shared_ptr<HostDeviceMemory> device_ = std::make_shared<HostDeviceMemory>();
+  std::unique_ptr<NodeProcess> node_;
+  std::unique_ptr<Client> client_;
+  std::optional<Namespace> ns_;
+};
+
+TEST_F(DeviceIpcTest, HbmBlocksComeDeviceToDeviceAndTheRestStaged) {
+  // 16 blocks of HBM over DRAM: 24 published, the first 8 evicted to DRAM.
+  StartNode({absl::StrCat("--hbm_bytes=", 16 * kBlock), absl::StrCat("--dram_bytes=", 64 * kBlock)});
+  ASSERT_EQ(testing::PublishStream(*client_, *ns_, 20, 24, 8)->count(BlockOutcome::kOk), 24u);
+  const std::vector<BlockKey> keys = ns_->Keys(testing::Tokens(20, 24, kTokensPerBlock));
+  auto tiers = ns_->Lookup(keys);
+  ASSERT_TRUE(tiers.ok());
+  const size_t in_hbm = std::count(tiers->tiers.begin(), tiers->tiers.end(), client::Tier::kHbm);
+  ASSERT_EQ(in_hbm, 16u);
+  const uint64_t staged_before = client_->DeviceStaging().staged_blocks;
+  EXPECT_EQ(FetchIntoDevice(20, 24), 24u);
+  const client::DeviceStagingCounters c = client_->DeviceStaging();
+  EXPECT_TRUE(c.cuda_ipc);
+  // The HBM blocks came by IPC; the DRAM ones through staging. (A staged
+  // DRAM hit is promoted, evicting HBM blocks the IPC pass already copied.)
+  EXPECT_EQ(c.ipc_blocks, in_hbm);
+  EXPECT_EQ(c.staged_blocks - staged_before, 24u - in_hbm);
+  v1::StatsResponse s = Stats();
+  EXPECT_EQ(s.device_ipc_clients(), 1u);
+  EXPECT_EQ(s.device_staged_clients(), 0u);
+  EXPECT_EQ(s.device_ipc_blocks(), in_hbm);
+  EXPECT_EQ(s.device_ipc_pinned_blocks(), 0u) << "the client released its lease";
+  // Mixed host and device items in one batch: host items take the node's UCX.
+  EXPECT_EQ(FetchIntoDevice(20, 24, /*mixed=*/true), 24u);
+  EXPECT_EQ(Stats().device_ipc_clients(), 1u) << "the arena is exported once per client";
+}
+
+TEST_F(DeviceIpcTest, ANodeWithoutHbmStagesAndSaysSo) {
+  StartNode({absl::StrCat("--dram_bytes=", 64 * kBlock)});
+  ASSERT_EQ(testing::PublishStream(*client_, *ns_, 21, 8, 8)->count(BlockOutcome::kOk), 8u);
+  EXPECT_EQ(FetchIntoDevice(21, 8), 8u);
+  EXPECT_FALSE(client_->DeviceStaging().cuda_ipc);
+  EXPECT_EQ(client_->DeviceStaging().ipc_blocks, 0u);
+  EXPECT_EQ(Stats().device_staged_clients(), 1u);
+  EXPECT_EQ(Stats().device_ipc_clients(), 0u);
+}
+
+// What a client that dies between FetchDeviceIpc and ReleaseDeviceIpc
+// leaves: a lease, which expires at the node's transfer timeout (3 s here);
+// another host is refused the arena; leases cannot be released by guessing.
+TEST_F(DeviceIpcTest, LeasesExpireAndOnlyTheSameHostGetsTheArena) {
+  StartNode({absl::StrCat("--hbm_bytes=", 16 * kBlock), absl::StrCat("--dram_bytes=", 64 * kBlock)});
+  ASSERT_EQ(testing::PublishStream(*client_, *ns_, 22, 8, 8)->count(BlockOutcome::kOk), 8u);
+  auto stub = v1::CacheNode::NewStub(
+      grpc::CreateChannel(node_->address(), grpc::InsecureChannelCredentials()));
+  {
+    grpc::ClientContext context;
+    v1::OpenDeviceIpcRequest request;
+    request.set_host_id("some-other-host");
+    v1::OpenDeviceIpcResponse response;
+    ASSERT_TRUE(stub->OpenDeviceIpc(&context, request, &response).ok());
+    EXPECT_EQ(response.path(), v1::DEVICE_PATH_STAGED);
+    EXPECT_TRUE(response.handle().empty());
+    EXPECT_NE(response.reason().find("another host"), std::string::npos) << response.reason();
+  }
+  const std::vector<BlockKey> keys = ns_->Keys(testing::Tokens(22, 8, kTokensPerBlock));
+  v1::FetchDeviceIpcRequest fetch;
+  fetch.set_namespace_id(ns_->id());
+  for (const BlockKey& k : keys) fetch.add_keys(std::string(k.view()));
+  fetch.add_keys(std::string(16, '\x7f'));  // not stored
+  v1::FetchDeviceIpcResponse pinned;
+  {
+    grpc::ClientContext context;
+    ASSERT_TRUE(stub->FetchDeviceIpc(&context, fetch, &pinned).ok());
+  }
+  ASSERT_NE(pinned.lease(), 0u);
+  EXPECT_EQ(std::count(pinned.status().begin(), pinned.status().end(), v1::BLOCK_OK), 8);
+  EXPECT_EQ(pinned.status(8), v1::BLOCK_NOT_FOUND);
+  EXPECT_EQ(Stats().device_ipc_pinned_blocks(), 8u);
+  {
+    grpc::ClientContext context;
+    v1::ReleaseDeviceIpcRequest release;
+    release.set_lease(pinned.lease() ^ 1);  // a guess
+    v1::ReleaseDeviceIpcResponse released;
+    ASSERT_TRUE(stub->ReleaseDeviceIpc(&context, release, &released).ok());
+    EXPECT_FALSE(released.released());
+  }
+  EXPECT_EQ(Stats().device_ipc_pinned_blocks(), 8u);
+  absl::SleepFor(absl::Seconds(4));
+  EXPECT_EQ(Stats().device_ipc_pinned_blocks(), 0u) << "an abandoned lease expired";
+  {
+    grpc::ClientContext context;
+    v1::ReleaseDeviceIpcRequest release;
+    release.set_lease(pinned.lease());
+    v1::ReleaseDeviceIpcResponse released;
+    ASSERT_TRUE(stub->ReleaseDeviceIpc(&context, release, &released).ok());
+    EXPECT_FALSE(released.released()) << "expired already";
+  }
+  // Malformed: a bad key, no keys, an unknown namespace.
+  v1::FetchDeviceIpcRequest bad = fetch;
+  bad.set_keys(0, "short");
+  v1::FetchDeviceIpcResponse ignored;
+  grpc::ClientContext c1, c2, c3;
+  EXPECT_EQ(stub->FetchDeviceIpc(&c1, bad, &ignored).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad.clear_keys();
+  EXPECT_EQ(stub->FetchDeviceIpc(&c2, bad, &ignored).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  bad = fetch;
+  bad.set_namespace_id(ns_->id() + 12345);
+  EXPECT_FALSE(stub->FetchDeviceIpc(&c3, bad, &ignored).ok());
+  // The blocks were never disturbed.
+  EXPECT_EQ(FetchIntoDevice(22, 8), 8u);
 }
 
 // The killed child: publishes fresh device blocks (so the node pulls every

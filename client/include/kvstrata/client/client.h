@@ -87,6 +87,12 @@ struct ClientOptions {
   // Client::DeviceStaging).
   uint64_t device_staging_bytes = 64ull << 20;
   uint64_t device_staging_chunk_bytes = 256ull << 10;  // lease and copy granularity
+  // Fetches into device buffers from a node on this host with an HBM tier
+  // map its HBM arena (CUDA IPC, once per client, if the node offers it)
+  // and copy HBM blocks device-to-device; other blocks stage as above. Such
+  // blocks are not checksummed here (their bytes never reach the host; the
+  // node verified them on ingest and pins them during the copy).
+  bool device_ipc = true;
 };
 
 // Where a buffer's bytes are: host memory, or the memory of the client's GPU
@@ -120,6 +126,10 @@ struct DeviceStagingCounters {
   uint64_t leased_bytes = 0;    // held by transfers now
   uint64_t staged_blocks = 0;   // device blocks moved through staging so far
   uint64_t fallback_blocks = 0; // of which through memory of their own (pool full)
+  // Same-host CUDA IPC (ClientOptions::device_ipc): whether the node's HBM
+  // arena is mapped here, and blocks fetched device-to-device through it.
+  bool cuda_ipc = false;
+  uint64_t ipc_blocks = 0;
 };
 
 struct PublishItem {
@@ -235,6 +245,13 @@ class Namespace {
         max_publish_blocks_(max_publish_blocks) {}
   void DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t block_bytes,
                         TransferResult& result);
+  // Fetch without the CUDA IPC pass (every block through the node's UCX).
+  absl::StatusOr<TransferResult> FetchThroughNode(absl::Span<const FetchItem> items,
+                                                  std::optional<absl::Duration> timeout);
+  // Device items from HBM by CUDA IPC, the rest by FetchThroughNode
+  // (src/device_ipc.cc).
+  absl::StatusOr<TransferResult> FetchWithDeviceIpc(absl::Span<const FetchItem> items,
+                                                    std::optional<absl::Duration> timeout);
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;
