@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
+#include "auth.h"
 #include "node_service.h"
 
 namespace kvstrata::cachenode {
@@ -34,6 +35,13 @@ grpc::Status NodeService::OpenDeviceIpc(grpc::ServerContext* context,
   };
   HbmTier* hbm = store_.hbm();
   if (hbm == nullptr) return staged("this node has no HBM tier");
+  // The mapping is the whole arena, every tenant's blocks, read-write: with
+  // authentication on, only an admin credential (one trusted with all of
+  // them) gets it; tenants' clients stage, which shows them their own only.
+  if (*caller != nullptr && !(*caller)->admin) {
+    return staged("with authentication on, CUDA IPC needs an admin credential (the arena holds "
+                  "every tenant's blocks)");
+  }
   if (request->host_id().empty() || request->host_id() != transfer::Engine::HostId()) {
     return staged("the client is on another host");
   }
@@ -52,8 +60,14 @@ grpc::Status NodeService::OpenDeviceIpc(grpc::ServerContext* context,
 grpc::Status NodeService::FetchDeviceIpc(grpc::ServerContext* context,
                                          const v1::FetchDeviceIpcRequest* request,
                                          v1::FetchDeviceIpcResponse* response) {
-  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
+  std::shared_ptr<const Principal> who;
+  absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id(), &who);
   if (!ns.ok()) return Grpc(ns.status());
+  if (who != nullptr && !who->admin) {  // as OpenDeviceIpc: only a caller who may map the arena pins
+    counters_.permission_denied_calls.fetch_add(1, std::memory_order_relaxed);
+    return grpc::Status(grpc::StatusCode::PERMISSION_DENIED,
+                        "with authentication on, CUDA IPC needs an admin credential");
+  }
   HbmTier* hbm = store_.hbm();
   if (hbm == nullptr) {
     return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this node has no HBM tier");

@@ -542,6 +542,70 @@ TEST_F(DeviceIpcTest, LeasesExpireAndOnlyTheSameHostGetsTheArena) {
   EXPECT_EQ(FetchIntoDevice(22, 8), 8u);
 }
 
+std::string Sha256Hex(const std::string& text) {
+  FILE* pipe = popen(("printf %s '" + text + "' | sha256sum").c_str(), "r");
+  char out[65] = {};
+  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
+  if (pipe != nullptr) pclose(pipe);
+  return std::string(out, 64);
+}
+
+// The arena mapping exposes every tenant's blocks: with authentication on,
+// a tenant's client stages (seeing only its own blocks) and only an admin
+// credential is given the arena.
+TEST(DeviceIpcAuthTest, WithAuthenticationOnlyAnAdminGetsTheArena) {
+  auto dir = testing::TempDir::Create("kvstrata-device-ipc-auth");
+  ASSERT_TRUE(dir.ok());
+  const std::string auth = (*dir)->File("auth");
+  {
+    FILE* f = fopen(auth.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fprintf(f, "token sha256:%s tenant test\ntoken sha256:%s admin *\n",
+            Sha256Hex("tenant-token").c_str(), Sha256Hex("admin-token").c_str());
+    fclose(f);
+  }
+  auto node = NodeProcess::Start(
+      KVSTRATA_TEST_NODE_BINARY,
+      {"--slab_bytes=1048576", absl::StrCat("--hbm_bytes=", 16 * kBlock),
+       absl::StrCat("--dram_bytes=", 64 * kBlock), "--auth_file=" + auth});
+  ASSERT_TRUE(node.ok()) << node.status();
+  auto device = std::make_shared<HostDeviceMemory>();
+  auto connect = [&](const std::string& token) {
+    ClientOptions options{.node_address = (*node)->address(), .timeout = absl::Seconds(20)};
+    options.auth_token = token;
+    options.device = device;
+    return Client::Connect(options).value();
+  };
+  std::unique_ptr<Client> tenant = connect("tenant-token");
+  std::unique_ptr<Client> admin = connect("admin-token");
+  for (Client* c : {tenant.get(), admin.get()}) {
+    auto ns = c->OpenNamespace(Spec());
+    ASSERT_TRUE(ns.ok()) << ns.status();
+    auto published = testing::PublishStream(*c, *ns, 30, 4, 4);  // the admin's: present already
+    ASSERT_TRUE(published.ok()) << published.status();
+    ASSERT_EQ(published->count(BlockOutcome::kOk) + published->count(BlockOutcome::kAlreadyPresent),
+              4u);
+    const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(30, 4, kTokensPerBlock));
+    auto buffer = c->Allocate(4 * kBlock, MemoryKind::kDevice);
+    ASSERT_TRUE(buffer.ok());
+    std::vector<FetchItem> items;
+    for (size_t i = 0; i < 4; ++i) items.push_back({keys[i], buffer->get(), i * kBlock});
+    auto fetched = ns->Fetch(items);
+    ASSERT_TRUE(fetched.ok()) << fetched.status();
+    EXPECT_EQ(fetched->count(BlockOutcome::kOk), 4u);
+    for (size_t i = 0; i < 4; ++i) {
+      EXPECT_EQ(FromDevice(*device, (*buffer)->data() + i * kBlock, kBlock), Block(30, i));
+    }
+  }
+  EXPECT_FALSE(tenant->DeviceStaging().cuda_ipc);
+  EXPECT_TRUE(admin->DeviceStaging().cuda_ipc);
+  EXPECT_EQ(admin->DeviceStaging().ipc_blocks, 4u);
+  v1::StatsResponse stats;
+  ASSERT_TRUE(admin->Stats(&stats).ok());
+  EXPECT_EQ(stats.device_ipc_clients(), 1u);
+  EXPECT_EQ(stats.device_staged_clients(), 1u);
+}
+
 // The killed child: publishes fresh device blocks (so the node pulls every
 // one from staging) and fetches them back into device memory, forever.
 int RunChild(int argc, char** argv) {
