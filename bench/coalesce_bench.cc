@@ -101,6 +101,7 @@ absl::Status Run() {
         ClientOptions options;
         options.node_address = (*node)->address();
         options.coalesce_small_blocks = k == 0;
+        options.fast_path = false;  // both sides on the gRPC path this compares
         auto client = Client::Connect(options);
         if (!client.ok()) return client.status();
         Side& side = sides[k];

@@ -89,7 +89,8 @@ ABSL_FLAG(std::vector<std::string>, transfer_methods, std::vector<std::string>({
           "and fetch: tagged (UCX tagged messages), rma (node-side get/put on the client's "
           "memory keys; the node is started with --allow_client_rkeys), tagged_per_block "
           "(tagged with one message per block also for small blocks, "
-          "ClientOptions::coalesce_small_blocks off). 'put' means rma.");
+          "ClientOptions::coalesce_small_blocks off), tagged_grpc (tagged with the fast path off: "
+          "every call a gRPC call, ClientOptions::fast_path). 'put' means rma.");
 ABSL_FLAG(uint64_t, node_dram_bytes, 3ull << 30, "DRAM tier of the node the benchmark starts.");
 ABSL_FLAG(bool, quick, false,
           "Smoke test: block sizes 65536,1048576, batches 1,32, 0.05 s per point, method tagged "
@@ -125,6 +126,7 @@ struct Method {
   std::string name;
   TransferMethod method;
   bool coalesce = true;  // ClientOptions::coalesce_small_blocks
+  bool fast_path = true;  // ClientOptions::fast_path
 };
 
 struct Config {
@@ -179,6 +181,9 @@ absl::StatusOr<Config> ConfigFromFlags() {
       config.methods.push_back({name, TransferMethod::kTagged});
     } else if (name == "tagged_per_block") {
       config.methods.push_back({name, TransferMethod::kTagged, /*coalesce=*/false});
+    } else if (name == "tagged_grpc") {
+      config.methods.push_back({name, TransferMethod::kTagged, /*coalesce=*/true,
+                                /*fast_path=*/false});
     } else if (name == "rma" || name == "put") {
       config.methods.push_back({"rma", TransferMethod::kRma});
       config.node_needs_rkeys = true;  // a node refuses RMA on client memory without it
@@ -484,6 +489,7 @@ class KvBench {
     options.node_address = address;
     options.transfer_method = method.method;
     options.coalesce_small_blocks = method.coalesce;
+    options.fast_path = method.fast_path;
     options.verify_checksums = verify;
     // ucx_transports stays empty: the client takes UCX_TLS from the
     // environment, which the caller set for this transport config.
@@ -594,8 +600,11 @@ class KvBench {
   absl::StatusOr<std::vector<std::string>> NodeTransports() {
     kvstrata::v1::StatsResponse stats;
     if (absl::Status s = client_->Stats(&stats); !s.ok()) return s;
+    fast_path_requests_ = stats.fast_path_requests();
     return std::vector<std::string>(stats.transports().begin(), stats.transports().end());
   }
+  // Fast-path requests the node served so far (read by NodeTransports).
+  uint64_t fast_path_requests() const { return fast_path_requests_; }
 
  private:
   KvBench(std::unique_ptr<Client> client, uint64_t delete_after_bytes)
@@ -620,6 +629,7 @@ class KvBench {
   std::unique_ptr<Buffer> dst_;
   KeyGenerator keys_;
   uint64_t delete_after_bytes_;
+  uint64_t fast_path_requests_ = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -710,9 +720,12 @@ absl::Status RunMethod(const Config& config, const std::string& transport,
   }
   absl::StatusOr<std::vector<std::string>> used = (*bench)->NodeTransports();
   if (!used.ok()) return used.status();
-  std::printf("# UCX_TLS=%s method=%s: node endpoints use [%s] -> %s\n", transport.c_str(),
-              method.name.c_str(), absl::StrJoin(*used, " ").c_str(),
-              TransportVerdict(transport, *used).c_str());
+  // Calls that took the fast path (UCX active messages on the client's own
+  // endpoint) create no node endpoint: a run of only those lists none.
+  std::printf("# UCX_TLS=%s method=%s: node endpoints use [%s] -> %s; fast-path requests %llu\n",
+              transport.c_str(), method.name.c_str(), absl::StrJoin(*used, " ").c_str(),
+              TransportVerdict(transport, *used).c_str(),
+              static_cast<unsigned long long>((*bench)->fast_path_requests()));
   std::fflush(stdout);
   return absl::OkStatus();
 }

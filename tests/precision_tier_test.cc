@@ -118,7 +118,9 @@ TEST_F(PrecisionTierTest, VictimsAreTranscodedWithRightChecksumHeaderAndParent) 
     EXPECT_EQ(static_cast<int>(h.params.format), b->format) << "the header says the same format";
     EXPECT_EQ(h.total_bytes(), b->size());
     EXPECT_TRUE(b->has_parent == (n > 0));
-    if (n > 0) EXPECT_EQ(b->parent, NumberedBlockId(n - 1, ns).key);
+    if (n > 0) {
+      EXPECT_EQ(b->parent, NumberedBlockId(n - 1, ns).key);
+    }
     // The bytes are the ladder's: fp8 of the original, then int4 of that.
     std::vector<uint8_t> want = Kv(n), enc;
     for (kernels::Format f : {kernels::Format::kFp8E4m3, kernels::Format::kInt4Kivi}) {

@@ -58,6 +58,13 @@ ABSL_FLAG(double, max_client_inflight_share, 0.25,
           "Most of the DRAM tier one client's publishes may hold reserved at once (a client is "
           "its credential, or its connection without --auth_file); a publish beyond it waits for "
           "the client's earlier ones, at most --transfer_stall_timeout.");
+ABSL_FLAG(bool, fast_path, true,
+          "Serve small Fetch and Publish requests (up to 64 blocks, 4 MiB) sent as UCX active "
+          "messages, authorized by a capability OpenNamespace grants, on the UCX progress thread "
+          "instead of a gRPC call. Clients fall back to gRPC when it is off.");
+ABSL_FLAG(uint64_t, fast_path_buffer_bytes, 64 << 20,
+          "Most staging and reply memory fast-path requests may hold in flight on this node; "
+          "beyond it they are refused and the client uses gRPC.");
 ABSL_FLAG(uint64_t, dram_bytes, 0,
           "Size of the DRAM tier in bytes. 0: a quarter of available memory, at most "
           "--dram_auto_cap_bytes.");
@@ -187,6 +194,8 @@ int main(int argc, char** argv) {
   options.transfer_stall_timeout = absl::GetFlag(FLAGS_transfer_stall_timeout);
   options.max_request_share = absl::GetFlag(FLAGS_max_request_share);
   options.max_client_inflight_share = absl::GetFlag(FLAGS_max_client_inflight_share);
+  options.fast_path = absl::GetFlag(FLAGS_fast_path);
+  options.fast_path_buffer_bytes = absl::GetFlag(FLAGS_fast_path_buffer_bytes);
   options.slab_bytes = absl::GetFlag(FLAGS_slab_bytes);
   options.dram_bytes = absl::GetFlag(FLAGS_dram_bytes);
   if (options.dram_bytes == 0) {

@@ -333,7 +333,9 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
                          .max_request_share = options.max_request_share,
                          .max_client_inflight_share = options.max_client_inflight_share,
                          .allow_client_rkeys = options.allow_client_rkeys,
-                         .authenticator = impl->auth.get()});
+                         .authenticator = impl->auth.get(),
+                         .fast_path = options.fast_path,
+                         .fast_path_buffer_bytes = options.fast_path_buffer_bytes});
 
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ServerCredentials(options);
   if (!credentials.ok()) return credentials.status();

@@ -16,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "kvstrata/cachenode/stored_format.h"
 #include "kvstrata/common/block_key.h"
+#include "kvstrata/common/fast_path_wire.h"
 #include "kvstrata/common/limits.h"
 #include "kvstrata/common/log.h"
 
@@ -304,7 +305,31 @@ NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, Tena
           std::max(options.max_client_inflight_share, options.max_request_share))),
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
       counters_(counters),
-      metrics_(metrics) {}
+      metrics_(metrics) {
+  // The fast path reads and writes the DRAM tier directly (fast_path.cc):
+  // with an HBM tier it would store blocks beside HBM (two tiers holding
+  // one block) and miss HBM hits, so a node with HBM offers none until it
+  // learns the tiers; clients then use gRPC, as with an older node.
+  if (!options.fast_path || store.hbm() != nullptr) return;
+  fast_path_ = std::make_unique<FastPath>(
+      namespaces, store, ledger, counters,
+      FastPathOptions{
+          .buffer_bytes = options.fast_path_buffer_bytes,
+          .max_request_bytes = static_cast<uint64_t>(
+              static_cast<double>(store.dram().capacity_bytes()) * options.max_request_share),
+          .quota_bytes = [this](const std::string& tenant) { return QuotaFor(tenant).dram_bytes; },
+          .draining = &draining_});
+  transfer::ServeActiveMessages(
+      engine_, [fast = fast_path_.get()](std::shared_ptr<transfer::AmRequest> request) {
+        fast->Handle(std::move(request));
+      });
+}
+
+NodeService::~NodeService() {
+  if (fast_path_ == nullptr) return;
+  transfer::ServeActiveMessages(engine_, nullptr);  // returns once no handler runs
+  fast_path_->Stop();
+}
 
 absl::StatusOr<std::shared_ptr<const Principal>> NodeService::Caller(
     const grpc::ServerContext* context) {
@@ -447,6 +472,13 @@ grpc::Status NodeService::DoOpenNamespace(grpc::ServerContext* context,
   response->set_tag_prefix(RandomTagPrefix());
   response->set_max_publish_blocks(MaxPublishBlocks(info->block_bytes));
   response->set_max_coalesced_bytes(limits::kMaxCoalescedBytes);
+  if (fast_path_ != nullptr) {
+    if (std::optional<fastpath::Capability> capability = fast_path_->Grant(*info)) {
+      response->set_fast_path_capability(capability->data(), capability->size());
+      response->set_fast_path_max_blocks(fastpath::kMaxBlocks);
+      response->set_fast_path_max_bytes(fastpath::kMaxBytes);
+    }
+  }
   return grpc::Status::OK;
 }
 
@@ -814,6 +846,8 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   response->set_permission_denied_calls(load(counters_.permission_denied_calls));
   response->set_stalled_transfers(load(counters_.stalled_transfers));
   response->set_discarded_messages(engine_.discarded_messages());
+  response->set_fast_path_requests(load(counters_.fast_path_requests));
+  response->set_fast_path_refused(load(counters_.fast_path_refused));
   for (const TenantLedger::Usage& usage : ledger_.Snapshot()) {
     v1::TenantStats* tenant = response->add_tenants();
     tenant->set_tenant(usage.tenant);
@@ -825,7 +859,15 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   }
   response->set_bytes_in(counters_.transfer_bytes.Total("in"));
   response->set_bytes_out(counters_.transfer_bytes.Total("out"));
-  for (const std::string& t : engine_.ActiveTransports()) response->add_transports(t);
+  std::vector<std::string> transports = engine_.ActiveTransports();
+  if (fast_path_ != nullptr) {
+    for (const std::string& t : fast_path_->Transports()) {
+      if (std::find(transports.begin(), transports.end(), t) == transports.end()) {
+        transports.push_back(t);
+      }
+    }
+  }
+  for (const std::string& t : transports) response->add_transports(t);
   response->set_uptime_seconds(absl::ToInt64Seconds(absl::Now() - started_));
   return grpc::Status::OK;
 }
@@ -861,9 +903,15 @@ grpc::Status NodeService::DoCloseNamespace(grpc::ServerContext* context,
                                            v1::CloseNamespaceResponse*) {
   absl::StatusOr<NamespaceInfo> ns = AuthorizedNamespace(context, request->namespace_id());
   if (!ns.ok()) return ToGrpc(ns.status());
+  if (fast_path_ != nullptr && !request->fast_path_capability().empty()) {
+    fast_path_->Revoke(ns->id, request->fast_path_capability());
+  }
   absl::StatusOr<bool> closed = namespaces_.Close(ns->id);
   if (!closed.ok()) return ToGrpc(closed.status());  // closed meanwhile by another call
-  if (*closed) ledger_.NamespaceClosed(ns->id);
+  if (*closed) {
+    ledger_.NamespaceClosed(ns->id);
+    if (fast_path_ != nullptr) fast_path_->Revoke(ns->id);
+  }
   return grpc::Status::OK;
 }
 

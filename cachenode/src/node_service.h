@@ -12,6 +12,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/transfer/engine.h"
+#include "fast_path.h"
 #include "inflight_budget.h"
 #include "tenant_ledger.h"
 #include "device_ipc.h"
@@ -72,6 +73,10 @@ struct NodeCounters {
   std::atomic<uint64_t> device_staged_clients{0};
   std::atomic<uint64_t> device_ipc_blocks{0};
   std::atomic<uint64_t> device_ipc_pinned_blocks{0};
+  // Fast-path (UCX active-message) requests, and those answered with an
+  // error (malformed, unknown capability, over a limit).
+  std::atomic<uint64_t> fast_path_requests{0};
+  std::atomic<uint64_t> fast_path_refused{0};
 
   // Bytes moved by direction ("in": publish, "out": fetch) and UCX transport.
   PairCounters transfer_bytes;
@@ -104,6 +109,9 @@ struct NodeServiceOptions {
   // Null: no authentication (a node listening on loopback only, or one run
   // with --allow_unauthenticated).
   Authenticator* authenticator = nullptr;
+  // Serve small Fetch/Publish requests over UCX active messages (fast_path.h).
+  bool fast_path = true;
+  uint64_t fast_path_buffer_bytes = 64 << 20;
 };
 
 class NodeService final : public v1::CacheNode::Service {
@@ -112,6 +120,7 @@ class NodeService final : public v1::CacheNode::Service {
   NodeService(NamespaceRegistry& namespaces, TieredStore& store, TenantLedger& ledger,
               transfer::Engine& engine, NodeCounters& counters, NodeMetrics* metrics,
               const NodeServiceOptions& options);
+  ~NodeService() override;
 
   grpc::Status OpenNamespace(grpc::ServerContext*, const v1::OpenNamespaceRequest*,
                              v1::OpenNamespaceResponse*) override;
@@ -193,6 +202,7 @@ class NodeService final : public v1::CacheNode::Service {
   NodeMetrics* const metrics_;
   // HBM blocks pinned for same-host clients' IPC copies (node_service_ipc.cc).
   DeviceIpcLeases ipc_leases_{counters_.device_ipc_pinned_blocks, options_.transfer_timeout};
+  std::unique_ptr<FastPath> fast_path_;  // null when off
 };
 
 }  // namespace kvstrata::cachenode

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "client_impl.h"
+#include "fast_path.h"
 #include "kvstrata/client/quantized.h"
 #include "kvstrata/common/files.h"
 #include "kvstrata/common/limits.h"
@@ -425,6 +426,13 @@ absl::StatusOr<Namespace> Client::OpenNamespace(const v1::NamespaceSpec& spec,
   if (!status.ok()) return status;
   impl_->SetNodeWorker(response.worker_address(), response.host_id(), response.tag_prefix(),
                        std::min<uint64_t>(response.max_coalesced_bytes(), limits::kMaxCoalescedBytes));
+  std::optional<Client::Impl::FastGrant> grant;
+  if (!response.fast_path_capability().empty()) {
+    grant = Client::Impl::FastGrant{.capability = response.fast_path_capability(),
+                                    .max_blocks = response.fast_path_max_blocks(),
+                                    .max_bytes = response.fast_path_max_bytes()};
+  }
+  impl_->SetFastGrant(response.namespace_id(), std::move(grant));
   // A node that does not say (older ones) takes a full batch.
   const uint32_t max_publish_blocks =
       response.max_publish_blocks() == 0
@@ -489,6 +497,7 @@ absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
                                                std::optional<absl::Duration> timeout) {
   LookupResult result;
   const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
+  if (auto fast = FastLookup(client_->impl(), id_, block_bytes_, keys, deadline)) return *fast;
   for (size_t start = 0; start < keys.size(); start += limits::kMaxLookupKeys) {
     const auto slice = keys.subspan(start, limits::kMaxLookupKeys);
     grpc::ClientContext context;
@@ -512,11 +521,20 @@ absl::StatusOr<LookupResult> Namespace::Lookup(absl::Span<const BlockKey> keys,
 
 absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> items,
                                                   std::optional<absl::Duration> timeout) {
+  const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
+  FastOutcome fast =
+      FastPublish(client_->impl(), id_, block_bytes_, items, max_publish_blocks_, deadline);
+  if (fast.result.has_value()) return *std::move(fast.result);
+  return PublishOverGrpc(items, deadline);
+}
+
+absl::StatusOr<TransferResult> Namespace::PublishOverGrpc(absl::Span<const PublishItem> items,
+                                                          absl::Time deadline) {
   Client::Impl& impl = client_->impl();
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;
   const bool tagged = impl.options.transfer_method == ClientOptions::TransferMethod::kTagged;
-  const absl::Time deadline = absl::Now() + impl.Timeout(timeout);
+  const absl::Duration timeout = std::max(deadline - absl::Now(), absl::ZeroDuration());
   // A single block is one message either way; coalescing would only add the
   // staging copy (16 KiB x 1 over TCP: 0.79-0.99x, coalesce_bench).
   const size_t coalesced_blocks = items.size() > 1 ? impl.CoalescedBlocks(block_bytes) : 0;
@@ -524,7 +542,7 @@ absl::StatusOr<TransferResult> Namespace::Publish(absl::Span<const PublishItem> 
                                 ? std::min<size_t>(max_publish_blocks_, coalesced_blocks)
                                 : max_publish_blocks_;
   return RunBatches<PublishItem, v1::PublishRequest, v1::PublishResponse>(
-      items, impl.Timeout(timeout), batch_size, /*in_order=*/true,
+      items, timeout, batch_size, /*in_order=*/true,
       [&](absl::Span<const PublishItem> slice, v1::PublishRequest* request,
           TaggedSide* side) -> absl::Status {
         request->set_namespace_id(ns);
@@ -694,6 +712,27 @@ void FinishDeviceBlocks(DeviceStager& device, const StagedBlocks& staged, uint64
 
 absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
                                                 std::optional<absl::Duration> timeout) {
+  const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
+  FastOutcome fast = FastFetch(client_->impl(), id_, block_bytes_, items, deadline);
+  if (!fast.result.has_value()) return FetchOverGrpc(items, deadline);
+  if (!fast.result->ok() || fast.grpc_items.empty()) return *std::move(fast.result);
+  // Blocks the node holds on NVMe only: gRPC reads them on a thread of its own.
+  TransferResult& result = **fast.result;
+  std::vector<FetchItem> rest;
+  for (size_t i : fast.grpc_items) rest.push_back(items[i]);
+  absl::StatusOr<TransferResult> slow = FetchOverGrpc(rest, deadline);
+  if (!slow.ok()) return result;  // those stay kTransferFailed
+  for (size_t k = 0; k < fast.grpc_items.size(); ++k) {
+    result.outcomes[fast.grpc_items[k]] = slow->outcomes[k];
+    result.sizes[fast.grpc_items[k]] = slow->sizes[k];
+  }
+  result.bytes += slow->bytes;
+  return result;
+}
+
+absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchItem> items,
+                                                        absl::Time deadline) {
+  const absl::Duration timeout = std::max(deadline - absl::Now(), absl::ZeroDuration());
   Client::Impl& impl = client_->impl();
   if (impl.options.device_ipc && impl.ipc != nullptr &&
       std::any_of(items.begin(), items.end(), [](const FetchItem& item) {
@@ -841,6 +880,10 @@ absl::Status Namespace::Close(std::optional<absl::Duration> timeout) {
   SetDeadline(context, client_->impl().Timeout(timeout));
   v1::CloseNamespaceRequest request;
   request.set_namespace_id(id_);
+  if (std::optional<Client::Impl::FastGrant> grant = client_->impl().GetFastGrant(id_)) {
+    request.set_fast_path_capability(grant->capability);
+    client_->impl().SetFastGrant(id_, std::nullopt);
+  }
   v1::CloseNamespaceResponse response;
   return FromGrpc(client_->impl().stub->CloseNamespace(&context, request, &response));
 }

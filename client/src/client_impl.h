@@ -3,6 +3,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "device_ipc.h"
 #include "device_staging.h"
@@ -58,6 +59,59 @@ class Client::Impl {
     return engine->Connect(address, same_host, deadline);  // cached by the engine
   }
 
+  // Fast path grants, by namespace id (OpenNamespace).
+  struct FastGrant {
+    std::string capability;  // 16 bytes
+    uint32_t max_blocks = 0;
+    uint64_t max_bytes = 0;
+  };
+  void SetFastGrant(uint64_t namespace_id, std::optional<FastGrant> grant) {
+    absl::MutexLock lock(&mu);
+    if (grant.has_value()) {
+      fast_grants[namespace_id] = *std::move(grant);
+    } else {
+      fast_grants.erase(namespace_id);
+    }
+  }
+  std::optional<FastGrant> GetFastGrant(uint64_t namespace_id) {
+    absl::MutexLock lock(&mu);
+    auto it = fast_grants.find(namespace_id);
+    if (it == fast_grants.end()) return std::nullopt;
+    return it->second;
+  }
+
+  // The endpoint fast-path requests go on: from a UCX worker of their own
+  // (created on first use), never the one tagged transfers use. Why: the
+  // node creates endpoints to `engine`'s worker for fetches; UCX 1.13 then
+  // matches the node's new endpoint with this client's existing one to the
+  // node (same connection sequence number) and rewires it, and active
+  // messages on it were lost (fast_path_test, MixedSizesAndBothPaths...).
+  // The node never connects to this worker, so nothing rewires it.
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> FastNodePeer(absl::Time deadline) {
+    std::string address, host_id;
+    std::shared_ptr<transfer::Engine> fast;
+    {
+      absl::MutexLock lock(&mu);
+      address = node_worker_address;
+      host_id = node_host_id;
+      if (fast_engine == nullptr) {
+        absl::StatusOr<std::unique_ptr<transfer::Engine>> created =
+            transfer::Engine::Create({.transports = options.ucx_transports});
+        if (!created.ok()) return created.status();
+        fast_engine = *std::move(created);
+      }
+      fast = fast_engine;
+    }
+    if (address.empty()) return absl::FailedPreconditionError("open a namespace first");
+    const bool same_host = fast->shared_memory_enabled() && host_id == transfer::Engine::HostId();
+    return fast->Connect(address, same_host, deadline);
+  }
+  size_t FastMaxHeaderBytes() {
+    absl::MutexLock lock(&mu);
+    return fast_engine == nullptr ? engine->max_am_header_bytes()
+                                  : fast_engine->max_am_header_bytes();
+  }
+
   absl::Duration Timeout(std::optional<absl::Duration> timeout) const {
     return timeout.value_or(options.timeout);
   }
@@ -68,6 +122,8 @@ class Client::Impl {
   std::string node_host_id ABSL_GUARDED_BY(mu);
   uint32_t tag_prefix ABSL_GUARDED_BY(mu) = 0;
   uint64_t max_coalesced_bytes ABSL_GUARDED_BY(mu) = 0;  // the node's; 0: it does not coalesce
+  absl::flat_hash_map<uint64_t, FastGrant> fast_grants ABSL_GUARDED_BY(mu);
+  std::shared_ptr<transfer::Engine> fast_engine ABSL_GUARDED_BY(mu);
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

@@ -236,7 +236,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
 
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-  params.features = UCP_FEATURE_RMA | UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
+  params.features = UCP_FEATURE_RMA | UCP_FEATURE_TAG | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   params.mt_workers_shared = 0;
   status = ucp_init(&params, config, &impl.context_);
   ucp_config_release(config);
@@ -249,7 +249,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   if (status != UCS_OK) return UcsError("ucp_worker_create", status);
 
   ucp_worker_attr_t attr{};
-  attr.field_mask = UCP_WORKER_ATTR_FIELD_THREAD_MODE | UCP_WORKER_ATTR_FIELD_ADDRESS;
+  attr.field_mask = UCP_WORKER_ATTR_FIELD_THREAD_MODE | UCP_WORKER_ATTR_FIELD_ADDRESS |
+                    UCP_WORKER_ATTR_FIELD_MAX_AM_HEADER;
   status = ucp_worker_query(impl.worker_, &attr);
   if (status != UCS_OK) return UcsError("ucp_worker_query", status);
   if (attr.thread_mode != UCS_THREAD_MODE_MULTI) {
@@ -258,6 +259,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& opti
   }
   engine->worker_address_.assign(reinterpret_cast<const char*>(attr.address), attr.address_length);
   ucp_worker_release_address(impl.worker_, attr.address);
+  engine->max_am_header_bytes_ = attr.max_am_header;
+  if (absl::Status am = impl.StartActiveMessages(); !am.ok()) return am;
 
   status = ucp_worker_get_efd(impl.worker_, &impl.event_fd_);
   if (status != UCS_OK) return UcsError("ucp_worker_get_efd", status);
@@ -369,6 +372,8 @@ std::string RmaTransports(ucp_ep_h ep) {
 }
 
 }  // namespace
+
+std::string EndpointTransports(ucp_ep_h ep) { return RmaTransports(ep); }
 
 absl::StatusOr<std::shared_ptr<Peer>> Engine::Connect(std::string_view worker_address,
                                                       bool same_host, absl::Time deadline) {

@@ -151,7 +151,9 @@ class PrecisionTest : public ::testing::Test {
       }
       auto published = ns.Publish(items);
       ASSERT_TRUE(published.ok()) << published.status();
-      if (all_stored) ASSERT_EQ(published->count(BlockOutcome::kOk), items.size());
+      if (all_stored) {
+        ASSERT_EQ(published->count(BlockOutcome::kOk), items.size());
+      }
     }
   }
 

@@ -42,10 +42,14 @@ v1::NamespaceSpec Spec(const std::string& model, uint64_t block_bytes) {
   return testing::OpaqueSpec(model, block_bytes, kTokensPerBlock);
 }
 
+// The fast path off: these tests are about the gRPC path's coalesced
+// transfers, which small calls would otherwise not take (fast_path_test.cc
+// covers the fast path).
 std::unique_ptr<Client> Connect(const std::string& address, bool coalesce = true) {
   auto client = Client::Connect({.node_address = address,
                                  .timeout = absl::Seconds(20),
-                                 .coalesce_small_blocks = coalesce});
+                                 .coalesce_small_blocks = coalesce,
+                                 .fast_path = false});
   EXPECT_TRUE(client.ok()) << client.status();
   return client.ok() ? *std::move(client) : nullptr;
 }
@@ -446,7 +450,7 @@ TEST_F(RawCoalescedTest, OversizeOrRmaCoalescedRequestsAreRefused) {
 // ---- child processes ---------------------------------------------------------
 
 int RunChild(int argc, char** argv) {
-  auto c = Client::Connect({.node_address = testing::ChildArg(argc, argv, "node")});
+  auto c = Client::Connect({.node_address = testing::ChildArg(argc, argv, "node"), .fast_path = false});
   if (!c.ok()) return 10;
   if (testing::ChildArg(argc, argv, "child") == "small_forever") {
     // Coalesced publishes and fetches of 16 KiB blocks until killed.

@@ -49,6 +49,10 @@ struct NodeOptions {
   // publishes together.
   double max_request_share = 0.125;
   double max_client_inflight_share = 0.25;
+  // Serve small Fetch/Publish requests as UCX active messages (the fast
+  // path), and the staging/reply memory it may hold in flight.
+  bool fast_path = true;
+  uint64_t fast_path_buffer_bytes = 64 << 20;
   // Accept RMA descriptors (client memory keys) in Publish/Fetch. Off by
   // default: UCX 1.13 crashes unpacking some malformed keys on shared memory,
   // so only trusted clients may use them (tagged transfers need no keys).

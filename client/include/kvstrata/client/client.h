@@ -93,6 +93,13 @@ struct ClientOptions {
   // blocks are not checksummed here (their bytes never reach the host; the
   // node verified them on ingest and pins them during the copy).
   bool device_ipc = true;
+  // Small Lookup/Publish/Fetch calls (up to 64 keys; up to 4 MiB of blocks,
+  // in requests of about 512 KiB and at most the node's fast_path_max_blocks
+  // each, in flight together) go as UCX active messages, one each way per
+  // request, instead of a gRPC call plus UCX transfers, when the node offers it
+  // (docs/ARCHITECTURE.md §3, "Fast path"). Any fast-path failure falls back
+  // to gRPC within the same deadline. Off only to compare the two.
+  bool fast_path = true;
 };
 
 // Where a buffer's bytes are: host memory, or the memory of the client's GPU
@@ -252,6 +259,11 @@ class Namespace {
   // (src/device_ipc.cc).
   absl::StatusOr<TransferResult> FetchWithDeviceIpc(absl::Span<const FetchItem> items,
                                                     std::optional<absl::Duration> timeout);
+  // The gRPC control path (the fast path's fallback, and for large calls).
+  absl::StatusOr<TransferResult> PublishOverGrpc(absl::Span<const PublishItem> items,
+                                                 absl::Time deadline);
+  absl::StatusOr<TransferResult> FetchOverGrpc(absl::Span<const FetchItem> items,
+                                               absl::Time deadline);
   Client* client_;
   uint64_t id_;
   uint64_t block_bytes_;

@@ -61,6 +61,9 @@ class Engine;
 class Peer;
 class PullServer;
 struct SendGroup;  // tagged sends counted to completion (tagged.cc)
+struct AmReply;    // active_message.h
+struct AmCallSpec; // active_message.h
+class AmRequest;   // active_message.h
 
 // A registered range of local memory. Unregistered on destruction; the memory
 // itself stays the caller's (or the engine's, for Allocate).
@@ -237,6 +240,19 @@ class Peer {
                              size_t blocks_per_message, absl::Time deadline,
                              std::shared_ptr<void> keep_alive = nullptr);
 
+  // One request over UCX active messages (active_message.h): sends `header`
+  // (at most Engine::max_am_header_bytes()) and the bytes of `data` (gathered,
+  // IOV) to the peer's request handler and waits for its reply. Returns once
+  // the reply has arrived and UCX is done with `data`; at the deadline the
+  // peer is marked failed (as for every transfer) and DEADLINE_EXCEEDED
+  // returned, and a late reply is dropped.
+  absl::StatusOr<AmReply> Call(std::string_view header, absl::Span<const SendOp> data,
+                               absl::Time deadline);
+  // Several calls in flight at once (posted in order, then waited for): the
+  // peer works on one while this side receives another. One result each.
+  std::vector<absl::StatusOr<AmReply>> CallMany(absl::Span<const AmCallSpec> calls,
+                                                absl::Time deadline);
+
   // UCX transport that carries this endpoint's bulk (RMA) traffic, e.g. "tcp",
   // "cma", "posix", "rc_mlx5"; several joined by ',' when UCX splits lanes.
   const std::string& transport() const { return transport_; }
@@ -329,6 +345,9 @@ class Engine {
   // what was in flight on them, so memory they used can be released.
   void ClosePeers();
 
+  // Largest header an active message may carry on this worker (0: none).
+  size_t max_am_header_bytes() const { return max_am_header_bytes_; }
+
   // Transports of the live endpoints, deduplicated ("tcp", "cma", ...).
   std::vector<std::string> ActiveTransports();
 
@@ -336,12 +355,15 @@ class Engine {
 
  private:
   friend class Peer;
+  friend void ServeActiveMessages(Engine& engine,
+                                  std::function<void(std::shared_ptr<AmRequest>)> handler);
   friend class ReceiveBatch;
   friend class PullServer;
   Engine() = default;
   std::unique_ptr<Impl> impl_;
   std::string worker_address_;
   bool shared_memory_enabled_ = false;
+  size_t max_am_header_bytes_ = 0;
 };
 
 }  // namespace kvstrata::transfer
