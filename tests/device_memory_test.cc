@@ -108,6 +108,22 @@ TEST_P(DeviceMemoryTest, AMalformedIpcHandleIsAnError) {
   EXPECT_FALSE(device_->ImportIpc(std::string(72, '\x5a')).ok());
 }
 
+// What the client checks a registered device buffer with: device memory
+// passes, host memory and a range running past its allocation do not.
+TEST_P(DeviceMemoryTest, CheckDeviceRangeTellsDeviceMemoryFromHostMemory) {
+  auto allocation = device_->Allocate(kBytes);
+  ASSERT_TRUE(allocation.ok()) << allocation.status();
+  EXPECT_TRUE(device_->CheckDeviceRange(allocation->data(), kBytes).ok());
+  EXPECT_TRUE(device_->CheckDeviceRange(allocation->data() + 4096, kBytes - 4096).ok());
+  std::vector<uint8_t> host(kBytes);
+  EXPECT_EQ(device_->CheckDeviceRange(host.data(), host.size()).code(),
+            absl::StatusCode::kInvalidArgument);
+  auto pinned = device_->AllocatePinnedHost(4096);
+  ASSERT_TRUE(pinned.ok());
+  EXPECT_FALSE(device_->CheckDeviceRange(pinned->data(), 4096).ok()) << "pinned host is not device";
+  EXPECT_FALSE(device_->CheckDeviceRange(nullptr, 16).ok());
+}
+
 TEST_P(DeviceMemoryTest, StagingLendsWholeChunksAndCopiesByteExact) {
   auto pool =
       transfer::StagingPool::Create(*device_, nullptr, {.bytes = 4 << 20, .chunk_bytes = 1 << 20});

@@ -110,4 +110,14 @@ HbmCounters HbmTier::counters() const {
           .copy_errors = copy_errors_.load(std::memory_order_relaxed)};
 }
 
+absl::StatusOr<std::string> HbmTier::ArenaIpcHandle() {
+  absl::MutexLock lock(&ipc_mu_);
+  if (ipc_handle_.empty()) {
+    absl::StatusOr<std::string> handle = device_->ExportIpc(arena_);
+    if (!handle.ok()) return handle.status();
+    ipc_handle_ = *std::move(handle);
+  }
+  return ipc_handle_;
+}
+
 }  // namespace kvstrata::cachenode

@@ -123,6 +123,19 @@ class NodeMetrics::Collector : public prometheus::Collectable {
                          "Publishes given up because their client stopped sending "
                          "(--transfer_stall_timeout); their reservations were released.",
                          MetricType::Counter, {Sample(Load(c.stalled_transfers), MetricType::Counter)}));
+    out.push_back(Family(
+        "kvstrata_device_clients_total",
+        "Clients with GPU buffers, by the path the node chose for them: cuda_ipc (same "
+        "host, HBM arena mapped) or staged (pinned host memory and UCX).",
+        MetricType::Counter,
+        {Sample(Load(c.device_ipc_clients), MetricType::Counter, {{"path", "cuda_ipc"}}),
+         Sample(Load(c.device_staged_clients), MetricType::Counter, {{"path", "staged"}})}));
+    out.push_back(Family("kvstrata_device_ipc_blocks_total",
+                         "HBM blocks served to same-host clients by CUDA IPC.",
+                         MetricType::Counter, {Sample(Load(c.device_ipc_blocks), MetricType::Counter)}));
+    out.push_back(Family("kvstrata_device_ipc_pinned_blocks",
+                         "HBM blocks pinned by CUDA IPC leases now.",
+                         MetricType::Gauge, {Sample(Load(c.device_ipc_pinned_blocks), MetricType::Gauge)}));
     out.push_back(Family("kvstrata_ucx_discarded_messages_total",
                          "Stray UCX messages no transfer expected, received and dropped.",
                          MetricType::Counter,

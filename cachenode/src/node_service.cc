@@ -306,7 +306,11 @@ NodeService::NodeService(NamespaceRegistry& namespaces, TieredStore& store, Tena
       incarnation_(absl::Uniform<uint64_t>(absl::BitGen())),
       counters_(counters),
       metrics_(metrics) {
-  if (!options.fast_path) return;
+  // The fast path reads and writes the DRAM tier directly (fast_path.cc):
+  // with an HBM tier it would store blocks beside HBM (two tiers holding
+  // one block) and miss HBM hits, so a node with HBM offers none until it
+  // learns the tiers; clients then use gRPC, as with an older node.
+  if (!options.fast_path || store.hbm() != nullptr) return;
   fast_path_ = std::make_unique<FastPath>(
       namespaces, store, ledger, counters,
       FastPathOptions{
@@ -827,6 +831,13 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
   }
   response->set_promoted_blocks(store_.promoted_blocks());
   AddHbmStats(store_, response);
+  ipc_leases_.Sweep();  // an expired lease is not reported as pinned
+  response->set_device_ipc_clients(counters_.device_ipc_clients.load(std::memory_order_relaxed));
+  response->set_device_staged_clients(
+      counters_.device_staged_clients.load(std::memory_order_relaxed));
+  response->set_device_ipc_blocks(counters_.device_ipc_blocks.load(std::memory_order_relaxed));
+  response->set_device_ipc_pinned_blocks(
+      counters_.device_ipc_pinned_blocks.load(std::memory_order_relaxed));
   response->set_namespaces(namespaces_.size());
   auto load = [](const std::atomic<uint64_t>& v) { return v.load(std::memory_order_relaxed); };
   response->set_lookup_hit_blocks(load(counters_.lookup_hit_blocks));

@@ -15,6 +15,7 @@
 #include "fast_path.h"
 #include "inflight_budget.h"
 #include "tenant_ledger.h"
+#include "device_ipc.h"
 #include "tiered_store.h"
 
 namespace kvstrata::cachenode {
@@ -66,6 +67,12 @@ struct NodeCounters {
   // Publishes whose client stopped sending mid-transfer (or never started)
   // and were given up before their deadline, releasing what they reserved.
   std::atomic<uint64_t> stalled_transfers{0};
+  // Same-host GPU clients (node_service_ipc.cc): clients given each device
+  // path, HBM blocks served by CUDA IPC, blocks pinned by IPC leases now.
+  std::atomic<uint64_t> device_ipc_clients{0};
+  std::atomic<uint64_t> device_staged_clients{0};
+  std::atomic<uint64_t> device_ipc_blocks{0};
+  std::atomic<uint64_t> device_ipc_pinned_blocks{0};
   // Fast-path (UCX active-message) requests, and those answered with an
   // error (malformed, unknown capability, over a limit).
   std::atomic<uint64_t> fast_path_requests{0};
@@ -131,6 +138,13 @@ class NodeService final : public v1::CacheNode::Service {
                               v1::CloseNamespaceResponse*) override;
   grpc::Status ListBlocks(grpc::ServerContext*, const v1::ListBlocksRequest*,
                           v1::ListBlocksResponse*) override;
+  // node_service_ipc.cc
+  grpc::Status OpenDeviceIpc(grpc::ServerContext*, const v1::OpenDeviceIpcRequest*,
+                             v1::OpenDeviceIpcResponse*) override;
+  grpc::Status FetchDeviceIpc(grpc::ServerContext*, const v1::FetchDeviceIpcRequest*,
+                              v1::FetchDeviceIpcResponse*) override;
+  grpc::Status ReleaseDeviceIpc(grpc::ServerContext*, const v1::ReleaseDeviceIpcRequest*,
+                                v1::ReleaseDeviceIpcResponse*) override;
 
  private:
   absl::Time TransferDeadline(const grpc::ServerContext* context) const;
@@ -186,6 +200,8 @@ class NodeService final : public v1::CacheNode::Service {
   const uint64_t incarnation_;
   NodeCounters& counters_;
   NodeMetrics* const metrics_;
+  // HBM blocks pinned for same-host clients' IPC copies (node_service_ipc.cc).
+  DeviceIpcLeases ipc_leases_{counters_.device_ipc_pinned_blocks, options_.transfer_timeout};
   std::unique_ptr<FastPath> fast_path_;  // null when off
 };
 

@@ -56,6 +56,10 @@ class TieredStore {
     uint64_t demotion_drops = 0;  // HBM evictions DRAM had no room for (then gone)
   };
   HbmMoves hbm_moves() const;
+  // The HBM blocks among `ids` (null for the rest), as hits, without
+  // staging: held, each chunk stays allocated, for a same-host client's
+  // device-to-device copy through the arena's IPC mapping.
+  std::vector<std::shared_ptr<StoredBlock>> PinHbm(absl::Span<const BlockId> ids);
 
   // The tier of each leading stored key (the longest cached prefix); tells
   // the policies of the tiers they were hit.

@@ -118,6 +118,13 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::Pin(absl::Span<const Bloc
   return pinned;
 }
 
+std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinHbm(absl::Span<const BlockId> ids) {
+  std::vector<std::shared_ptr<StoredBlock>> pinned(ids.size());
+  if (hbm_ == nullptr) return pinned;
+  for (size_t i = 0; i < ids.size(); ++i) pinned[i] = hbm_->slabs().Find(ids[i], /*hit=*/true);
+  return pinned;
+}
+
 TieredStore::HbmMoves TieredStore::hbm_moves() const {
   return {.promoted = hbm_promoted_.load(std::memory_order_relaxed),
           .demoted = hbm_demoted_.load(std::memory_order_relaxed),

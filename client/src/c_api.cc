@@ -117,6 +117,24 @@ int kvs_allocate(kvs_client* client, size_t size, kvs_buffer** out) {
   return 0;
 }
 
+int kvs_register_device(kvs_client* client, void* data, size_t size, kvs_buffer** out) {
+  if (client == nullptr || out == nullptr)
+    return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  auto buffer = client->client->Register(data, size, kvstrata::client::MemoryKind::kDevice);
+  if (!buffer.ok()) return Fail(buffer.status());
+  *out = new kvs_buffer{*std::move(buffer)};
+  return 0;
+}
+
+int kvs_allocate_device(kvs_client* client, size_t size, kvs_buffer** out) {
+  if (client == nullptr || out == nullptr)
+    return Fail(absl::StatusCode::kInvalidArgument, "null argument");
+  auto buffer = client->client->Allocate(size, kvstrata::client::MemoryKind::kDevice);
+  if (!buffer.ok()) return Fail(buffer.status());
+  *out = new kvs_buffer{*std::move(buffer)};
+  return 0;
+}
+
 void* kvs_buffer_data(const kvs_buffer* buffer) { return buffer->buffer->data(); }
 void kvs_buffer_destroy(kvs_buffer* buffer) { delete buffer; }
 

@@ -91,16 +91,24 @@ class RegionTable {
     auto it = index_.find(buffer);
     if (it != index_.end()) return it->second;
     auto* registered = dynamic_cast<const RegisteredBuffer*>(buffer);
-    if (registered == nullptr) {
+    auto* device = dynamic_cast<const DeviceBuffer*>(buffer);
+    if (registered == nullptr && device == nullptr) {
       return absl::InvalidArgumentError("buffer was not registered by this client");
+    }
+    if (device != nullptr && with_rkeys_) {
+      // RMA would hand the node a key to memory UCX cannot reach here.
+      return absl::InvalidArgumentError(
+          "device buffers take tagged transfers (TransferMethod::kTagged, the default)");
     }
     if (index_.size() >= limits::kMaxRegions) {
       return absl::InvalidArgumentError(
           absl::StrCat("one batch may use at most ", limits::kMaxRegions, " buffers"));
     }
+    // A device buffer's region only bounds its offsets at the node: tagged
+    // transfers never address it (its blocks move through staging).
     v1::MemoryRegion* region = endpoint_->add_regions();
-    region->set_base_address(reinterpret_cast<uint64_t>(registered->data()));
-    region->set_length(registered->size());
+    region->set_base_address(reinterpret_cast<uint64_t>(buffer->data()));
+    region->set_length(buffer->size());
     if (with_rkeys_) region->set_packed_rkey(registered->region().packed_rkey());
     const uint32_t index = static_cast<uint32_t>(index_.size());
     index_.emplace(buffer, index);
@@ -132,6 +140,9 @@ constexpr uint64_t kCoalesceMaxBlockBytes = 16 << 10;
 
 // What a tagged transfer keeps alive next to its RPC.
 struct TaggedSide {
+  // Host stand-ins of the batch's device blocks (null: none). First, so it
+  // outlives the receives and the pull that use it.
+  std::shared_ptr<StagedBlocks> staged;
   // fetch, coalesced: where the one message lands, unpacked after the reply.
   // Declared first, so the receives (which wait for UCX) go before it.
   std::shared_ptr<uint8_t[]> staging;
@@ -140,6 +151,26 @@ struct TaggedSide {
   // fetch: checksums of blocks verified while the call was still in flight
   std::vector<std::optional<uint64_t>> checksums;
 };
+
+// Where item i's bytes are on the host: its buffer, or its staging when the
+// buffer is on the device.
+template <typename Item>
+uint8_t* HostAt(const StagedBlocks* staged, const Item& item, size_t i) {
+  if (staged != nullptr && staged->host[i] != nullptr) return staged->host[i];
+  return const_cast<uint8_t*>(item.buffer->data()) + item.offset;
+}
+
+// The device address of each item (null for host items), for staging.
+template <typename Item>
+std::vector<uint8_t*> DeviceAddresses(absl::Span<const Item> slice) {
+  std::vector<uint8_t*> device(slice.size(), nullptr);
+  for (size_t i = 0; i < slice.size(); ++i) {
+    if (slice[i].buffer->kind() == MemoryKind::kDevice) {
+      device[i] = const_cast<uint8_t*>(slice[i].buffer->data()) + slice[i].offset;
+    }
+  }
+  return device;
+}
 
 // Runs `call` over consecutive slices of at most `batch_size` items and joins
 // the results: concurrently (gRPC's callback API, no thread per call), or
@@ -164,8 +195,8 @@ void AppendFormats(const v1::FetchResponse& response, size_t blocks, TransferRes
 // still in cache; a mismatch fails that block only.
 absl::Status UnpackCoalesced(absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
                              transfer::ReceiveBatch& receives, const uint8_t* staging,
-                             uint64_t block_bytes, bool verify, absl::Time deadline,
-                             TransferResult* result) {
+                             const StagedBlocks* staged, uint64_t block_bytes, bool verify,
+                             absl::Time deadline, TransferResult* result) {
   const size_t per_message = transfer::CoalescedBlocksPerMessage(block_bytes);
   const size_t messages = (slice.size() + per_message - 1) / per_message;
   std::vector<uint64_t> expected_bytes(messages, 0);
@@ -192,7 +223,7 @@ absl::Status UnpackCoalesced(absl::Span<const FetchItem> slice, const v1::FetchR
       if ((*received)[message] != expected_bytes[message]) {
         outcome = BlockOutcome::kTransferFailed;
       } else {
-        uint8_t* destination = slice[i].buffer->data() + slice[i].offset;
+        uint8_t* destination = HostAt(staged, slice[i], i);
         std::memcpy(destination, staging + message * per_message * block_bytes + offset, size);
         if (verify && BlockChecksum(destination, size) != response.checksum(i)) {
           outcome = BlockOutcome::kChecksumMismatch;
@@ -376,6 +407,8 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
         options.node_address, credentials, args, std::move(factories));
   }
   impl->stub = v1::CacheNode::NewStub(impl->channel);
+  impl->device = std::make_unique<DeviceStager>(impl->options, impl->engine.get());
+  impl->ipc = std::make_unique<DeviceIpcPath>();
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
@@ -418,17 +451,26 @@ std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> regio
   return std::make_unique<RegisteredBuffer>(std::move(region));
 }
 
-absl::StatusOr<std::unique_ptr<Buffer>> Client::Register(void* data, size_t size) {
+absl::StatusOr<std::unique_ptr<Buffer>> Client::Register(void* data, size_t size,
+                                                         MemoryKind kind) {
+  if (kind == MemoryKind::kDevice) return impl_->device->Register(data, size);
   absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region =
       impl_->engine->Register(data, size);
   if (!region.ok()) return region.status();
   return WrapRegion(*std::move(region));
 }
 
-absl::StatusOr<std::unique_ptr<Buffer>> Client::Allocate(size_t size) {
+absl::StatusOr<std::unique_ptr<Buffer>> Client::Allocate(size_t size, MemoryKind kind) {
+  if (kind == MemoryKind::kDevice) return impl_->device->Allocate(size);
   absl::StatusOr<std::unique_ptr<transfer::MemoryRegion>> region = impl_->engine->Allocate(size);
   if (!region.ok()) return region.status();
   return WrapRegion(*std::move(region));
+}
+
+DeviceStagingCounters Client::DeviceStaging() const {
+  DeviceStagingCounters counters = impl_->device->counters();
+  impl_->ipc->AddCounters(counters);
+  return counters;
 }
 
 absl::Status Client::Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout) {
@@ -510,6 +552,18 @@ absl::StatusOr<TransferResult> Namespace::PublishOverGrpc(absl::Span<const Publi
         RegionTable regions(source, !tagged);
         for (const PublishItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
+        }
+        // Device blocks come down into staging first: the checksum and the
+        // node's pull read them there.
+        absl::StatusOr<std::shared_ptr<StagedBlocks>> staged =
+            impl.device->Stage(DeviceAddresses(slice), block_bytes);
+        if (!staged.ok()) return staged.status();
+        side->staged = *std::move(staged);
+        if (side->staged != nullptr) {
+          if (absl::Status s = impl.device->CopyDown(*side->staged, block_bytes); !s.ok()) return s;
+        }
+        for (size_t i = 0; i < slice.size(); ++i) {
+          const PublishItem& item = slice[i];
           absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
           if (!region.ok()) return region.status();
           v1::PublishBlock* block = request->add_blocks();
@@ -518,7 +572,7 @@ absl::StatusOr<TransferResult> Namespace::PublishOverGrpc(absl::Span<const Publi
           block->set_region(*region);
           block->set_offset(item.offset);
           block->set_size(block_bytes);
-          block->set_checksum(BlockChecksum(item.buffer->data() + item.offset, block_bytes));
+          block->set_checksum(BlockChecksum(HostAt(side->staged.get(), item, i), block_bytes));
         }
         if (tagged) {
           absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
@@ -529,8 +583,8 @@ absl::StatusOr<TransferResult> Namespace::PublishOverGrpc(absl::Span<const Publi
           request->set_coalesced(coalesced_blocks > 0);
           std::vector<transfer::SendOp> sends;
           sends.reserve(slice.size());
-          for (const PublishItem& item : slice) {
-            sends.push_back({item.buffer->data() + item.offset, block_bytes, 0});
+          for (size_t i = 0; i < slice.size(); ++i) {
+            sends.push_back({HostAt(side->staged.get(), slice[i], i), block_bytes, 0});
           }
           absl::StatusOr<std::unique_ptr<transfer::PullServer>> pull =
               impl.engine->ServePull(*std::move(node), tag_base, std::move(sends));
@@ -571,6 +625,91 @@ std::future<absl::StatusOr<TransferResult>> Namespace::PublishAsync(
   });
 }
 
+namespace {
+
+// A fetch batch's reply: waits for its blocks, checks them where they landed
+// on the host (the caller's buffer, or staging for a device buffer) and
+// appends one outcome, size and format per item.
+absl::Status CollectFetch(absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
+                          TaggedSide& side, absl::Time deadline, bool verify, uint64_t block_bytes,
+                          TransferResult* result) {
+    transfer::ReceiveBatch* receives = side.receives.get();
+    if (static_cast<size_t>(response.status_size()) != slice.size() ||
+        response.size_size() != response.status_size() ||
+        response.checksum_size() != response.status_size()) {
+      return absl::InternalError("node answered a different number of blocks");
+    }
+    if (side.staging != nullptr) {
+      absl::Status unpacked = UnpackCoalesced(slice, response, *receives, side.staging.get(),
+                                              side.staged.get(), block_bytes, verify, deadline,
+                                              result);
+      if (unpacked.ok()) AppendFormats(response, slice.size(), result);
+      return unpacked;
+    }
+    std::vector<size_t> received;
+    if (receives != nullptr) {
+      std::vector<bool> expected(slice.size());
+      for (size_t i = 0; i < slice.size(); ++i)
+        expected[i] = response.status(i) == v1::BLOCK_OK;
+      absl::StatusOr<std::vector<size_t>> waited = receives->Wait(expected, deadline);
+      if (!waited.ok()) return waited.status();
+      received = *std::move(waited);
+    }
+    for (size_t i = 0; i < slice.size(); ++i) {
+      BlockOutcome outcome = FromWire(response.status(i));
+      if (outcome == BlockOutcome::kOk && receives != nullptr &&
+          received[i] != response.size(i)) {
+        outcome = BlockOutcome::kTransferFailed;
+      }
+      if (outcome == BlockOutcome::kOk && verify) {
+        const bool early = i < side.checksums.size() && side.checksums[i].has_value();
+        const uint64_t checksum =
+            early ? *side.checksums[i]
+                  : BlockChecksum(HostAt(side.staged.get(), slice[i], i), response.size(i));
+        if (checksum != response.checksum(i)) outcome = BlockOutcome::kChecksumMismatch;
+      }
+      result->outcomes.push_back(outcome);
+      result->sizes.push_back(outcome == BlockOutcome::kOk ? response.size(i) : 0);
+    }
+    result->bytes += response.bytes_transferred();
+    AppendFormats(response, slice.size(), result);
+    return absl::OkStatus();
+  
+}
+
+// The device items of a collected batch (outcomes from `first` on): decodes
+// transcoded ones in staging (where host code may touch them), then copies
+// every good one up in one stream. A failed copy fails those blocks, never
+// the others; a device block whose copy did not finish is never kOk.
+void FinishDeviceBlocks(DeviceStager& device, const StagedBlocks& staged, uint64_t block_bytes,
+                        bool decode_to_raw, size_t first, TransferResult& result) {
+  std::vector<uint64_t> sizes(staged.device.size(), 0);
+  std::vector<uint8_t> encoded;
+  for (size_t i = 0; i < staged.device.size(); ++i) {
+    const size_t r = first + i;
+    if (staged.device[i] == nullptr || result.outcomes[r] != BlockOutcome::kOk) continue;
+    if (decode_to_raw && result.formats[r] != StoredFormat::kRaw) {
+      uint8_t* at = staged.host[i];
+      encoded.assign(at, at + result.sizes[r]);
+      if (!DequantizeBlock(encoded.data(), encoded.size(), at, block_bytes).ok()) {
+        result.outcomes[r] = BlockOutcome::kChecksumMismatch;  // damaged: never served as KV
+        result.sizes[r] = 0;
+        continue;
+      }
+      result.sizes[r] = block_bytes;
+    }
+    sizes[i] = result.sizes[r];
+  }
+  if (device.CopyUp(staged, sizes).ok()) return;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (sizes[i] == 0) continue;
+    result.outcomes[first + i] = BlockOutcome::kTransferFailed;
+    result.sizes[first + i] = 0;
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<TransferResult> Namespace::Fetch(absl::Span<const FetchItem> items,
                                                 std::optional<absl::Duration> timeout) {
   const absl::Time deadline = absl::Now() + client_->impl().Timeout(timeout);
@@ -595,6 +734,18 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
                                                         absl::Time deadline) {
   const absl::Duration timeout = std::max(deadline - absl::Now(), absl::ZeroDuration());
   Client::Impl& impl = client_->impl();
+  if (impl.options.device_ipc && impl.ipc != nullptr &&
+      std::any_of(items.begin(), items.end(), [](const FetchItem& item) {
+        return item.buffer != nullptr && item.buffer->kind() == MemoryKind::kDevice;
+      })) {
+    return FetchWithDeviceIpc(items, timeout);
+  }
+  return FetchThroughNode(items, timeout);
+}
+
+absl::StatusOr<TransferResult> Namespace::FetchThroughNode(absl::Span<const FetchItem> items,
+                                                           std::optional<absl::Duration> timeout) {
+  Client::Impl& impl = client_->impl();
   const uint64_t block_bytes = block_bytes_;
   const uint64_t ns = id_;
   const bool verify = impl.options.verify_checksums;
@@ -602,7 +753,7 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
   const size_t coalesced_blocks = items.size() > 1 ? impl.CoalescedBlocks(block_bytes) : 0;
   const bool coalesced = coalesced_blocks > 0;
   absl::StatusOr<TransferResult> fetched = RunBatches<FetchItem, v1::FetchRequest, v1::FetchResponse>(
-      items, timeout, coalesced ? coalesced_blocks : limits::kMaxTransferBlocks,
+      items, impl.Timeout(timeout), coalesced ? coalesced_blocks : limits::kMaxTransferBlocks,
       /*in_order=*/false,
       [&](absl::Span<const FetchItem> slice, v1::FetchRequest* request,
           TaggedSide* side) -> absl::Status {
@@ -615,6 +766,13 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
         RegionTable regions(destination, !tagged);
         for (const FetchItem& item : slice) {
           if (absl::Status s = CheckRange(item.buffer, item.offset, block_bytes); !s.ok()) return s;
+        }
+        // Device blocks land in staging and go up after their checksums.
+        absl::StatusOr<std::shared_ptr<StagedBlocks>> staged =
+            impl.device->Stage(DeviceAddresses(slice), block_bytes);
+        if (!staged.ok()) return staged.status();
+        side->staged = *std::move(staged);
+        for (const FetchItem& item : slice) {
           absl::StatusOr<uint32_t> region = regions.IndexOf(item.buffer);
           if (!region.ok()) return region.status();
           v1::FetchBlock* block = request->add_blocks();
@@ -646,10 +804,12 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
           std::vector<transfer::ReceiveOp> ops;
           ops.reserve(slice.size());
           for (size_t i = 0; i < slice.size(); ++i) {
-            ops.push_back({slice[i].buffer->data() + slice[i].offset, block_bytes, tag_base + i});
+            ops.push_back({HostAt(side->staged.get(), slice[i], i), block_bytes, tag_base + i});
           }
+          // The staging stays leased until UCX lets go of the receives, so a
+          // late block never lands in memory lent to another transfer.
           absl::StatusOr<std::unique_ptr<transfer::ReceiveBatch>> posted =
-              impl.engine->PostReceives(ops);
+              impl.engine->PostReceives(ops, side->staged);
           if (!posted.ok()) return posted.status();
           side->receives = *std::move(posted);
         }
@@ -659,49 +819,16 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
           v1::FetchResponse* response, std::function<void(grpc::Status)> done) {
         impl.stub->async()->Fetch(context, request, response, std::move(done));
       },
-      [verify, block_bytes](absl::Span<const FetchItem> slice, const v1::FetchResponse& response,
-                            TaggedSide& side, absl::Time deadline,
-                            TransferResult* result) -> absl::Status {
-        transfer::ReceiveBatch* receives = side.receives.get();
-        if (static_cast<size_t>(response.status_size()) != slice.size() ||
-            response.size_size() != response.status_size() ||
-            response.checksum_size() != response.status_size()) {
-          return absl::InternalError("node answered a different number of blocks");
+      [&impl, verify, block_bytes, decode = decode_to_raw_](
+          absl::Span<const FetchItem> slice, const v1::FetchResponse& response, TaggedSide& side,
+          absl::Time deadline, TransferResult* result) -> absl::Status {
+        const size_t before = result->outcomes.size();
+        absl::Status collected =
+            CollectFetch(slice, response, side, deadline, verify, block_bytes, result);
+        if (collected.ok() && side.staged != nullptr) {
+          FinishDeviceBlocks(*impl.device, *side.staged, block_bytes, decode, before, *result);
         }
-        if (side.staging != nullptr) {
-          absl::Status unpacked = UnpackCoalesced(slice, response, *receives, side.staging.get(),
-                                                  block_bytes, verify, deadline, result);
-          if (unpacked.ok()) AppendFormats(response, slice.size(), result);
-          return unpacked;
-        }
-        std::vector<size_t> received;
-        if (receives != nullptr) {
-          std::vector<bool> expected(slice.size());
-          for (size_t i = 0; i < slice.size(); ++i)
-            expected[i] = response.status(i) == v1::BLOCK_OK;
-          absl::StatusOr<std::vector<size_t>> waited = receives->Wait(expected, deadline);
-          if (!waited.ok()) return waited.status();
-          received = *std::move(waited);
-        }
-        for (size_t i = 0; i < slice.size(); ++i) {
-          BlockOutcome outcome = FromWire(response.status(i));
-          if (outcome == BlockOutcome::kOk && receives != nullptr &&
-              received[i] != response.size(i)) {
-            outcome = BlockOutcome::kTransferFailed;
-          }
-          if (outcome == BlockOutcome::kOk && verify) {
-            const bool early = i < side.checksums.size() && side.checksums[i].has_value();
-            const uint64_t checksum =
-                early ? *side.checksums[i]
-                      : BlockChecksum(slice[i].buffer->data() + slice[i].offset, response.size(i));
-            if (checksum != response.checksum(i)) outcome = BlockOutcome::kChecksumMismatch;
-          }
-          result->outcomes.push_back(outcome);
-          result->sizes.push_back(outcome == BlockOutcome::kOk ? response.size(i) : 0);
-        }
-        result->bytes += response.bytes_transferred();
-        AppendFormats(response, slice.size(), result);
-        return absl::OkStatus();
+        return collected;
       },
       // Checksum blocks as they land, on this thread, while the UCX progress
       // thread receives the rest: copy and verification overlap on two cores.
@@ -713,7 +840,7 @@ absl::StatusOr<TransferResult> Namespace::FetchOverGrpc(absl::Span<const FetchIt
           std::optional<size_t> landed = side.receives->WaitOne(i, deadline);
           if (!landed.has_value()) return;  // the node replied (a miss), or trouble: finish later
           if (*landed == block_bytes) {
-            side.checksums[i] = BlockChecksum(slice[i].buffer->data() + slice[i].offset, *landed);
+            side.checksums[i] = BlockChecksum(HostAt(side.staged.get(), slice[i], i), *landed);
           }
         }
       });
@@ -729,6 +856,7 @@ void Namespace::DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t blo
   std::vector<uint8_t> encoded;
   for (size_t i = 0; i < result.outcomes.size() && i < items.size(); ++i) {
     if (result.outcomes[i] != BlockOutcome::kOk || result.formats[i] == StoredFormat::kRaw) continue;
+    if (items[i].buffer->kind() == MemoryKind::kDevice) continue;  // decoded in staging
     uint8_t* at = items[i].buffer->data() + items[i].offset;
     encoded.assign(at, at + result.sizes[i]);  // decoding writes over where it lies
     if (!DequantizeBlock(encoded.data(), encoded.size(), at, block_bytes).ok()) {

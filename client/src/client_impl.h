@@ -5,6 +5,8 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "device_ipc.h"
+#include "device_staging.h"
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/transfer/engine.h"
@@ -17,6 +19,11 @@ class Client::Impl {
   std::shared_ptr<transfer::Engine> engine;  // shared by a Cluster's node clients
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::CacheNode::Stub> stub;
+  // Device buffers and their staging (declared after `engine`, so its pool
+  // is unregistered before the engine goes).
+  std::unique_ptr<DeviceStager> device;
+  // The same-host CUDA IPC path; after `device`, so its mapping goes first.
+  std::unique_ptr<DeviceIpcPath> ipc;
 
   // The node's UCX worker (from OpenNamespace), for answering its pulls.
   void SetNodeWorker(std::string address, std::string host_id, uint32_t prefix,

@@ -166,6 +166,9 @@ FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_
         block_bytes > item.buffer->size() - item.offset) {
       return out;  // the gRPC path reports it
     }
+    // Device buffers: host code must not touch them; the gRPC path stages
+    // them (or copies over CUDA IPC).
+    if (item.buffer->kind() == MemoryKind::kDevice) return out;
   }
   const size_t per_request = ChunkBlocks(*grant, block_bytes);
   std::vector<Chunk> chunks((items.size() + per_request - 1) / per_request);
@@ -239,6 +242,9 @@ FastOutcome FastPublish(Client::Impl& impl, uint64_t namespace_id, uint64_t bloc
         block_bytes > item.buffer->size() - item.offset) {
       return out;  // the gRPC path reports it
     }
+    // Device buffers: host code must not touch them; the gRPC path stages
+    // them (or copies over CUDA IPC).
+    if (item.buffer->kind() == MemoryKind::kDevice) return out;
     Chunk& chunk = chunks[i / per_request];
     if (chunk.request.blocks.empty()) {
       chunk.request = BaseRequest(*grant, fastpath::Op::kPublish, namespace_id, block_bytes);

@@ -190,6 +190,27 @@ class CudaDeviceMemory : public DeviceMemory {
     });
   }
 
+  // Both ends, so a range that starts in device memory and runs past its
+  // allocation into host memory is caught too (the runtime has no query for
+  // an allocation's extent short of the driver API).
+  absl::Status CheckDeviceRange(const void* device, uint64_t bytes) const override {
+    if (device == nullptr || bytes == 0) return absl::InvalidArgumentError("empty device range");
+    const uint8_t* ends[2] = {static_cast<const uint8_t*>(device),
+                              static_cast<const uint8_t*>(device) + bytes - 1};
+    for (const uint8_t* p : ends) {
+      cudaPointerAttributes attributes{};
+      const cudaError_t error = cudaPointerGetAttributes(&attributes, p);
+      if (error != cudaSuccess) cudaGetLastError();  // clear the sticky error of an unknown pointer
+      if (error != cudaSuccess || attributes.type != cudaMemoryTypeDevice ||
+          attributes.device != device_) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "0x", absl::Hex(reinterpret_cast<uintptr_t>(p)), " is not memory of GPU ", device_,
+            error != cudaSuccess ? absl::StrCat(" (", cudaGetErrorName(error), ")") : ""));
+      }
+    }
+    return absl::OkStatus();
+  }
+
  private:
   const int device_;
   const std::string name_;

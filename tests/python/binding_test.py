@@ -347,5 +347,105 @@ class AuthTest(unittest.TestCase):
                     del os.environ["KVSTRATA_TOKEN"]
 
 
+class FakeCudaTensor:
+    """What the binding sees of a CUDA torch tensor, without a GPU: a device
+    that says CUDA and a data_ptr (here host memory, which a correct binding
+    never reads or hands to UCX as host memory)."""
+
+    def __init__(self, nbytes, dlpack=True, index=0):
+        self.backing = np.zeros(nbytes, dtype=np.uint8)
+        self._dlpack = dlpack
+        self.is_cuda = True
+        self.device = type("Device", (), {"type": "cuda", "index": index})()
+
+    def __getattr__(self, name):
+        if name == "__dlpack_device__" and self._dlpack:
+            return lambda: (2, self.device.index)  # kDLCUDA
+        raise AttributeError(name)
+
+    def data_ptr(self):
+        return self.backing.ctypes.data
+
+    def element_size(self):
+        return 1
+
+    def numel(self):
+        return self.backing.size
+
+    def is_contiguous(self):
+        return True
+
+
+class CudaMemoryTest(unittest.TestCase):
+    """CUDA memory in the binding: detection and refusal run everywhere; the
+    round trip through the client's staging needs a GPU (scripts/gpu-check.sh)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.node = NodeProcess(dram_bytes=64 << 20)
+        cls.client = kvstrata.Client(cls.node.address, timeout=10.0)
+
+    @classmethod
+    def tearDownClass(cls):
+        del cls.client
+        cls.node.stop()
+
+    def test_device_detection(self):
+        self.assertEqual(kvstrata.device_of(np.zeros(4)), ("cpu", 0))
+        self.assertEqual(kvstrata.device_of(torch.zeros(4)), ("cpu", 0))
+        self.assertEqual(kvstrata.device_of(bytearray(4)), ("cpu", 0))
+        self.assertEqual(kvstrata.device_of(FakeCudaTensor(16, index=1)), ("cuda", 1))
+        # torch without __dlpack_device__ (older versions): is_cuda and device.index.
+        self.assertEqual(kvstrata.device_of(FakeCudaTensor(16, dlpack=False, index=3)), ("cuda", 3))
+        self.assertIsInstance(kvstrata.cuda_built, bool)
+        self.assertFalse(self.client.allocate(BLOCK).device)
+
+    @unittest.skipIf(torch.cuda.is_available(), "this machine has a GPU")
+    def test_cuda_memory_without_a_gpu_is_refused_clearly(self):
+        ns = self.client.open_namespace(tenant="test", model="cuda-refused", tokens_per_block=4,
+                                        block_bytes=BLOCK)
+        key = ns.keys([1, 2, 3, 4])[0]
+        for dlpack in (True, False):
+            fake = FakeCudaTensor(BLOCK, dlpack=dlpack)
+            for attempt in (lambda: self.client.register(fake),
+                            lambda: ns.publish([(key, None, fake, 0)]),
+                            lambda: ns.fetch([(key, fake, 0)])):
+                with self.assertRaises(kvstrata.Error) as caught:
+                    attempt()
+                if kvstrata.cuda_built:
+                    self.assertEqual(caught.exception.code, kvstrata.FAILED_PRECONDITION)
+                    self.assertIn("device buffers need a GPU", str(caught.exception))
+                else:
+                    self.assertEqual(caught.exception.code, kvstrata.UNIMPLEMENTED)
+                    self.assertIn("CUDA tensors need a kvstrata built with CUDA",
+                                  str(caught.exception))
+        with self.assertRaises(kvstrata.Error):
+            self.client.allocate(BLOCK, device=True)
+        self.assertEqual(ns.lookup([key]), 0, "nothing was published from the refused tensor")
+
+    @unittest.skipUnless(torch.cuda.is_available() and kvstrata.cuda_built, "needs a GPU")
+    def test_cuda_tensors_round_trip_through_staging(self):
+        ns = self.client.open_namespace(tenant="test", model="cuda-tensors", tokens_per_block=4,
+                                        block_bytes=BLOCK)
+        keys = ns.keys(list(range(8 * 4)))
+        source = torch.randint(0, 255, (8 * BLOCK,), dtype=torch.uint8, device="cuda")
+        result = ns.publish([(k, None, source, i * BLOCK) for i, k in enumerate(keys)])
+        self.assertEqual(result.count(kvstrata.Outcome.OK), 8)
+        destination = torch.zeros_like(source)
+        mixed = np.zeros(8 * BLOCK, dtype=np.uint8)
+        result = ns.fetch([(k, destination if i % 2 else mixed, i * BLOCK)
+                           for i, k in enumerate(keys)])
+        self.assertEqual(result.count(kvstrata.Outcome.OK), 8)
+        expected = source.cpu().numpy()
+        got = destination.cpu().numpy()
+        for i in range(8):
+            part = slice(i * BLOCK, (i + 1) * BLOCK)
+            np.testing.assert_array_equal(got[part] if i % 2 else mixed[part], expected[part])
+        allocated = self.client.allocate(BLOCK, device=True)
+        self.assertTrue(allocated.device)
+        with self.assertRaises(kvstrata.Error):
+            memoryview(allocated)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -90,6 +90,13 @@ uint64_t kvs_block_bytes(const kvs_namespace* ns);
 /* Registers caller memory, or allocates registered memory (kvs_buffer_data). */
 int kvs_register(kvs_client* client, void* data, size_t size, kvs_buffer** out);
 int kvs_allocate(kvs_client* client, size_t size, kvs_buffer** out);
+/* The same for memory of the client's GPU (CUDA device 0; a cudaMalloc'd
+ * pointer or a framework tensor's): publish and fetch stage its blocks
+ * through pinned host memory. A pointer that is not device memory is
+ * INVALID_ARGUMENT; a build without CUDA or a machine without the GPU fails
+ * with a message saying so. kvs_buffer_data then returns a device address. */
+int kvs_register_device(kvs_client* client, void* data, size_t size, kvs_buffer** out);
+int kvs_allocate_device(kvs_client* client, size_t size, kvs_buffer** out);
 void* kvs_buffer_data(const kvs_buffer* buffer);
 void kvs_buffer_destroy(kvs_buffer* buffer);
 

@@ -20,7 +20,7 @@ Failures raise kvstrata.Error with .code (absl/gRPC status code) and
 .code_name; a miss is not an error but Outcome.NOT_FOUND in the result.
 """
 from ._kvstrata import (Buffer, Client, Cluster, ClusterNamespace, Error, Future, Namespace, Outcome,
-                        TransferResult, keys)
+                        TransferResult, cuda_built, device_of, keys)
 
 # Status codes carried by Error.code (absl::StatusCode == gRPC codes).
 OK = 0
@@ -41,4 +41,4 @@ DTYPE_FP16 = 1
 DTYPE_BF16 = 2
 DTYPE_FP32 = 3
 
-__all__ = ["Buffer", "Client", "Cluster", "ClusterNamespace", "Error", "Future", "Namespace", "Outcome", "TransferResult", "keys"]
+__all__ = ["Buffer", "Client", "Cluster", "ClusterNamespace", "Error", "Future", "Namespace", "Outcome", "TransferResult", "cuda_built", "device_of", "keys"]

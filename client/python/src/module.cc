@@ -121,6 +121,7 @@ struct Memory {
   void* data = nullptr;
   size_t size = 0;
   bool read_only = false;
+  bool device = false;  // CUDA memory: registered as MemoryKind::kDevice, staged by the client
 };
 
 // DLPack's ABI (dlpack.h v0.x, which every producer speaks), declared here
@@ -158,7 +159,7 @@ Memory DlpackMemory(const py::object& capsule) {
   const DLTensor& t = managed->dl_tensor;
   const bool cuda = t.device.device_type == 2;
 #ifndef KVSTRATA_PYTHON_CUDA
-  if (cuda) throw StatusError{absl::UnimplementedError("CUDA memory needs a kvstrata built with CUDA")};
+  if (cuda) throw StatusError{absl::UnimplementedError("CUDA tensors need a kvstrata built with CUDA")};
 #endif
   if (t.device.device_type != 1 && t.device.device_type != 3 && !cuda) {
     throw StatusError{absl::UnimplementedError("unsupported DLPack device")};
@@ -175,7 +176,28 @@ Memory DlpackMemory(const py::object& capsule) {
   Memory m;
   m.data = static_cast<uint8_t*>(t.data) + t.byte_offset;
   m.size = elements * ((t.dtype.bits * t.dtype.lanes + 7) / 8);
+  m.device = cuda;
   return m;
+}
+
+// Where an object's memory is, without touching it: ("cuda", id) for CUDA
+// device memory, ("cpu", 0) otherwise. DLPack's __dlpack_device__ first
+// (torch, cupy, jax all have it; 2 is kDLCUDA, 13 kDLCUDAManaged), then
+// torch's is_cuda/device.index.
+std::pair<std::string, int> DeviceOf(const py::object& object) {
+  if (py::hasattr(object, "__dlpack_device__")) {
+    auto [type, id] = py::cast<std::pair<int, int>>(object.attr("__dlpack_device__")());
+    if (type == 2 || type == 13) return {"cuda", id};
+    return {"cpu", 0};
+  }
+  if (py::hasattr(object, "is_cuda") && py::cast<bool>(object.attr("is_cuda"))) {
+    py::object device = object.attr("device");
+    const int id = py::hasattr(device, "index") && !device.attr("index").is_none()
+                       ? py::cast<int>(device.attr("index"))
+                       : 0;
+    return {"cuda", id};
+  }
+  return {"cpu", 0};
 }
 
 Memory MemoryOf(py::object& object) {
@@ -190,14 +212,16 @@ Memory MemoryOf(py::object& object) {
     if (!py::cast<bool>(object.attr("is_contiguous")())) {
       throw StatusError{absl::InvalidArgumentError("tensor must be contiguous")};
     }
+    const bool cuda = DeviceOf(object).first == "cuda";
 #ifndef KVSTRATA_PYTHON_CUDA
-    if (py::hasattr(object, "is_cuda") && py::cast<bool>(object.attr("is_cuda"))) {
+    if (cuda) {
       throw StatusError{absl::UnimplementedError("CUDA tensors need a kvstrata built with CUDA")};
     }
 #endif
     Memory m;
     m.data = reinterpret_cast<void*>(py::cast<uintptr_t>(object.attr("data_ptr")()));
     m.size = py::cast<size_t>(object.attr("numel")()) * py::cast<size_t>(object.attr("element_size")());
+    m.device = cuda;
     return m;
   }
   if (!PyObject_CheckBuffer(object.ptr())) {
@@ -267,6 +291,7 @@ class PyBuffer {
   ~PyBuffer() {
     buffer_.reset();  // deregisters before the client or the owner can go
   }
+  bool device() const { return buffer_->kind() == client::MemoryKind::kDevice; }
   client::Buffer* get() const { return buffer_.get(); }
   size_t size() const { return buffer_->size(); }
   uintptr_t address() const { return reinterpret_cast<uintptr_t>(buffer_->data()); }
@@ -328,7 +353,15 @@ std::shared_ptr<PyBuffer> RegisterWith(const std::shared_ptr<Owner>& owner, py::
   Memory m = MemoryOf(object);
   if (m.size == 0) throw StatusError{absl::InvalidArgumentError("cannot register 0 bytes")};
   absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-  {
+  if constexpr (std::is_same_v<Owner, client::Client>) {
+    py::gil_scoped_release release;
+    buffer = owner->Register(m.data, m.size,
+                             m.device ? client::MemoryKind::kDevice : client::MemoryKind::kHost);
+  } else {
+    if (m.device) {
+      throw StatusError{absl::UnimplementedError(
+          "CUDA memory takes a kvstrata.Client (a Cluster stages only host memory yet)")};
+    }
     py::gil_scoped_release release;
     buffer = owner->Register(m.data, m.size);
   }
@@ -337,9 +370,13 @@ std::shared_ptr<PyBuffer> RegisterWith(const std::shared_ptr<Owner>& owner, py::
 
 // `size` bytes allocated and registered by `owner`.
 template <typename Owner>
-std::shared_ptr<PyBuffer> AllocateWith(const std::shared_ptr<Owner>& owner, size_t size) {
+std::shared_ptr<PyBuffer> AllocateWith(const std::shared_ptr<Owner>& owner, size_t size,
+                                       bool device = false) {
   absl::StatusOr<std::unique_ptr<client::Buffer>> buffer;
-  {
+  if constexpr (std::is_same_v<Owner, client::Client>) {
+    py::gil_scoped_release release;
+    buffer = owner->Allocate(size, device ? client::MemoryKind::kDevice : client::MemoryKind::kHost);
+  } else {
     py::gil_scoped_release release;
     buffer = owner->Allocate(size);
   }
@@ -564,7 +601,9 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
   }
 
   std::shared_ptr<PyBuffer> Register(py::object object) { return RegisterWith(client_, object); }
-  std::shared_ptr<PyBuffer> Allocate(size_t size) { return AllocateWith(client_, size); }
+  std::shared_ptr<PyBuffer> Allocate(size_t size, bool device) {
+    return AllocateWith(client_, size, device);
+  }
 
   py::dict Stats(std::optional<double> timeout) {
     v1::StatsResponse stats;
@@ -900,8 +939,14 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def_property_readonly("size", &PyBuffer::size)
       .def_property_readonly("address", &PyBuffer::address)
       .def_property_readonly("owner", &PyBuffer::owner)
+      .def_property_readonly("device", &PyBuffer::device,
+                             "True for CUDA memory (no buffer protocol: the host cannot read it)")
       .def("__len__", &PyBuffer::size)
       .def_buffer([](PyBuffer& b) {
+        if (b.device()) {
+          throw StatusError{absl::InvalidArgumentError(
+              "a device buffer's memory is on the GPU: read it with torch, not memoryview")};
+        }
         return py::buffer_info(b.get()->data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.size())}, {1}, b.read_only());
       });
@@ -942,7 +987,9 @@ PYBIND11_MODULE(_kvstrata, m) {
            py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
            py::arg("timeout") = py::none())
       .def("register", &PyClient::Register, py::arg("memory"))
-      .def("allocate", &PyClient::Allocate, py::arg("size"))
+      .def("allocate", &PyClient::Allocate, py::arg("size"), py::kw_only(),
+           py::arg("device") = false,
+           "Registered memory of size bytes; device=True: on the client's GPU (CUDA builds)")
       .def("stats", &PyClient::Stats, py::arg("timeout") = py::none())
       .def("ping", &PyClient::Ping, py::arg("timeout") = py::none());
 
@@ -981,6 +1028,17 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("drain", &PyCluster::Drain, py::arg("address"), py::arg("draining") = true)
       .def("stats", &PyCluster::Stats, py::arg("address") = py::none(), py::arg("timeout") = py::none())
       .def("ping", &PyCluster::Ping, py::arg("timeout") = py::none());
+
+  m.def(
+      "device_of", [](const py::object& object) { return DeviceOf(object); }, py::arg("memory"),
+      "Where memory is, without touching it: ('cuda', index) for CUDA memory (by "
+      "__dlpack_device__, else torch's is_cuda), ('cpu', 0) otherwise. register() and the "
+      "items of publish/fetch take CUDA memory as device buffers, staged by the client.");
+#ifdef KVSTRATA_PYTHON_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
 
   m.def(
       "keys",

@@ -38,6 +38,9 @@ class HostDeviceMemory : public transfer::DeviceMemory {
   absl::StatusOr<std::unique_ptr<transfer::DeviceStream>> CreateStream() override;
   absl::StatusOr<std::string> ExportIpc(const transfer::DeviceAllocation& allocation) override;
   absl::StatusOr<transfer::DeviceAllocation> ImportIpc(std::string_view handle) override;
+  absl::Status CheckDeviceRange(const void* device, uint64_t bytes) const override {
+    return Backing(device, bytes).status();
+  }
 
   // Where the bytes of [device, device + bytes) live (for the double's own
   // copies); INVALID_ARGUMENT unless the range lies inside one allocation.

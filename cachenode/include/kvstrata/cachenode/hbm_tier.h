@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/transfer/device_memory.h"
 #include "kvstrata/transfer/staging.h"
@@ -74,6 +75,15 @@ class HbmTier {
   absl::Status CopyToHost(const StoredBlock& block, uint8_t* host);
 
   HbmCounters counters() const;
+
+  // The same-host CUDA IPC path (node_service_ipc.cc): the arena's IPC
+  // handle (exported on first use, then the same bytes for every client)
+  // and where an HBM block lies in the arena.
+  absl::StatusOr<std::string> ArenaIpcHandle();
+  uint64_t arena_bytes() const { return arena_.size(); }
+  uint64_t ArenaOffset(const StoredBlock& block) const {
+    return static_cast<uint64_t>(block.data() - arena_.data());
+  }
   // Whether this node's UCX reports CUDA memory (transfer/memory_types.h);
   // transfers stage either way for now. Set once, at start.
   void set_ucx_cuda_memory(bool supported) { ucx_cuda_memory_ = supported; }
@@ -90,6 +100,8 @@ class HbmTier {
   std::atomic<uint64_t> fallbacks_{0};
   std::atomic<uint64_t> copy_errors_{0};
   bool ucx_cuda_memory_ = false;
+  absl::Mutex ipc_mu_;
+  std::string ipc_handle_ ABSL_GUARDED_BY(ipc_mu_);  // empty until exported
 };
 
 }  // namespace kvstrata::cachenode

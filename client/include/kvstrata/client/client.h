@@ -39,7 +39,8 @@ class StatsResponse;
 }  // namespace kvstrata::v1
 namespace kvstrata::transfer {
 class Engine;
-}  // namespace kvstrata::v1
+class DeviceMemory;
+}  // namespace kvstrata::transfer
 
 namespace kvstrata::client {
 
@@ -71,6 +72,27 @@ struct ClientOptions {
   // block, when the node supports it and is not reached over shared memory.
   // Off only to compare the two (bench/coalesce_bench).
   bool coalesce_small_blocks = true;
+
+  // GPU memory (Register/Allocate with MemoryKind::kDevice). The device its
+  // buffers live on; null: the CUDA runtime's device `cuda_device`, opened
+  // on the first device buffer (an error then in a build without CUDA or on
+  // a machine without that GPU). Tests inject the host-memory double here.
+  std::shared_ptr<transfer::DeviceMemory> device;
+  int cuda_device = 0;
+  // Device blocks travel through pinned host memory registered with UCX
+  // once (transfer::StagingPool; Debian's UCX has no CUDA transports): a
+  // publish copies its device blocks down before the node pulls them, a
+  // fetch receives them there and copies them up. A batch that finds the
+  // pool full stages through memory of its own (slower, counted in
+  // Client::DeviceStaging).
+  uint64_t device_staging_bytes = 64ull << 20;
+  uint64_t device_staging_chunk_bytes = 256ull << 10;  // lease and copy granularity
+  // Fetches into device buffers from a node on this host with an HBM tier
+  // map its HBM arena (CUDA IPC, once per client, if the node offers it)
+  // and copy HBM blocks device-to-device; other blocks stage as above. Such
+  // blocks are not checksummed here (their bytes never reach the host; the
+  // node verified them on ingest and pins them during the copy).
+  bool device_ipc = true;
   // Small Lookup/Publish/Fetch calls (up to 64 keys; up to 4 MiB of blocks,
   // in requests of about 512 KiB and at most the node's fast_path_max_blocks
   // each, in flight together) go as UCX active messages, one each way per
@@ -79,6 +101,10 @@ struct ClientOptions {
   // to gRPC within the same deadline. Off only to compare the two.
   bool fast_path = true;
 };
+
+// Where a buffer's bytes are: host memory, or the memory of the client's GPU
+// (ClientOptions::device), which host code must not touch.
+enum class MemoryKind { kHost, kDevice };
 
 // Per-block outcome of Publish and Fetch.
 enum class BlockOutcome {
@@ -96,8 +122,21 @@ const char* BlockOutcomeName(BlockOutcome outcome);
 class Buffer {
  public:
   virtual ~Buffer() = default;
-  virtual uint8_t* data() const = 0;
+  virtual uint8_t* data() const = 0;  // a device address for kDevice
   virtual size_t size() const = 0;
+  virtual MemoryKind kind() const { return MemoryKind::kHost; }
+};
+
+// Counters of a client's device staging (Client::DeviceStaging).
+struct DeviceStagingCounters {
+  uint64_t capacity_bytes = 0;
+  uint64_t leased_bytes = 0;    // held by transfers now
+  uint64_t staged_blocks = 0;   // device blocks moved through staging so far
+  uint64_t fallback_blocks = 0; // of which through memory of their own (pool full)
+  // Same-host CUDA IPC (ClientOptions::device_ipc): whether the node's HBM
+  // arena is mapped here, and blocks fetched device-to-device through it.
+  bool cuda_ipc = false;
+  uint64_t ipc_blocks = 0;
 };
 
 struct PublishItem {
@@ -213,6 +252,13 @@ class Namespace {
         max_publish_blocks_(max_publish_blocks) {}
   void DecodeTranscoded(absl::Span<const FetchItem> items, uint64_t block_bytes,
                         TransferResult& result);
+  // Fetch without the CUDA IPC pass (every block through the node's UCX).
+  absl::StatusOr<TransferResult> FetchThroughNode(absl::Span<const FetchItem> items,
+                                                  std::optional<absl::Duration> timeout);
+  // Device items from HBM by CUDA IPC, the rest by FetchThroughNode
+  // (src/device_ipc.cc).
+  absl::StatusOr<TransferResult> FetchWithDeviceIpc(absl::Span<const FetchItem> items,
+                                                    std::optional<absl::Duration> timeout);
   // The gRPC control path (the fast path's fallback, and for large calls).
   absl::StatusOr<TransferResult> PublishOverGrpc(absl::Span<const PublishItem> items,
                                                  absl::Time deadline);
@@ -237,10 +283,19 @@ class Client {
   absl::StatusOr<Namespace> OpenNamespace(const v1::NamespaceSpec& spec,
                                           std::optional<absl::Duration> timeout = std::nullopt);
 
-  // Registers caller-owned memory [data, data + size) for transfers.
-  absl::StatusOr<std::unique_ptr<Buffer>> Register(void* data, size_t size);
-  // Allocates and registers `size` bytes.
-  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t size);
+  // Registers caller-owned memory [data, data + size) for transfers. For
+  // kDevice, memory of ClientOptions::device (a cudaMalloc'd pointer, a
+  // torch tensor's data_ptr): checked here, so a host or foreign pointer is
+  // INVALID_ARGUMENT now rather than a failed transfer later. Device
+  // buffers take tagged transfers only (the default TransferMethod) and
+  // may be mixed with host buffers in one batch.
+  absl::StatusOr<std::unique_ptr<Buffer>> Register(void* data, size_t size,
+                                                   MemoryKind kind = MemoryKind::kHost);
+  // Allocates and registers `size` bytes (kDevice: on the client's GPU).
+  absl::StatusOr<std::unique_ptr<Buffer>> Allocate(size_t size,
+                                                   MemoryKind kind = MemoryKind::kHost);
+  // The device staging's counters (zero before the first device buffer).
+  DeviceStagingCounters DeviceStaging() const;
 
   // The node's counters (include kvstrata.pb.h to read them).
   absl::Status Stats(v1::StatsResponse* out, std::optional<absl::Duration> timeout = std::nullopt);

@@ -102,6 +102,12 @@ class DeviceMemory {
   virtual absl::StatusOr<std::string> ExportIpc(const DeviceAllocation& allocation) = 0;
   // Maps a peer's exported allocation; INVALID_ARGUMENT for a malformed handle.
   virtual absl::StatusOr<DeviceAllocation> ImportIpc(std::string_view handle) = 0;
+  // OK when [device, device + bytes) is memory of this device (from Allocate,
+  // an IPC import, or the caller's own cudaMalloc); INVALID_ARGUMENT naming
+  // the address otherwise (a host pointer, another GPU's, freed memory). The
+  // client checks a buffer when it is registered, so a wrong pointer is a
+  // clear error there instead of a failed copy in the middle of a transfer.
+  virtual absl::Status CheckDeviceRange(const void* device, uint64_t bytes) const = 0;
 };
 
 // The CUDA runtime's device `device`. UNIMPLEMENTED in a build without CUDA,
