@@ -40,10 +40,6 @@ std::optional<fastpath::Capability> FastPath::Grant(const NamespaceInfo& ns) {
   // a fast-path reply names none: its clients fetch over gRPC, whose reply
   // says each block's format.
   if (ns.spec.coarsest_format() != v1::FORMAT_RAW) return std::nullopt;
-  // A node with an HBM tier places new blocks in HBM and promotes DRAM hits
-  // there: device copies the progress thread must not wait for. Its clients
-  // use gRPC (a fast path for it would queue those copies to a thread).
-  if (store_.hbm() != nullptr) return std::nullopt;
   fastpath::Capability capability;
   {
     // absl::BitGen is seeded from the OS entropy source: 128 unguessable bits.
