@@ -63,24 +63,6 @@ void SetDeadline(grpc::ClientContext& context, absl::Duration timeout) {
   context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
 }
 
-BlockOutcome FromWire(v1::BlockStatus status) {
-  switch (status) {
-    case v1::BLOCK_OK:
-      return BlockOutcome::kOk;
-    case v1::BLOCK_ALREADY_PRESENT:
-      return BlockOutcome::kAlreadyPresent;
-    case v1::BLOCK_NOT_FOUND:
-      return BlockOutcome::kNotFound;
-    case v1::BLOCK_CHECKSUM_MISMATCH:
-      return BlockOutcome::kChecksumMismatch;
-    case v1::BLOCK_NO_SPACE:
-      return BlockOutcome::kNoSpace;
-    case v1::BLOCK_REJECTED:
-      return BlockOutcome::kRejected;
-    default:
-      return BlockOutcome::kTransferFailed;
-  }
-}
 
 // Adds the buffer's region to `endpoint` once and returns its index.
 class RegionTable {
@@ -311,6 +293,25 @@ absl::StatusOr<TransferResult> RunBatches(
 }
 
 }  // namespace
+
+BlockOutcome FromWire(v1::BlockStatus status) {
+  switch (status) {
+    case v1::BLOCK_OK:
+      return BlockOutcome::kOk;
+    case v1::BLOCK_ALREADY_PRESENT:
+      return BlockOutcome::kAlreadyPresent;
+    case v1::BLOCK_NOT_FOUND:
+      return BlockOutcome::kNotFound;
+    case v1::BLOCK_CHECKSUM_MISMATCH:
+      return BlockOutcome::kChecksumMismatch;
+    case v1::BLOCK_NO_SPACE:
+      return BlockOutcome::kNoSpace;
+    case v1::BLOCK_REJECTED:
+      return BlockOutcome::kRejected;
+    default:
+      return BlockOutcome::kTransferFailed;
+  }
+}
 
 size_t Client::Impl::CoalescedBlocks(uint64_t block_bytes) {
   if (options.transfer_method != ClientOptions::TransferMethod::kTagged ||

@@ -136,4 +136,7 @@ std::unique_ptr<Buffer> WrapRegion(std::unique_ptr<transfer::MemoryRegion> regio
 absl::StatusOr<std::unique_ptr<Client>> ConnectSharingEngine(
     const ClientOptions& options, std::shared_ptr<transfer::Engine> engine);
 
+// A block status from the wire as the outcome the client reports.
+BlockOutcome FromWire(v1::BlockStatus status);
+
 }  // namespace kvstrata::client

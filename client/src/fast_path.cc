@@ -11,25 +11,6 @@
 namespace kvstrata::client {
 namespace {
 
-BlockOutcome Outcome(v1::BlockStatus status) {
-  switch (status) {
-    case v1::BLOCK_OK:
-      return BlockOutcome::kOk;
-    case v1::BLOCK_ALREADY_PRESENT:
-      return BlockOutcome::kAlreadyPresent;
-    case v1::BLOCK_NOT_FOUND:
-      return BlockOutcome::kNotFound;
-    case v1::BLOCK_CHECKSUM_MISMATCH:
-      return BlockOutcome::kChecksumMismatch;
-    case v1::BLOCK_NO_SPACE:
-      return BlockOutcome::kNoSpace;
-    case v1::BLOCK_REJECTED:
-      return BlockOutcome::kRejected;
-    default:
-      return BlockOutcome::kTransferFailed;
-  }
-}
-
 // Blocks per fast-path request: about kChunkBytes, so a larger call goes as
 // several requests in flight at once and the node copies one while the
 // previous one crosses the wire and this side copies out the one before
@@ -206,7 +187,7 @@ FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_
         result.sizes.push_back(0);
         continue;
       }
-      BlockOutcome outcome = Outcome(block.status);
+      BlockOutcome outcome = FromWire(block.status);
       if (outcome == BlockOutcome::kOk) {
         uint8_t* destination = items[i].buffer->data() + items[i].offset;
         std::memcpy(destination, chunk.am.data.get() + offset, block.size);
@@ -267,7 +248,7 @@ FastOutcome FastPublish(Client::Impl& impl, uint64_t namespace_id, uint64_t bloc
   TransferResult result;
   for (const Chunk& chunk : chunks) {
     for (const fastpath::BlockResult& block : chunk.reply.blocks) {
-      result.outcomes.push_back(Outcome(block.status));
+      result.outcomes.push_back(FromWire(block.status));
       result.sizes.push_back(0);
     }
     result.bytes += chunk.reply.bytes_transferred;
