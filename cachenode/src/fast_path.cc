@@ -6,6 +6,7 @@
 
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "kvstrata/common/log.h"
 #include "node_service.h"
 
@@ -29,8 +30,10 @@ FastPath::FastPath(NamespaceRegistry& namespaces, TieredStore& store, TenantLedg
 FastPath::~FastPath() { Stop(); }
 
 void FastPath::Stop() {
-  absl::MutexLock lock(&shared_->running_mu);
-  shared_->stopped = true;
+  // Sequentially consistent with Running: a callback either sees `stopped`
+  // or is counted in `running` here. (Never called from a UCX callback.)
+  shared_->stopped.store(true);
+  while (shared_->running.load() > 0) absl::SleepFor(absl::Microseconds(100));
 }
 
 std::optional<fastpath::Capability> FastPath::Grant(const NamespaceInfo& ns) {
@@ -112,8 +115,8 @@ void FastPath::GiveBuffer(uint64_t bytes) {
 }
 
 void FastPath::Handle(std::shared_ptr<transfer::AmRequest> am) {
-  absl::ReaderMutexLock running(&shared_->running_mu);
-  if (shared_->stopped) return;  // dropped: the client's deadline ends its wait
+  const Running running(*shared_);
+  if (!running.ok()) return;  // dropped: the client's deadline ends its wait
   counters_.fast_path_requests.fetch_add(1, std::memory_order_relaxed);
   const absl::Time start = absl::Now();
   const char* method = "Unknown";
@@ -282,11 +285,8 @@ void FastPath::Publish(const fastpath::Request& request, const Grantee& who,
   }
   std::shared_ptr<uint8_t[]> staging(new uint8_t[bytes]);
   auto state = std::make_shared<std::pair<fastpath::Request, fastpath::Reply>>(request, reply);
-  am->ReceiveData(staging.get(), [this, shared = shared_, am, staging, bytes, state, who,
-                                  slot](absl::Status received) {
-    shared->buffer_used.fetch_sub(bytes, std::memory_order_relaxed);
-    absl::ReaderMutexLock running(&shared->running_mu);
-    if (shared->stopped) return;  // `this` may be gone: touch nothing else
+  // Runs inside a Running scope (Handle's, or the callback's below).
+  auto landed = [this, am, staging, state, who](const absl::Status& received) {
     if (!received.ok()) {
       counters_.transfer_failures.fetch_add(1, std::memory_order_relaxed);
       KVS_LOG(Warning) << "fast-path publish data failed: " << received;
@@ -294,7 +294,20 @@ void FastPath::Publish(const fastpath::Request& request, const Grantee& who,
     }
     Store(state->first, who, staging.get(), am->transport(), &state->second);
     am->Reply(fastpath::EncodeReply(state->second), nullptr, 0, nullptr);
-  });
+  };
+  std::optional<absl::Status> at_once =
+      am->ReceiveData(staging.get(), [shared = shared_, bytes, landed, slot](absl::Status received) {
+        shared->buffer_used.fetch_sub(bytes, std::memory_order_relaxed);
+        const Running running(*shared);
+        if (!running.ok()) return;  // `this` may be gone: touch nothing else
+        landed(received);
+      });
+  if (at_once.has_value()) {
+    // Over before ReceiveData returned (shared memory copies at once; a
+    // client already gone fails at once), inside Handle's Running scope.
+    GiveBuffer(bytes);
+    landed(*at_once);
+  }
 }
 
 void FastPath::NoteTransport(const std::string& transport) {

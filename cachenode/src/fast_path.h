@@ -121,10 +121,32 @@ class FastPath {
   // receive that completes after Stop, during shutdown) touch.
   struct Shared {
     std::atomic<uint64_t> buffer_used{0};
-    // Held shared by every callback that touches the store; Stop takes it
-    // exclusively.
-    absl::Mutex running_mu;
-    bool stopped ABSL_GUARDED_BY(running_mu) = false;
+    // Callbacks that touch the store run inside a Running scope; Stop turns
+    // later ones away and waits for those under way. A count, not a reader
+    // lock: UCX runs one callback inside another on the same thread (a send
+    // that finds its endpoint failed completes the endpoint's other requests,
+    // a rendezvous receive of an earlier publish among them, before it
+    // returns), and one thread taking a reader lock twice aborted the node
+    // (absl's deadlock detection) or could deadlock against Stop.
+    std::atomic<bool> stopped{false};
+    std::atomic<int> running{0};
+  };
+  // Entered by every callback before it touches `this`; ok() is false once
+  // Stop has begun (then touch nothing but `Shared`).
+  class Running {
+   public:
+    explicit Running(Shared& shared) : shared_(shared) {
+      shared_.running.fetch_add(1);
+      ok_ = !shared_.stopped.load();
+    }
+    ~Running() { shared_.running.fetch_sub(1); }
+    Running(const Running&) = delete;
+    Running& operator=(const Running&) = delete;
+    bool ok() const { return ok_; }
+
+   private:
+    Shared& shared_;
+    bool ok_;
   };
   const std::shared_ptr<Shared> shared_ = std::make_shared<Shared>();
 

@@ -106,12 +106,6 @@ class Client::Impl {
     const bool same_host = fast->shared_memory_enabled() && host_id == transfer::Engine::HostId();
     return fast->Connect(address, same_host, deadline);
   }
-  // Whether the node is on this host and UCX may use shared memory to it.
-  bool NodeOnSharedMemory() {
-    absl::MutexLock lock(&mu);
-    return engine->shared_memory_enabled() && !node_host_id.empty() &&
-           node_host_id == transfer::Engine::HostId();
-  }
   size_t FastMaxHeaderBytes() {
     absl::MutexLock lock(&mu);
     return fast_engine == nullptr ? engine->max_am_header_bytes()

@@ -33,12 +33,6 @@ std::optional<Client::Impl::FastGrant> Applicable(Client::Impl& impl, uint64_t n
       impl.options.transfer_method != ClientOptions::TransferMethod::kTagged || blocks == 0) {
     return std::nullopt;
   }
-  // Not to a node reached over shared memory: one run of fast_path_tests
-  // over shared memory crashed the client (SIGSEGV, not reproduced in 20
-  // more) and one saw a client make no fast-path request in 30 s; until that
-  // is found, such clients use gRPC, which is what they did before the fast
-  // path existed. Over TCP it is on.
-  if (impl.NodeOnSharedMemory()) return std::nullopt;
   std::optional<Client::Impl::FastGrant> grant = impl.GetFastGrant(namespace_id);
   if (!grant.has_value() || grant->capability.size() != sizeof(fastpath::Capability) ||
       block_bytes > UINT32_MAX ||

@@ -152,10 +152,10 @@ class IncomingRequest final : public AmRequest {
     return rendezvous_ || in_handler_ == false ? nullptr : static_cast<const uint8_t*>(data_);
   }
 
-  void ReceiveData(uint8_t* into, std::function<void(absl::Status)> done) override {
+  std::optional<absl::Status> ReceiveData(uint8_t* into,
+                                          std::function<void(absl::Status)> done) override {
     if (!rendezvous_ || data_ == nullptr || !in_handler_) {
-      done(absl::FailedPreconditionError("no rendezvous data to receive"));
-      return;
+      return absl::FailedPreconditionError("no rendezvous data to receive");
     }
     void* descriptor = data_;
     data_ = nullptr;
@@ -173,11 +173,10 @@ class IncomingRequest final : public AmRequest {
     param.user_data = callback;
     ucs_status_ptr_t request =
         ucp_am_recv_data_nbx(impl_->worker_, descriptor, into, length_, &param);
-    if (request == nullptr || UCS_PTR_IS_ERR(request)) {
-      (*callback)(request == nullptr ? absl::OkStatus()
-                                     : UcsError("active-message data", UCS_PTR_STATUS(request)));
-      delete callback;
-    }
+    if (request != nullptr && !UCS_PTR_IS_ERR(request)) return std::nullopt;  // `done` runs later
+    delete callback;  // over at once: UCX calls no callback
+    return request == nullptr ? absl::OkStatus()
+                              : UcsError("active-message data", UCS_PTR_STATUS(request));
   }
 
   void Reply(std::string header, const uint8_t* data, size_t length,

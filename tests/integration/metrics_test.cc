@@ -144,10 +144,11 @@ TEST_F(PrometheusTest, CountersMoveAsTheTrafficImplies) {
             20.0 * kBlock);
   EXPECT_EQ(AwaitValue(R"(kvstrata_tier_stored_bytes{tier="dram"})", 20.0 * kBlock), 20.0 * kBlock);
   EXPECT_EQ(AwaitValue(R"(kvstrata_tier_blocks{tier="dram"})", 20), 20);
-  // The one publish call went as one gRPC call or as fast-path requests (as
-  // many as the client cut it into), each counted.
+  // The one publish call went as fast-path requests (as many as the client
+  // cut it into), each counted with path="fast_path".
   EXPECT_EQ(AwaitValue(
-                R"(clamp_max(sum(kvstrata_rpc_requests_total{method="Publish",code="0"}), 1))", 1),
+                R"(clamp_max(sum(kvstrata_rpc_requests_total{method="Publish",code="0",path="fast_path"}), 1))",
+                1),
             1);
   EXPECT_EQ(AwaitValue(R"(sum(kvstrata_rpc_requests_total{method="OpenNamespace",path="grpc"}))", 1),
             1);

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -54,9 +55,14 @@ class AmRequest {
   // ReceiveData fetches it, or dropping the request lets it go unmoved.
   virtual const uint8_t* eager_data() const = 0;
   // Receives the rendezvous data into `into` (data_length() bytes, kept
-  // alive by the caller until `done` runs); `done` runs on the progress
-  // thread. Only once, and only when eager_data() is null.
-  virtual void ReceiveData(uint8_t* into, std::function<void(absl::Status)> done) = 0;
+  // alive by the caller until it is over). Only once, and only when
+  // eager_data() is null. When the receive is over at once (the data was
+  // copied, or the client is already gone: common over shared memory) its
+  // outcome is returned and `done` is never called; otherwise `done` runs
+  // later on the progress thread. Why not call `done` at once: the handler
+  // calling this usually holds locks that `done` takes too.
+  virtual std::optional<absl::Status> ReceiveData(uint8_t* into,
+                                                  std::function<void(absl::Status)> done) = 0;
   // Sends the reply (header, then `length` bytes at `data`). `keep_alive`
   // (holding `data`) is released when UCX is done with it. At most once.
   virtual void Reply(std::string header, const uint8_t* data, size_t length,
