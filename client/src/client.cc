@@ -576,7 +576,7 @@ absl::StatusOr<TransferResult> Namespace::PublishOverGrpc(absl::Span<const Publi
           block->set_checksum(BlockChecksum(HostAt(side->staged.get(), item, i), block_bytes));
         }
         if (tagged) {
-          absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
+          absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.PublishPeer(deadline);
           if (!node.ok()) return node.status();
           const uint64_t tag_base = impl.PublishTagBase();
           request->set_tag_base(tag_base);

@@ -47,18 +47,6 @@ class Client::Impl {
     }
     return (prefix << 32) | (engine->NextTagBase() & 0xffff0000ULL);
   }
-  absl::StatusOr<std::shared_ptr<transfer::Peer>> NodePeer(absl::Time deadline) {
-    std::string address, host_id;
-    {
-      absl::MutexLock lock(&mu);
-      address = node_worker_address;
-      host_id = node_host_id;
-    }
-    if (address.empty()) return absl::FailedPreconditionError("open a namespace first");
-    const bool same_host = engine->shared_memory_enabled() && host_id == transfer::Engine::HostId();
-    return engine->Connect(address, same_host, deadline);  // cached by the engine
-  }
-
   // Fast path grants, by namespace id (OpenNamespace).
   struct FastGrant {
     std::string capability;  // 16 bytes
@@ -80,36 +68,61 @@ class Client::Impl {
     return it->second;
   }
 
-  // The endpoint fast-path requests go on: from a UCX worker of their own
-  // (created on first use), never the one tagged transfers use. Why: the
-  // node creates endpoints to `engine`'s worker for fetches; UCX 1.13 then
-  // matches the node's new endpoint with this client's existing one to the
-  // node (same connection sequence number) and rewires it, and active
-  // messages on it were lost (fast_path_test, MixedSizesAndBothPaths...).
-  // The node never connects to this worker, so nothing rewires it.
-  absl::StatusOr<std::shared_ptr<transfer::Peer>> FastNodePeer(absl::Time deadline) {
+  // The endpoint to the node that fast-path requests go on, and over TCP a
+  // publish's blocks (answering the node's pull): from a UCX worker of its
+  // own (created on first use), never `engine`'s, the one the node connects
+  // to for fetches and pull requests. Why: UCX 1.13 matches an endpoint the
+  // node creates to a worker with that worker's own endpoint to the node
+  // (same connection sequence number) and rewires them; active messages were
+  // lost on it (fast_path_test, MixedSizesAndBoth...) and a publish's tagged
+  // receive on the node was cancelled mid-pull, the call then hanging to its
+  // deadline (SmallBlocksTest.MixedBlockSizes..., 1 run in 16 over TCP under
+  // load). The node never connects to this worker, so nothing rewires it.
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> NodePeer(absl::Time deadline) {
+    std::shared_ptr<transfer::Engine> outbound;
+    {
+      absl::MutexLock lock(&mu);
+      if (outbound_engine == nullptr) {
+        absl::StatusOr<std::unique_ptr<transfer::Engine>> created =
+            transfer::Engine::Create({.transports = options.ucx_transports});
+        if (!created.ok()) return created.status();
+        outbound_engine = *std::move(created);
+      }
+      outbound = outbound_engine;
+    }
+    return ConnectToNode(*outbound, deadline);
+  }
+  // The endpoint a publish's blocks go on. Over shared memory from the worker
+  // the node pulls from (tagged rendezvous from a second worker of a client
+  // killed mid-publish crashed the node in UCX 1.13: an assertion in
+  // ucp_rndv_receive on an endpoint freed under it, device_client_test's
+  // kill test, 2 runs in 4), elsewhere NodePeer's.
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> PublishPeer(absl::Time deadline) {
+    if (NodeOnSharedMemory()) return ConnectToNode(*engine, deadline);
+    return NodePeer(deadline);
+  }
+  bool NodeOnSharedMemory() {
+    absl::MutexLock lock(&mu);
+    return engine->shared_memory_enabled() && !node_host_id.empty() &&
+           node_host_id == transfer::Engine::HostId();
+  }
+  size_t FastMaxHeaderBytes() {
+    absl::MutexLock lock(&mu);
+    return outbound_engine == nullptr ? engine->max_am_header_bytes()
+                                      : outbound_engine->max_am_header_bytes();
+  }
+
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> ConnectToNode(transfer::Engine& from,
+                                                                absl::Time deadline) {
     std::string address, host_id;
-    std::shared_ptr<transfer::Engine> fast;
     {
       absl::MutexLock lock(&mu);
       address = node_worker_address;
       host_id = node_host_id;
-      if (fast_engine == nullptr) {
-        absl::StatusOr<std::unique_ptr<transfer::Engine>> created =
-            transfer::Engine::Create({.transports = options.ucx_transports});
-        if (!created.ok()) return created.status();
-        fast_engine = *std::move(created);
-      }
-      fast = fast_engine;
     }
     if (address.empty()) return absl::FailedPreconditionError("open a namespace first");
-    const bool same_host = fast->shared_memory_enabled() && host_id == transfer::Engine::HostId();
-    return fast->Connect(address, same_host, deadline);
-  }
-  size_t FastMaxHeaderBytes() {
-    absl::MutexLock lock(&mu);
-    return fast_engine == nullptr ? engine->max_am_header_bytes()
-                                  : fast_engine->max_am_header_bytes();
+    const bool same_host = from.shared_memory_enabled() && host_id == transfer::Engine::HostId();
+    return from.Connect(address, same_host, deadline);  // cached by the engine
   }
 
   absl::Duration Timeout(std::optional<absl::Duration> timeout) const {
@@ -123,7 +136,7 @@ class Client::Impl {
   uint32_t tag_prefix ABSL_GUARDED_BY(mu) = 0;
   uint64_t max_coalesced_bytes ABSL_GUARDED_BY(mu) = 0;  // the node's; 0: it does not coalesce
   absl::flat_hash_map<uint64_t, FastGrant> fast_grants ABSL_GUARDED_BY(mu);
-  std::shared_ptr<transfer::Engine> fast_engine ABSL_GUARDED_BY(mu);
+  std::shared_ptr<transfer::Engine> outbound_engine ABSL_GUARDED_BY(mu);
 };
 
 absl::Status FromGrpc(const grpc::Status& status);

@@ -80,7 +80,7 @@ std::optional<absl::Status> Exchange(Client::Impl& impl, uint64_t namespace_id,
       return std::nullopt;
     }
   }
-  absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.FastNodePeer(deadline);
+  absl::StatusOr<std::shared_ptr<transfer::Peer>> node = impl.NodePeer(deadline);
   if (!node.ok()) return std::nullopt;  // gRPC reports why, or reconnects
   std::vector<absl::StatusOr<transfer::AmReply>> replies = (*node)->CallMany(specs, deadline);
   for (size_t c = 0; c < chunks.size(); ++c) {

@@ -320,6 +320,8 @@ struct PullServer::State {
   ucs_status_t request_error ABSL_GUARDED_BY(mu) = UCS_OK;
   std::shared_ptr<SendGroup> sends = std::make_shared<SendGroup>();
   std::shared_ptr<Peer> to;
+  // `to`'s engine: this one, or another whose endpoint the answer goes on.
+  Engine::Impl* to_engine = nullptr;
   uint64_t tag_base = 0;
   std::vector<SendOp> blocks;
   std::vector<uint8_t> request_buffer;  // u16 indices
@@ -364,6 +366,9 @@ void OnPullRequest(void* request, ucs_status_t status, const ucp_tag_recv_info_t
     PostCoalescedSends(ep, parts, state->tag_base, CoalescedBlocksPerMessage(parts[0].length),
                        state->sends);
   }
+  // `to` may be another engine's endpoint (the client sends from a worker
+  // the node never connects to): its progress thread may be asleep.
+  state->to_engine->Wake();
 }
 
 }  // namespace
@@ -378,6 +383,7 @@ absl::StatusOr<std::unique_ptr<PullServer>> Engine::ServePull(std::shared_ptr<Pe
   server->engine_ = this;
   server->state_ = std::make_shared<PullServer::State>();
   PullServer::State& state = *server->state_;
+  state.to_engine = to->engine().impl_.get();
   state.to = std::move(to);
   state.tag_base = tag_base;
   for (size_t i = 0; i < blocks.size(); ++i) blocks[i].tag = tag_base + i;

@@ -333,7 +333,8 @@ class Engine {
   // answers by sending blocks[i] with tag tag_base + i to `to`, or, when the
   // request starts with kCoalescedPullMarker, the wanted blocks coalesced
   // (Peer::SendCoalesced, CoalescedBlocksPerMessage of blocks[0]'s length per
-  // message). Returns at once.
+  // message). `to` may belong to another engine: the request is received on
+  // this engine's worker, the blocks go from `to`'s. Returns at once.
   absl::StatusOr<std::unique_ptr<PullServer>> ServePull(std::shared_ptr<Peer> to, uint64_t tag_base,
                                                         std::vector<SendOp> blocks);
   // A fresh 64-bit value for building unique tags (never 0).
