@@ -2,11 +2,11 @@
 // ("Why Belady wins") for the trace facts behind the three classes.
 #include <cstdint>
 #include <deque>
-#include <list>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
 #include "kvstrata/cachenode/eviction_policy.h"
+#include "node_pool.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -138,7 +138,7 @@ class ChainProtectPolicy final : public EvictionPolicy {
  private:
   enum Class : uint8_t { kDead = 0, kProbation = 1, kProtected = 2 };
   struct Entry {
-    std::list<BlockId>::iterator position;
+    PooledList<BlockId>::iterator position;
     BlockKey last_child;  // the newest child inserted under this block
     bool has_last_child = false;
     bool is_root = false;  // a chain's first block: no parent, or a new branch
@@ -152,7 +152,10 @@ class ChainProtectPolicy final : public EvictionPolicy {
   }
 
   const double probation_share_;
-  std::list<BlockId> lists_[3];  // per class, most recent first
+  NodePool pool_;  // the lists' nodes (before them: it outlives them)
+  PooledList<BlockId> lists_[3] = {PooledList<BlockId>(PoolAllocator<BlockId>(&pool_)),
+                                   PooledList<BlockId>(PoolAllocator<BlockId>(&pool_)),
+                                   PooledList<BlockId>(PoolAllocator<BlockId>(&pool_))};  // per class, most recent first
   absl::flat_hash_map<BlockId, Entry> blocks_;
   // Roots seen, at most as many as the blocks the policy ever tracked, so the
   // memory follows the tier's size without the policy knowing it. (A ghost of

@@ -1,9 +1,9 @@
 #include <iterator>
-#include <list>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "kvstrata/cachenode/eviction_policy.h"
+#include "node_pool.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -37,8 +37,9 @@ class LruPolicy final : public EvictionPolicy {
   size_t size() const override { return order_.size(); }
 
  private:
-  std::list<BlockId> order_;  // most recent first
-  absl::flat_hash_map<BlockId, std::list<BlockId>::iterator> position_;
+  NodePool pool_;  // the list's nodes (before it: it outlives it)
+  PooledList<BlockId> order_{PoolAllocator<BlockId>(&pool_)};  // most recent first
+  absl::flat_hash_map<BlockId, PooledList<BlockId>::iterator> position_;
 };
 
 // Leaves (blocks without cached children) in LRU order; inner blocks wait
@@ -95,14 +96,15 @@ class PrefixLruPolicy final : public EvictionPolicy {
  private:
   struct Block {
     std::optional<BlockId> parent;
-    std::list<BlockId>::iterator position;  // valid when is_leaf
+    PooledList<BlockId>::iterator position;  // valid when is_leaf
     bool is_leaf = false;
   };
   void Touch(const BlockId& id, Block& block) {
     if (block.is_leaf) leaves_.splice(leaves_.begin(), leaves_, block.position);
   }
 
-  std::list<BlockId> leaves_;  // most recent first
+  NodePool pool_;  // the list's nodes (before it: it outlives it)
+  PooledList<BlockId> leaves_{PoolAllocator<BlockId>(&pool_)};  // most recent first
   absl::flat_hash_map<BlockId, Block> blocks_;
   absl::flat_hash_map<BlockId, uint32_t> children_;  // cached children per parent
 };

@@ -7,10 +7,10 @@
 #include <array>
 #include <bit>
 #include <iterator>
-#include <list>
 
 #include "absl/container/flat_hash_map.h"
 #include "kvstrata/cachenode/eviction_policy.h"
+#include "node_pool.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -27,7 +27,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
     auto [it, inserted] = blocks_.try_emplace(id);
     Block& block = it->second;
     if (!inserted) {
-      Access(block, id);
+      Access(block);
       return;
     }
     block.touched = clock_;
@@ -47,7 +47,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
 
   void OnHit(const BlockId& id) override {
     ++clock_;
-    if (auto it = blocks_.find(id); it != blocks_.end()) Access(it->second, id);
+    if (auto it = blocks_.find(id); it != blocks_.end()) Access(it->second);
   }
 
   void OnErase(const BlockId& id) override {
@@ -69,7 +69,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
   std::optional<BlockId> Victim() override {
     Age();
     for (auto& level : levels_) {
-      if (!level.empty()) return level.back();
+      if (!level.empty()) return level.back().id;
     }
     return std::nullopt;
   }
@@ -77,9 +77,14 @@ class PrefixFreqPolicy final : public EvictionPolicy {
   size_t size() const override { return blocks_.size(); }
 
  private:
+  // A leaf in its level's list, with its last access (as in its Block).
+  struct Leaf {
+    BlockId id;
+    uint64_t touched = 0;
+  };
   struct Block {
     BlockId parent;
-    std::list<BlockId>::iterator position;  // valid while listed
+    PooledList<Leaf>::iterator position;  // valid while listed
     uint64_t touched = 0;                   // clock of the last access
     uint32_t count = 1;                     // accesses, halved as it ages
     uint32_t children = 0;                  // cached blocks extending it
@@ -93,17 +98,21 @@ class PrefixFreqPolicy final : public EvictionPolicy {
     }
   };
 
-  void Access(Block& block, const BlockId& id) {
+  void Access(Block& block) {
+    const int from = block.Level();
     block.count = block.count < (1u << 30) ? block.count + 1 : block.count;
     block.touched = clock_;
     if (block.listed) {
-      Unlist(block);
-      List(block, id, /*front=*/true);
+      // To the front of its (maybe new) level; splicing keeps the node.
+      auto& to = levels_[block.Level()];
+      to.splice(to.begin(), levels_[from], block.position);
+      block.position->touched = clock_;
     }
   }
   void List(Block& block, const BlockId& id, bool front) {
     auto& level = levels_[block.Level()];
-    block.position = front ? level.insert(level.begin(), id) : level.insert(level.end(), id);
+    const Leaf leaf{id, block.touched};
+    block.position = front ? level.insert(level.begin(), leaf) : level.insert(level.end(), leaf);
     block.listed = true;
   }
   void Unlist(Block& block) {
@@ -119,9 +128,11 @@ class PrefixFreqPolicy final : public EvictionPolicy {
     for (int l = kLevels - 1; l > 0; --l) {
       auto& level = levels_[l];
       if (level.empty()) continue;
-      Block& oldest = blocks_.find(level.back())->second;
-      if (clock_ - oldest.touched <= lifetime) continue;
-      const BlockId id = level.back();
+      // The leaf's node carries its last access, so only an expiring leaf
+      // costs a lookup.
+      if (clock_ - level.back().touched <= lifetime) continue;
+      const BlockId id = level.back().id;
+      Block& oldest = blocks_.find(id)->second;
       Unlist(oldest);
       oldest.count /= 2;
       oldest.touched = clock_;  // a fresh lifetime at its new level
@@ -130,7 +141,11 @@ class PrefixFreqPolicy final : public EvictionPolicy {
   }
 
   uint64_t clock_ = 0;  // accesses
-  std::array<std::list<BlockId>, kLevels> levels_;  // leaves per level, most recent first
+  NodePool pool_;  // the levels' nodes (before them: it outlives them)
+  std::array<PooledList<Leaf>, kLevels> levels_ = {
+      PooledList<Leaf>(PoolAllocator<Leaf>(&pool_)), PooledList<Leaf>(PoolAllocator<Leaf>(&pool_)),
+      PooledList<Leaf>(PoolAllocator<Leaf>(&pool_)),
+      PooledList<Leaf>(PoolAllocator<Leaf>(&pool_))};  // leaves per level, most recent first
   absl::flat_hash_map<BlockId, Block> blocks_;
 };
 

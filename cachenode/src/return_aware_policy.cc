@@ -5,11 +5,11 @@
 #include <bit>
 #include <cstdint>
 #include <deque>
-#include <list>
 #include <utility>
 
 #include "absl/container/node_hash_map.h"
 #include "kvstrata/cachenode/eviction_policy.h"
+#include "node_pool.h"
 
 namespace kvstrata::cachenode {
 namespace {
@@ -203,7 +203,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     double lowest = 0;
     for (int kind : {kFirst, kLater}) {
       for (int cls = 0; cls <= kPending; ++cls) {
-        const std::list<Chain*>& chains = classes_[kind][cls];
+        const PooledList<Chain*>& chains = classes_[kind][cls];
         if (chains.empty()) continue;
         Chain* oldest = chains.back();
         const double value = Value(*oldest);
@@ -263,13 +263,14 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     // Holds a branch point: a prefix of many conversations (a system prompt,
     // a document), whose turns teach nothing about conversations returning.
     bool shared = false;
-    std::list<BlockId> live;      // blocks that can extend a prefix, in insertion order
+    explicit Chain(NodePool* pool) : live(PoolAllocator<BlockId>(pool)) {}
+    PooledList<BlockId> live;     // blocks that can extend a prefix, in insertion order
     size_t resident = 0;          // live and dead blocks
-    std::list<Chain*>::iterator class_position;  // valid while `live` is not empty
+    PooledList<Chain*>::iterator class_position;  // valid while `live` is not empty
   };
   struct Block {
     Chain* chain = nullptr;
-    std::list<BlockId>::iterator position;  // in chain->live, or in dead_
+    PooledList<BlockId>::iterator position;  // in chain->live, or in dead_
     // The newest child inserted under it, and that child's link back (only
     // the newest child keeps one: older children are dead).
     Block* newest_child = nullptr;
@@ -316,7 +317,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   Chain& StartTurn(const BlockId& root) {
     ++clock_;
     victim_ = nullptr;
-    auto [it, created] = chains_.try_emplace(root);
+    auto [it, created] = chains_.try_emplace(root, &pool_);
     Chain& chain = it->second;
     // Out of its class list before its class changes; back at the front after.
     const bool listed = !chain.live.empty();
@@ -377,7 +378,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   // hint (usually near the front: hints come within a few requests; the walk
   // is bounded).
   void List(Chain& chain) {
-    std::list<Chain*>& chains = ListOf(chain);
+    PooledList<Chain*>& chains = ListOf(chain);
     auto at = chains.begin();
     for (int steps = 0; at != chains.end() && (*at)->last_turn > chain.last_turn && steps < 64;
          ++steps) {
@@ -390,7 +391,7 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     ListOf(chain).erase(chain.class_position);
     victim_ = nullptr;
   }
-  std::list<Chain*>& ListOf(Chain& chain) {
+  PooledList<Chain*>& ListOf(Chain& chain) {
     return chain.shared ? shared_ : classes_[chain.kind][chain.output_class];
   }
   void MakeShared(Chain& chain) {
@@ -427,12 +428,27 @@ class ReturnAwarePolicy final : public EvictionPolicy {
   }
 
   uint64_t clock_ = 0;  // turns started
-  absl::node_hash_map<BlockId, Block> blocks_;  // stable addresses: blocks link each other
+  // Every node of the maps and lists below (before them: it outlives them).
+  NodePool pool_;
+  template <typename V>
+  using Map = absl::node_hash_map<BlockId, V, absl::Hash<BlockId>, std::equal_to<BlockId>,
+                                  PoolAllocator<std::pair<const BlockId, V>>>;
+  template <typename T>
+  PooledList<T> NewList() {
+    return PooledList<T>(PoolAllocator<T>(&pool_));
+  }
+  Map<Block> blocks_{PoolAllocator<std::pair<const BlockId, Block>>(&pool_)};  // stable addresses: blocks link each other
   std::pair<const BlockId, Block>* last_touched_ = nullptr;  // inserted or hit last
-  absl::node_hash_map<BlockId, Chain> chains_;  // by root; stable addresses
-  std::list<Chain*> classes_[2][kPending + 1];
-  std::list<Chain*> shared_;  // shared chains with live blocks, newest turn first
-  std::list<BlockId> dead_;  // newest first
+  Map<Chain> chains_{PoolAllocator<std::pair<const BlockId, Chain>>(&pool_)};  // by root; stable addresses
+  template <typename T, size_t... I>
+  std::array<PooledList<T>, sizeof...(I)> NewLists(std::index_sequence<I...>) {
+    return {((void)I, NewList<T>())...};
+  }
+  using Classes = std::array<PooledList<Chain*>, kPending + 1>;
+  std::array<Classes, 2> classes_ = {NewLists<Chain*>(std::make_index_sequence<kPending + 1>()),
+                                     NewLists<Chain*>(std::make_index_sequence<kPending + 1>())};
+  PooledList<Chain*> shared_ = NewList<Chain*>();  // shared chains with live blocks, newest turn first
+  PooledList<BlockId> dead_ = NewList<BlockId>();  // newest first
   std::deque<std::pair<BlockId, uint64_t>> forget_order_;
   ReturnStats stats_;
   double hint_delay_ = 0;  // longest recent hint delay, in turns (decays)
