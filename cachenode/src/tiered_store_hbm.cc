@@ -11,6 +11,7 @@
 namespace kvstrata::cachenode {
 
 void TieredStore::WireHbm() {
+  hbm_->slabs().set_moves(&moves_);  // an HBM eviction is a move until DRAM (or NVMe) has it
   hbm_->slabs().set_eviction_hook([this](const BlockId& id, std::shared_ptr<StoredBlock> block) {
     DemoteFromHbm(id, std::move(block));
   });
@@ -52,6 +53,11 @@ void TieredStore::DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> 
 // A DRAM block that was hit moves up. The caller keeps `block` (it may be
 // serving it), so only the index entry leaves DRAM.
 void TieredStore::PromoteToHbm(const BlockId& id, const std::shared_ptr<StoredBlock>& block) {
+  // Begun before the source is checked: a Delete from here on waits for the
+  // copy to land in HBM and erases it there (BlockMoves). A block no longer
+  // (or never: read from NVMe into memory of our own) in DRAM stays put.
+  ScopedMove move(&moves_, id);
+  if (dram_.Find(id, /*hit=*/false) != block) return;
   absl::StatusOr<bool> admitted = hbm_->Admit(id, *block);
   if (!admitted.ok()) return;  // HBM all pinned or a copy failed: it stays in DRAM
   dram_.Erase(id);
