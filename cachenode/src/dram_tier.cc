@@ -223,12 +223,13 @@ std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id, uint64_t* move
 
 bool DramTier::Erase(const BlockId& id) { return TakeOut(id) != nullptr; }
 
-bool DramTier::Evict(const BlockId& id) {
+bool DramTier::Evict(const BlockId& id, const EvictionHook* sink) {
+  const EvictionHook* to = sink != nullptr ? sink : &eviction_hook_;
   uint64_t move = 0;
-  std::shared_ptr<StoredBlock> block = TakeOut(id, eviction_hook_ ? &move : nullptr);
+  std::shared_ptr<StoredBlock> block = TakeOut(id, *to ? &move : nullptr);
   if (block == nullptr) return false;
   evictions_.fetch_add(1, std::memory_order_relaxed);
-  if (eviction_hook_) eviction_hook_(id, std::move(block));
+  if (*to) (*to)(id, std::move(block));
   if (move != 0) moves_->End(move);
   return true;
 }

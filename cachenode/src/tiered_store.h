@@ -94,6 +94,17 @@ class TieredStore {
   // NVMe).
   bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);
 
+  // Tenant quotas (TenantLedger) count the memory tiers, HBM and DRAM, whose
+  // blocks are exclusive and whose capacities add. InMemory: `id` is in one
+  // of them. EvictFromMemory: takes `id` out of memory (an HBM block goes
+  // to NVMe, or is dropped without one: demoting it into DRAM would keep it
+  // in memory), as an eviction; false when it is in neither.
+  bool InMemory(const BlockId& id);
+  bool EvictFromMemory(const BlockId& id);
+  // Tells `hook` of every block entering and leaving HBM and DRAM (both
+  // tiers' residency hooks). Set once, before use.
+  void set_memory_residency_hook(const DramTier::ResidencyHook& hook);
+
   uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
 
  private:
@@ -101,7 +112,8 @@ class TieredStore {
   bool EraseEverywhere(const BlockId& id);
   // tiered_store_hbm.cc
   void WireHbm();
-  void DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  // `into_dram`: false for a quota eviction (straight to NVMe, or dropped).
+  void DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block, bool into_dram = true);
   void PromoteToHbm(const BlockId& id, const std::shared_ptr<StoredBlock>& block);
   void Prefetch(std::vector<BlockId> ids);
   void PrefetchLoop();

@@ -91,7 +91,7 @@ struct Node {
   cachenode::DramTier dram{arena.data(), kArenaBytes, kSlabBytes,
                            *cachenode::MakeEvictionPolicy("lru")};
   cachenode::TieredStore store{dram, nullptr};
-  cachenode::TenantLedger ledger{dram};
+  cachenode::TenantLedger ledger{store};
   cachenode::NodeCounters counters;
   uint64_t opaque_id = 0;
   uint64_t quantized_id = 0;

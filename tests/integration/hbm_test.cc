@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -322,6 +324,87 @@ TEST_F(HbmNodeTest, AClientKilledMidStagedFetchLeaksNothing) {
   EXPECT_EQ(FetchAndVerify(*client_, *ns_, 7, 32, 16), 32u);
   ASSERT_EQ(Publish(8, 8), 8u);
   EXPECT_EQ(FetchAndVerify(*client_, *ns_, 8, 8, 8), 8u);
+}
+
+// Tenant quotas cover HBM as well as DRAM (docs/ARCHITECTURE.md §4): a tenant
+// flooding an HBM node keeps at most its quota in memory, and displaces its
+// own blocks, not another tenant's from HBM. Before, its blocks in HBM were
+// not counted: acme held all of HBM and pushed globex's blocks down to DRAM.
+TEST_F(HbmNodeTest, ATenantsQuotaCoversItsHbmBlocksAndSparesOtherTenants) {
+  const std::string acme_token = "acme-token", globex_token = "globex-token",
+                    admin_token = "admin-token";
+  const auto digest = [](const std::string& text) {
+    const std::string command = "printf %s '" + text + "' | sha256sum";
+    FILE* pipe = popen(command.c_str(), "r");
+    char out[65] = {};
+    if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
+    if (pipe != nullptr) pclose(pipe);
+    return std::string(out, 64);
+  };
+  constexpr uint64_t kQuotaBlocks = 8;
+  const std::string auth = temp_->File("auth");
+  {
+    std::ofstream file(auth);
+    file << "token sha256:" << digest(acme_token) << " tenant acme\n"
+         << "token sha256:" << digest(globex_token) << " tenant globex\n"
+         << "token sha256:" << digest(admin_token) << " admin *\n"
+         << "quota acme dram_bytes=" << kQuotaBlocks * kBlock << "\n";
+  }
+  auto node = NodeProcess::Start(
+      HbmNodeBinary(), {absl::StrCat("--slab_bytes=", kSlab), "--transfer_timeout=5s",
+                        "--eviction_policy=lru", HbmFlag(32), DramFlag(64), "--auth_file=" + auth});
+  ASSERT_TRUE(node.ok()) << node.status();
+  const auto connect = [&](const std::string& token) {
+    std::unique_ptr<Client> c;
+    for (int i = 0; i < 100 && c == nullptr; ++i) {  // until the node serves
+      auto connected = Client::Connect(
+          {.node_address = (*node)->address(), .timeout = absl::Seconds(20), .auth_token = token});
+      if (connected.ok()) c = *std::move(connected);
+      else absl::SleepFor(absl::Milliseconds(50));
+    }
+    return c;
+  };
+  const auto spec = [](const std::string& tenant) {
+    v1::NamespaceSpec s = Spec();
+    s.set_tenant(tenant);
+    return s;
+  };
+  std::unique_ptr<Client> globex = connect(globex_token), acme = connect(acme_token),
+                          admin = connect(admin_token);
+  ASSERT_TRUE(globex && acme && admin);
+  auto kept = globex->OpenNamespace(spec("globex"));
+  auto flood = acme->OpenNamespace(spec("acme"));
+  ASSERT_TRUE(kept.ok() && flood.ok()) << kept.status() << flood.status();
+  ASSERT_EQ(PublishStream(*globex, *kept, 70, 8, 4)->count(BlockOutcome::kOk), 8u);
+
+  auto flooded = PublishStream(*acme, *flood, 71, 100, 4);
+  ASSERT_TRUE(flooded.ok()) << flooded.status();
+  EXPECT_EQ(flooded->count(BlockOutcome::kOk), 100u) << "a tenant at its quota makes room";
+
+  v1::StatsResponse stats;
+  ASSERT_TRUE(admin->Stats(&stats).ok());
+  const v1::TierStats* hbm = FindTier(stats, v1::TIER_HBM);
+  const v1::TierStats* dram = FindTier(stats, v1::TIER_DRAM);
+  ASSERT_TRUE(hbm != nullptr && dram != nullptr);
+  EXPECT_LE(hbm->blocks() + dram->blocks(), 8 + kQuotaBlocks)
+      << "acme holds more than its quota in memory: " << stats.DebugString();
+  bool found = false;
+  for (const v1::TenantStats& tenant : stats.tenants()) {
+    if (tenant.tenant() != "acme") continue;
+    found = true;
+    EXPECT_LE(tenant.dram_bytes(), kQuotaBlocks * kBlock) << "HBM and DRAM bytes together";
+    EXPECT_GE(tenant.quota_evictions(), 100 - kQuotaBlocks);
+  }
+  EXPECT_TRUE(found) << stats.DebugString();
+  // globex's blocks stayed where they were, in HBM, and are served.
+  auto lookup = kept->Lookup(kept->Keys(testing::Tokens(70, 8, kTokensPerBlock)));
+  ASSERT_TRUE(lookup.ok()) << lookup.status();
+  ASSERT_EQ(lookup->tiers.size(), 8u);
+  EXPECT_EQ(std::count(lookup->tiers.begin(), lookup->tiers.end(), Tier::kHbm), 8)
+      << "acme's flood pushed globex's blocks out of HBM";
+  EXPECT_EQ(FetchAndVerify(*globex, *kept, 70, 8, 4), 8u);
+  // acme kept its newest quota's worth, and they are served.
+  EXPECT_EQ(FetchAndVerify(*acme, *flood, 71, 100, 4), kQuotaBlocks);
 }
 
 TEST_F(HbmNodeTest, ARestartLosesHbmAndADeleteIsNeverServed) {

@@ -107,10 +107,11 @@ class DramTier {
   // asked about every victim before it is evicted. Set once, before use.
   void set_transcoder(const BlockTranscoder* transcoder) { transcoder_ = transcoder; }
 
-  // Evicts `id` as if the policy had chosen it (the eviction hook demotes
-  // it). False when it is not stored. A tenant over its quota makes room
-  // this way among its own blocks.
-  bool Evict(const BlockId& id);
+  // Evicts `id` as if the policy had chosen it: handed to `sink` when
+  // given, else to the eviction hook (which demotes it). False when it is
+  // not stored. A tenant over its quota makes room this way among its own
+  // blocks.
+  bool Evict(const BlockId& id, const EvictionHook* sink = nullptr);
 
   // Removes every block, in the policy's eviction order (least valuable
   // first), handing each to `sink`. For shutdown: the node writes them to NVMe.
