@@ -82,11 +82,12 @@ class TieredStoreHbmTest : public ::testing::Test {
 
   static BlockId Id(uint64_t n) { return NumberedBlockId(n, 7); }
 
-  void Publish(uint64_t n) {
+  void Publish(uint64_t n, uint8_t format = 0) {
     auto block = store_->Reserve(kSize);
     ASSERT_TRUE(block.ok()) << block.status();
     testing::FillBlock(n, 0, (*block)->data(), kSize);
     (*block)->checksum = BlockChecksum((*block)->data(), kSize);
+    (*block)->format = format;
     auto stored = store_->Commit(Id(n), *std::move(block));
     ASSERT_TRUE(stored.ok() && *stored) << stored.status();
   }
@@ -156,6 +157,28 @@ TEST_F(TieredStoreHbmTest, DeleteDuringDramToHbmPromotionLeavesNothing) {
   EXPECT_EQ(hbm_->slabs().Find(Id(1), false), nullptr);
   EXPECT_TRUE(Served(2) && Served(3));
   EXPECT_EQ(store_->moves_in_flight(), 0u);
+}
+
+// A block's stored format (a quantized namespace's, or a precision
+// transcode's coarser copy) travels with it through HBM: Fetch reports it per
+// block, and the client decodes by it. HBM copies used to drop it, so an fp8
+// block promoted into HBM was served as raw, its encoded bytes taken for KV.
+TEST_F(TieredStoreHbmTest, StoredFormatSurvivesHbmPlacementDemotionAndPromotion) {
+  const uint8_t kFp8 = v1::FORMAT_FP8_E4M3;
+  Publish(1, kFp8);
+  const BlockId id = Id(1);
+  ASSERT_NE(hbm_->slabs().Find(id, false), nullptr);
+  EXPECT_EQ(store_->StoredFormatOf(id), kFp8) << "placed in HBM";
+  EXPECT_EQ(store_->Pin({&id, 1})[0]->format, kFp8) << "a staged copy for a fetch";
+  Publish(2);
+  Publish(3);  // block 1 demoted to DRAM
+  ASSERT_NE(dram_.Find(id, false), nullptr);
+  EXPECT_EQ(store_->StoredFormatOf(id), kFp8) << "demoted";
+  EXPECT_EQ(store_->Pin({&id, 1})[0]->format, kFp8) << "the DRAM copy a hit serves";
+  ASSERT_NE(hbm_->slabs().Find(id, false), nullptr) << "the hit promoted it";
+  EXPECT_EQ(store_->StoredFormatOf(id), kFp8) << "promoted";
+  EXPECT_EQ(store_->Pin({&id, 1})[0]->format, kFp8);
+  EXPECT_EQ(store_->PinHbm({&id, 1})[0]->format, kFp8) << "what FetchDeviceIpc reports";
 }
 
 TEST_F(TieredStoreHbmTest, DeleteWithoutMovesDoesNotWait) {

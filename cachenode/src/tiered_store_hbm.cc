@@ -109,6 +109,7 @@ absl::StatusOr<bool> TieredStore::Commit(const BlockId& id, std::shared_ptr<Stor
     (*chunk)->checksum = block->checksum;
     (*chunk)->parent = block->parent;
     (*chunk)->has_parent = block->has_parent;
+    (*chunk)->format = block->format;
     block = *std::move(chunk);
   }
   return dram_.Commit(id, std::move(block));
