@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -405,6 +406,56 @@ TEST_F(HbmNodeTest, ATenantsQuotaCoversItsHbmBlocksAndSparesOtherTenants) {
   EXPECT_EQ(FetchAndVerify(*globex, *kept, 70, 8, 4), 8u);
   // acme kept its newest quota's worth, and they are served.
   EXPECT_EQ(FetchAndVerify(*acme, *flood, 71, 100, 4), kQuotaBlocks);
+}
+
+// A quantized namespace's blocks keep their stored format through HBM: a
+// Fetch reports int8 (not raw, which would have the client take the encoded
+// bytes for KV), and a republish finds them present. HBM copies used to drop
+// the format.
+TEST_F(HbmNodeTest, AQuantizedNamespacesBlocksKeepTheirFormatInHbm) {
+  StartNode({HbmFlag(16), DramFlag(64)});
+  v1::NamespaceSpec spec;
+  spec.set_model("hbm-int8");
+  spec.set_dtype(v1::DTYPE_FP16);
+  spec.set_num_layers(1);
+  spec.set_num_kv_heads(8);
+  spec.set_head_dim(128);
+  spec.set_tokens_per_block(kTokensPerBlock);
+  spec.set_format(v1::FORMAT_INT8);
+  auto ns = client_->OpenNamespace(spec);
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  constexpr size_t kCount = 4;
+  const uint64_t block = ns->block_bytes();
+  auto buffer = client_->Allocate(kCount * block);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  for (size_t i = 0; i < kCount * block / 2; ++i) {  // small fp16 values
+    const _Float16 h = static_cast<_Float16>(static_cast<float>(i % 17) / 16.0f - 0.5f);
+    std::memcpy((*buffer)->data() + 2 * i, &h, 2);
+  }
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(80, kCount, kTokensPerBlock));
+  std::vector<client::PublishItem> publish;
+  for (size_t i = 0; i < kCount; ++i) {
+    publish.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), i * block});
+  }
+  auto published = ns->Publish(publish);
+  ASSERT_TRUE(published.ok()) << published.status();
+  ASSERT_EQ(published->count(BlockOutcome::kOk), kCount);
+  auto lookup = ns->Lookup(keys);
+  ASSERT_TRUE(lookup.ok());
+  EXPECT_EQ(std::count(lookup->tiers.begin(), lookup->tiers.end(), Tier::kHbm), int(kCount));
+
+  std::vector<client::FetchItem> fetch;
+  for (size_t i = 0; i < kCount; ++i) fetch.push_back({keys[i], buffer->get(), i * block});
+  auto fetched = ns->Fetch(fetch);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  for (size_t i = 0; i < kCount; ++i) {
+    EXPECT_EQ(fetched->outcomes[i], BlockOutcome::kOk) << i;
+    EXPECT_EQ(fetched->formats[i], client::StoredFormat::kInt8) << "block " << i << " from HBM";
+  }
+  auto again = ns->Publish(publish);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->count(BlockOutcome::kAlreadyPresent), kCount)
+      << "a republish took the HBM copies for coarser ones";
 }
 
 TEST_F(HbmNodeTest, ARestartLosesHbmAndADeleteIsNeverServed) {
