@@ -28,6 +28,20 @@ Request Publish(size_t blocks) {
   return request;
 }
 
+// Found by the fast_path_wire fuzzer (tests/fuzz/regressions/fast_path_wire):
+// a publish block without the parent flag but with parent bytes decoded, so
+// two encodings meant one request and the node ignored bytes it was sent.
+TEST(FastPathWireTest, ParentBytesWithoutTheParentFlagAreRefused) {
+  std::string header = EncodeRequest(Publish(1));  // block 0 has no parent
+  // Header (40 bytes), then the block: key (16), flags (1), parent (16).
+  ASSERT_EQ(header[40 + 16], 0);
+  header[40 + 16 + 1] = 0x5a;
+  absl::StatusOr<Request> decoded = DecodeRequest(header);
+  EXPECT_TRUE(absl::IsInvalidArgument(decoded.status())) << decoded.status();
+  header[40 + 16 + 1] = 0;
+  EXPECT_TRUE(DecodeRequest(header).ok());
+}
+
 TEST(FastPathWireTest, RequestsAndRepliesRoundTrip) {
   const Request request = Publish(5);
   absl::StatusOr<Request> decoded = DecodeRequest(EncodeRequest(request));

@@ -6,11 +6,13 @@
 #include <rocksdb/db.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 
 #include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/cachenode/eviction_policy.h"
@@ -322,6 +324,41 @@ TEST_F(NvmeTierTest, DemotionQueueWritesBehindAndServesQueuedBlocks) {
   EXPECT_EQ(tier->counters().blocks, 32u);
   EXPECT_EQ(tier->counters().queued_blocks, 0u);
   for (uint64_t i = 0; i < 32; ++i) EXPECT_TRUE(ReadBack(*tier, Id(i), i + 1, 32 * 1024).ok());
+}
+
+// A Delete racing a hit that promotes the block from NVMe into DRAM: the
+// promotion's commit must not bring the deleted block back (it did, when the
+// Delete ran during the NVMe read). Many rounds, the two calls released
+// together; without the fix most rounds resurrect the block.
+TEST_F(NvmeTierTest, DeleteRacingPromotionLeavesNothing) {
+  constexpr uint64_t kSize = 64 * 1024;
+  auto nvme = Open();
+  ASSERT_NE(nvme, nullptr);
+  constexpr uint64_t kArena = 16 * kSize;
+  auto arena = MakeBlock(0, kArena);
+  DramTier dram(arena->data(), kArena, kArena / 4, std::move(*MakeEvictionPolicy("lru")));
+  TieredStore store(dram, nvme.get());
+  int resurrected = 0;
+  for (uint64_t round = 0; round < 100; ++round) {
+    const BlockId id = Id(1000 + round);
+    std::pair<BlockId, std::shared_ptr<StoredBlock>> on_disk(id, MakeBlock(round, kSize));
+    ASSERT_TRUE(nvme->Write({&on_disk, 1})[0].ok());
+    on_disk.second.reset();
+    std::atomic<int> ready{0};
+    std::thread fetch([&] {
+      ready.fetch_add(1);
+      while (ready.load() < 2) {
+      }
+      store.Pin({&id, 1});
+    });
+    ready.fetch_add(1);
+    while (ready.load() < 2) {
+    }
+    store.Erase(id);
+    fetch.join();
+    resurrected += store.Contains(id) ? 1 : 0;
+  }
+  EXPECT_EQ(resurrected, 0) << "rounds in which a deleted block was promoted back";
 }
 
 TEST_F(NvmeTierTest, PinServesNvmeBlocksEvenWhenDramIsAllPinned) {

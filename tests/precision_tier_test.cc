@@ -182,6 +182,48 @@ TEST_F(PrecisionTierTest, EncodedCopiesShareRawChunksAndAPinnedPieceKeepsItsByte
   EXPECT_EQ(checked, c.blocks);
 }
 
+// The real transcoder, with a Delete of the block it is encoding run from
+// inside the encode (outside the tier's lock, where a concurrent Delete
+// lands): the coarser copy must not be swapped in for a deleted block.
+class DeletingTranscoder : public BlockTranscoder {
+ public:
+  DeletingTranscoder(const BlockTranscoder& real, DramTier& tier) : real_(real), tier_(tier) {}
+  std::optional<uint64_t> CoarserSize(const BlockId& id, const StoredBlock& block) const override {
+    return real_.CoarserSize(id, block);
+  }
+  absl::Status Transcode(const BlockId& id, const StoredBlock& from, StoredBlock& to) const override {
+    if (deleted_.empty()) {
+      EXPECT_TRUE(tier_.Erase(id));
+      deleted_.push_back(id);
+    }
+    return real_.Transcode(id, from, to);
+  }
+  const std::vector<BlockId>& deleted() const { return deleted_; }
+
+ private:
+  const BlockTranscoder& real_;
+  DramTier& tier_;
+  mutable std::vector<BlockId> deleted_;
+};
+
+TEST_F(PrecisionTierTest, ADeleteDuringATranscodeIsNotUndone) {
+  const uint64_t ns = Open(v1::FORMAT_INT4_KIVI);
+  DeletingTranscoder deleting(transcoder_, tier_);
+  tier_.set_transcoder(&deleting);
+  for (uint64_t n = 0; n < 80; ++n) Put(ns, n);  // past 64 raw blocks: victims are transcoded
+  tier_.set_transcoder(&transcoder_);
+  ASSERT_EQ(deleting.deleted().size(), 1u) << "no transcode ran";
+  EXPECT_EQ(tier_.Find(deleting.deleted()[0], /*hit=*/false), nullptr)
+      << "the transcode brought a deleted block back";
+  const TierCounters c = tier_.counters();
+  uint64_t blocks = 0, bytes = 0;
+  for (uint64_t n = 0; n < 80; ++n) {
+    if (auto b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false)) ++blocks, bytes += b->size();
+  }
+  EXPECT_EQ(c.blocks, blocks);
+  EXPECT_EQ(c.stored_bytes, bytes) << "the dropped copy is not counted";
+}
+
 // A small block reserved in a full tier (an encoded block promoted from
 // NVMe, a quantized namespace's) takes a piece too, instead of evicting
 // until a whole slab frees for its size class.

@@ -13,7 +13,8 @@
 //   quota acme    dram_bytes=8589934592 namespaces=512   # limits of one tenant
 //   quota *       dram_bytes=2147483648                  # of every other tenant
 //
-// A tenant over its DRAM quota evicts its own oldest blocks to take new ones
+// dram_bytes bounds a tenant's blocks in memory: DRAM and HBM together.
+// A tenant over it evicts its own oldest blocks to take new ones
 // (tenant_ledger.h); one over its namespace quota cannot open more.
 //
 // The digest of a token: `printf %s "$TOKEN" | sha256sum`.

@@ -204,13 +204,16 @@ size_t DramTier::PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> 
   return length;
 }
 
-std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id) {
+std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id, uint64_t* move) {
   std::shared_ptr<StoredBlock> block;
   {
     absl::MutexLock lock(&mu_);
     block = index_.Erase(id);
     if (block == nullptr) return nullptr;
     policy_->OnErase(id);
+    // With the removal, so that a Delete that finds the block in no index
+    // knows to wait for it (BlockMoves).
+    if (move != nullptr && moves_ != nullptr) *move = moves_->Begin(id);
   }
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
   CountFormat(block->format, block->size(), false);
@@ -220,11 +223,14 @@ std::shared_ptr<StoredBlock> DramTier::TakeOut(const BlockId& id) {
 
 bool DramTier::Erase(const BlockId& id) { return TakeOut(id) != nullptr; }
 
-bool DramTier::Evict(const BlockId& id) {
-  std::shared_ptr<StoredBlock> block = TakeOut(id);
+bool DramTier::Evict(const BlockId& id, const EvictionHook* sink) {
+  const EvictionHook* to = sink != nullptr ? sink : &eviction_hook_;
+  uint64_t move = 0;
+  std::shared_ptr<StoredBlock> block = TakeOut(id, *to ? &move : nullptr);
   if (block == nullptr) return false;
   evictions_.fetch_add(1, std::memory_order_relaxed);
-  if (eviction_hook_) eviction_hook_(id, std::move(block));
+  if (*to) (*to)(id, std::move(block));
+  if (move != 0) moves_->End(move);
   return true;
 }
 
@@ -238,6 +244,7 @@ bool DramTier::RequestFinished(const BlockId& last_block, uint32_t output_tokens
 std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
   std::shared_ptr<StoredBlock> block;
   BlockId id;
+  uint64_t move = 0;
   {
     absl::MutexLock lock(&mu_);
     std::optional<BlockId> victim = policy_->Victim();
@@ -245,12 +252,14 @@ std::optional<bool> DramTier::RemoveVictim(const EvictionHook& sink) {
     block = index_.Erase(*victim);
     policy_->OnErase(*victim);
     id = *victim;
+    if (block != nullptr && moves_ != nullptr) move = moves_->Begin(id);  // see TakeOut
   }
   if (block == nullptr) return false;
   stored_bytes_.fetch_sub(block->size(), std::memory_order_relaxed);
   CountFormat(block->format, block->size(), false);
   if (residency_hook_) residency_hook_(id, block->size(), false);
   sink(id, std::move(block));
+  if (move != 0) moves_->End(move);
   return true;
 }
 

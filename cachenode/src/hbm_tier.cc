@@ -46,6 +46,7 @@ absl::StatusOr<bool> HbmTier::Admit(const BlockId& id, const StoredBlock& host) 
   (*chunk)->checksum = host.checksum;
   (*chunk)->parent = host.parent;
   (*chunk)->has_parent = host.has_parent;
+  (*chunk)->format = host.format;  // a transcoded or quantized block stays what it is
   return slabs_->Commit(id, *std::move(chunk));
 }
 
@@ -77,6 +78,7 @@ std::vector<std::shared_ptr<StoredBlock>> HbmTier::StageAll(
     staged[i]->checksum = block->checksum;
     staged[i]->parent = block->parent;
     staged[i]->has_parent = block->has_parent;
+    staged[i]->format = block->format;
     copies.push_back({host, block->data(), size});
   }
   if (absl::Status s = staging_->CopyAll(copies, transfer::CopyKind::kDeviceToHost); !s.ok()) {

@@ -314,8 +314,9 @@ absl::StatusOr<std::unique_ptr<Node>> Node::Start(const NodeOptions& options) {
   // Precision tiers: namespaces with a coarsest_format transcode before evicting.
   impl->transcoder = std::make_unique<PrecisionTranscoder>(*impl->namespaces);
   impl->dram->set_transcoder(impl->transcoder.get());
-  impl->ledger = std::make_unique<TenantLedger>(*impl->dram);
-  impl->dram->set_residency_hook(
+  // Quotas count HBM and DRAM (docs/ARCHITECTURE.md §4).
+  impl->ledger = std::make_unique<TenantLedger>(*impl->store);
+  impl->store->set_memory_residency_hook(
       [ledger = impl->ledger.get()](const BlockId& id, uint64_t size, bool resident) {
         ledger->OnResidency(id, size, resident);
       });

@@ -49,7 +49,7 @@ void TenantLedger::OnResidency(const BlockId& id, uint64_t size, bool resident) 
     // Mostly departed blocks: keep the live ones, in order.
     std::deque<std::pair<BlockId, uint64_t>> live;
     for (auto& entry : account.order) {
-      if (dram_.Find(entry.first, /*hit=*/false) != nullptr) live.push_back(entry);
+      if (store_.InMemory(entry.first)) live.push_back(entry);
     }
     account.order = std::move(live);
   }
@@ -75,7 +75,7 @@ size_t TenantLedger::MakeRoom(const std::string& tenant, uint64_t quota_bytes, s
     if (victims.empty()) break;
     // Outside the lock: each eviction reports back through OnResidency.
     uint64_t evicted = 0;
-    for (const BlockId& id : victims) evicted += dram_.Evict(id) ? 1 : 0;
+    for (const BlockId& id : victims) evicted += store_.EvictFromMemory(id) ? 1 : 0;
     absl::MutexLock lock(&mu_);
     accounts_[tenant].quota_evictions += evicted;
   }

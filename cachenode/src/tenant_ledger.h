@@ -1,10 +1,14 @@
-// What each tenant holds in the DRAM tier, and its quota.
+// What each tenant holds in the node's memory tiers (DRAM and, on a node
+// with one, HBM: a block is in one of them, never both, so their capacities
+// add), and its quota.
 //
-// The tier reports every block entering and leaving it (DramTier's residency
-// hook); the ledger adds them up per tenant and remembers each tenant's
-// blocks in arrival order. A publish from a tenant at its quota first evicts
-// that tenant's oldest blocks (demoted to NVMe like any eviction), so a
-// tenant that floods the node displaces its own blocks, not other tenants'.
+// The tiers report every block entering and leaving them (DramTier's
+// residency hook, on both); the ledger adds them up per tenant and remembers
+// each tenant's blocks in arrival order. A publish from a tenant at its quota
+// first evicts that tenant's oldest blocks out of memory (to NVMe, or
+// dropped without one), so a tenant that floods the node displaces its own
+// blocks, not other tenants'. A block moving between HBM and DRAM leaves one
+// tier and enters the other: counted once, and then as newly arrived.
 // Within a tenant the order is first-in first-out, not the tier's policy: the
 // policy ranks all blocks together and cannot be asked for one tenant's.
 #pragma once
@@ -19,13 +23,15 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata/cachenode/block.h"
-#include "kvstrata/cachenode/dram_tier.h"
+#include "tiered_store.h"
 
 namespace kvstrata::cachenode {
 
 class TenantLedger {
  public:
-  explicit TenantLedger(DramTier& dram) : dram_(dram) {}
+  // `store` evicts and finds blocks in memory (TieredStore::EvictFromMemory);
+  // it must outlive the ledger.
+  explicit TenantLedger(TieredStore& store) : store_(store) {}
 
   // Namespaces map to tenants from their opening on; a closed namespace's
   // entry stays while blocks of it are resident.
@@ -44,7 +50,7 @@ class TenantLedger {
 
   struct Usage {
     std::string tenant;
-    uint64_t dram_bytes = 0;
+    uint64_t dram_bytes = 0;   // in memory: DRAM and HBM
     uint64_t dram_blocks = 0;
     uint64_t quota_evictions = 0;  // own blocks evicted to stay within the quota
   };
@@ -65,7 +71,7 @@ class TenantLedger {
     std::deque<std::pair<BlockId, uint64_t>> order;
   };
 
-  DramTier& dram_;
+  TieredStore& store_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Namespace> namespaces_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, Account> accounts_ ABSL_GUARDED_BY(mu_);

@@ -9,6 +9,7 @@ namespace kvstrata::cachenode {
 
 TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch, HbmTier* hbm)
     : dram_(dram), nvme_(nvme), hbm_(hbm) {
+  dram_.set_moves(&moves_);
   if (hbm_ != nullptr) WireHbm();
   if (nvme_ != nullptr) {
     dram_.set_eviction_hook([nvme](const BlockId& id, std::shared_ptr<StoredBlock> block) {
@@ -18,7 +19,13 @@ TieredStore::TieredStore(DramTier& dram, NvmeTier* nvme, bool prefetch, HbmTier*
   }
 }
 
-TieredStore::~TieredStore() { StopPrefetch(); }
+TieredStore::~TieredStore() {
+  StopPrefetch();
+  // The tiers outlive the store (a shutdown drains DRAM after it): they stop
+  // registering moves here.
+  dram_.set_moves(nullptr);
+  if (hbm_ != nullptr) hbm_->slabs().set_moves(nullptr);
+}
 
 void TieredStore::StopPrefetch() {
   {
@@ -173,9 +180,13 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinDramOrNvme(absl::Span<
   std::vector<size_t> read_index;
   std::vector<std::shared_ptr<StoredBlock>> staged;
   absl::flat_hash_set<size_t> unpromotable;  // indices into staged
+  // Promotions into DRAM, begun before their NVMe copy is looked at, so a
+  // Delete meanwhile waits for the commit and erases it (BlockMoves).
+  std::vector<std::unique_ptr<ScopedMove>> moves;
   for (size_t i = 0; i < ids.size(); ++i) {
     pinned[i] = dram_.Find(ids[i], /*hit=*/true);
     if (pinned[i] != nullptr || nvme_ == nullptr) continue;
+    moves.push_back(std::make_unique<ScopedMove>(&moves_, ids[i]));
     if (std::shared_ptr<StoredBlock> queued = nvme_->FindQueued(ids[i])) {
       // Evicted but not written yet: its memory is still valid; keep it.
       dram_.Commit(ids[i], queued);
@@ -219,6 +230,14 @@ std::vector<std::shared_ptr<StoredBlock>> TieredStore::PinDramOrNvme(absl::Span<
 }
 
 bool TieredStore::Erase(const BlockId& id) {
+  // A move of the block in flight (an eviction being copied down, a hit being
+  // copied up) may commit its copy after a pass, into a tier already erased:
+  // BlockMoves waits for it and erases again, so that nothing of the block
+  // is served once Delete returns.
+  return moves_.Erase(id, [&] { return EraseEverywhere(id); });
+}
+
+bool TieredStore::EraseEverywhere(const BlockId& id) {
   const bool in_hbm = hbm_ != nullptr && hbm_->slabs().Erase(id);
   const bool in_dram = dram_.Erase(id);
   const bool in_nvme = nvme_ != nullptr && nvme_->Erase(id);

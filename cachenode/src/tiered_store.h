@@ -16,6 +16,7 @@
 
 #include "absl/types/span.h"
 #include "kvstrata.pb.h"
+#include "kvstrata/cachenode/block_moves.h"
 #include "kvstrata/cachenode/dram_tier.h"
 #include "kvstrata/cachenode/hbm_tier.h"
 #include "kvstrata/cachenode/nvme_tier.h"
@@ -74,7 +75,12 @@ class TieredStore {
   // DRAM hit moves up into HBM, and an HBM hit comes back as a staged host
   // copy that pins the HBM chunk until it is dropped.
   std::vector<std::shared_ptr<StoredBlock>> Pin(absl::Span<const BlockId> ids);
+  // Removes `id` from every tier. Waits for a move of the block in flight
+  // (a demotion or promotion copying it) to land, and erases that copy too,
+  // so a deleted block is never served after this returns.
   bool Erase(const BlockId& id);
+  // Moves between tiers in flight (for tests).
+  size_t moves_in_flight() const { return moves_.in_flight(); }
   // The namespace's blocks with keys after `after`, in key order, at most
   // `limit`; `more` says whether others follow. A block in both tiers is
   // listed once, as DRAM.
@@ -88,13 +94,26 @@ class TieredStore {
   // NVMe).
   bool RequestFinished(const BlockId& last_block, uint32_t output_tokens);
 
+  // Tenant quotas (TenantLedger) count the memory tiers, HBM and DRAM, whose
+  // blocks are exclusive and whose capacities add. InMemory: `id` is in one
+  // of them. EvictFromMemory: takes `id` out of memory (an HBM block goes
+  // to NVMe, or is dropped without one: demoting it into DRAM would keep it
+  // in memory), as an eviction; false when it is in neither.
+  bool InMemory(const BlockId& id);
+  bool EvictFromMemory(const BlockId& id);
+  // Tells `hook` of every block entering and leaving HBM and DRAM (both
+  // tiers' residency hooks). Set once, before use.
+  void set_memory_residency_hook(const DramTier::ResidencyHook& hook);
+
   uint64_t promoted_blocks() const { return promoted_.load(std::memory_order_relaxed); }
 
  private:
   std::vector<std::shared_ptr<StoredBlock>> PinDramOrNvme(absl::Span<const BlockId> ids);
+  bool EraseEverywhere(const BlockId& id);
   // tiered_store_hbm.cc
   void WireHbm();
-  void DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block);
+  // `into_dram`: false for a quota eviction (straight to NVMe, or dropped).
+  void DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block, bool into_dram = true);
   void PromoteToHbm(const BlockId& id, const std::shared_ptr<StoredBlock>& block);
   void Prefetch(std::vector<BlockId> ids);
   void PrefetchLoop();
@@ -106,6 +125,7 @@ class TieredStore {
   std::atomic<uint64_t> hbm_promoted_{0};
   std::atomic<uint64_t> hbm_demoted_{0};
   std::atomic<uint64_t> hbm_demotion_drops_{0};
+  BlockMoves moves_;  // before the tiers use it: set on them in the constructor
 
   // Background promotion: a bounded queue (beyond it, Lookup hints are
   // dropped; the Fetch then promotes) and one thread.

@@ -11,47 +11,76 @@
 namespace kvstrata::cachenode {
 
 void TieredStore::WireHbm() {
+  hbm_->slabs().set_moves(&moves_);  // an HBM eviction is a move until DRAM (or NVMe) has it
   hbm_->slabs().set_eviction_hook([this](const BlockId& id, std::shared_ptr<StoredBlock> block) {
     DemoteFromHbm(id, std::move(block));
   });
 }
 
 // An HBM eviction: its bytes copied down into a DRAM chunk (which may in turn
-// evict DRAM -> NVMe). The HBM chunk stays allocated until `block` drops, so
-// the copy reads bytes no one can overwrite.
-void TieredStore::DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block) {
-  absl::StatusOr<std::shared_ptr<StoredBlock>> host = dram_.Reserve(block->size());
-  if (!host.ok() && nvme_ != nullptr) {
-    // DRAM is all pinned: straight to NVMe's write-behind queue, from memory
-    // of our own (freed once written).
-    uint8_t* heap = nvme::AllocateAligned(block->size()).release();
-    if (heap != nullptr) {
+// evict DRAM -> NVMe), or, DRAM all pinned (or `into_dram` false), into
+// memory of our own queued for NVMe. The HBM chunk stays allocated until
+// `block` drops, so the copy reads bytes no one can overwrite.
+void TieredStore::DemoteFromHbm(const BlockId& id, std::shared_ptr<StoredBlock> block,
+                                bool into_dram) {
+  absl::StatusOr<std::shared_ptr<StoredBlock>> host =
+      into_dram ? dram_.Reserve(block->size())
+                : absl::ResourceExhaustedError("a quota eviction leaves memory");
+  const bool to_nvme = !host.ok();
+  if (to_nvme && nvme_ != nullptr) {
+    // Straight to NVMe's write-behind queue, from memory of our own (freed
+    // once written).
+    if (uint8_t* heap = nvme::AllocateAligned(block->size()).release(); heap != nullptr) {
       host =
           std::make_shared<StoredBlock>(heap, block->size(), [heap] { nvme::AlignedFree()(heap); });
     }
-    if (host.ok() && hbm_->CopyToHost(*block, (*host)->data()).ok()) {
-      (*host)->checksum = block->checksum;
-      (*host)->parent = block->parent;
-      (*host)->has_parent = block->has_parent;
-      nvme_->Demote(id, *std::move(host));
-      hbm_demoted_.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
   }
   if (!host.ok() || !hbm_->CopyToHost(*block, (*host)->data()).ok()) {
-    hbm_demotion_drops_.fetch_add(1, std::memory_order_relaxed);
-    return;  // a cache may drop a block; it is a miss from now on
+    // A cache may drop a block; it is a miss from now on.
+    if (into_dram) hbm_demotion_drops_.fetch_add(1, std::memory_order_relaxed);
+    return;
   }
   (*host)->checksum = block->checksum;
   (*host)->parent = block->parent;
   (*host)->has_parent = block->has_parent;
-  dram_.Commit(id, *std::move(host));  // false: a concurrent publish stored it: same bytes
+  (*host)->format = block->format;
+  if (to_nvme) {
+    nvme_->Demote(id, *std::move(host));
+  } else {
+    dram_.Commit(id, *std::move(host));  // false: a concurrent publish stored it: same bytes
+  }
   hbm_demoted_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool TieredStore::InMemory(const BlockId& id) {
+  return (hbm_ != nullptr && hbm_->slabs().Find(id, /*hit=*/false) != nullptr) ||
+         dram_.Find(id, /*hit=*/false) != nullptr;
+}
+
+bool TieredStore::EvictFromMemory(const BlockId& id) {
+  if (hbm_ != nullptr) {
+    const DramTier::EvictionHook out_of_memory = [this](const BlockId& id,
+                                                        std::shared_ptr<StoredBlock> block) {
+      DemoteFromHbm(id, std::move(block), /*into_dram=*/false);
+    };
+    if (hbm_->slabs().Evict(id, &out_of_memory)) return true;
+  }
+  return dram_.Evict(id);
+}
+
+void TieredStore::set_memory_residency_hook(const DramTier::ResidencyHook& hook) {
+  dram_.set_residency_hook(hook);
+  if (hbm_ != nullptr) hbm_->slabs().set_residency_hook(hook);
 }
 
 // A DRAM block that was hit moves up. The caller keeps `block` (it may be
 // serving it), so only the index entry leaves DRAM.
 void TieredStore::PromoteToHbm(const BlockId& id, const std::shared_ptr<StoredBlock>& block) {
+  // Begun before the source is checked: a Delete from here on waits for the
+  // copy to land in HBM and erases it there (BlockMoves). A block no longer
+  // (or never: read from NVMe into memory of our own) in DRAM stays put.
+  ScopedMove move(&moves_, id);
+  if (dram_.Find(id, /*hit=*/false) != block) return;
   absl::StatusOr<bool> admitted = hbm_->Admit(id, *block);
   if (!admitted.ok()) return;  // HBM all pinned or a copy failed: it stays in DRAM
   dram_.Erase(id);
@@ -80,6 +109,7 @@ absl::StatusOr<bool> TieredStore::Commit(const BlockId& id, std::shared_ptr<Stor
     (*chunk)->checksum = block->checksum;
     (*chunk)->parent = block->parent;
     (*chunk)->has_parent = block->has_parent;
+    (*chunk)->format = block->format;
     block = *std::move(chunk);
   }
   return dram_.Commit(id, std::move(block));

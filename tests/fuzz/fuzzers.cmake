@@ -45,7 +45,8 @@ ExternalProject_Add(kvstrata_fuzzers
   INSTALL_COMMAND ""
   DEPENDS kvstrata_proto)
 
-set(KVSTRATA_FUZZ_HARNESSES block_key namespace_spec index_record stored_format trace node_rpc)
+set(KVSTRATA_FUZZ_HARNESSES block_key namespace_spec index_record stored_format trace node_rpc
+    fast_path_wire fast_path)
 set(_run ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/run_fuzzer.sh)
 foreach(h ${KVSTRATA_FUZZ_HARNESSES})
   set(_args ${KVSTRATA_FUZZ_DIR}/fuzz_${h} ${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus/${h}

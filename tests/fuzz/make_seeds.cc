@@ -11,6 +11,7 @@
 
 #include "kvstrata.pb.h"
 #include "kvstrata/common/block_key.h"
+#include "kvstrata/common/fast_path_wire.h"
 #include "kvstrata/common/namespace_spec.h"
 #include "nvme/index_record.h"
 
@@ -151,6 +152,87 @@ void NodeRpcSeeds() {
   list.add_keys(std::string(keys[2].view()));
   list.add_keys(std::string(16, '\x07'));  // not stored
   Rpc("list_blocks_keys", 10, 0, list);
+
+  // The CUDA IPC RPCs, on a node with HBM (flag 2) and without.
+  v1::OpenDeviceIpcRequest open_ipc;
+  open_ipc.set_host_id("self");  // the harness puts in this host's id
+  open_ipc.set_device("fuzz");
+  Rpc("open_device_ipc_hbm", 11, 2, open_ipc);
+  Rpc("open_device_ipc", 11, 0, open_ipc);
+  open_ipc.set_host_id("another-host");
+  Rpc("open_device_ipc_other_host", 11, 2, open_ipc);
+  v1::FetchDeviceIpcRequest fetch_ipc;
+  fetch_ipc.set_namespace_id(1);
+  for (const auto& k : keys) fetch_ipc.add_keys(std::string(k.view()));
+  fetch_ipc.add_keys(std::string(16, 'm'));  // not stored
+  Rpc("fetch_device_ipc_hbm", 12, 2, fetch_ipc);
+  Rpc("fetch_device_ipc", 12, 0, fetch_ipc);
+  fetch_ipc.add_keys(std::string(5, 'x'));  // not a key
+  Rpc("fetch_device_ipc_bad_key", 12, 2, fetch_ipc);
+  v1::ReleaseDeviceIpcRequest release;
+  release.set_lease(0x0123456789abcdefull);
+  Rpc("release_device_ipc", 13, 2, release);
+}
+
+// The fast_path_wire harness: a mode byte (0: request, 1: reply), then the header.
+void FastPathWireSeeds() {
+  const auto keys = StoredKeys();
+  namespace fastpath = kvstrata::fastpath;
+  fastpath::Request request{.op = fastpath::Op::kFetch, .namespace_id = 1, .block_bytes = 4096};
+  for (const auto& k : keys) request.blocks.push_back({.key = k});
+  Write("fast_path_wire", "fetch", std::string(1, '\0') + fastpath::EncodeRequest(request));
+  request.op = fastpath::Op::kLookup;
+  Write("fast_path_wire", "lookup", std::string(1, '\0') + fastpath::EncodeRequest(request));
+  request.op = fastpath::Op::kPublish;
+  for (size_t i = 1; i < request.blocks.size(); ++i) {
+    request.blocks[i].has_parent = true;
+    request.blocks[i].parent = keys[i - 1];
+    request.blocks[i].checksum = i;
+  }
+  Write("fast_path_wire", "publish", std::string(1, '\0') + fastpath::EncodeRequest(request));
+  fastpath::Reply reply{.code = 0, .bytes_transferred = 8192};
+  reply.blocks = {{.status = v1::BLOCK_OK, .size = 4096, .checksum = 1},
+                  {.status = v1::BLOCK_NOT_FOUND},
+                  {.status = fastpath::kNotInMemory}};
+  Write("fast_path_wire", "reply", std::string(1, '\1') + fastpath::EncodeReply(reply));
+  Write("fast_path_wire", "error_reply",
+        std::string(1, '\1') + fastpath::ErrorReply(absl::ResourceExhaustedError("full")));
+}
+
+// The fast_path harness: flags, the header's length (2 bytes), header, data.
+// A zero capability and namespace id 1 stand for the harness's grant.
+void FastPathSeeds() {
+  const auto keys = StoredKeys();
+  namespace fastpath = kvstrata::fastpath;
+  auto message = [](const std::string& name, uint8_t flags, const std::string& header,
+                    const std::string& data) {
+    const char length[2] = {static_cast<char>(header.size() & 0xff),
+                            static_cast<char>(header.size() >> 8)};
+    Write("fast_path", name, std::string(1, static_cast<char>(flags)) + std::string(length, 2) +
+                                 header + data);
+  };
+  fastpath::Request request{.op = fastpath::Op::kFetch, .namespace_id = 1, .block_bytes = 4096};
+  for (const auto& k : keys) request.blocks.push_back({.key = k});
+  request.blocks.push_back({.key = kvstrata::BlockKey{}});  // not stored
+  message("fetch_chain", 0, fastpath::EncodeRequest(request), "");
+  request.op = fastpath::Op::kLookup;
+  message("lookup_chain", 0, fastpath::EncodeRequest(request), "");
+  // A publish of two new blocks: the first checksum right, the second wrong.
+  std::string data(2 * 4096, '\x5a');
+  data[4096] = 'b';
+  fastpath::Request publish{.op = fastpath::Op::kPublish, .namespace_id = 1, .block_bytes = 4096};
+  kvstrata::BlockKey a, b;
+  a.bytes.fill(0xa1);
+  b.bytes.fill(0xb2);
+  publish.blocks.push_back({.key = a, .checksum = kvstrata::BlockChecksum(data.data(), 4096)});
+  publish.blocks.push_back({.key = b, .has_parent = true, .parent = a, .checksum = 7});
+  message("publish_eager", 1, fastpath::EncodeRequest(publish), data);
+  message("publish_rendezvous", 0, fastpath::EncodeRequest(publish), data);
+  message("publish_rendezvous_fails", 2, fastpath::EncodeRequest(publish), data);
+  message("publish_short_data", 1, fastpath::EncodeRequest(publish), data.substr(0, 4096));
+  message("publish_other_namespace", 5, fastpath::EncodeRequest(publish), data);
+  publish.blocks[1].key = a;  // twice
+  message("publish_twice", 1, fastpath::EncodeRequest(publish), data);
 }
 
 void NamespaceSpecSeeds() {
@@ -247,6 +329,8 @@ int main(int argc, char** argv) {
   }
   root = argv[1];
   NodeRpcSeeds();
+  FastPathWireSeeds();
+  FastPathSeeds();
   NamespaceSpecSeeds();
   BlockKeySeeds();
   IndexRecordSeeds();

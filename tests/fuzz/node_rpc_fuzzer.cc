@@ -5,7 +5,9 @@
 // the refusal) and nothing touches the network.
 //
 // Input: byte 0 picks the RPC, byte 1 holds flags (bit 0: the node allows
-// client rkeys), the rest is the request's protobuf encoding. Namespace ids 1
+// client rkeys; bit 1: the node has an HBM tier, on the GPU test double,
+// holding the preloaded blocks), the rest is the request's protobuf
+// encoding. For OpenDeviceIpc, host_id "self" stands for this host's id. Namespace ids 1
 // and 2 stand for the two namespaces the harness opens (an opaque one holding
 // a chain of four blocks, and an int8-quantized layout), so the fuzzer gets
 // past the namespace check without guessing 64-bit hashes.
@@ -14,7 +16,9 @@
 // network step give; responses sized to their requests; no block memory held
 // once a call has returned; a call that fails stores nothing and evicts
 // nothing (admission before resources: a publish connects to its peer before
-// it reserves memory).
+// it reserves memory). The CUDA IPC RPCs: pinned blocks lie inside the
+// arena with their stored size and checksum, a lease is returned exactly
+// when something was pinned, and releasing it (once) lets the pins go.
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,7 +28,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include "kvstrata.grpc.pb.h"
+#include "host_device_memory.h"
 #include "kvstrata/cachenode/dram_tier.h"
+#include "kvstrata/cachenode/hbm_tier.h"
 #include "kvstrata/cachenode/namespace_registry.h"
 #include "kvstrata/common/block_key.h"
 #include "kvstrata/transfer/engine.h"
@@ -90,15 +96,30 @@ struct Node {
   cachenode::NamespaceRegistry namespaces{kSlabBytes};
   cachenode::DramTier dram{arena.data(), kArenaBytes, kSlabBytes,
                            *cachenode::MakeEvictionPolicy("lru")};
-  cachenode::TieredStore store{dram, nullptr};
-  cachenode::TenantLedger ledger{dram};
+  std::unique_ptr<cachenode::HbmTier> hbm;
+  std::unique_ptr<cachenode::TieredStore> store_holder;
+  cachenode::TieredStore& store;
+  cachenode::TenantLedger ledger{store};
   cachenode::NodeCounters counters;
   uint64_t opaque_id = 0;
   uint64_t quantized_id = 0;
   std::vector<BlockKey> stored_keys;
 
-  explicit Node(bool allow_client_rkeys)
-      : service(namespaces, store, ledger, RefusingEngine(), counters, nullptr,
+  static std::unique_ptr<cachenode::HbmTier> MakeHbm(bool with_hbm) {
+    if (!with_hbm) return nullptr;
+    cachenode::HbmTierOptions options{.capacity_bytes = kArenaBytes, .slab_bytes = kSlabBytes};
+    options.staging = {.bytes = kArenaBytes, .chunk_bytes = kOpaqueBlockBytes};
+    auto hbm = cachenode::HbmTier::Create(std::make_unique<kvstrata::testing::HostDeviceMemory>(),
+                                          options, *cachenode::MakeEvictionPolicy("lru"), nullptr);
+    Check(hbm.ok(), "the HBM tier starts on the double");
+    return *std::move(hbm);
+  }
+
+  Node(bool allow_client_rkeys, bool with_hbm)
+      : hbm(MakeHbm(with_hbm)),
+        store_holder(std::make_unique<cachenode::TieredStore>(dram, nullptr, false, hbm.get())),
+        store(*store_holder),
+        service(namespaces, store, ledger, RefusingEngine(), counters, nullptr,
                 cachenode::NodeServiceOptions{.transfer_timeout = absl::Seconds(1),
                                               .allow_client_rkeys = allow_client_rkeys}) {
     opaque_id = namespaces.Open(OpaqueSpec())->id;
@@ -117,7 +138,9 @@ struct Node {
         (*block)->parent = stored_keys[i - 1];
         (*block)->has_parent = true;
       }
-      Check(dram.Commit({opaque_id, stored_keys[i]}, *block), "preloaded block commits");
+      // With HBM, copied up there (the DRAM chunk was only the landing).
+      auto committed = store.Commit({opaque_id, stored_keys[i]}, *block);
+      Check(committed.ok() && *committed, "preloaded block commits");
     }
   }
 
@@ -128,8 +151,9 @@ struct Node {
   cachenode::NodeService service;
 };
 
-// OpenNamespace .. CloseNamespace, then ListBlocks: an input's first byte picks one.
-constexpr uint8_t kRpcs = 11;
+// OpenNamespace .. CloseNamespace, ListBlocks, then the three CUDA IPC RPCs:
+// an input's first byte picks one.
+constexpr uint8_t kRpcs = 14;
 
 bool AllowedCode(grpc::StatusCode code) {
   switch (code) {
@@ -251,6 +275,81 @@ grpc::Status Call(Node& node, uint8_t rpc, const uint8_t* data, size_t size) {
       if (status.ok()) Check(!node.namespaces.Get(request.namespace_id()).ok(), "closed is gone");
       return status;
     }
+    case 11: {
+      v1::OpenDeviceIpcRequest request;
+      v1::OpenDeviceIpcResponse response;
+      if (!Parse(request, data, size)) return grpc::Status::CANCELLED;
+      if (request.host_id() == "self") request.set_host_id(kvstrata::transfer::Engine::HostId());
+      grpc::Status status = s.OpenDeviceIpc(&context, &request, &response);
+      Check(status.ok(), "OpenDeviceIpc answers a path");
+      if (response.path() == v1::DEVICE_PATH_CUDA_IPC) {
+        Check(node.hbm != nullptr && request.host_id() == kvstrata::transfer::Engine::HostId(),
+              "CUDA IPC only with HBM, on this host");
+        Check(!response.handle().empty() && response.arena_bytes() == node.hbm->arena_bytes(),
+              "the arena's handle and size");
+      } else {
+        Check(response.path() == v1::DEVICE_PATH_STAGED && !response.reason().empty(),
+              "staged, with a reason");
+      }
+      return status;
+    }
+    case 12: {
+      v1::FetchDeviceIpcRequest request;
+      v1::FetchDeviceIpcResponse response;
+      if (!Parse(request, data, size)) return grpc::Status::CANCELLED;
+      request.set_namespace_id(node.MapNamespace(request.namespace_id()));
+      grpc::Status status = s.FetchDeviceIpc(&context, &request, &response);
+      if (!status.ok()) return status;
+      Check(node.hbm != nullptr, "IPC fetches need HBM");
+      const int n = request.keys_size();
+      Check(response.status_size() == n && response.arena_offset_size() == n &&
+                response.size_size() == n && response.checksum_size() == n &&
+                response.format_size() == n,
+            "IPC fetch results per key");
+      int pinned = 0;
+      for (int i = 0; i < n; ++i) {
+        if (response.status(i) != v1::BLOCK_OK) {
+          Check(response.status(i) == v1::BLOCK_NOT_FOUND, "pinned or not found");
+          continue;
+        }
+        ++pinned;
+        Check(response.size(i) == kOpaqueBlockBytes &&
+                  response.arena_offset(i) + response.size(i) <= node.hbm->arena_bytes(),
+              "a pinned block lies inside the arena");
+        bool preloaded = false;
+        for (size_t k = 0; k < node.stored_keys.size(); ++k) {
+          if (request.keys(i) != node.stored_keys[k].view()) continue;
+          preloaded = true;
+          std::vector<uint8_t> expected(kOpaqueBlockBytes, static_cast<uint8_t>(k));
+          Check(response.checksum(i) ==
+                    kvstrata::BlockChecksum(expected.data(), expected.size()),
+                "the pinned block's checksum is the stored one");
+        }
+        Check(preloaded, "only stored blocks are pinned");
+      }
+      Check((response.lease() != 0) == (pinned > 0), "a lease exactly when something is pinned");
+      if (pinned > 0) {
+        // The client's release: once, then unknown.
+        v1::ReleaseDeviceIpcRequest release;
+        v1::ReleaseDeviceIpcResponse released;
+        release.set_lease(response.lease());
+        grpc::ServerContext release_context;
+        Check(s.ReleaseDeviceIpc(&release_context, &release, &released).ok() && released.released(),
+              "the lease releases");
+        grpc::ServerContext again_context;
+        Check(s.ReleaseDeviceIpc(&again_context, &release, &released).ok() && !released.released(),
+              "a lease releases once");
+      }
+      return status;
+    }
+    case 13: {
+      v1::ReleaseDeviceIpcRequest request;
+      v1::ReleaseDeviceIpcResponse response;
+      if (!Parse(request, data, size)) return grpc::Status::CANCELLED;
+      grpc::Status status = s.ReleaseDeviceIpc(&context, &request, &response);
+      Check(status.ok() && !response.released(), "no lease of this input's is known");
+      return status;
+    }
     default: {
       v1::ListBlocksRequest request;
       v1::ListBlocksResponse response;
@@ -272,7 +371,9 @@ grpc::Status Call(Node& node, uint8_t rpc, const uint8_t* data, size_t size) {
           if (block.key() != node.stored_keys[i].view()) continue;
           Check(block.parent() == (i == 0 ? std::string() : std::string(node.stored_keys[i - 1].view())),
                 "parents as stored");
-          Check(block.size() == kOpaqueBlockBytes && block.tier() == v1::TIER_DRAM, "size and tier");
+          Check(block.size() == kOpaqueBlockBytes &&
+                    block.tier() == (node.hbm != nullptr ? v1::TIER_HBM : v1::TIER_DRAM),
+                "size and tier");
         }
       }
       Check(response.next_after().empty() ||
@@ -294,8 +395,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
   const uint8_t rpc = data[0] % kRpcs;
-  Node node(/*allow_client_rkeys=*/data[1] & 1);
+  Node node(/*allow_client_rkeys=*/data[1] & 1, /*with_hbm=*/data[1] & 2);
   const cachenode::TierCounters before = node.dram.counters();
+  const cachenode::TierCounters hbm_before =
+      node.hbm != nullptr ? node.hbm->slabs().counters() : cachenode::TierCounters{};
 
   grpc::Status status = Call(node, rpc, data + 2, size - 2);
   if (status.error_code() == grpc::StatusCode::CANCELLED) return 0;  // not a request
@@ -306,6 +409,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // network step is refused, so no transfer can still hold one).
   Check(after.used_bytes <= before.used_bytes, "no block memory held after the call");
   Check(after.blocks <= before.blocks, "nothing new stored without a transfer");
+  if (node.hbm != nullptr) {
+    const cachenode::TierCounters hbm_after = node.hbm->slabs().counters();
+    Check(hbm_after.used_bytes <= hbm_before.used_bytes && hbm_after.blocks <= hbm_before.blocks,
+          "no HBM memory held or stored after the call (IPC pins released)");
+    Check(node.hbm->counters().staging.leased_bytes == 0, "no staging memory held");
+  }
   if (!status.ok() && rpc != 4) {
     // Evictions aside, a failed call leaves the stored blocks as they were.
     Check(before.blocks - after.blocks == after.evictions - before.evictions,

@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -322,6 +325,137 @@ TEST_F(HbmNodeTest, AClientKilledMidStagedFetchLeaksNothing) {
   EXPECT_EQ(FetchAndVerify(*client_, *ns_, 7, 32, 16), 32u);
   ASSERT_EQ(Publish(8, 8), 8u);
   EXPECT_EQ(FetchAndVerify(*client_, *ns_, 8, 8, 8), 8u);
+}
+
+// Tenant quotas cover HBM as well as DRAM (docs/ARCHITECTURE.md §4): a tenant
+// flooding an HBM node keeps at most its quota in memory, and displaces its
+// own blocks, not another tenant's from HBM. Before, its blocks in HBM were
+// not counted: acme held all of HBM and pushed globex's blocks down to DRAM.
+TEST_F(HbmNodeTest, ATenantsQuotaCoversItsHbmBlocksAndSparesOtherTenants) {
+  const std::string acme_token = "acme-token", globex_token = "globex-token",
+                    admin_token = "admin-token";
+  const auto digest = [](const std::string& text) {
+    const std::string command = "printf %s '" + text + "' | sha256sum";
+    FILE* pipe = popen(command.c_str(), "r");
+    char out[65] = {};
+    if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
+    if (pipe != nullptr) pclose(pipe);
+    return std::string(out, 64);
+  };
+  constexpr uint64_t kQuotaBlocks = 8;
+  const std::string auth = temp_->File("auth");
+  {
+    std::ofstream file(auth);
+    file << "token sha256:" << digest(acme_token) << " tenant acme\n"
+         << "token sha256:" << digest(globex_token) << " tenant globex\n"
+         << "token sha256:" << digest(admin_token) << " admin *\n"
+         << "quota acme dram_bytes=" << kQuotaBlocks * kBlock << "\n";
+  }
+  auto node = NodeProcess::Start(
+      HbmNodeBinary(), {absl::StrCat("--slab_bytes=", kSlab), "--transfer_timeout=5s",
+                        "--eviction_policy=lru", HbmFlag(32), DramFlag(64), "--auth_file=" + auth});
+  ASSERT_TRUE(node.ok()) << node.status();
+  const auto connect = [&](const std::string& token) {
+    std::unique_ptr<Client> c;
+    for (int i = 0; i < 100 && c == nullptr; ++i) {  // until the node serves
+      auto connected = Client::Connect(
+          {.node_address = (*node)->address(), .timeout = absl::Seconds(20), .auth_token = token});
+      if (connected.ok()) c = *std::move(connected);
+      else absl::SleepFor(absl::Milliseconds(50));
+    }
+    return c;
+  };
+  const auto spec = [](const std::string& tenant) {
+    v1::NamespaceSpec s = Spec();
+    s.set_tenant(tenant);
+    return s;
+  };
+  std::unique_ptr<Client> globex = connect(globex_token), acme = connect(acme_token),
+                          admin = connect(admin_token);
+  ASSERT_TRUE(globex && acme && admin);
+  auto kept = globex->OpenNamespace(spec("globex"));
+  auto flood = acme->OpenNamespace(spec("acme"));
+  ASSERT_TRUE(kept.ok() && flood.ok()) << kept.status() << flood.status();
+  ASSERT_EQ(PublishStream(*globex, *kept, 70, 8, 4)->count(BlockOutcome::kOk), 8u);
+
+  auto flooded = PublishStream(*acme, *flood, 71, 100, 4);
+  ASSERT_TRUE(flooded.ok()) << flooded.status();
+  EXPECT_EQ(flooded->count(BlockOutcome::kOk), 100u) << "a tenant at its quota makes room";
+
+  v1::StatsResponse stats;
+  ASSERT_TRUE(admin->Stats(&stats).ok());
+  const v1::TierStats* hbm = FindTier(stats, v1::TIER_HBM);
+  const v1::TierStats* dram = FindTier(stats, v1::TIER_DRAM);
+  ASSERT_TRUE(hbm != nullptr && dram != nullptr);
+  EXPECT_LE(hbm->blocks() + dram->blocks(), 8 + kQuotaBlocks)
+      << "acme holds more than its quota in memory: " << stats.DebugString();
+  bool found = false;
+  for (const v1::TenantStats& tenant : stats.tenants()) {
+    if (tenant.tenant() != "acme") continue;
+    found = true;
+    EXPECT_LE(tenant.dram_bytes(), kQuotaBlocks * kBlock) << "HBM and DRAM bytes together";
+    EXPECT_GE(tenant.quota_evictions(), 100 - kQuotaBlocks);
+  }
+  EXPECT_TRUE(found) << stats.DebugString();
+  // globex's blocks stayed where they were, in HBM, and are served.
+  auto lookup = kept->Lookup(kept->Keys(testing::Tokens(70, 8, kTokensPerBlock)));
+  ASSERT_TRUE(lookup.ok()) << lookup.status();
+  ASSERT_EQ(lookup->tiers.size(), 8u);
+  EXPECT_EQ(std::count(lookup->tiers.begin(), lookup->tiers.end(), Tier::kHbm), 8)
+      << "acme's flood pushed globex's blocks out of HBM";
+  EXPECT_EQ(FetchAndVerify(*globex, *kept, 70, 8, 4), 8u);
+  // acme kept its newest quota's worth, and they are served.
+  EXPECT_EQ(FetchAndVerify(*acme, *flood, 71, 100, 4), kQuotaBlocks);
+}
+
+// A quantized namespace's blocks keep their stored format through HBM: a
+// Fetch reports int8 (not raw, which would have the client take the encoded
+// bytes for KV), and a republish finds them present. HBM copies used to drop
+// the format.
+TEST_F(HbmNodeTest, AQuantizedNamespacesBlocksKeepTheirFormatInHbm) {
+  StartNode({HbmFlag(16), DramFlag(64)});
+  v1::NamespaceSpec spec;
+  spec.set_model("hbm-int8");
+  spec.set_dtype(v1::DTYPE_FP16);
+  spec.set_num_layers(1);
+  spec.set_num_kv_heads(8);
+  spec.set_head_dim(128);
+  spec.set_tokens_per_block(kTokensPerBlock);
+  spec.set_format(v1::FORMAT_INT8);
+  auto ns = client_->OpenNamespace(spec);
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  constexpr size_t kCount = 4;
+  const uint64_t block = ns->block_bytes();
+  auto buffer = client_->Allocate(kCount * block);
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  for (size_t i = 0; i < kCount * block / 2; ++i) {  // small fp16 values
+    const _Float16 h = static_cast<_Float16>(static_cast<float>(i % 17) / 16.0f - 0.5f);
+    std::memcpy((*buffer)->data() + 2 * i, &h, 2);
+  }
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(80, kCount, kTokensPerBlock));
+  std::vector<client::PublishItem> publish;
+  for (size_t i = 0; i < kCount; ++i) {
+    publish.push_back({keys[i], i ? std::optional(keys[i - 1]) : std::nullopt, buffer->get(), i * block});
+  }
+  auto published = ns->Publish(publish);
+  ASSERT_TRUE(published.ok()) << published.status();
+  ASSERT_EQ(published->count(BlockOutcome::kOk), kCount);
+  auto lookup = ns->Lookup(keys);
+  ASSERT_TRUE(lookup.ok());
+  EXPECT_EQ(std::count(lookup->tiers.begin(), lookup->tiers.end(), Tier::kHbm), int(kCount));
+
+  std::vector<client::FetchItem> fetch;
+  for (size_t i = 0; i < kCount; ++i) fetch.push_back({keys[i], buffer->get(), i * block});
+  auto fetched = ns->Fetch(fetch);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  for (size_t i = 0; i < kCount; ++i) {
+    EXPECT_EQ(fetched->outcomes[i], BlockOutcome::kOk) << i;
+    EXPECT_EQ(fetched->formats[i], client::StoredFormat::kInt8) << "block " << i << " from HBM";
+  }
+  auto again = ns->Publish(publish);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->count(BlockOutcome::kAlreadyPresent), kCount)
+      << "a republish took the HBM copies for coarser ones";
 }
 
 TEST_F(HbmNodeTest, ARestartLosesHbmAndADeleteIsNeverServed) {

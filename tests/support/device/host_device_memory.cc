@@ -46,6 +46,7 @@ class HostStream : public transfer::DeviceStream {
     if (!from.ok()) return from.status();
     absl::StatusOr<uint8_t*> to = Side(dst, bytes, dst_device, "destination");
     if (!to.ok()) return to.status();
+    device_.RunCopyHook(kind);
     const bool fail = !device_.TakeCopy();
     std::lock_guard lock(mu_);
     queue_.push_back([this, from = *from, to = *to, bytes, fail] {

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 
@@ -48,6 +49,14 @@ class HostDeviceMemory : public transfer::DeviceMemory {
   // Whether [host, host + bytes) overlaps device memory (a host side of a
   // copy must not).
   bool OverlapsDevice(const void* host, uint64_t bytes) const;
+  // Called on the caller's thread at every Copy, before it is queued (a test
+  // holds a copy there to order it against another thread's call). Set
+  // before copies run.
+  using CopyHook = std::function<void(transfer::CopyKind)>;
+  void set_copy_hook(CopyHook hook) { copy_hook_ = std::move(hook); }
+  void RunCopyHook(transfer::CopyKind kind) const {
+    if (copy_hook_) copy_hook_(kind);
+  }
   // Takes one copy from the budget; false once it is spent.
   bool TakeCopy() {
     uint64_t left = copies_left_.load();
@@ -65,6 +74,7 @@ class HostDeviceMemory : public transfer::DeviceMemory {
   absl::StatusOr<transfer::DeviceAllocation> Map(int fd, uint64_t bytes, bool keep_fd);
 
   std::atomic<uint64_t> copies_left_;
+  CopyHook copy_hook_;
   mutable absl::Mutex mu_;
   std::map<uintptr_t, Range> ranges_ ABSL_GUARDED_BY(mu_);  // by device address
 };

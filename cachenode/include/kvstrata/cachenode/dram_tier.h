@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "kvstrata/cachenode/block_index.h"
+#include "kvstrata/cachenode/block_moves.h"
 #include "kvstrata/cachenode/eviction_policy.h"
 #include "kvstrata/cachenode/slab_allocator.h"
 
@@ -97,14 +98,20 @@ class DramTier {
   using ResidencyHook = std::function<void(const BlockId&, uint64_t size, bool resident)>;
   void set_residency_hook(ResidencyHook hook) { residency_hook_ = std::move(hook); }
 
+  // Registers each eviction handed to the eviction hook (or a Drain's sink)
+  // in `moves` from its removal until the hook returns, so that a Delete
+  // waits for the copy the hook makes (BlockMoves). Set once, before use.
+  void set_moves(BlockMoves* moves) { moves_ = moves; }
+
   // Enables precision tiers: `transcoder` (which must outlive the tier) is
   // asked about every victim before it is evicted. Set once, before use.
   void set_transcoder(const BlockTranscoder* transcoder) { transcoder_ = transcoder; }
 
-  // Evicts `id` as if the policy had chosen it (the eviction hook demotes
-  // it). False when it is not stored. A tenant over its quota makes room
-  // this way among its own blocks.
-  bool Evict(const BlockId& id);
+  // Evicts `id` as if the policy had chosen it: handed to `sink` when
+  // given, else to the eviction hook (which demotes it). False when it is
+  // not stored. A tenant over its quota makes room this way among its own
+  // blocks.
+  bool Evict(const BlockId& id, const EvictionHook* sink = nullptr);
 
   // Removes every block, in the policy's eviction order (least valuable
   // first), handing each to `sink`. For shutdown: the node writes them to NVMe.
@@ -122,7 +129,8 @@ class DramTier {
   // gone from the index (nothing handed over).
   std::optional<bool> RemoveVictim(const EvictionHook& sink);
   // Removes `id` from the index and the policy; null when it is not stored.
-  std::shared_ptr<StoredBlock> TakeOut(const BlockId& id);
+  // With `move`, begins its move in moves_ (if set) under the same lock.
+  std::shared_ptr<StoredBlock> TakeOut(const BlockId& id, uint64_t* move = nullptr);
   // One step of making room: transcodes the policy's victim when its
   // namespace allows, else evicts it. nullopt when the policy holds none.
   // `follow_up`: may take one more step (see the .cc).
@@ -150,6 +158,7 @@ class DramTier {
   std::array<std::atomic<uint64_t>, kStoredFormats> format_blocks_{};
   std::array<std::atomic<uint64_t>, kStoredFormats> format_bytes_{};
   const BlockTranscoder* transcoder_ = nullptr;
+  BlockMoves* moves_ = nullptr;
   EvictionHook eviction_hook_;
   ResidencyHook residency_hook_;
   // Serializes the policy, and eviction with commit so a victim chosen is

@@ -56,7 +56,7 @@ class HbmTier {
   transfer::DeviceMemory& device() { return *device_; }
 
   // Copies `host` (host memory, checksum verified, parent set) into a new
-  // HBM chunk and commits it as `id`: true when stored, false when `id` is
+  // HBM chunk and commits it as `id`, with its stored format: true when stored, false when `id` is
   // stored here already; RESOURCE_EXHAUSTED when nothing can be evicted to
   // make room (every chunk pinned), or a copy error.
   absl::StatusOr<bool> Admit(const BlockId& id, const StoredBlock& host);
