@@ -19,6 +19,7 @@
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/certificates.h"
 #include "kvstrata/testing/http.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -400,19 +401,12 @@ TEST(AuthStartTest, NonLoopbackListenWithoutAuthNeedsAnExplicitFlag) {
 
 // ---- admission, stalls and jamming ---------------------------------------
 
-class HostileTest : public ::testing::Test {
+class HostileTest : public testing::SharedNodeTest<HostileTest> {
  protected:
   static void SetUpTestSuite() {
     // 64 MiB: 256 blocks; one request may reserve an eighth (32 blocks).
-    auto node = NodeProcess::Start(
-        KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
-                               "--transfer_timeout=20s", "--transfer_stall_timeout=1s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
-  }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
+    StartSharedNode(KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
+                                           "--transfer_timeout=20s", "--transfer_stall_timeout=1s"});
   }
   void SetUp() override {
     ASSERT_NE(node_, nullptr);
@@ -486,12 +480,9 @@ class HostileTest : public ::testing::Test {
     return stats;
   }
 
-  static NodeProcess* node_;
   std::unique_ptr<transfer::Engine> engine_;
   std::unique_ptr<transfer::MemoryRegion> region_;
 };
-
-NodeProcess* HostileTest::node_ = nullptr;
 
 TEST_F(HostileTest, GarbageWorkerAddressEvictsNothing) {
   auto victim = Connect(node_->address(), "");
