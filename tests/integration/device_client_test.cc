@@ -18,6 +18,7 @@
 #include "kvstrata/transfer/engine.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/kvstrata.h"
+#include "kvstrata/testing/auth_file.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
@@ -37,6 +38,7 @@ using client::PublishItem;
 using testing::ChildProcess;
 using testing::HostDeviceMemory;
 using testing::NodeProcess;
+using testing::Sha256Hex;
 
 constexpr uint64_t kBlock = 256 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
@@ -518,14 +520,6 @@ TEST_F(DeviceIpcTest, LeasesExpireAndOnlyTheSameHostGetsTheArena) {
   EXPECT_FALSE(stub->FetchDeviceIpc(&c3, bad, &ignored).ok());
   // The blocks were never disturbed.
   EXPECT_EQ(FetchIntoDevice(22, 8), 8u);
-}
-
-std::string Sha256Hex(const std::string& text) {
-  FILE* pipe = popen(("printf %s '" + text + "' | sha256sum").c_str(), "r");
-  char out[65] = {};
-  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
-  if (pipe != nullptr) pclose(pipe);
-  return std::string(out, 64);
 }
 
 // The arena mapping exposes every tenant's blocks: with authentication on,

@@ -16,6 +16,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/block_key.h"
+#include "kvstrata/testing/auth_file.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/certificates.h"
 #include "kvstrata/testing/http.h"
@@ -32,6 +33,7 @@ using client::Client;
 using testing::FetchAndVerify;
 using testing::NodeProcess;
 using testing::PublishStream;
+using testing::Sha256Hex;
 
 constexpr uint64_t kBlock = 256 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
@@ -41,17 +43,6 @@ constexpr char kAcmeToken[] = "acme-secret-token";
 constexpr char kGlobexToken[] = "globex-secret-token";
 constexpr char kAdminToken[] = "admin-secret-token";
 constexpr char kLateToken[] = "added-on-reload";
-
-std::string Sha256Hex(const std::string& text) {
-  // A BlockKey-independent digest: the node's file format, computed by the
-  // same tool an operator would use.
-  const std::string command = "printf %s '" + text + "' | sha256sum";
-  FILE* pipe = popen(command.c_str(), "r");
-  char out[65] = {};
-  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
-  if (pipe != nullptr) pclose(pipe);
-  return std::string(out, 64);
-}
 
 v1::NamespaceSpec Spec(const std::string& tenant, const std::string& model,
                        uint64_t block_bytes = kBlock) {
