@@ -14,8 +14,6 @@
 // The client coalesces blocks up to 16 KiB (client.cc); larger sizes are
 // measured to show why (both ways are then the same path unless the node
 // allows more).
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -28,6 +26,7 @@
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/testing/process.h"
+#include "support/round_trip.h"
 
 #ifndef KVSTRATA_NODE_BINARY
 #define KVSTRATA_NODE_BINARY "kvstrata-node"
@@ -42,27 +41,13 @@ ABSL_FLAG(bool, quick, false, "Smoke test: 5 rounds.");
 
 namespace {
 
-using kvstrata::BlockKey;
-using kvstrata::client::BlockOutcome;
-using kvstrata::client::Buffer;
+// OpenSide, PublishFetchSet, TimedRoundTrip and SameHostBytes take a Side
+// and are found by argument-dependent lookup.
+using kvstrata::bench::FreshKeys;
+using kvstrata::bench::Percentile;
+using kvstrata::bench::Side;
 using kvstrata::client::Client;
 using kvstrata::client::ClientOptions;
-using kvstrata::client::FetchItem;
-using kvstrata::client::Namespace;
-using kvstrata::client::PublishItem;
-
-struct Side {
-  std::unique_ptr<Client> client;
-  std::optional<Namespace> ns;
-  std::unique_ptr<Buffer> src, dst;
-  std::vector<BlockKey> fetch_keys;  // published once, fetched every round
-  std::vector<double> publish_us, fetch_us;
-};
-
-double Percentile(std::vector<double> v, double fraction) {
-  std::sort(v.begin(), v.end());
-  return v[static_cast<size_t>(fraction * static_cast<double>(v.size() - 1))];
-}
 
 absl::Status Run() {
   const int rounds = absl::GetFlag(FLAGS_quick) ? 5 : absl::GetFlag(FLAGS_rounds);
@@ -86,14 +71,7 @@ absl::Status Run() {
   const char* tls = std::getenv("UCX_TLS");
   std::printf("# coalesce_bench: UCX_TLS=%s, %d rounds per point\n", tls ? tls : "(unset)", rounds);
   std::mt19937_64 random(std::random_device{}());
-  uint64_t counter = random();
-  auto next_key = [&] {
-    BlockKey key;
-    const uint64_t n = ++counter;
-    std::memcpy(key.bytes.data(), &n, 8);
-    std::memcpy(key.bytes.data() + 8, &counter, 8);
-    return key;
-  };
+  FreshKeys keys(random());
   for (uint64_t size : sizes) {
     for (size_t batch : batches) {
       Side sides[2];  // [0] coalesced, [1] one message per block
@@ -106,60 +84,16 @@ absl::Status Run() {
         if (!client.ok()) return client.status();
         Side& side = sides[k];
         side.client = *std::move(client);
-        kvstrata::v1::NamespaceSpec spec;
-        spec.set_tenant("bench");
-        spec.set_model("coalesce_bench");
-        spec.set_block_bytes(size);
-        auto ns = side.client->OpenNamespace(spec);
-        if (!ns.ok()) return ns.status();
-        side.ns = *ns;
-        auto src = side.client->Allocate(size * batch);
-        auto dst = side.client->Allocate(size * batch);
-        if (!src.ok()) return src.status();
-        if (!dst.ok()) return dst.status();
-        side.src = *std::move(src);
-        side.dst = *std::move(dst);
+        if (absl::Status s = OpenSide(side, "coalesce_bench", size, batch); !s.ok()) return s;
         for (size_t i = 0; i < size * batch; ++i) side.src->data()[i] = static_cast<uint8_t>(random());
         std::memset(side.dst->data(), 0, size * batch);
-        std::vector<PublishItem> items;
-        for (size_t i = 0; i < batch; ++i) {
-          side.fetch_keys.push_back(next_key());
-          items.push_back({side.fetch_keys.back(), std::nullopt, side.src.get(), i * size});
-        }
-        auto published = side.ns->Publish(items);
-        if (!published.ok()) return published.status();
+        if (absl::Status s = PublishFetchSet(side, keys); !s.ok()) return s;
       }
-      for (int round = 0; round <= rounds; ++round) {  // round 0 warms up
-        for (int turn = 0; turn < 2; ++turn) {
-          Side& side = sides[(round & 1) ? 1 - turn : turn];  // alternate who goes first
-          std::vector<PublishItem> items;
-          std::vector<BlockKey> keys;
-          for (size_t i = 0; i < batch; ++i) {
-            keys.push_back(next_key());
-            items.push_back({keys.back(), std::nullopt, side.src.get(), i * size});
-          }
-          std::vector<FetchItem> fetch;
-          for (size_t i = 0; i < batch; ++i) {
-            fetch.push_back({side.fetch_keys[i], side.dst.get(), i * size});
-          }
-          const auto t0 = std::chrono::steady_clock::now();
-          auto published = side.ns->Publish(items);
-          const auto t1 = std::chrono::steady_clock::now();
-          auto fetched = side.ns->Fetch(fetch);
-          const auto t2 = std::chrono::steady_clock::now();
-          if (!published.ok()) return published.status();
-          if (!fetched.ok()) return fetched.status();
-          if (published->count(BlockOutcome::kOk) != batch ||
-              fetched->count(BlockOutcome::kOk) != batch ||
-              std::memcmp(side.src->data(), side.dst->data(), size * batch) != 0) {
-            return absl::DataLossError("a block did not round-trip");
-          }
-          if (auto deleted = side.ns->Delete(keys); !deleted.ok()) return deleted.status();
-          if (round == 0) continue;
-          side.publish_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-          side.fetch_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
-        }
-      }
+      absl::Status timed = kvstrata::bench::TakeTurns(sides, rounds, [&](Side& side, int round) {
+        return TimedRoundTrip(side, keys, /*record=*/round > 0,
+                              [&] { return SameHostBytes(side); });
+      });
+      if (!timed.ok()) return timed;
       auto line = [&](const char* what, std::vector<double> Side::*samples) {
         const auto& c = sides[0].*samples;
         const auto& p = sides[1].*samples;

@@ -15,7 +15,6 @@
 // Per operation: p10/p50 microseconds per call and host/device (over 1: the
 // device path is faster).
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -28,6 +27,7 @@
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/testing/process.h"
+#include "support/round_trip.h"
 
 ABSL_FLAG(uint64_t, block_bytes, 1 << 20, "Block size in bytes.");
 ABSL_FLAG(size_t, batch, 32, "Blocks per call.");
@@ -36,27 +36,13 @@ ABSL_FLAG(bool, quick, false, "Smoke test: 3 rounds.");
 
 namespace {
 
-using kvstrata::BlockKey;
-using kvstrata::client::BlockOutcome;
-using kvstrata::client::Buffer;
+// OpenSide, PublishFetchSet, TimedRoundTrip and SameHostBytes take a Side
+// and are found by argument-dependent lookup.
+using kvstrata::bench::FreshKeys;
+using kvstrata::bench::Percentile;
+using kvstrata::bench::Side;
 using kvstrata::client::Client;
-using kvstrata::client::FetchItem;
 using kvstrata::client::MemoryKind;
-using kvstrata::client::Namespace;
-using kvstrata::client::PublishItem;
-
-struct Side {
-  const char* name;
-  std::unique_ptr<Client> client;
-  std::optional<Namespace> ns;
-  std::unique_ptr<Buffer> src, dst;
-  std::vector<double> publish_us, fetch_us;
-};
-
-double Percentile(std::vector<double> v, double fraction) {
-  std::sort(v.begin(), v.end());
-  return v[static_cast<size_t>(fraction * static_cast<double>(v.size() - 1))];
-}
 
 absl::Status Run() {
   const int rounds = absl::GetFlag(FLAGS_quick) ? 3 : absl::GetFlag(FLAGS_rounds);
@@ -73,18 +59,10 @@ absl::Status Run() {
   if (!node.ok()) return node.status();
   auto device = std::make_shared<kvstrata::testing::HostDeviceMemory>();
   std::mt19937_64 random(std::random_device{}());
-  uint64_t counter = random();
-  auto next_key = [&] {
-    BlockKey key;
-    const uint64_t n = ++counter;
-    std::memcpy(key.bytes.data(), &n, 8);
-    std::memcpy(key.bytes.data() + 8, &counter, 8);
-    return key;
-  };
+  FreshKeys keys(random());
   std::vector<uint8_t> pattern(size * batch);
   for (auto& b : pattern) b = static_cast<uint8_t>(random());
   Side sides[3] = {{"host"}, {"staged"}, {"ipc"}};
-  std::vector<BlockKey> fetch_keys;
   for (int k = 0; k < 3; ++k) {
     kvstrata::client::ClientOptions options{.node_address = (*node)->address()};
     options.device = device;
@@ -94,20 +72,8 @@ absl::Status Run() {
     if (!client.ok()) return client.status();
     Side& side = sides[k];
     side.client = *std::move(client);
-    kvstrata::v1::NamespaceSpec spec;
-    spec.set_tenant("bench");
-    spec.set_model("device_bench");
-    spec.set_block_bytes(size);
-    auto ns = side.client->OpenNamespace(spec);
-    if (!ns.ok()) return ns.status();
-    side.ns = *ns;
     const MemoryKind kind = k == 0 ? MemoryKind::kHost : MemoryKind::kDevice;
-    auto src = side.client->Allocate(size * batch, kind);
-    auto dst = side.client->Allocate(size * batch, kind);
-    if (!src.ok()) return src.status();
-    if (!dst.ok()) return dst.status();
-    side.src = *std::move(src);
-    side.dst = *std::move(dst);
+    if (absl::Status s = OpenSide(side, "device_bench", size, batch, kind); !s.ok()) return s;
     if (k == 0) {
       std::memcpy(side.src->data(), pattern.data(), pattern.size());
     } else {
@@ -121,65 +87,37 @@ absl::Status Run() {
       if (absl::Status s = (*stream)->Synchronize(); !s.ok()) return s;
     }
   }
-  {
-    std::vector<PublishItem> items;
-    for (size_t i = 0; i < batch; ++i) {
-      fetch_keys.push_back(next_key());
-      items.push_back({fetch_keys.back(), std::nullopt, sides[0].src.get(), i * size});
-    }
-    auto published = sides[0].ns->Publish(items);
-    if (!published.ok()) return published.status();
-    if (published->count(BlockOutcome::kOk) != batch) return absl::InternalError("setup publish");
-  }
+  // One fetch set, published from the host side, that every side fetches.
+  if (absl::Status s = PublishFetchSet(sides[0], keys); !s.ok()) return s;
+  for (int k = 1; k < 3; ++k) sides[k].fetch_keys = sides[0].fetch_keys;
   std::vector<uint8_t> check(size * batch);
   const char* tls = std::getenv("UCX_TLS");
   std::printf("# device_bench: UCX_TLS=%s, %llu-byte blocks x %zu, %d rounds, node: HBM tier\n",
               tls ? tls : "(unset)", static_cast<unsigned long long>(size), batch, rounds);
-  for (int round = 0; round <= rounds; ++round) {  // round 0 warms up
-    for (int turn = 0; turn < 3; ++turn) {
-      Side& side = sides[(turn + round) % 3];
-      std::vector<PublishItem> items;
-      std::vector<BlockKey> keys;
-      std::vector<FetchItem> fetch;
-      for (size_t i = 0; i < batch; ++i) {
-        keys.push_back(next_key());
-        items.push_back({keys.back(), std::nullopt, side.src.get(), i * size});
-        fetch.push_back({fetch_keys[i], side.dst.get(), i * size});
+  // Bytes are checked once per client, in round 1 (outside the timed calls).
+  auto check_bytes = [&](const Side& side) -> absl::Status {
+    const uint8_t* got = side.dst->data();
+    if (side.dst->kind() == MemoryKind::kDevice) {
+      auto stream = device->CreateStream();
+      if (!stream.ok()) return stream.status();
+      if (absl::Status s = (*stream)->Copy(check.data(), got, check.size(),
+                                           kvstrata::transfer::CopyKind::kDeviceToHost);
+          !s.ok()) {
+        return s;
       }
-      const auto t0 = std::chrono::steady_clock::now();
-      auto published = side.ns->Publish(items);
-      const auto t1 = std::chrono::steady_clock::now();
-      auto fetched = side.ns->Fetch(fetch);
-      const auto t2 = std::chrono::steady_clock::now();
-      if (!published.ok()) return published.status();
-      if (!fetched.ok()) return fetched.status();
-      if (published->count(BlockOutcome::kOk) != batch ||
-          fetched->count(BlockOutcome::kOk) != batch) {
-        return absl::DataLossError(absl::StrCat(side.name, ": a block did not round-trip"));
-      }
-      if (round == 1) {  // bytes checked once per client (outside the timed rounds' cost)
-        const uint8_t* got = side.dst->data();
-        if (side.dst->kind() == MemoryKind::kDevice) {
-          auto stream = device->CreateStream();
-          if (!stream.ok()) return stream.status();
-          if (absl::Status s = (*stream)->Copy(check.data(), got, check.size(),
-                                               kvstrata::transfer::CopyKind::kDeviceToHost);
-              !s.ok()) {
-            return s;
-          }
-          if (absl::Status s = (*stream)->Synchronize(); !s.ok()) return s;
-          got = check.data();
-        }
-        if (std::memcmp(got, pattern.data(), pattern.size()) != 0) {
-          return absl::DataLossError(absl::StrCat(side.name, ": fetched bytes differ"));
-        }
-      }
-      if (auto deleted = side.ns->Delete(keys); !deleted.ok()) return deleted.status();
-      if (round == 0) continue;
-      side.publish_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      side.fetch_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
+      if (absl::Status s = (*stream)->Synchronize(); !s.ok()) return s;
+      got = check.data();
     }
-  }
+    if (std::memcmp(got, pattern.data(), pattern.size()) != 0) {
+      return absl::DataLossError(absl::StrCat(side.name, ": fetched bytes differ"));
+    }
+    return absl::OkStatus();
+  };
+  absl::Status timed = kvstrata::bench::TakeTurns(sides, rounds, [&](Side& side, int round) {
+    if (round != 1) return TimedRoundTrip(side, keys, /*record=*/round > 0);
+    return TimedRoundTrip(side, keys, /*record=*/true, [&] { return check_bytes(side); });
+  });
+  if (!timed.ok()) return timed;
   auto line = [&](const char* what, std::vector<double> Side::*samples) {
     const auto& h = sides[0].*samples;
     std::printf("%-7s host p10/p50=%.0f/%.0f us", what, Percentile(h, 0.1), Percentile(h, 0.5));

@@ -13,7 +13,6 @@
 // Per operation: p10/p50 microseconds per call on each node and
 // dram/hbm (over 1: the HBM path is faster).
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -25,6 +24,7 @@
 #include "kvstrata.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/testing/process.h"
+#include "support/round_trip.h"
 
 ABSL_FLAG(uint64_t, block_bytes, 1 << 20, "Block size in bytes.");
 ABSL_FLAG(size_t, batch, 32, "Blocks per call.");
@@ -33,27 +33,12 @@ ABSL_FLAG(bool, quick, false, "Smoke test: 3 rounds.");
 
 namespace {
 
-using kvstrata::BlockKey;
-using kvstrata::client::BlockOutcome;
-using kvstrata::client::Buffer;
+// OpenSide, PublishFetchSet, TimedRoundTrip and SameHostBytes take a Side
+// and are found by argument-dependent lookup.
+using kvstrata::bench::FreshKeys;
+using kvstrata::bench::Percentile;
+using kvstrata::bench::Side;
 using kvstrata::client::Client;
-using kvstrata::client::FetchItem;
-using kvstrata::client::Namespace;
-using kvstrata::client::PublishItem;
-
-struct Side {
-  std::unique_ptr<kvstrata::testing::NodeProcess> node;
-  std::unique_ptr<Client> client;
-  std::optional<Namespace> ns;
-  std::unique_ptr<Buffer> src, dst;
-  std::vector<BlockKey> fetch_keys;
-  std::vector<double> publish_us, fetch_us;
-};
-
-double Percentile(std::vector<double> v, double fraction) {
-  std::sort(v.begin(), v.end());
-  return v[static_cast<size_t>(fraction * static_cast<double>(v.size() - 1))];
-}
 
 absl::Status Run() {
   const int rounds = absl::GetFlag(FLAGS_quick) ? 3 : absl::GetFlag(FLAGS_rounds);
@@ -65,14 +50,9 @@ absl::Status Run() {
   auto dir = kvstrata::testing::TempDir::Create("hbm_bench");
   if (!dir.ok()) return dir.status();
   std::mt19937_64 random(std::random_device{}());
-  uint64_t counter = random();
-  auto next_key = [&] {
-    BlockKey key;
-    const uint64_t n = ++counter;
-    std::memcpy(key.bytes.data(), &n, 8);
-    std::memcpy(key.bytes.data() + 8, &counter, 8);
-    return key;
-  };
+  FreshKeys keys(random());
+  // The nodes outlive their clients (declared first, destroyed last).
+  std::unique_ptr<kvstrata::testing::NodeProcess> nodes[2];
   Side sides[2];  // [0] DRAM only, [1] HBM
   for (int k = 0; k < 2; ++k) {
     std::vector<std::string> flags = {absl::StrCat("--dram_bytes=", tier), "--prefault",
@@ -83,67 +63,22 @@ absl::Status Run() {
         (*dir)->File(absl::StrCat("node", k, ".log")));
     if (!node.ok()) return node.status();
     Side& side = sides[k];
-    side.node = *std::move(node);
-    auto client = Client::Connect({.node_address = side.node->address()});
+    nodes[k] = *std::move(node);
+    auto client = Client::Connect({.node_address = nodes[k]->address()});
     if (!client.ok()) return client.status();
     side.client = *std::move(client);
-    kvstrata::v1::NamespaceSpec spec;
-    spec.set_tenant("bench");
-    spec.set_model("hbm_bench");
-    spec.set_block_bytes(size);
-    auto ns = side.client->OpenNamespace(spec);
-    if (!ns.ok()) return ns.status();
-    side.ns = *ns;
-    auto src = side.client->Allocate(size * batch);
-    auto dst = side.client->Allocate(size * batch);
-    if (!src.ok()) return src.status();
-    if (!dst.ok()) return dst.status();
-    side.src = *std::move(src);
-    side.dst = *std::move(dst);
+    if (absl::Status s = OpenSide(side, "hbm_bench", size, batch); !s.ok()) return s;
     for (size_t i = 0; i < size * batch; ++i) side.src->data()[i] = static_cast<uint8_t>(random());
-    std::vector<PublishItem> items;
-    for (size_t i = 0; i < batch; ++i) {
-      side.fetch_keys.push_back(next_key());
-      items.push_back({side.fetch_keys.back(), std::nullopt, side.src.get(), i * size});
-    }
-    auto published = side.ns->Publish(items);
-    if (!published.ok()) return published.status();
-    if (published->count(BlockOutcome::kOk) != batch) return absl::InternalError("setup publish");
+    if (absl::Status s = PublishFetchSet(side, keys); !s.ok()) return s;
   }
   const char* tls = std::getenv("UCX_TLS");
   std::printf("# hbm_bench: UCX_TLS=%s, %llu-byte blocks x %zu, %d rounds\n", tls ? tls : "(unset)",
               static_cast<unsigned long long>(size), batch, rounds);
-  for (int round = 0; round <= rounds; ++round) {  // round 0 warms up
-    for (int turn = 0; turn < 2; ++turn) {
-      Side& side = sides[(round & 1) ? 1 - turn : turn];
-      std::vector<PublishItem> items;
-      std::vector<BlockKey> keys;
-      for (size_t i = 0; i < batch; ++i) {
-        keys.push_back(next_key());
-        items.push_back({keys.back(), std::nullopt, side.src.get(), i * size});
-      }
-      std::vector<FetchItem> fetch;
-      for (size_t i = 0; i < batch; ++i)
-        fetch.push_back({side.fetch_keys[i], side.dst.get(), i * size});
-      std::memset(side.dst->data(), 0, size * batch);
-      const auto t0 = std::chrono::steady_clock::now();
-      auto published = side.ns->Publish(items);
-      const auto t1 = std::chrono::steady_clock::now();
-      auto fetched = side.ns->Fetch(fetch);
-      const auto t2 = std::chrono::steady_clock::now();
-      if (!published.ok()) return published.status();
-      if (!fetched.ok()) return fetched.status();
-      if (published->count(BlockOutcome::kOk) != batch ||
-          fetched->count(BlockOutcome::kOk) != batch ||
-          std::memcmp(side.src->data(), side.dst->data(), size * batch) != 0) {
-        return absl::DataLossError("a block did not round-trip");
-      }
-      if (auto deleted = side.ns->Delete(keys); !deleted.ok()) return deleted.status();
-      if (round == 0) continue;
-      side.publish_us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-      side.fetch_us.push_back(std::chrono::duration<double, std::micro>(t2 - t1).count());
-    }
-  }
+  absl::Status timed = kvstrata::bench::TakeTurns(sides, rounds, [&](Side& side, int round) {
+    std::memset(side.dst->data(), 0, size * batch);
+    return TimedRoundTrip(side, keys, /*record=*/round > 0, [&] { return SameHostBytes(side); });
+  });
+  if (!timed.ok()) return timed;
   kvstrata::v1::StatsResponse stats;
   if (absl::Status s = sides[1].client->Stats(&stats); !s.ok()) return s;
   for (const auto& t : stats.tiers()) {

@@ -217,3 +217,14 @@ ADAPTERS = {a.name: a for a in (KvstrataAdapter, MooncakeAdapter, RedisAdapter)}
 
 def connect(spec, value_bytes, slots):
     return ADAPTERS[spec["system"]](spec, value_bytes, slots)
+
+
+def close_quietly(adapter):
+    """Closes a worker's adapter (None: none was made) in its `finally`: a
+    failing close must not replace the outcome the worker reports."""
+    if adapter is None:
+        return
+    try:
+        adapter.close()
+    except Exception:
+        pass

@@ -11,7 +11,7 @@ import multiprocessing
 import time
 
 import content
-from clients import connect
+from clients import close_quietly, connect
 
 TOKENS_PER_BLOCK = 512  # the Mooncake trace's block (cachenode's kTraceTokensPerBlock)
 
@@ -84,11 +84,7 @@ def replay_client(spec, trace, block_bytes, results):
     except Exception as e:
         outcome["error"] = "%s replay: %s: %s" % (spec["system"], type(e).__name__, e)
     finally:
-        if adapter is not None:
-            try:
-                adapter.close()
-            except Exception:
-                pass
+        close_quietly(adapter)
     results.put(outcome)
 
 

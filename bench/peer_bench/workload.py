@@ -19,7 +19,7 @@ import multiprocessing
 import time
 
 import content
-from clients import connect
+from clients import close_quietly, connect
 
 # Bounds the get phase's working set, so setting it up stays short at 16 KiB
 # (it is already at most half the capacity over all clients).
@@ -113,11 +113,7 @@ def run_client(spec, point, client_index, barrier, results):
                                                      type(e).__name__, e)
         barrier.abort()
     finally:
-        if adapter is not None:
-            try:
-                adapter.close()
-            except Exception:
-                pass
+        close_quietly(adapter)
     results.put(outcome)
 
 

@@ -17,6 +17,7 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/cluster.h"
 #include "kvstrata/common/namespace_spec.h"
+#include "kvstrata/testing/auth_file.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/process.h"
 
@@ -30,6 +31,7 @@ using client::ClusterOptions;
 using testing::ChildProcess;
 using testing::FillBlock;
 using testing::NodeProcess;
+using testing::Sha256Hex;
 
 constexpr uint64_t kBlock = 16 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
@@ -460,15 +462,6 @@ TEST_F(ThreeNodeTest, DrainedNodeTakesNoNewBlocksButServesItsOwn) {
 }
 
 // ---- tenants ----------------------------------------------------------------
-
-// sha256sum of `text`: the auth file holds digests, not tokens.
-std::string Sha256Hex(const std::string& text) {
-  FILE* pipe = popen(("printf %s '" + text + "' | sha256sum").c_str(), "r");
-  char out[65] = {};
-  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
-  if (pipe != nullptr) pclose(pipe);
-  return std::string(out, 64);
-}
 
 TEST(ClusterAuthTest, AnotherTenantCanNeitherListNorRepairANamespace) {
   auto dir = testing::TempDir::Create("kvstrata-cluster-auth");

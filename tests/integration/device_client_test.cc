@@ -18,7 +18,9 @@
 #include "kvstrata/transfer/engine.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/kvstrata.h"
+#include "kvstrata/testing/auth_file.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 
@@ -36,6 +38,7 @@ using client::PublishItem;
 using testing::ChildProcess;
 using testing::HostDeviceMemory;
 using testing::NodeProcess;
+using testing::Sha256Hex;
 
 constexpr uint64_t kBlock = 256 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
@@ -66,26 +69,28 @@ std::vector<uint8_t> Block(uint64_t seed, uint64_t index, uint64_t bytes = kBloc
   return b;
 }
 
-class DeviceClientTest : public ::testing::Test {
+// The options of a client with `device` as its GPU (node_address still to set).
+ClientOptions DeviceOptions(std::shared_ptr<transfer::DeviceMemory> device,
+                            uint64_t staging_bytes = 16ull << 20) {
+  ClientOptions options{.timeout = absl::Seconds(20)};
+  options.device = std::move(device);
+  options.device_staging_bytes = staging_bytes;
+  return options;
+}
+
+class DeviceClientTest : public testing::NodeClientTest {
  protected:
   void SetUp() override {
-    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
-                                   {"--dram_bytes=268435456", "--transfer_timeout=5s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = *std::move(node);
     device_ = std::make_shared<HostDeviceMemory>();
-    client_ = Connect(device_);
-    ASSERT_NE(client_, nullptr);
+    StartNodeAndClient(KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--transfer_timeout=5s"},
+                       DeviceOptions(device_));
   }
 
   std::unique_ptr<Client> Connect(std::shared_ptr<transfer::DeviceMemory> device,
                                   uint64_t staging_bytes = 16ull << 20) {
-    ClientOptions options{.node_address = node_->address(), .timeout = absl::Seconds(20)};
-    options.device = std::move(device);
-    options.device_staging_bytes = staging_bytes;
-    auto c = Client::Connect(options);
-    EXPECT_TRUE(c.ok()) << c.status();
-    return c.ok() ? *std::move(c) : nullptr;
+    ClientOptions options = DeviceOptions(std::move(device), staging_bytes);
+    options.node_address = node_->address();
+    return testing::ConnectOrFail(options);
   }
 
   // `count` blocks of stream `seed` in one device buffer.
@@ -100,12 +105,6 @@ class DeviceClientTest : public ::testing::Test {
     return *std::move(buffer);
   }
 
-  v1::StatsResponse Stats() {
-    v1::StatsResponse stats;
-    EXPECT_TRUE(client_->Stats(&stats).ok());
-    return stats;
-  }
-
   // Every chunk the node's DRAM tier holds belongs to a stored block (no
   // reservation of an abandoned transfer is left), within `settle`.
   void ExpectNodeHoldsOnlyBlocks(absl::Duration settle = absl::Seconds(20)) {
@@ -118,9 +117,7 @@ class DeviceClientTest : public ::testing::Test {
     EXPECT_EQ(s.tiers(0).used_bytes(), s.tiers(0).stored_bytes()) << s.DebugString();
   }
 
-  std::unique_ptr<NodeProcess> node_;
   std::shared_ptr<HostDeviceMemory> device_;
-  std::unique_ptr<Client> client_;
 };
 
 TEST_F(DeviceClientTest, DeviceBuffersPublishAndFetchByteExactThroughStaging) {
@@ -382,29 +379,15 @@ TEST_F(DeviceClientTest, AClientKilledMidStagedTransferLeaksNothingOnTheNode) {
 // kvstrata-test-node's HBM arena is the double's memfd: the client's double
 // maps it through /proc/<node>/fd as cudaIpcOpenMemHandle would.
 
-class DeviceIpcTest : public ::testing::Test {
+class DeviceIpcTest : public testing::NodeClientTest {
  protected:
   void StartNode(std::vector<std::string> extra) {
     std::vector<std::string> flags = {"--slab_bytes=1048576", "--transfer_timeout=3s",
                                       "--eviction_policy=lru"};
     flags.insert(flags.end(), extra.begin(), extra.end());
-    client_.reset();
-    auto node = NodeProcess::Start(KVSTRATA_TEST_NODE_BINARY, flags);
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = *std::move(node);
-    ClientOptions options{.node_address = node_->address(), .timeout = absl::Seconds(20)};
+    ClientOptions options{.timeout = absl::Seconds(20)};
     options.device = device_;
-    auto c = Client::Connect(options);
-    ASSERT_TRUE(c.ok()) << c.status();
-    client_ = *std::move(c);
-    auto ns = client_->OpenNamespace(Spec());
-    ASSERT_TRUE(ns.ok()) << ns.status();
-    ns_ = *ns;
-  }
-  v1::StatsResponse Stats() {
-    v1::StatsResponse stats;
-    EXPECT_TRUE(client_->Stats(&stats).ok());
-    return stats;
+    StartNodeAndClient(KVSTRATA_TEST_NODE_BINARY, flags, options, Spec());
   }
   // Fetches `count` blocks of stream `seed` into a device buffer (odd
   // items into host memory when `mixed`) and checks every byte.
@@ -434,9 +417,6 @@ class DeviceIpcTest : public ::testing::Test {
   }
 
   std::shared_ptr<HostDeviceMemory> device_ = std::make_shared<HostDeviceMemory>();
-  std::unique_ptr<NodeProcess> node_;
-  std::unique_ptr<Client> client_;
-  std::optional<Namespace> ns_;
 };
 
 TEST_F(DeviceIpcTest, HbmBlocksComeDeviceToDeviceAndTheRestStaged) {
@@ -540,14 +520,6 @@ TEST_F(DeviceIpcTest, LeasesExpireAndOnlyTheSameHostGetsTheArena) {
   EXPECT_FALSE(stub->FetchDeviceIpc(&c3, bad, &ignored).ok());
   // The blocks were never disturbed.
   EXPECT_EQ(FetchIntoDevice(22, 8), 8u);
-}
-
-std::string Sha256Hex(const std::string& text) {
-  FILE* pipe = popen(("printf %s '" + text + "' | sha256sum").c_str(), "r");
-  char out[65] = {};
-  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
-  if (pipe != nullptr) pclose(pipe);
-  return std::string(out, 64);
 }
 
 // The arena mapping exposes every tenant's blocks: with authentication on,

@@ -17,6 +17,7 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/fast_path_wire.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/active_message.h"
@@ -46,10 +47,8 @@ v1::NamespaceSpec Spec(const std::string& model, uint64_t block_bytes,
 }
 
 std::unique_ptr<Client> Connect(const std::string& address, bool fast_path = true) {
-  auto client = Client::Connect(
+  return testing::ConnectOrFail(
       {.node_address = address, .timeout = absl::Seconds(20), .fast_path = fast_path});
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? *std::move(client) : nullptr;
 }
 
 // Open file descriptors of process `pid`.
@@ -62,30 +61,13 @@ size_t OpenFds(pid_t pid) {
   return count;
 }
 
-class FastPathTest : public ::testing::Test {
+class FastPathTest : public testing::SharedNodeTest<FastPathTest> {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start(
-        KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--slab_bytes=4194304",
-                               "--transfer_timeout=5s", "--transfer_stall_timeout=2s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
+    StartSharedNode(KVSTRATA_NODE_BINARY, {"--dram_bytes=268435456", "--slab_bytes=4194304",
+                                           "--transfer_timeout=5s", "--transfer_stall_timeout=2s"});
   }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
-  }
-  void SetUp() override { ASSERT_NE(node_, nullptr); }
-
-  static v1::StatsResponse Stats(Client& c) {
-    v1::StatsResponse stats;
-    EXPECT_TRUE(c.Stats(&stats).ok());
-    return stats;
-  }
-
-  static NodeProcess* node_;
 };
-NodeProcess* FastPathTest::node_ = nullptr;
 
 TEST_F(FastPathTest, RoundTripsByteExactAtEverySizeAndBatch) {
   auto c = Connect(node_->address());

@@ -20,6 +20,7 @@
 #include "kvstrata/client/client.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/http.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/device_memory.h"
@@ -60,7 +61,7 @@ const v1::TierStats* FindTier(const v1::StatsResponse& stats, v1::Tier tier) {
   return nullptr;
 }
 
-class HbmNodeTest : public ::testing::Test {
+class HbmNodeTest : public testing::NodeClientTest {
  protected:
   void SetUp() override {
     auto temp = testing::TempDir::Create("kvstrata-hbm-node");
@@ -79,33 +80,9 @@ class HbmNodeTest : public ::testing::Test {
                     "--nvme_demotion_wait=10s", "--nvme_eviction_policy=lru"});
     }
     flags.insert(flags.end(), extra.begin(), extra.end());
-    client_.reset();
-    node_.reset();
-    auto node = NodeProcess::Start(HbmNodeBinary(), flags);
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = *std::move(node);
-    const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    auto stub = v1::CacheNode::NewStub(
-        grpc::CreateChannel(node_->address(), grpc::InsecureChannelCredentials()));
-    while (absl::Now() < deadline) {
-      grpc::ClientContext context;
-      v1::HealthResponse health;
-      if (stub->Health(&context, v1::HealthRequest(), &health).ok() && health.serving()) break;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    auto c = Client::Connect({.node_address = node_->address(), .timeout = absl::Seconds(20)});
-    ASSERT_TRUE(c.ok()) << c.status();
-    client_ = *std::move(c);
-    auto ns = client_->OpenNamespace(Spec());
-    ASSERT_TRUE(ns.ok()) << ns.status();
-    ns_ = *ns;
+    StartNodeAndClient(HbmNodeBinary(), flags, {.timeout = absl::Seconds(20)}, Spec());
   }
 
-  v1::StatsResponse Stats() {
-    v1::StatsResponse stats;
-    EXPECT_TRUE(client_->Stats(&stats).ok());
-    return stats;
-  }
   uint64_t Blocks(v1::Tier tier) {
     const v1::StatsResponse s = Stats();
     const v1::TierStats* t = FindTier(s, tier);
@@ -143,9 +120,6 @@ class HbmNodeTest : public ::testing::Test {
   }
 
   std::unique_ptr<testing::TempDir> temp_;
-  std::unique_ptr<NodeProcess> node_;
-  std::unique_ptr<Client> client_;
-  std::optional<Namespace> ns_;
 };
 
 TEST_F(HbmNodeTest, NewBlocksGoToHbmAndFetchByteExactThroughStaging) {

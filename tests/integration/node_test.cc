@@ -21,6 +21,7 @@
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/certificates.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -61,20 +62,12 @@ std::unique_ptr<Client> Connect(
 using testing::FetchAndVerify;
 using testing::PublishStream;
 
-class NodeTest : public ::testing::Test {
+class NodeTest : public testing::SharedNodeTest<NodeTest> {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start(
-        KVSTRATA_NODE_BINARY,
-        {"--dram_bytes=1073741824", "--slab_bytes=4194304", "--transfer_timeout=5s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
+    StartSharedNode(KVSTRATA_NODE_BINARY,
+                    {"--dram_bytes=1073741824", "--slab_bytes=4194304", "--transfer_timeout=5s"});
   }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
-  }
-  void SetUp() override { ASSERT_NE(node_, nullptr); }
 
   // The node still answers and round-trips a block.
   static void ExpectNodeServes() {
@@ -88,10 +81,7 @@ class NodeTest : public ::testing::Test {
     ASSERT_TRUE(published.ok()) << published.status();
     EXPECT_EQ(FetchAndVerify(*c, *ns, seed, 4), 4u);
   }
-
-  static NodeProcess* node_;
 };
-NodeProcess* NodeTest::node_ = nullptr;
 
 TEST_F(NodeTest, UsesTheConfiguredTransport) {
   auto c = Connect(node_->address());

@@ -13,6 +13,7 @@
 #include "kvstrata/client/quantized.h"
 #include "kvstrata/kernels/quant.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #if defined(KVSTRATA_KERNELS_CUDA)
 #include <cuda_runtime.h>
@@ -61,17 +62,11 @@ float Half(const uint8_t* p) {
   return float(h);
 }
 
-class QuantizedStoreTest : public ::testing::Test {
+class QuantizedStoreTest : public testing::SharedNodeTest<QuantizedStoreTest> {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start(KVSTRATA_NODE_BINARY,
-                                   {"--dram_bytes=268435456", "--slab_bytes=4194304", "--transfer_timeout=5s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
-  }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
+    StartSharedNode(KVSTRATA_NODE_BINARY,
+                    {"--dram_bytes=268435456", "--slab_bytes=4194304", "--transfer_timeout=5s"});
   }
   void SetUp() override {
     ASSERT_NE(node_, nullptr);
@@ -87,10 +82,8 @@ class QuantizedStoreTest : public ::testing::Test {
     return 0;
   }
 
-  static NodeProcess* node_;
   std::unique_ptr<Client> client_;
 };
-NodeProcess* QuantizedStoreTest::node_ = nullptr;
 
 TEST_F(QuantizedStoreTest, Int4KiviIsStoredSmallerAndFetchesBackWithinBound) {
   constexpr size_t kCount = 6;

@@ -16,9 +16,11 @@
 #include "kvstrata.grpc.pb.h"
 #include "kvstrata/client/client.h"
 #include "kvstrata/common/block_key.h"
+#include "kvstrata/testing/auth_file.h"
 #include "kvstrata/testing/blocks.h"
 #include "kvstrata/testing/certificates.h"
 #include "kvstrata/testing/http.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -31,6 +33,7 @@ using client::Client;
 using testing::FetchAndVerify;
 using testing::NodeProcess;
 using testing::PublishStream;
+using testing::Sha256Hex;
 
 constexpr uint64_t kBlock = 256 * 1024;
 constexpr uint32_t kTokensPerBlock = 16;
@@ -40,17 +43,6 @@ constexpr char kAcmeToken[] = "acme-secret-token";
 constexpr char kGlobexToken[] = "globex-secret-token";
 constexpr char kAdminToken[] = "admin-secret-token";
 constexpr char kLateToken[] = "added-on-reload";
-
-std::string Sha256Hex(const std::string& text) {
-  // A BlockKey-independent digest: the node's file format, computed by the
-  // same tool an operator would use.
-  const std::string command = "printf %s '" + text + "' | sha256sum";
-  FILE* pipe = popen(command.c_str(), "r");
-  char out[65] = {};
-  if (pipe == nullptr || fread(out, 1, 64, pipe) != 64) ADD_FAILURE() << "sha256sum failed";
-  if (pipe != nullptr) pclose(pipe);
-  return std::string(out, 64);
-}
 
 v1::NamespaceSpec Spec(const std::string& tenant, const std::string& model,
                        uint64_t block_bytes = kBlock) {
@@ -400,19 +392,12 @@ TEST(AuthStartTest, NonLoopbackListenWithoutAuthNeedsAnExplicitFlag) {
 
 // ---- admission, stalls and jamming ---------------------------------------
 
-class HostileTest : public ::testing::Test {
+class HostileTest : public testing::SharedNodeTest<HostileTest> {
  protected:
   static void SetUpTestSuite() {
     // 64 MiB: 256 blocks; one request may reserve an eighth (32 blocks).
-    auto node = NodeProcess::Start(
-        KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
-                               "--transfer_timeout=20s", "--transfer_stall_timeout=1s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
-  }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
+    StartSharedNode(KVSTRATA_NODE_BINARY, {"--dram_bytes=67108864", "--slab_bytes=4194304",
+                                           "--transfer_timeout=20s", "--transfer_stall_timeout=1s"});
   }
   void SetUp() override {
     ASSERT_NE(node_, nullptr);
@@ -486,12 +471,9 @@ class HostileTest : public ::testing::Test {
     return stats;
   }
 
-  static NodeProcess* node_;
   std::unique_ptr<transfer::Engine> engine_;
   std::unique_ptr<transfer::MemoryRegion> region_;
 };
-
-NodeProcess* HostileTest::node_ = nullptr;
 
 TEST_F(HostileTest, GarbageWorkerAddressEvictsNothing) {
   auto victim = Connect(node_->address(), "");

@@ -18,6 +18,7 @@
 #include "kvstrata/common/limits.h"
 #include "kvstrata/kvstrata.h"
 #include "kvstrata/testing/blocks.h"
+#include "kvstrata/testing/node_fixture.h"
 #include "kvstrata/testing/process.h"
 #include "kvstrata/testing/streams.h"
 #include "kvstrata/transfer/engine.h"
@@ -46,39 +47,19 @@ v1::NamespaceSpec Spec(const std::string& model, uint64_t block_bytes) {
 // transfers, which small calls would otherwise not take (fast_path_test.cc
 // covers the fast path).
 std::unique_ptr<Client> Connect(const std::string& address, bool coalesce = true) {
-  auto client = Client::Connect({.node_address = address,
+  return testing::ConnectOrFail({.node_address = address,
                                  .timeout = absl::Seconds(20),
                                  .coalesce_small_blocks = coalesce,
                                  .fast_path = false});
-  EXPECT_TRUE(client.ok()) << client.status();
-  return client.ok() ? *std::move(client) : nullptr;
 }
 
-class SmallBlocksTest : public ::testing::Test {
+class SmallBlocksTest : public testing::SharedNodeTest<SmallBlocksTest> {
  protected:
   static void SetUpTestSuite() {
-    auto node = NodeProcess::Start(
-        KVSTRATA_NODE_BINARY,
-        {"--dram_bytes=536870912", "--slab_bytes=4194304", "--transfer_timeout=5s",
-         "--transfer_stall_timeout=2s"});
-    ASSERT_TRUE(node.ok()) << node.status();
-    node_ = node->release();
+    StartSharedNode(KVSTRATA_NODE_BINARY, {"--dram_bytes=536870912", "--slab_bytes=4194304",
+                                           "--transfer_timeout=5s", "--transfer_stall_timeout=2s"});
   }
-  static void TearDownTestSuite() {
-    delete node_;
-    node_ = nullptr;
-  }
-  void SetUp() override { ASSERT_NE(node_, nullptr); }
-
-  static v1::StatsResponse Stats(Client& c) {
-    v1::StatsResponse stats;
-    EXPECT_TRUE(c.Stats(&stats).ok());
-    return stats;
-  }
-
-  static NodeProcess* node_;
 };
-NodeProcess* SmallBlocksTest::node_ = nullptr;
 
 TEST_F(SmallBlocksTest, CoalescedBlocksRoundTripByteExact) {
   // 100 blocks: several coalesced messages per call (128 of 4 KiB, 32 of

@@ -24,7 +24,9 @@ class DlpackOnly:
         return self.array.__dlpack__()
 
 
-class BindingTest(unittest.TestCase):
+class NodeClientCase(unittest.TestCase):
+    """Tests sharing one 64 MiB node and one client of it (cls.node, cls.client)."""
+
     @classmethod
     def setUpClass(cls):
         cls.node = NodeProcess(dram_bytes=64 << 20)
@@ -35,6 +37,8 @@ class BindingTest(unittest.TestCase):
         del cls.client
         cls.node.stop()
 
+
+class BindingTest(NodeClientCase):
     def namespace(self, model):
         return self.client.open_namespace(tenant="test", model=model, tokens_per_block=4,
                                           block_bytes=BLOCK)
@@ -376,19 +380,9 @@ class FakeCudaTensor:
         return True
 
 
-class CudaMemoryTest(unittest.TestCase):
+class CudaMemoryTest(NodeClientCase):
     """CUDA memory in the binding: detection and refusal run everywhere; the
     round trip through the client's staging needs a GPU (scripts/gpu-check.sh)."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.node = NodeProcess(dram_bytes=64 << 20)
-        cls.client = kvstrata.Client(cls.node.address, timeout=10.0)
-
-    @classmethod
-    def tearDownClass(cls):
-        del cls.client
-        cls.node.stop()
 
     def test_device_detection(self):
         self.assertEqual(kvstrata.device_of(np.zeros(4)), ("cpu", 0))

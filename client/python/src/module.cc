@@ -85,6 +85,18 @@ BlockKey KeyFrom(const py::handle& object) {
 
 py::bytes KeyTo(const BlockKey& key) { return py::bytes(std::string(key.view())); }
 
+std::vector<BlockKey> KeysFrom(const py::iterable& keys) {
+  std::vector<BlockKey> list;
+  for (py::handle k : keys) list.push_back(KeyFrom(k));
+  return list;
+}
+
+py::list KeysTo(const std::vector<BlockKey>& keys) {
+  py::list out;
+  for (const BlockKey& k : keys) out.append(KeyTo(k));
+  return out;
+}
+
 // Token ids from any sequence of ints, or a buffer of uint32/int32/int64.
 std::vector<uint32_t> TokensFrom(const py::handle& tokens) {
   std::vector<uint32_t> out;
@@ -111,6 +123,50 @@ std::vector<uint32_t> TokensFrom(const py::handle& tokens) {
   }
   if (py::hasattr(tokens, "tolist")) return py::cast<std::vector<uint32_t>>(tokens.attr("tolist")());
   return py::cast<std::vector<uint32_t>>(tokens);
+}
+
+// Namespace.keys and ClusterNamespace.keys: `ns`'s chained keys of `tokens`.
+template <typename Ns>
+py::list ChainedKeys(const Ns& ns, const py::handle& tokens, const std::optional<py::bytes>& parent) {
+  std::vector<uint32_t> ids = TokensFrom(tokens);
+  BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
+  std::vector<BlockKey> keys;
+  {
+    py::gil_scoped_release release;
+    keys = ns.Keys(ids, start);
+  }
+  return KeysTo(keys);
+}
+
+// The client options Client and Cluster take alike.
+client::ClientOptions ClientOptionsFrom(double timeout, const std::string& ucx_transports,
+                                        bool verify_checksums, const std::string& token) {
+  client::ClientOptions options;
+  options.timeout = absl::Seconds(timeout);
+  options.ucx_transports = ucx_transports;
+  options.verify_checksums = verify_checksums;
+  options.auth_token = token;
+  return options;
+}
+
+// open_namespace's keyword arguments (Client and Cluster) as a NamespaceSpec.
+v1::NamespaceSpec NamespaceSpecFrom(const std::string& tenant, const std::string& model, int dtype,
+                                    uint32_t num_layers, uint32_t num_kv_heads, uint32_t head_dim,
+                                    uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
+                                    uint64_t block_bytes, const std::string& coarsest_format) {
+  v1::NamespaceSpec spec;
+  spec.set_coarsest_format(ParseCoarsestFormat(coarsest_format));
+  spec.set_tenant(tenant);
+  spec.set_model(model);
+  spec.set_dtype(static_cast<v1::DType>(dtype));
+  spec.set_num_layers(num_layers);
+  spec.set_num_kv_heads(num_kv_heads);
+  spec.set_head_dim(head_dim);
+  spec.set_tokens_per_block(tokens_per_block);
+  spec.set_tp_rank(tp_rank);
+  spec.set_tp_size(tp_size);
+  spec.set_block_bytes(block_bytes);
+  return spec;
 }
 
 // Where an object's bytes are: the buffer protocol (numpy, bytearray,
@@ -347,6 +403,11 @@ class PyFuture {
   std::optional<absl::StatusOr<client::TransferResult>> result_;
 };
 
+// publish/fetch: publish_async/fetch_async's future, waited for.
+client::TransferResult WaitResult(std::unique_ptr<PyFuture> future) {
+  return py::cast<client::TransferResult>(future->wait(std::nullopt));
+}
+
 // `object`'s memory registered with `owner` (a Client or a Cluster).
 template <typename Owner>
 std::shared_ptr<PyBuffer> RegisterWith(const std::shared_ptr<Owner>& owner, py::object object) {
@@ -466,16 +527,7 @@ class PyNamespace {
   uint32_t tokens_per_block() const { return ns_.tokens_per_block(); }
 
   py::list Keys(const py::handle& tokens, const std::optional<py::bytes>& parent) const {
-    std::vector<uint32_t> ids = TokensFrom(tokens);
-    BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
-    std::vector<BlockKey> keys;
-    {
-      py::gil_scoped_release release;
-      keys = ns_.Keys(ids, start);
-    }
-    py::list out;
-    for (const BlockKey& k : keys) out.append(KeyTo(k));
-    return out;
+    return ChainedKeys(ns_, tokens, parent);
   }
 
   size_t Lookup(const py::iterable& keys, std::optional<double> timeout) {
@@ -492,8 +544,7 @@ class PyNamespace {
   }
 
   client::LookupResult LookupResult(const py::iterable& keys, std::optional<double> timeout) {
-    std::vector<BlockKey> list;
-    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    std::vector<BlockKey> list = KeysFrom(keys);
     absl::StatusOr<client::LookupResult> result;
     {
       py::gil_scoped_release release;
@@ -503,8 +554,7 @@ class PyNamespace {
   }
 
   size_t Delete(const py::iterable& keys, std::optional<double> timeout) {
-    std::vector<BlockKey> list;
-    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    std::vector<BlockKey> list = KeysFrom(keys);
     absl::StatusOr<size_t> result;
     {
       py::gil_scoped_release release;
@@ -547,9 +597,6 @@ class PyNamespace {
   }
 
  private:
-  static client::TransferResult WaitResult(std::unique_ptr<PyFuture> future) {
-    return py::cast<client::TransferResult>(future->wait(std::nullopt));
-  }
   std::shared_ptr<client::Client> client_;
   client::Namespace ns_;
 };
@@ -561,12 +608,9 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
   static std::shared_ptr<PyClient> Connect(const std::string& address, double timeout,
                                            const std::string& ucx_transports,
                                            bool verify_checksums, const std::string& token) {
-    client::ClientOptions options;
+    client::ClientOptions options =
+        ClientOptionsFrom(timeout, ucx_transports, verify_checksums, token);
     options.node_address = address;
-    options.timeout = absl::Seconds(timeout);
-    options.ucx_transports = ucx_transports;
-    options.verify_checksums = verify_checksums;
-    options.auth_token = token;
     absl::StatusOr<std::unique_ptr<client::Client>> made;
     {
       py::gil_scoped_release release;
@@ -580,18 +624,9 @@ class PyClient : public std::enable_shared_from_this<PyClient> {
                             uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
                             uint64_t block_bytes, const std::string& coarsest_format,
                             std::optional<double> timeout) {
-    v1::NamespaceSpec spec;
-    spec.set_coarsest_format(ParseCoarsestFormat(coarsest_format));
-    spec.set_tenant(tenant);
-    spec.set_model(model);
-    spec.set_dtype(static_cast<v1::DType>(dtype));
-    spec.set_num_layers(num_layers);
-    spec.set_num_kv_heads(num_kv_heads);
-    spec.set_head_dim(head_dim);
-    spec.set_tokens_per_block(tokens_per_block);
-    spec.set_tp_rank(tp_rank);
-    spec.set_tp_size(tp_size);
-    spec.set_block_bytes(block_bytes);
+    const v1::NamespaceSpec spec =
+        NamespaceSpecFrom(tenant, model, dtype, num_layers, num_kv_heads, head_dim,
+                          tokens_per_block, tp_rank, tp_size, block_bytes, coarsest_format);
     absl::StatusOr<client::Namespace> ns;
     {
       py::gil_scoped_release release;
@@ -669,21 +704,11 @@ class PyClusterNamespace {
   uint32_t tokens_per_block() const { return tokens_per_block_; }
 
   py::list Keys(const py::handle& tokens, const std::optional<py::bytes>& parent) const {
-    std::vector<uint32_t> ids = TokensFrom(tokens);
-    BlockKey start = parent.has_value() ? KeyFrom(*parent) : BlockKey{};
-    std::vector<BlockKey> keys;
-    {
-      py::gil_scoped_release release;
-      keys = ns_.Keys(ids, start);
-    }
-    py::list out;
-    for (const BlockKey& k : keys) out.append(KeyTo(k));
-    return out;
+    return ChainedKeys(ns_, tokens, parent);
   }
 
   size_t Lookup(const py::iterable& keys, std::optional<double> /*timeout*/) {
-    std::vector<BlockKey> list;
-    for (py::handle k : keys) list.push_back(KeyFrom(k));
+    std::vector<BlockKey> list = KeysFrom(keys);
     absl::StatusOr<client::LookupResult> result;
     {
       py::gil_scoped_release release;
@@ -724,10 +749,10 @@ class PyClusterNamespace {
   }
 
   client::TransferResult Publish(const py::iterable& items, std::optional<double> timeout) {
-    return py::cast<client::TransferResult>(PublishAsync(items, timeout)->wait(std::nullopt));
+    return WaitResult(PublishAsync(items, timeout));
   }
   client::TransferResult Fetch(const py::iterable& items, std::optional<double> timeout) {
-    return py::cast<client::TransferResult>(FetchAsync(items, timeout)->wait(std::nullopt));
+    return WaitResult(FetchAsync(items, timeout));
   }
 
  private:
@@ -746,14 +771,11 @@ class PyCluster {
                                             bool verify_checksums, double refresh_interval,
                                             const std::string& token) {
     client::ClusterOptions options;
-    options.client.auth_token = token;
+    options.client = ClientOptionsFrom(timeout, ucx_transports, verify_checksums, token);
     options.nodes = nodes;
     options.dns = dns;
     options.replication = replication;
     options.refresh_interval = absl::Seconds(refresh_interval);
-    options.client.timeout = absl::Seconds(timeout);
-    options.client.ucx_transports = ucx_transports;
-    options.client.verify_checksums = verify_checksums;
     absl::StatusOr<std::unique_ptr<client::Cluster>> made;
     {
       py::gil_scoped_release release;
@@ -767,18 +789,9 @@ class PyCluster {
                                    uint32_t tokens_per_block, uint32_t tp_rank, uint32_t tp_size,
                                    uint64_t block_bytes, const std::string& coarsest_format,
                                    std::optional<double> /*timeout*/) {
-    v1::NamespaceSpec spec;
-    spec.set_coarsest_format(ParseCoarsestFormat(coarsest_format));
-    spec.set_tenant(tenant);
-    spec.set_model(model);
-    spec.set_dtype(static_cast<v1::DType>(dtype));
-    spec.set_num_layers(num_layers);
-    spec.set_num_kv_heads(num_kv_heads);
-    spec.set_head_dim(head_dim);
-    spec.set_tokens_per_block(tokens_per_block);
-    spec.set_tp_rank(tp_rank);
-    spec.set_tp_size(tp_size);
-    spec.set_block_bytes(block_bytes);
+    const v1::NamespaceSpec spec =
+        NamespaceSpecFrom(tenant, model, dtype, num_layers, num_kv_heads, head_dim,
+                          tokens_per_block, tp_rank, tp_size, block_bytes, coarsest_format);
     absl::StatusOr<client::ClusterNamespace> ns;
     {
       py::gil_scoped_release release;
@@ -888,6 +901,35 @@ class PyCluster {
   std::shared_ptr<client::Cluster> cluster_;
 };
 
+// The calls Namespace and ClusterNamespace share, with the same signatures.
+template <typename Ns>
+void DefNamespaceCalls(py::class_<Ns>& ns) {
+  ns.def_property_readonly("block_bytes", &Ns::block_bytes)
+      .def_property_readonly("tokens_per_block", &Ns::tokens_per_block)
+      .def("keys", &Ns::Keys, py::arg("tokens"), py::arg("parent") = py::none())
+      .def("lookup", &Ns::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
+      .def("request_finished", &Ns::RequestFinished, py::arg("last_key"),
+           py::arg("output_tokens"), py::arg("timeout") = py::none(),
+           "Hints the node that the request whose prompt ended with block last_key finished, "
+           "generating output_tokens tokens (for its eviction policies). True when the node "
+           "holds the block.")
+      .def("publish", &Ns::Publish, py::arg("items"), py::arg("timeout") = py::none())
+      .def("fetch", &Ns::Fetch, py::arg("items"), py::arg("timeout") = py::none())
+      .def("publish_async", &Ns::PublishAsync, py::arg("items"), py::arg("timeout") = py::none())
+      .def("fetch_async", &Ns::FetchAsync, py::arg("items"), py::arg("timeout") = py::none());
+}
+
+// open_namespace (Client and Cluster): NamespaceSpecFrom's fields as keywords.
+template <typename Owner>
+void DefOpenNamespace(py::class_<Owner, std::shared_ptr<Owner>>& owner) {
+  owner.def("open_namespace", &Owner::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
+            py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
+            py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
+            py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
+            py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
+            py::arg("timeout") = py::none());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kvstrata, m) {
@@ -955,37 +997,19 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("done", &PyFuture::done)
       .def("wait", &PyFuture::wait, py::arg("timeout") = py::none());
 
-  py::class_<PyNamespace>(m, "Namespace")
-      .def_property_readonly("id", &PyNamespace::id)
-      .def_property_readonly("block_bytes", &PyNamespace::block_bytes)
-      .def_property_readonly("tokens_per_block", &PyNamespace::tokens_per_block)
-      .def("keys", &PyNamespace::Keys, py::arg("tokens"), py::arg("parent") = py::none())
-      .def("lookup", &PyNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
+  py::class_<PyNamespace> ns(m, "Namespace");
+  DefNamespaceCalls(ns);
+  ns.def_property_readonly("id", &PyNamespace::id)
       .def("lookup_tiers", &PyNamespace::LookupTiers, py::arg("keys"), py::arg("timeout") = py::none())
       .def("delete", &PyNamespace::Delete, py::arg("keys"), py::arg("timeout") = py::none())
-      .def("close", &PyNamespace::Close, py::arg("timeout") = py::none())
-      .def("request_finished", &PyNamespace::RequestFinished, py::arg("last_key"),
-           py::arg("output_tokens"), py::arg("timeout") = py::none(),
-           "Hints the node that the request whose prompt ended with block last_key finished, "
-           "generating output_tokens tokens (for its eviction policies). True when the node "
-           "holds the block.")
-      .def("publish", &PyNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
-      .def("fetch", &PyNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
-      .def("publish_async", &PyNamespace::PublishAsync, py::arg("items"),
-           py::arg("timeout") = py::none())
-      .def("fetch_async", &PyNamespace::FetchAsync, py::arg("items"),
-           py::arg("timeout") = py::none());
+      .def("close", &PyNamespace::Close, py::arg("timeout") = py::none());
 
-  py::class_<PyClient, std::shared_ptr<PyClient>>(m, "Client")
+  py::class_<PyClient, std::shared_ptr<PyClient>> client(m, "Client");
+  DefOpenNamespace(client);
+  client
       .def(py::init(&PyClient::Connect), py::arg("address") = "127.0.0.1:50151",
            py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
            py::arg("verify_checksums") = true, py::arg("token") = "")
-      .def("open_namespace", &PyClient::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
-           py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
-           py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
-           py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
-           py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
-           py::arg("timeout") = py::none())
       .def("register", &PyClient::Register, py::arg("memory"))
       .def("allocate", &PyClient::Allocate, py::arg("size"), py::kw_only(),
            py::arg("device") = false,
@@ -994,32 +1018,17 @@ PYBIND11_MODULE(_kvstrata, m) {
       .def("ping", &PyClient::Ping, py::arg("timeout") = py::none());
 
 
-  py::class_<PyClusterNamespace>(m, "ClusterNamespace")
-      .def_property_readonly("block_bytes", &PyClusterNamespace::block_bytes)
-      .def_property_readonly("tokens_per_block", &PyClusterNamespace::tokens_per_block)
-      .def("keys", &PyClusterNamespace::Keys, py::arg("tokens"), py::arg("parent") = py::none())
-      .def("lookup", &PyClusterNamespace::Lookup, py::arg("keys"), py::arg("timeout") = py::none())
-      .def("request_finished", &PyClusterNamespace::RequestFinished, py::arg("last_key"),
-           py::arg("output_tokens"), py::arg("timeout") = py::none())
-      .def("publish", &PyClusterNamespace::Publish, py::arg("items"), py::arg("timeout") = py::none())
-      .def("fetch", &PyClusterNamespace::Fetch, py::arg("items"), py::arg("timeout") = py::none())
-      .def("publish_async", &PyClusterNamespace::PublishAsync, py::arg("items"),
-           py::arg("timeout") = py::none())
-      .def("fetch_async", &PyClusterNamespace::FetchAsync, py::arg("items"),
-           py::arg("timeout") = py::none());
+  py::class_<PyClusterNamespace> cluster_ns(m, "ClusterNamespace");
+  DefNamespaceCalls(cluster_ns);
 
-  py::class_<PyCluster, std::shared_ptr<PyCluster>>(m, "Cluster")
+  py::class_<PyCluster, std::shared_ptr<PyCluster>> cluster(m, "Cluster");
+  DefOpenNamespace(cluster);
+  cluster
       .def(py::init(&PyCluster::Connect), py::kw_only(),
            py::arg("nodes") = std::vector<std::string>{}, py::arg("dns") = "",
            py::arg("replication") = 1, py::arg("timeout") = 30.0, py::arg("ucx_transports") = "",
            py::arg("verify_checksums") = true, py::arg("refresh_interval") = 2.0,
            py::arg("token") = "")
-      .def("open_namespace", &PyCluster::OpenNamespace, py::kw_only(), py::arg("tenant") = "",
-           py::arg("model") = "", py::arg("dtype") = 0, py::arg("num_layers") = 0,
-           py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
-           py::arg("tokens_per_block") = 256, py::arg("tp_rank") = 0, py::arg("tp_size") = 1,
-           py::arg("block_bytes") = 0, py::arg("coarsest_format") = "",
-           py::arg("timeout") = py::none())
       .def("register", &PyCluster::Register, py::arg("memory"))
       .def("allocate", &PyCluster::Allocate, py::arg("size"))
       .def("nodes", &PyCluster::Nodes)
@@ -1054,9 +1063,7 @@ PYBIND11_MODULE(_kvstrata, m) {
           py::gil_scoped_release release;
           keys = ComputeBlockKeys(namespace_id, ids, tokens_per_block, start);
         }
-        py::list out;
-        for (const BlockKey& k : keys) out.append(KeyTo(k));
-        return out;
+        return KeysTo(keys);
       },
       py::arg("namespace_id"), py::arg("tokens"), py::arg("tokens_per_block"),
       py::arg("parent") = py::none(),
