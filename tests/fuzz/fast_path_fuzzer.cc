@@ -7,7 +7,8 @@
 //
 // Input: byte 0 holds flags (bit 0: the data comes eagerly with the header,
 // else by rendezvous; bit 1: a rendezvous receive fails; bit 2: a second
-// namespace is open and its grant used), bytes 1-2 the header's length
+// namespace is open and its grant used; bit 3: a rendezvous receive is over
+// before ReceiveData returns, as it often is over shared memory), bytes 1-2 the header's length
 // (little endian), then the header, then the data. In the header, a
 // capability of sixteen zero bytes stands for the one OpenNamespace granted
 // and namespace id 1 for the namespace's id, so the fuzzer gets past
@@ -23,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <functional>
 #include <memory>
 #include <string>
@@ -68,23 +70,29 @@ v1::NamespaceSpec Spec(const std::string& model) {
 // What the UCX engine hands FastPath::Handle, minus the network.
 class Message : public kvstrata::transfer::AmRequest {
  public:
-  Message(std::string header, std::string data, bool eager, bool fail_receive)
+  Message(std::string header, std::string data, bool eager, bool fail_receive, bool at_once)
       : header_(std::move(header)), data_(std::move(data)), eager_(eager),
-        fail_receive_(fail_receive) {}
+        fail_receive_(fail_receive), at_once_(at_once) {}
   std::string_view header() const override { return header_; }
   size_t data_length() const override { return data_.size(); }
   const uint8_t* eager_data() const override {
     return eager_ && !data_.empty() ? reinterpret_cast<const uint8_t*>(data_.data()) : nullptr;
   }
-  void ReceiveData(uint8_t* into, std::function<void(absl::Status)> done) override {
+  // Over at once (as shared memory often is, and a gone client always), or
+  // later from Land(), as the progress thread would.
+  std::optional<absl::Status> ReceiveData(uint8_t* into,
+                                          std::function<void(absl::Status)> done) override {
     Check(!eager_ || data_.empty(), "ReceiveData only for rendezvous data");
     Check(!received_, "ReceiveData at most once");
     received_ = true;
-    pending_ = [this, into, done = std::move(done)] {
-      if (fail_receive_) return done(absl::UnavailableError("the harness drops the data"));
+    auto land = [this, into]() -> absl::Status {
+      if (fail_receive_) return absl::UnavailableError("the harness drops the data");
       std::memcpy(into, data_.data(), data_.size());
-      done(absl::OkStatus());
+      return absl::OkStatus();
     };
+    if (at_once_) return land();
+    pending_ = [land, done = std::move(done)] { done(land()); };
+    return std::nullopt;
   }
   void Reply(std::string header, const uint8_t* data, size_t length,
              std::shared_ptr<void> keep_alive) override {
@@ -108,7 +116,7 @@ class Message : public kvstrata::transfer::AmRequest {
 
  private:
   std::string header_, data_;
-  bool eager_, fail_receive_;
+  bool eager_, fail_receive_, at_once_;
   bool received_ = false;
   std::function<void()> pending_;
   int replies_ = 0;
@@ -181,7 +189,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   const cachenode::TierCounters before = node.dram.counters();
 
-  auto message = std::make_shared<Message>(header, body, /*eager=*/flags & 1, flags & 2);
+  auto message = std::make_shared<Message>(header, body, /*eager=*/flags & 1, flags & 2,
+                                           /*at_once=*/flags & 8);
   node.fast_path.Handle(message);
   message->Land();
   Check(message->replies() == 1, "exactly one reply");
