@@ -129,6 +129,39 @@ TEST(SlabAllocatorPieceTest, PiecesShareAHostChunkAndItReturnsWhenTheLastIsFreed
   EXPECT_EQ(allocator.free_slabs(), 1u);
 }
 
+TEST(SlabAllocatorPieceTest, ShrinkInPlaceKeepsTheOffsetAndFreesTheRest) {
+  SlabAllocator allocator(kSlab, kSlab);  // eight 128 KiB chunks
+  std::vector<uint64_t> raw;
+  for (int i = 0; i < 8; ++i) raw.push_back(*allocator.Allocate(kRaw));
+  EXPECT_FALSE(allocator.AllocatePiece(45120, 0).has_value()) << "full, no holes";
+  // A raw chunk shrunk to an fp8 block's 65728 bytes (68 KiB): its tail is a
+  // 60 KiB hole, the chunk stays allocated (a host counts whole).
+  allocator.ShrinkInPlace(raw[3], 65728);
+  EXPECT_EQ(allocator.used_bytes(), 8 * kRaw);
+  EXPECT_EQ(allocator.piece_bytes(), uint64_t{68} << 10);
+  std::optional<uint64_t> int4 = allocator.AllocatePiece(45120, 0);
+  ASSERT_TRUE(int4.has_value()) << "the tail is a hole";
+  EXPECT_EQ(*int4, raw[3] + (68 << 10));
+  // A piece shrunk in place (fp8 -> int4): the same offset, a larger hole.
+  allocator.ShrinkInPlace(raw[3], 45120);
+  EXPECT_EQ(allocator.piece_bytes(), uint64_t{96} << 10);
+  std::optional<uint64_t> small = allocator.AllocatePiece(20 << 10, 0);
+  ASSERT_TRUE(small.has_value()) << "the freed 20 KiB between the two pieces";
+  EXPECT_EQ(*small, raw[3] + (48 << 10));
+  // A size that rounds to the whole chunk changes nothing.
+  allocator.ShrinkInPlace(raw[5], kRaw - 100);
+  EXPECT_EQ(allocator.piece_bytes(), uint64_t{116} << 10);
+  allocator.Free(raw[3]);
+  allocator.Free(*int4);
+  allocator.Free(*small);
+  EXPECT_EQ(allocator.piece_bytes(), 0u);
+  for (int i = 0; i < 8; ++i) {
+    if (i != 3) allocator.Free(raw[i]);
+  }
+  EXPECT_EQ(allocator.used_bytes(), 0u);
+  EXPECT_EQ(allocator.free_slabs(), 1u);
+}
+
 TEST(SlabAllocatorPieceTest, APieceAsLargeAsItsHostIsRefused) {
   SlabAllocator allocator(kSlab, kSlab);
   EXPECT_FALSE(allocator.AllocatePiece(kRaw, kRaw).has_value());
@@ -148,6 +181,16 @@ TEST(SlabAllocatorPieceTest, RandomPiecesAndChunksNeverOverlapAndAccountingRetur
     return false;
   };
   for (int i = 0; i < 20000; ++i) {
+    if (!live.empty() && rng() % 5 == 0) {
+      // Shrink one in place (a block encoded over itself): the rest of its
+      // footprint must become reusable, the part kept must stay its own.
+      auto it = live.begin();
+      std::advance(it, rng() % live.size());
+      const uint64_t size = 1 + rng() % it->second;
+      allocator.ShrinkInPlace(it->first, size);
+      it->second = (size + 4095) / 4096 * 4096;
+      continue;
+    }
     if (!live.empty() && rng() % 2 == 0) {
       auto it = live.begin();
       std::advance(it, rng() % live.size());

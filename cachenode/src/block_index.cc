@@ -37,6 +37,23 @@ bool BlockIndex::Replace(const BlockId& id, const StoredBlock* expected,
   return true;
 }
 
+bool BlockIndex::ReplaceIfSole(const BlockId& id, const StoredBlock* expected,
+                              absl::FunctionRef<std::shared_ptr<StoredBlock>()> make) {
+  std::shared_ptr<StoredBlock> old;  // dropped after the lock
+  Shard& shard = ShardOf(id);
+  absl::MutexLock lock(&shard.mu);
+  auto it = shard.blocks.find(id);
+  // Pins come only from this index (Find, under this lock) or from copies of
+  // a pin someone holds: two references are the index's and the caller's.
+  if (it == shard.blocks.end() || it->second.get() != expected || it->second.use_count() != 2) {
+    return false;
+  }
+  std::shared_ptr<StoredBlock> block = make();
+  if (block == nullptr) return false;
+  old = std::exchange(it->second, std::move(block));
+  return true;
+}
+
 std::shared_ptr<StoredBlock> BlockIndex::Erase(const BlockId& id) {
   Shard& shard = ShardOf(id);
   absl::MutexLock lock(&shard.mu);

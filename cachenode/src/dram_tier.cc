@@ -1,6 +1,7 @@
 #include "kvstrata/cachenode/dram_tier.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -83,22 +84,34 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
       if (block != nullptr) coarser = transcoder_->CoarserSize(id, *block);
       // Memory for the copy first (the allocator's lock is a leaf), then a
       // fresh lease at the coarser format, taken now so that concurrent
-      // Reserves pick other victims while this one is encoded. A victim
-      // with no room takes no lease.
-      if (coarser.has_value()) at = RoomFor(*block, *coarser);
-      if (at.has_value()) policy_->OnHit(id);
+      // Reserves pick other victims while this one is encoded (into that
+      // memory or over itself).
+      if (coarser.has_value()) {
+        at = RoomFor(*block, *coarser);
+        policy_->OnHit(id);
+      }
     }
     if (coarser.has_value()) {
       if (at.has_value() && TranscodeInto(id, std::move(block), *at, *coarser)) return true;
+      // No free memory for the copy in a follow-up (the eviction before it
+      // freed nothing yet: the NVMe write-behind queue or a reader holds the
+      // evicted block) or before a Reserve: encode the victim over itself.
+      // Before this, beside NVMe, most victims were evicted raw. Not on the
+      // first step: evicting a raw block frees a whole chunk, which packs
+      // encoded copies better than shrinking every victim where it is
+      // (cachenode/README.md, "Precision tiers").
+      if (!at.has_value() && transcode_only && TranscodeInPlace(id, std::move(block), *coarser)) {
+        return true;
+      }
       if (transcode_only) return false;
-      // No room (or no encoding) for the coarser copy: give the block up
+      // No room (or a reader holds it, or no encoding): give the block up
       // (our pin first, so that its memory can return).
       block.reset();
       if (!Evict(id)) return false;
       // That freed a raw chunk: transcode the next victim into it now (cut
       // into pieces), before the caller's allocation takes it for its own
-      // block. A pinned victim frees nothing yet: the follow-up then finds no
-      // room and changes nothing.
+      // block. A held victim frees nothing yet: the follow-up then encodes
+      // the next one over itself.
       if (follow_up) MakeRoom(/*follow_up=*/false, /*transcode_only=*/true);
       return true;
     }
@@ -125,8 +138,9 @@ std::optional<uint64_t> DramTier::RoomFor(const StoredBlock& old, uint64_t size)
     }
     at = allocator_->AllocatePiece(size, host_bytes_.load(std::memory_order_relaxed));
   }
-  // Neither: the caller evicts the victim, which frees a raw chunk, and
-  // transcodes the next victim into it (MakeRoom's follow-up). Draining a
+  // Neither: the caller encodes the victim over itself (TranscodeInPlace),
+  // or, when a reader holds it, evicts it and transcodes the next victim
+  // into the raw chunk that frees (MakeRoom's follow-up). Draining a
   // slab for the coarser class instead (what this did before pieces) held
   // 167 blocks in precision_test's pressure test where pieces hold 192.
   return at;
@@ -149,13 +163,54 @@ bool DramTier::TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old
     // new block. Erased or republished meanwhile: nothing to swap, and the
     // coarser copy goes back.
     if (!index_.Replace(id, old.get(), coarser)) return true;
-    // Counted under the lock: an erase of the new block (which takes it)
-    // then always subtracts after these adds.
-    stored_bytes_.fetch_add(size, std::memory_order_relaxed);
-    stored_bytes_.fetch_sub(old_size, std::memory_order_relaxed);
-    CountFormat(coarser->format, size, true);
-    CountFormat(old_format, old_size, false);
+    CountTranscode(old_size, old_format, *coarser);
   }
+  ReportTranscode(id, old_size, size);
+  return true;  // `old` drops here: its memory returns once no reader holds it
+}
+
+bool DramTier::TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old,
+                                uint64_t size) {
+  // Encoded aside first: the block's own bytes are overwritten only once no
+  // reader can see them (ReplaceIfSole).
+  auto scratch = std::make_unique<uint8_t[]>(size);
+  StoredBlock encoded(scratch.get(), size, nullptr);
+  if (absl::Status s = transcoder_->Transcode(id, *old, encoded); !s.ok()) return false;
+  const uint64_t checksum = BlockChecksum(scratch.get(), size);
+  const uint64_t old_size = old->size();
+  const uint8_t old_format = old->format;
+  {
+    absl::MutexLock lock(&mu_);
+    std::shared_ptr<StoredBlock> coarser;
+    const bool swapped = index_.ReplaceIfSole(id, old.get(), [&]() -> std::shared_ptr<StoredBlock> {
+      const uint64_t offset = static_cast<uint64_t>(old->data() - arena_);
+      allocator_->ShrinkInPlace(offset, size);
+      old->Disown();  // its memory is the coarser block's now
+      std::memcpy(old->data(), scratch.get(), size);
+      coarser = MakeBlock(offset, size);
+      coarser->checksum = checksum;
+      coarser->parent = old->parent;
+      coarser->has_parent = old->has_parent;
+      coarser->format = encoded.format;
+      return coarser;
+    });
+    if (!swapped) return false;
+    CountTranscode(old_size, old_format, *coarser);
+  }
+  ReportTranscode(id, old_size, size);
+  return true;
+}
+
+void DramTier::CountTranscode(uint64_t old_size, uint8_t old_format, const StoredBlock& coarser) {
+  // Counted under the lock: an erase of the new block (which takes it) then
+  // always subtracts after these adds.
+  stored_bytes_.fetch_add(coarser.size(), std::memory_order_relaxed);
+  stored_bytes_.fetch_sub(old_size, std::memory_order_relaxed);
+  CountFormat(coarser.format, coarser.size(), true);
+  CountFormat(old_format, old_size, false);
+}
+
+void DramTier::ReportTranscode(const BlockId& id, uint64_t old_size, uint64_t size) {
   transcodes_.fetch_add(1, std::memory_order_relaxed);
   if (residency_hook_) {
     // The new size first: a concurrent erase of the block then never takes
@@ -163,7 +218,6 @@ bool DramTier::TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old
     residency_hook_(id, size, true);
     residency_hook_(id, old_size, false);
   }
-  return true;  // `old` drops here: its memory returns once no reader holds it
 }
 
 bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {

@@ -121,34 +121,66 @@ uint64_t SlabAllocator::piece_bytes() const {
   return piece_bytes_;
 }
 
+std::map<uint64_t, SlabAllocator::Host>::iterator SlabAllocator::HostOf(uint64_t offset) {
+  // Its host is the last one at or before it (hosts never overlap).
+  auto host = hosts_.upper_bound(offset);
+  if (host == hosts_.begin()) return hosts_.end();
+  --host;
+  return offset < host->first + host->second.chunk ? host : hosts_.end();
+}
+
 void SlabAllocator::Free(uint64_t offset) {
   absl::MutexLock lock(&mu_);
-  // A piece: its host is the last one at or before it (hosts never overlap).
-  if (!hosts_.empty()) {
-    auto host = hosts_.upper_bound(offset);
-    if (host != hosts_.begin()) {
-      --host;
-      const uint64_t base = host->first;
-      Host& h = host->second;
-      if (offset < base + h.chunk) {
-        auto piece = h.pieces.find(offset - base);
-        assert(piece != h.pieces.end());
-        if (piece == h.pieces.end()) return;
-        piece_bytes_ -= RoundUpToPage(piece->second);
-        h.pieces.erase(piece);
-        if (h.largest_hole > 0) holes_.erase({h.largest_hole, base});
-        if (h.pieces.empty()) {
-          hosts_.erase(host);
-          FreeLocked(base);
-        } else {
-          h.largest_hole = LargestHole(h);
-          holes_.insert({h.largest_hole, base});
-        }
-        return;
-      }
+  if (auto host = HostOf(offset); host != hosts_.end()) {
+    const uint64_t base = host->first;
+    Host& h = host->second;
+    auto piece = h.pieces.find(offset - base);
+    assert(piece != h.pieces.end());
+    if (piece == h.pieces.end()) return;
+    piece_bytes_ -= RoundUpToPage(piece->second);
+    h.pieces.erase(piece);
+    if (h.largest_hole > 0) holes_.erase({h.largest_hole, base});
+    if (h.pieces.empty()) {
+      hosts_.erase(host);
+      FreeLocked(base);
+    } else {
+      h.largest_hole = LargestHole(h);
+      holes_.insert({h.largest_hole, base});
     }
+    return;
   }
   FreeLocked(offset);
+}
+
+void SlabAllocator::ShrinkInPlace(uint64_t offset, uint64_t size) {
+  const uint64_t need = RoundUpToPage(size);
+  absl::MutexLock lock(&mu_);
+  uint64_t base;
+  Host* h;
+  if (auto host = HostOf(offset); host != hosts_.end()) {
+    base = host->first;
+    h = &host->second;
+    auto piece = h->pieces.find(offset - base);
+    assert(piece != h->pieces.end() && size <= piece->second);
+    if (piece == h->pieces.end()) return;
+    piece_bytes_ -= RoundUpToPage(piece->second);
+    piece->second = size;
+  } else {
+    // A whole chunk becomes the host of one piece at its start.
+    const Slab& slab = slabs_[offset / slab_bytes_];
+    assert(slab.size_class >= 0);
+    const uint64_t chunk = class_sizes_[static_cast<size_t>(slab.size_class)];
+    assert(size <= chunk);
+    if (need >= chunk) return;  // nothing to give back
+    base = offset;
+    h = &hosts_[base];
+    h->chunk = chunk;
+    h->pieces[0] = size;
+  }
+  piece_bytes_ += need;
+  if (h->largest_hole > 0) holes_.erase({h->largest_hole, base});
+  h->largest_hole = LargestHole(*h);
+  if (h->largest_hole > 0) holes_.insert({h->largest_hole, base});
 }
 
 void SlabAllocator::FreeLocked(uint64_t offset) {

@@ -45,6 +45,9 @@ class StoredBlock {
 
   uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
+  // The memory now belongs to the caller: the destructor releases nothing.
+  // For reusing the bytes of a block nobody else holds.
+  void Disown() { release_ = nullptr; }
 
   uint64_t checksum = 0;  // XXH3-64 of the stored bytes
   BlockKey parent;        // parent link of the prefix tree

@@ -7,6 +7,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/synchronization/mutex.h"
 #include "kvstrata/cachenode/block.h"
 #include "kvstrata/cachenode/block_page.h"
@@ -22,6 +23,13 @@ class BlockIndex {
   // Puts `block` in place of the stored one if that is still `expected`
   // (readers pinning the old one keep it); false and no change otherwise.
   bool Replace(const BlockId& id, const StoredBlock* expected, std::shared_ptr<StoredBlock> block);
+  // Puts `make()`'s block in place of the stored one if that is still
+  // `expected` and nobody holds it but the index and the caller (one
+  // reference): no reader pinned it, and none can while `make` runs, under
+  // the shard's lock, so `make` may reuse its memory. False and no change
+  // otherwise, or when `make` returns null.
+  bool ReplaceIfSole(const BlockId& id, const StoredBlock* expected,
+                     absl::FunctionRef<std::shared_ptr<StoredBlock>()> make);
   // The removed block, or null when absent.
   std::shared_ptr<StoredBlock> Erase(const BlockId& id);
   size_t size() const;

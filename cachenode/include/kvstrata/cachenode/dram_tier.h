@@ -143,6 +143,16 @@ class DramTier {
   // Encodes `old` (stored as `id`) into `at` (from RoomFor, owned from here)
   // and swaps it in. False when the encoding failed (`at` is freed).
   bool TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t at, uint64_t size);
+  // Encodes `old` over its own memory (SlabAllocator::ShrinkInPlace), for a
+  // tier with no room for the copy. False, and nothing changed, when a
+  // reader holds the block (its bytes must stay) or the encoding failed.
+  bool TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> old, uint64_t size);
+  // Counts a swap of `coarser` in for a block of `old_size` bytes and
+  // `old_format`. REQUIRES: mu_ held, with the swap (see TranscodeInto).
+  void CountTranscode(uint64_t old_size, uint8_t old_format, const StoredBlock& coarser)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Reports a transcode's new size to the residency hook; after mu_.
+  void ReportTranscode(const BlockId& id, uint64_t old_size, uint64_t size);
   std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
   void CountFormat(uint8_t format, uint64_t size, bool add);
 

@@ -43,6 +43,12 @@ class SlabAllocator {
   // piece is freed alone with Free(offset); the host chunk returns to its
   // slab when its last piece is freed.
   std::optional<uint64_t> AllocatePiece(uint64_t size, uint64_t host_size);
+  // Shrinks the allocation at `offset` (a chunk or a piece) to `size` bytes
+  // at the same offset; the rest becomes a hole that AllocatePiece hands
+  // out. Never fails and never moves the bytes, so a block can be encoded
+  // over its own memory when the tier has no free memory for the copy.
+  // REQUIRES: offset is allocated and 0 < size <= its size.
+  void ShrinkInPlace(uint64_t offset, uint64_t size);
   // Bytes in pieces now (part of used_bytes(), which counts host chunks whole).
   uint64_t piece_bytes() const;
 
@@ -68,6 +74,8 @@ class SlabAllocator {
     uint64_t largest_hole = 0;
   };
   static uint64_t LargestHole(const Host& host);
+  // The host chunk that `offset` is a piece of, or end().
+  std::map<uint64_t, Host>::iterator HostOf(uint64_t offset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FreeLocked(uint64_t offset) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::optional<uint64_t> AllocateLocked(uint64_t size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
