@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstring>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "engine_impl.h"
@@ -272,6 +273,8 @@ ucs_status_t SetHandler(ucp_worker_h worker, unsigned id, ucp_am_recv_callback_t
 
 bool Engine::Impl::ProgressUntil(const std::atomic<bool>& finished, int wake_fd,
                                  absl::Time deadline) {
+  callers_progressing_.fetch_add(1, std::memory_order_acq_rel);
+  absl::Cleanup leave = [this] { callers_progressing_.fetch_sub(1, std::memory_order_acq_rel); };
   int idle_rounds = 0;
   while (!finished.load(std::memory_order_acquire)) {
     const absl::Time now = absl::Now();

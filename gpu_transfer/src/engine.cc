@@ -24,6 +24,10 @@ namespace {
 // docs/ARCHITECTURE.md).
 constexpr int kSpinRoundsBeforeSleep = 100;
 constexpr int kSleepTimeoutMs = 100;
+// How often a progress thread standing aside for a caller looks again. A
+// caller that leaves with operations in flight leaves them at most this long
+// (plus a timer slack) before the progress thread takes them up.
+constexpr absl::Duration kStandAside = absl::Microseconds(100);
 // An endpoint nobody holds and unused this long is closed (peers reconnect
 // transparently, paying one wire-up of a few ms). A client that died without
 // UCX noticing (no traffic reaches its closed socket) is only ever found
@@ -163,6 +167,18 @@ void Engine::Impl::ProgressLoop() {
   if (discard) scratch_.resize(kDiscardScratchBytes);
   absl::Time next_reap = absl::Now() + kReapInterval;
   while (!stop_.load(std::memory_order_acquire)) {
+    if (callers_progressing_.load(std::memory_order_acquire) > 0) {
+      // A caller progresses the worker now (ProgressUntil): stand aside
+      // rather than contend for the worker's lock. Polled, not woken: a
+      // wake-up from every leaving caller cost more than the spinning did.
+      absl::SleepFor(kStandAside);
+      idle_rounds = 0;
+      if (absl::Now() >= next_reap) {
+        ReapFailedPeers();
+        next_reap = absl::Now() + kReapInterval;
+      }
+      continue;
+    }
     if (ucp_worker_progress(worker_) != 0) {
       idle_rounds = 0;
       if (discard && ++busy_rounds >= kBusyRoundsPerDiscard) {

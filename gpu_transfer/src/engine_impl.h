@@ -68,6 +68,13 @@ class Engine::Impl {
   // from the progress thread (on a loaded 2-core machine each hand-off may
   // wait a scheduler slice).
   bool ProgressUntil(const std::atomic<bool>& finished, int wake_fd, absl::Time deadline);
+  // Callers inside ProgressUntil now. While there are any the progress
+  // thread stands aside: two threads progressing one worker contend for its
+  // lock (a UCX spinlock in THREAD_MODE_MULTI), and on 2 cores the one that
+  // waits spins away the CPU the other's copy (CMA, loopback TCP) and the
+  // node need (profiled: 23% of all samples in a batch-1 fetch over
+  // shared memory were the client's progress thread on that lock).
+  std::atomic<int> callers_progressing_{0};
   // Registers the reply handler on the worker (Create calls it).
   absl::Status StartActiveMessages();
 
