@@ -81,8 +81,8 @@ std::unique_ptr<EvictionPolicy> MakeReturnAwarePolicy();
 std::unique_ptr<EvictionPolicy> MakePrefixFreqPolicy();
 
 // Follows the candidate policy that would have had the most prefix hits
-// lately. Every candidate runs as a miniature simulation on 1/16 of the keys
-// (by a hash of the key) at 1/16 of the capacity, scoring prefix hits with
+// lately. Every candidate runs as a miniature simulation on 1/8 of the keys
+// (by a hash of the key) at 1/8 of the capacity, scoring prefix hits with
 // exponential decay (half-life: sixteen turnovers of the simulated cache);
 // the leader, the one policy that orders the real blocks, changes when
 // another candidate's score leads by three standard deviations, at most once
@@ -91,7 +91,7 @@ std::unique_ptr<EvictionPolicy> MakePrefixFreqPolicy();
 // Starts with the first candidate. O(1) per call plus the leader's cost (and
 // the previous leader's while a switch is under way); memory: the leader's,
 // plus about 500 bytes per sampled block for four candidates and about 30
-// per sampled block the real cache holds (about 33 bytes per block in all),
+// per sampled block the real cache holds (about 66 bytes per block in all),
 // plus 64 KiB.
 class AdaptiveEvictionPolicy : public EvictionPolicy {
  public:
