@@ -170,8 +170,9 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
     double score = 0;
   };
   // A sampled block in the simulations or in the real cache: bit i for
-  // candidate i, whether its simulation holds it and whether its last access there was a prefix hit
-  // (its sampled ancestors hit too), and its nearest sampled ancestor.
+  // candidate i, whether its simulation holds it and whether its last
+  // access there was a prefix hit (its sampled ancestors hit too), and its
+  // nearest sampled ancestor.
   struct Presence {
     uint64_t ancestor = 0;
     uint8_t held = 0;
@@ -245,9 +246,9 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
         --c.held;
         // (`here` stays valid: it is not held by this simulation, so it is
         // never the victim, and erasing from a flat_hash_map moves nothing.)
-        if (auto g = sampled_.find(gone); g != sampled_.end() && (g->second.held &= ~bit) == 0 &&
-                                   !g->second.real_held) {
-          sampled_.erase(g);
+        if (auto g = sampled_.find(gone); g != sampled_.end()) {
+          g->second.held &= ~bit;
+          if (g->second.held == 0 && !g->second.real_held) sampled_.erase(g);
         }
       }
       here.held |= bit;
