@@ -64,6 +64,10 @@ fastpath::Request BaseRequest(const Client::Impl::FastGrant& grant, fastpath::Op
 struct Chunk {
   fastpath::Request request;
   std::vector<transfer::SendOp> data;
+  // A fetch whose destinations lie back to back: a reply of every block,
+  // whole, lands there directly (transfer::AmCallSpec::reply_into).
+  uint8_t* reply_into = nullptr;
+  size_t reply_capacity = 0;
   fastpath::Reply reply;
   transfer::AmReply am;
 };
@@ -75,7 +79,8 @@ std::optional<absl::Status> Exchange(Client::Impl& impl, uint64_t namespace_id,
   std::vector<transfer::AmCallSpec> specs;
   specs.reserve(chunks.size());
   for (const Chunk& chunk : chunks) {
-    specs.push_back({fastpath::EncodeRequest(chunk.request), chunk.data});
+    specs.push_back({fastpath::EncodeRequest(chunk.request), chunk.data, chunk.reply_into,
+                     chunk.reply_capacity});
     if (specs.back().header.size() + sizeof(uint64_t) > impl.FastMaxHeaderBytes()) {
       return std::nullopt;
     }
@@ -155,8 +160,17 @@ FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_
   std::vector<Chunk> chunks((items.size() + per_request - 1) / per_request);
   for (size_t c = 0; c < chunks.size(); ++c) {
     chunks[c].request = BaseRequest(*grant, fastpath::Op::kFetch, namespace_id, block_bytes);
-    for (size_t i = c * per_request; i < std::min(items.size(), (c + 1) * per_request); ++i) {
+    const size_t first = c * per_request, end = std::min(items.size(), (c + 1) * per_request);
+    bool back_to_back = true;
+    uint8_t* const base = items[first].buffer->data() + items[first].offset;
+    for (size_t i = first; i < end; ++i) {
       chunks[c].request.blocks.push_back({.key = items[i].key});
+      back_to_back = back_to_back &&
+                     items[i].buffer->data() + items[i].offset == base + (i - first) * block_bytes;
+    }
+    if (back_to_back) {
+      chunks[c].reply_into = base;
+      chunks[c].reply_capacity = (end - first) * block_bytes;
     }
   }
   std::optional<absl::Status> exchanged = Exchange(impl, namespace_id, chunks, deadline);
@@ -190,7 +204,10 @@ FastOutcome FastFetch(Client::Impl& impl, uint64_t namespace_id, uint64_t block_
       BlockOutcome outcome = FromWire(block.status);
       if (outcome == BlockOutcome::kOk) {
         uint8_t* destination = items[i].buffer->data() + items[i].offset;
-        std::memcpy(destination, chunk.am.data.get() + offset, block.size);
+        // In place: every block came whole, each already at its destination.
+        if (!chunk.am.data_in_place) {
+          std::memcpy(destination, chunk.am.data.get() + offset, block.size);
+        }
         offset += block.size;
         // Checked right after the copy, while the block is in cache.
         if (impl.options.verify_checksums &&

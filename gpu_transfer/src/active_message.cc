@@ -51,6 +51,11 @@ struct AmCallState {
   std::string frame;
   std::vector<ucp_dt_iov_t> iov;
   std::unique_ptr<uint8_t[]> gathered;  // the data in one piece, when gathered
+  // The caller's memory for the reply's data (AmCallSpec::reply_into).
+  uint8_t* sink = nullptr;
+  size_t sink_capacity = 0;
+  bool abandoned ABSL_GUARDED_BY(mu) = false;     // the caller gave up: never write to sink
+  bool sink_writing ABSL_GUARDED_BY(mu) = false;  // the reply's data goes to sink
 };
 
 namespace {
@@ -112,9 +117,22 @@ ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* 
   state->reply.header.assign(static_cast<const char*>(header) + kCallIdBytes,
                              header_length - kCallIdBytes);
   state->reply.data_length = length;
-  if (length > 0) state->reply.data.reset(new uint8_t[length]);
+  uint8_t* into = nullptr;
+  if (length > 0 && state->sink != nullptr && length == state->sink_capacity) {
+    // Decided under the call's lock, against a caller giving up at once.
+    absl::MutexLock lock(&state->mu);
+    if (!state->abandoned) {
+      state->sink_writing = true;
+      state->reply.data_in_place = true;
+      into = state->sink;
+    }
+  }
+  if (length > 0 && into == nullptr) {
+    state->reply.data.reset(new uint8_t[length]);
+    into = state->reply.data.get();
+  }
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
-    if (length > 0) std::memcpy(state->reply.data.get(), data, length);
+    if (length > 0) std::memcpy(into, data, length);
     FinishReply(state, UCS_OK);
     return UCS_OK;
   }
@@ -126,7 +144,7 @@ ucs_status_t OnReply(void* arg, const void* header, size_t header_length, void* 
   recv.cb.recv_am = OnReplyData;
   recv.user_data = ref;
   ucs_status_ptr_t request =
-      ucp_am_recv_data_nbx(impl->worker_, data, state->reply.data.get(), length, &recv);
+      ucp_am_recv_data_nbx(impl->worker_, data, into, length, &recv);
   if (request == nullptr || UCS_PTR_IS_ERR(request)) {  // done at once: no callback comes
     delete ref;
     FinishReply(state, request == nullptr ? UCS_OK : UCS_PTR_STATUS(request));
@@ -334,6 +352,8 @@ std::vector<absl::StatusOr<AmReply>> Peer::CallMany(absl::Span<const AmCallSpec>
     const std::string& header = calls[c].header;
     if (header.size() + kCallIdBytes > engine_->max_am_header_bytes()) continue;
     auto state = std::make_shared<AmCallState>();
+    state->sink = calls[c].reply_into;
+    state->sink_capacity = calls[c].reply_capacity;
     states[c] = state;
     const uint64_t id = impl.next_call_.fetch_add(1, std::memory_order_relaxed);
     ids[c] = id;
@@ -417,6 +437,16 @@ std::vector<absl::StatusOr<AmReply>> Peer::CallMany(absl::Span<const AmCallSpec>
       {
         absl::MutexLock lock(&impl.calls_mu_);
         impl.calls_.erase(ids[c]);
+      }
+      bool writing;
+      {
+        absl::MutexLock lock(&state->mu);
+        state->abandoned = true;
+        writing = state->sink_writing && !state->replied;
+      }
+      if (writing && !impl.ProgressUntil(state->finished, state->wake_fd,
+                                         absl::Now() + absl::Seconds(30))) {
+        KVS_LOG(Error) << "an active-message reply still writing into the caller's memory after 30 s";
       }
       failed_any = true;
       if (!done) {

@@ -93,6 +93,67 @@ TEST_F(FastPathTest, RoundTripsByteExactAtEverySizeAndBatch) {
   }
 }
 
+// A fetch whose destinations lie back to back gets a full reply straight
+// into them (no staging copy); scattered destinations, or a reply short of a
+// block, take the copy. Either way every hit is byte-exact, and a missed
+// block's destination is never written.
+TEST_F(FastPathTest, BackToBackScatteredAndShortRepliesAllLandRight) {
+  auto c = Connect(node_->address());
+  constexpr uint64_t kBlock = 65536;
+  constexpr size_t kCount = 8;
+  auto ns = c->OpenNamespace(Spec("in-place", kBlock));
+  ASSERT_TRUE(ns.ok()) << ns.status();
+  ASSERT_EQ(PublishStream(*c, *ns, 77, kCount, kCount)->count(BlockOutcome::kOk), kCount);
+  const std::vector<BlockKey> keys = ns->Keys(testing::Tokens(77, kCount, kTokensPerBlock));
+  const BlockKey absent = ns->Keys(testing::Tokens(78, 1, kTokensPerBlock))[0];
+  auto buffer = c->Allocate((kCount + 1) * kBlock);
+  ASSERT_TRUE(buffer.ok());
+  std::vector<uint8_t> expected(kBlock);
+  auto check = [&](size_t block, size_t slot) {
+    FillBlock(77, block, expected.data(), kBlock);
+    return std::memcmp(expected.data(), (*buffer)->data() + slot * kBlock, kBlock) == 0;
+  };
+  const v1::StatsResponse before = Stats(*c);
+  // Back to back, all hits: the reply fills the buffer directly.
+  std::memset((*buffer)->data(), 0xee, (kCount + 1) * kBlock);
+  std::vector<FetchItem> items;
+  for (size_t i = 0; i < kCount; ++i) items.push_back({keys[i], buffer->get(), i * kBlock});
+  auto fetched = ns->Fetch(items);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  for (size_t i = 0; i < kCount; ++i) {
+    EXPECT_EQ(fetched->outcomes[i], BlockOutcome::kOk);
+    EXPECT_TRUE(check(i, i)) << "back to back, block " << i;
+  }
+  EXPECT_EQ((*buffer)->data()[kCount * kBlock], 0xee) << "written past the last destination";
+  // Scattered (reversed) destinations.
+  std::memset((*buffer)->data(), 0, (kCount + 1) * kBlock);
+  items.clear();
+  for (size_t i = 0; i < kCount; ++i) items.push_back({keys[i], buffer->get(), (kCount - 1 - i) * kBlock});
+  fetched = ns->Fetch(items);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  for (size_t i = 0; i < kCount; ++i) EXPECT_TRUE(check(i, kCount - 1 - i)) << "scattered, block " << i;
+  // Back to back with a miss in the middle: the reply is a block short.
+  std::memset((*buffer)->data(), 0xee, (kCount + 1) * kBlock);
+  items.clear();
+  for (size_t i = 0; i < 4; ++i) items.push_back({keys[i], buffer->get(), i * kBlock});
+  items.push_back({absent, buffer->get(), 4 * kBlock});
+  for (size_t i = 4; i < kCount; ++i) items.push_back({keys[i], buffer->get(), (i + 1) * kBlock});
+  fetched = ns->Fetch(items);
+  ASSERT_TRUE(fetched.ok()) << fetched.status();
+  EXPECT_EQ(fetched->outcomes[4], BlockOutcome::kNotFound);
+  for (size_t i = 0; i < kCount; ++i) {
+    const size_t slot = i < 4 ? i : i + 1;
+    EXPECT_EQ(fetched->outcomes[slot], BlockOutcome::kOk);
+    EXPECT_TRUE(check(i, slot)) << "with a miss, block " << i;
+  }
+  for (size_t k = 0; k < kBlock; k += 4093) {
+    ASSERT_EQ((*buffer)->data()[4 * kBlock + k], 0xee) << "the missed block's destination was written";
+  }
+  // All three went over the fast path; the last as two requests (512 KiB
+  // each at most): eight blocks with the miss (copied), then one (in place).
+  EXPECT_EQ(Stats(*c).fast_path_requests() - before.fast_path_requests(), 4u);
+}
+
 TEST_F(FastPathTest, LookupOfUpTo64KeysIsOneFastPathRequest) {
   auto c = Connect(node_->address());
   auto ns = c->OpenNamespace(Spec("lookup", 4096));

@@ -31,14 +31,22 @@ namespace kvstrata::transfer {
 // What Peer::Call returns: the handler's reply header and its data.
 struct AmReply {
   std::string header;
-  std::shared_ptr<uint8_t[]> data;
+  std::shared_ptr<uint8_t[]> data;  // null when the data went to reply_into
   size_t data_length = 0;
+  bool data_in_place = false;  // the data is at AmCallSpec::reply_into
 };
 
 // One request of Peer::CallMany.
 struct AmCallSpec {
   std::string header;
   std::vector<SendOp> data;
+  // Where the reply's data goes when it is exactly `reply_capacity` bytes
+  // (one copy less; AmReply::data_in_place), else into memory the reply
+  // owns. Must stay valid until CallMany returns, which it never does while
+  // data is being written there (a call given up at its deadline waits for
+  // a receive already under way, at most 30 s, as tagged receives do).
+  uint8_t* reply_into = nullptr;
+  size_t reply_capacity = 0;
 };
 
 // One request, as its handler sees it. Header() and, for eager requests,
