@@ -51,7 +51,8 @@ ABSL_FLAG(std::string, cluster_policy, "adaptive", "Eviction policy of every nod
 ABSL_FLAG(bool, precision, false,
           "Also replay each trace with precision tiers: a block given up is transcoded one step "
           "down raw > fp8_e4m3 > int4_kivi > int2_kivi before it is evicted, at the same bytes "
-          "(capacity in raw blocks), for each coarsest format allowed.");
+          "(capacity in raw blocks), for each coarsest format allowed; once with one fresh "
+          "lease per rung, once with leases by bytes (raw/stored bytes per rung).");
 ABSL_FLAG(std::string, precision_policy, "lru", "Eviction policy of the precision-tier replay.");
 ABSL_FLAG(std::string, precision_rungs, "",
           "With --precision: the formats a block steps down through, finest first, from "
@@ -248,24 +249,34 @@ int main(int argc, char** argv) {
       std::printf("precision tiers, %s: token hit rate at the same bytes by the coarsest format "
                   "allowed (x raw), mean attention-output error of the hit blocks as served\n",
                   absl::GetFlag(FLAGS_precision_policy).c_str());
+      // Each capacity: one fresh lease per rung (what the node first did),
+      // then leases by bytes (PrecisionLease::kByBytes), both against the
+      // same raw replay.
+      using kvstrata::cachenode::PrecisionLease;
       for (size_t capacity : capacities) {
-        std::string line = absl::StrFormat("  %5.1f%%:", 100.0 * capacity / distinct);
         double raw = 0;
-        for (size_t coarsest = 0; coarsest < ladder.formats.size(); ++coarsest) {
-          auto run = kvstrata::cachenode::ReplayPrecision(
-              *trace, static_cast<double>(capacity), absl::GetFlag(FLAGS_precision_policy), ladder,
-              coarsest, options);
-          if (!run.ok()) {
-            std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
-            return 1;
+        for (PrecisionLease lease : {PrecisionLease::kFresh, PrecisionLease::kByBytes}) {
+          std::string line =
+              lease == PrecisionLease::kFresh
+                  ? absl::StrFormat("  %5.1f%% fresh lease:", 100.0 * capacity / distinct)
+                  : absl::StrFormat("  %5.1f%% by bytes:   ", 100.0 * capacity / distinct);
+          for (size_t coarsest = lease == PrecisionLease::kFresh ? 0 : 1;
+               coarsest < ladder.formats.size(); ++coarsest) {
+            auto run = kvstrata::cachenode::ReplayPrecision(
+                *trace, static_cast<double>(capacity), absl::GetFlag(FLAGS_precision_policy),
+                ladder, coarsest, options, lease);
+            if (!run.ok()) {
+              std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
+              return 1;
+            }
+            const double rate = run->total.token_hit_rate();
+            if (coarsest == 0) raw = rate;
+            absl::StrAppendFormat(&line, " %s %.3f (%.2fx, error %.3f) |",
+                                  ladder.formats[coarsest], rate, raw > 0 ? rate / raw : 0.0,
+                                  run->mean_error(ladder));
           }
-          const double rate = run->total.token_hit_rate();
-          if (coarsest == 0) raw = rate;
-          absl::StrAppendFormat(&line, " %s %.3f (%.2fx, error %.3f) |",
-                                ladder.formats[coarsest], rate, raw > 0 ? rate / raw : 0.0,
-                                run->mean_error(ladder));
+          std::printf("%s\n", line.c_str());
         }
-        std::printf("%s\n", line.c_str());
       }
     }
     if (const int nodes = absl::GetFlag(FLAGS_cluster_nodes); nodes > 0) {
