@@ -60,7 +60,7 @@ ABSL_FLAG(std::string, precision_rungs, "",
           "raw,fp8_e4m3,int4_kivi,int2_kivi (default: all of them).");
 ABSL_FLAG(bool, precision_tier, false,
           "With --precision: also replay through the node's real DRAM tier (DramTier, the "
-          "PrecisionTranscoder, LRU, 16 KiB fp16 blocks) without a budget and with an int4_kivi "
+          "PrecisionTranscoder, --precision_policy, 128 KiB fp16 blocks) without a budget and with an int4_kivi "
           "budget, one lease per format and leases by bytes, at the same bytes.");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
@@ -295,7 +295,7 @@ int main(int argc, char** argv) {
             auto run = kvstrata::bench::ReplayThroughDramTier(
                 *trace, capacity,
                 run_kind == 0 ? kvstrata::v1::FORMAT_RAW : kvstrata::v1::FORMAT_INT4_KIVI,
-                /*leases_by_bytes=*/run_kind == 2);
+                /*leases_by_bytes=*/run_kind == 2, absl::GetFlag(FLAGS_precision_policy));
             if (!run.ok()) {
               std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
               return 1;
@@ -318,7 +318,8 @@ int main(int argc, char** argv) {
                                  100.0 * capacity / distinct, sized.bytes[1], sized.bytes[2]);
           for (PrecisionLease lease : {PrecisionLease::kFresh, PrecisionLease::kByBytes}) {
             auto run = kvstrata::cachenode::ReplayPrecision(*trace, static_cast<double>(capacity),
-                                                            "lru", sized, 2, options, lease);
+                                                            absl::GetFlag(FLAGS_precision_policy),
+                                                            sized, 2, options, lease);
             if (!run.ok()) return 1;
             absl::StrAppendFormat(&line, " int4 %s %.3f (%.2fx, error %.3f) |",
                                   lease == PrecisionLease::kFresh ? "one lease" : "by bytes",

@@ -72,7 +72,7 @@ double TierReplayResult::mean_error(const cachenode::PrecisionLadder& ladder) co
 
 absl::StatusOr<TierReplayResult> ReplayThroughDramTier(
     const std::vector<cachenode::TraceRequest>& trace, uint64_t capacity_raw_blocks,
-    v1::StoredFormat coarsest, bool leases_by_bytes) {
+    v1::StoredFormat coarsest, bool leases_by_bytes, std::string_view policy) {
   cachenode::NamespaceRegistry registry(kSlabBytes);
   v1::NamespaceSpec spec;
   spec.set_model("tier-replay");
@@ -91,7 +91,10 @@ absl::StatusOr<TierReplayResult> ReplayThroughDramTier(
 
   const uint64_t capacity = std::max<uint64_t>(capacity_raw_blocks * kRawBytes, 2 * kSlabBytes);
   std::vector<uint8_t> arena(capacity);
-  cachenode::DramTier tier(arena.data(), capacity, kSlabBytes, cachenode::MakeLruPolicy());
+  absl::StatusOr<std::unique_ptr<cachenode::EvictionPolicy>> made =
+      cachenode::MakeEvictionPolicy(policy);
+  if (!made.ok()) return made.status();
+  cachenode::DramTier tier(arena.data(), capacity, kSlabBytes, *std::move(made));
   cachenode::PrecisionTranscoder transcoder(registry);
   OneLeaseTranscoder one_lease(transcoder);
   if (coarsest != v1::FORMAT_RAW) {

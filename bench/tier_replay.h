@@ -1,12 +1,13 @@
 // A Mooncake trace replayed through the node's real DRAM tier with precision
 // tiers on (DramTier, the real PrecisionTranscoder and NamespaceRegistry,
-// the kernels' CPU encoders, LRU), to check that the tier reaches what
+// the kernels' CPU encoders, an eviction policy), to check that the tier reaches what
 // ReplayPrecision's byte model says: packing encoded copies into slab
 // memory, in-place transcodes and leases all take part.
 #pragma once
 
 #include <array>
 #include <cstdint>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -39,6 +40,6 @@ struct TierReplayResult {
 // coarser copy gets one lease per format, as the tier gave before.
 absl::StatusOr<TierReplayResult> ReplayThroughDramTier(
     const std::vector<cachenode::TraceRequest>& trace, uint64_t capacity_raw_blocks,
-    v1::StoredFormat coarsest, bool leases_by_bytes);
+    v1::StoredFormat coarsest, bool leases_by_bytes, std::string_view policy = "lru");
 
 }  // namespace kvstrata::bench

@@ -96,7 +96,7 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
         block = index_.Find(id);
         if (block == nullptr || block->leases_left == 0) break;
         --block->leases_left;
-        policy_->OnHit(id);
+        policy_->OnKept(id);
         precision_leases_.fetch_add(1, std::memory_order_relaxed);
       }
       if (block != nullptr) coarser = transcoder_->CoarserSize(id, *block);
@@ -106,7 +106,7 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
       // memory or over itself).
       if (coarser.has_value()) {
         at = RoomFor(*block, *coarser);
-        policy_->OnHit(id);
+        policy_->OnKept(id);
       }
     }
     if (coarser.has_value()) {

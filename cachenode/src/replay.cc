@@ -405,7 +405,7 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
         Held& held = level[v];
         if (held.leases > 1) {  // another lease at the same format
           --held.leases;
-          policy.OnHit(*victim);
+          policy.OnKept(*victim);
           continue;
         }
         uint8_t& l = held.level;
@@ -414,7 +414,7 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
           ++l;
           held.leases = grant[l];
           ++result.transcodes;
-          policy.OnHit(*victim);  // a fresh lease at the coarser format
+          policy.OnKept(*victim);  // a fresh lease at the coarser format
           continue;
         }
         used -= ladder.bytes[l];

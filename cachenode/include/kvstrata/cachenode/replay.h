@@ -106,7 +106,7 @@ absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest
 // precision back (a republish would). coarsest = 0 is the plain replay.
 //
 // How many leases a block gets at each rung (a lease: the policy gives it a
-// fresh place, OnHit, and it stays until the policy names it again):
+// fresh place, OnKept, and it stays until the policy names it again):
 enum class PrecisionLease {
   // One per rung: with LRU a block spends as long raw as at each coarser
   // format, so raw blocks hold most of the bytes (1 of the 1.81 byte-leases
