@@ -23,6 +23,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
 #include "kvstrata/cachenode/replay.h"
+#include "tier_replay.h"
 
 ABSL_FLAG(std::string, trace, KVSTRATA_TRACE_SUITE_SHARED, "A Mooncake-format trace.");
 ABSL_FLAG(bool, suite, false,
@@ -51,11 +52,16 @@ ABSL_FLAG(std::string, cluster_policy, "adaptive", "Eviction policy of every nod
 ABSL_FLAG(bool, precision, false,
           "Also replay each trace with precision tiers: a block given up is transcoded one step "
           "down raw > fp8_e4m3 > int4_kivi > int2_kivi before it is evicted, at the same bytes "
-          "(capacity in raw blocks), for each coarsest format allowed.");
+          "(capacity in raw blocks), for each coarsest format allowed; once with one fresh "
+          "lease per rung, once with leases by bytes (raw/stored bytes per rung).");
 ABSL_FLAG(std::string, precision_policy, "lru", "Eviction policy of the precision-tier replay.");
 ABSL_FLAG(std::string, precision_rungs, "",
           "With --precision: the formats a block steps down through, finest first, from "
           "raw,fp8_e4m3,int4_kivi,int2_kivi (default: all of them).");
+ABSL_FLAG(bool, precision_tier, false,
+          "With --precision: also replay through the node's real DRAM tier (DramTier, the "
+          "PrecisionTranscoder, --precision_policy, 128 KiB fp16 blocks) without a budget and with an int4_kivi "
+          "budget, one lease per format and leases by bytes, at the same bytes.");
 ABSL_FLAG(int, repeats, 3,
           "Replays per point, alternating with LRU; the fastest timing of each is kept.");
 
@@ -248,24 +254,82 @@ int main(int argc, char** argv) {
       std::printf("precision tiers, %s: token hit rate at the same bytes by the coarsest format "
                   "allowed (x raw), mean attention-output error of the hit blocks as served\n",
                   absl::GetFlag(FLAGS_precision_policy).c_str());
+      // Each capacity: one fresh lease per rung (what the node first did),
+      // then leases by bytes (PrecisionLease::kByBytes), both against the
+      // same raw replay.
+      using kvstrata::cachenode::PrecisionLease;
       for (size_t capacity : capacities) {
-        std::string line = absl::StrFormat("  %5.1f%%:", 100.0 * capacity / distinct);
         double raw = 0;
-        for (size_t coarsest = 0; coarsest < ladder.formats.size(); ++coarsest) {
-          auto run = kvstrata::cachenode::ReplayPrecision(
-              *trace, static_cast<double>(capacity), absl::GetFlag(FLAGS_precision_policy), ladder,
-              coarsest, options);
-          if (!run.ok()) {
-            std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
-            return 1;
+        for (PrecisionLease lease : {PrecisionLease::kFresh, PrecisionLease::kByBytes}) {
+          std::string line =
+              lease == PrecisionLease::kFresh
+                  ? absl::StrFormat("  %5.1f%% fresh lease:", 100.0 * capacity / distinct)
+                  : absl::StrFormat("  %5.1f%% by bytes:   ", 100.0 * capacity / distinct);
+          for (size_t coarsest = lease == PrecisionLease::kFresh ? 0 : 1;
+               coarsest < ladder.formats.size(); ++coarsest) {
+            auto run = kvstrata::cachenode::ReplayPrecision(
+                *trace, static_cast<double>(capacity), absl::GetFlag(FLAGS_precision_policy),
+                ladder, coarsest, options, lease);
+            if (!run.ok()) {
+              std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
+              return 1;
+            }
+            const double rate = run->total.token_hit_rate();
+            if (coarsest == 0) raw = rate;
+            absl::StrAppendFormat(&line, " %s %.3f (%.2fx, error %.3f) |",
+                                  ladder.formats[coarsest], rate, raw > 0 ? rate / raw : 0.0,
+                                  run->mean_error(ladder));
           }
-          const double rate = run->total.token_hit_rate();
-          if (coarsest == 0) raw = rate;
-          absl::StrAppendFormat(&line, " %s %.3f (%.2fx, error %.3f) |",
-                                ladder.formats[coarsest], rate, raw > 0 ? rate / raw : 0.0,
-                                run->mean_error(ladder));
+          std::printf("%s\n", line.c_str());
         }
-        std::printf("%s\n", line.c_str());
+        if (absl::GetFlag(FLAGS_precision_tier)) {
+          // The real tier without a budget, then with an int4 budget and
+          // one lease per format, then by bytes; then the byte model at the
+          // tier's own copy sizes (4 KiB pieces), to tell packing from sizes.
+          using kvstrata::cachenode::PrecisionLadder;
+          const PrecisionLadder kernels = kvstrata::cachenode::KernelFormatsLadder();
+          std::string line = absl::StrFormat("  %5.1f%% node tier:  ", 100.0 * capacity / distinct);
+          double tier_raw = 0;
+          PrecisionLadder sized;
+          for (int run_kind = 0; run_kind < 3; ++run_kind) {
+            auto run = kvstrata::bench::ReplayThroughDramTier(
+                *trace, capacity,
+                run_kind == 0 ? kvstrata::v1::FORMAT_RAW : kvstrata::v1::FORMAT_INT4_KIVI,
+                /*leases_by_bytes=*/run_kind == 2, absl::GetFlag(FLAGS_precision_policy));
+            if (!run.ok()) {
+              std::fprintf(stderr, "%s\n", run.status().ToString().c_str());
+              return 1;
+            }
+            const double rate = run->total.token_hit_rate();
+            if (run_kind == 0) tier_raw = rate;
+            absl::StrAppendFormat(
+                &line, " %s %.3f (%.2fx, error %.3f; %llu blocks, %.0f%% of memory in holes) |",
+                run_kind == 0 ? "raw" : run_kind == 1 ? "int4 one lease" : "int4 by bytes", rate,
+                tier_raw > 0 ? rate / tier_raw : 0.0, run->mean_error(kernels),
+                static_cast<unsigned long long>(run->blocks),
+                run->used_bytes ? 100.0 * (run->used_bytes - run->stored_bytes) / run->used_bytes : 0.0);
+            // raw, fp8_e4m3, int4_kivi (v1 values 0, 1, 3) at the tier's sizes.
+            sized = PrecisionLadder{{"raw", "fp8_e4m3", "int4_kivi"},
+                                    {1.0, run->piece_ratio[1], run->piece_ratio[3]},
+                                    {0.0, kernels.attention_error[1], kernels.attention_error[2]}};
+          }
+          std::printf("%s\n", line.c_str());
+          line = absl::StrFormat("  %5.1f%% model at the tier's sizes (fp8 %.3f, int4 %.3f of raw):",
+                                 100.0 * capacity / distinct, sized.bytes[1], sized.bytes[2]);
+          for (PrecisionLease lease : {PrecisionLease::kFresh, PrecisionLease::kByBytes}) {
+            auto run = kvstrata::cachenode::ReplayPrecision(*trace, static_cast<double>(capacity),
+                                                            absl::GetFlag(FLAGS_precision_policy),
+                                                            sized, 2, options, lease);
+            if (!run.ok()) return 1;
+            absl::StrAppendFormat(&line, " int4 %s %.3f (%.2fx, error %.3f) |",
+                                  lease == PrecisionLease::kFresh ? "one lease" : "by bytes",
+                                  run->total.token_hit_rate(),
+                                  tier_raw > 0 ? run->total.token_hit_rate() / tier_raw : 0.0,
+                                  run->mean_error(sized));
+          }
+          std::printf("%s\n", line.c_str());
+          std::fflush(stdout);
+        }
       }
     }
     if (const int nodes = absl::GetFlag(FLAGS_cluster_nodes); nodes > 0) {

@@ -365,5 +365,49 @@ TEST(PolicySuiteTest, PrecisionTiersHoldMoreAtTheSameBytes) {
   EXPECT_FALSE(ReplayPrecision(*trace, 10, "lru", ladder, 4).ok());
 }
 
+// Leases by bytes: a block a quarter the size stays four leases. Capacity 2
+// raw blocks, requests A B C D A: with one lease per rung D's room evicts
+// the quartered A and B; by bytes they are re-leased, C is quartered, and
+// the last A hits.
+TEST(PolicySuiteTest, LeasesByBytesKeepSmallerCopiesLonger) {
+  const PrecisionLadder ladder{{"raw", "quarter"}, {1.0, 0.25}, {0.0, 0.1}};
+  std::vector<TraceRequest> trace;
+  for (uint64_t id : {1, 2, 3, 4, 1}) {
+    TraceRequest request;
+    request.timestamp = trace.size();
+    request.input_length = kTraceTokensPerBlock;
+    request.hash_ids = {id};
+    trace.push_back(request);
+  }
+  auto fresh = ReplayPrecision(trace, 2, "lru", ladder, 1, {}, PrecisionLease::kFresh);
+  auto by_bytes = ReplayPrecision(trace, 2, "lru", ladder, 1, {}, PrecisionLease::kByBytes);
+  ASSERT_TRUE(fresh.ok());
+  ASSERT_TRUE(by_bytes.ok());
+  EXPECT_EQ(fresh->total.hit_tokens, 0u);
+  EXPECT_EQ(by_bytes->total.hit_tokens, kTraceTokensPerBlock);
+  EXPECT_EQ(by_bytes->hit_blocks[1], 1u);  // served quartered
+  EXPECT_EQ(by_bytes->transcodes, 3u);     // A, B, C
+}
+
+// On every suite trace, leases by bytes hold at least the hits of one lease
+// per rung at the same budget and bytes, and serve no format past it.
+TEST(PolicySuiteTest, LeasesByBytesLoseNoHits) {
+  const PrecisionLadder ladder = KernelFormatsLadder();
+  const size_t int4 = 2;
+  for (const std::string& path : SuiteTraces(KVSTRATA_TRACE_SUITE_SMALL_DIR)) {
+    auto trace = LoadMooncakeTrace(path);
+    ASSERT_TRUE(trace.ok());
+    const size_t capacity = 0.05 * DistinctBlocks(*trace);
+    auto fresh = ReplayPrecision(*trace, capacity, "lru", ladder, int4, {}, PrecisionLease::kFresh);
+    auto by_bytes =
+        ReplayPrecision(*trace, capacity, "lru", ladder, int4, {}, PrecisionLease::kByBytes);
+    ASSERT_TRUE(fresh.ok());
+    ASSERT_TRUE(by_bytes.ok());
+    EXPECT_GE(by_bytes->total.token_hit_rate(), fresh->total.token_hit_rate() - 0.005) << path;
+    EXPECT_LE(by_bytes->mean_error(ladder), ladder.attention_error[int4]) << path;
+    EXPECT_EQ(by_bytes->hit_blocks[3], 0u) << path;
+  }
+}
+
 }  // namespace
 }  // namespace kvstrata::cachenode

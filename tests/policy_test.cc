@@ -136,6 +136,33 @@ TEST_P(PolicyInvariants, DeterministicForAFixedTrace) {
   EXPECT_LE(a.access_hits, ReplayBelady(trace, 30).access_hits);
 }
 
+// A victim the tier kept (precision tiers) is not named again at once:
+// each of a chain's blocks, and of unrelated ones, in turn before any again.
+// (return-aware named the same block again, so a kept block went down every
+// rung at once and was evicted.) Policies that evict only leaves have just
+// one candidate in a chain.
+TEST_P(PolicyInvariants, AKeptVictimIsNotNamedAgainFirst) {
+  const bool leaves_only = GetParam() == "prefix-lru" || GetParam() == "prefix-freq";
+  for (bool chained : {false, true}) {
+    if (chained && leaves_only) continue;
+    auto made = MakeEvictionPolicy(GetParam());
+    ASSERT_TRUE(made.ok());
+    EvictionPolicy& policy = **made;
+    for (uint64_t n = 1; n <= 4; ++n) {
+      policy.OnInsert(Id(n), chained && n > 1 ? std::optional<BlockId>(Id(n - 1)) : std::nullopt);
+    }
+    absl::flat_hash_set<uint64_t> named;
+    for (int turn = 0; turn < 4; ++turn) {
+      std::optional<BlockId> victim = policy.Victim();
+      ASSERT_TRUE(victim.has_value());
+      EXPECT_TRUE(named.insert(Number(*victim)).second)
+          << GetParam() << (chained ? " chain" : "") << ": named " << Number(*victim) << " again";
+      policy.OnKept(*victim);
+    }
+    EXPECT_EQ(policy.size(), 4u);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllPolicies, PolicyInvariants,
                          ::testing::Values("lru", "prefix-lru", "prefix-freq", "chain-protect",
                                            "chain-slru", "return-aware", "adaptive"),

@@ -303,6 +303,85 @@ TEST_F(PrecisionTierTest, BlocksOfANamespaceNotOpenAreNotTranscoded) {
   EXPECT_EQ(tier_.counters().transcodes, 0u);
 }
 
+// The real transcoder without RawSize: one lease per format, as the tier
+// gave before leases by bytes.
+class OneLeaseTranscoder : public BlockTranscoder {
+ public:
+  explicit OneLeaseTranscoder(const BlockTranscoder& real) : real_(real) {}
+  std::optional<uint64_t> CoarserSize(const BlockId& id, const StoredBlock& block) const override {
+    return real_.CoarserSize(id, block);
+  }
+  absl::Status Transcode(const BlockId& id, const StoredBlock& from, StoredBlock& to) const override {
+    return real_.Transcode(id, from, to);
+  }
+
+ private:
+  const BlockTranscoder& real_;
+};
+
+// Leases by bytes: a copy at 1/k of the raw bytes is kept round(k) leases
+// (fp8 2, int4 3 here), renewed by a hit, so coarser copies hold more of the
+// memory and the tier more blocks than with one lease per format, on the
+// same stream of publishes into the same bytes.
+TEST_F(PrecisionTierTest, CoarserCopiesAreKeptLeasesByTheirBytes) {
+  const uint64_t ns = Open(v1::FORMAT_INT4_KIVI);
+  std::vector<uint8_t> other_arena(kArena);
+  DramTier one_lease(other_arena.data(), kArena, kSlab, MakeLruPolicy());
+  OneLeaseTranscoder plain(transcoder_);
+  one_lease.set_transcoder(&plain);
+  for (uint64_t n = 0; n < 300; ++n) {
+    Put(ns, n);
+    auto block = one_lease.Reserve(kRaw);
+    ASSERT_TRUE(block.ok()) << block.status();
+    const std::vector<uint8_t> kv = Kv(n);
+    std::memcpy((*block)->data(), kv.data(), kRaw);
+    (*block)->checksum = BlockChecksum(kv.data(), kRaw);
+    ASSERT_TRUE(one_lease.Commit(NumberedBlockId(n, ns), *block));
+  }
+  const TierCounters by_bytes = tier_.counters(), fresh = one_lease.counters();
+  // Deterministic (one thread, LRU): 105 blocks, 41% of the bytes raw, 580
+  // leases; with one lease per format 95 blocks, 53% raw.
+  EXPECT_GT(by_bytes.precision_leases, 0u);
+  EXPECT_EQ(fresh.precision_leases, 0u);
+  EXPECT_GT(by_bytes.blocks, fresh.blocks * 108 / 100);
+  EXPECT_LT(by_bytes.format_bytes[0] * 100, by_bytes.stored_bytes * 45);
+  EXPECT_GT(fresh.format_bytes[0] * 100, fresh.stored_bytes * 50);
+  EXPECT_LE(by_bytes.used_bytes, kArena);
+  size_t coarse = 0;
+  for (uint64_t n = 0; n < 300; ++n) {
+    std::shared_ptr<StoredBlock> b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false);
+    if (b == nullptr) continue;
+    const int grant = b->format == v1::FORMAT_INT4_KIVI  ? 3
+                      : b->format == v1::FORMAT_FP8_E4M3 ? 2
+                                                         : 1;
+    EXPECT_EQ(b->lease_grant, grant) << n << " at format " << int{b->format};
+    EXPECT_LT(b->leases_left, grant);
+    coarse += b->format != 0;
+  }
+  EXPECT_GT(coarse, by_bytes.blocks / 2);
+  // A hit renews all of a copy's leases.
+  bool renewed = false;
+  for (uint64_t n = 0; n < 300 && !renewed; ++n) {
+    std::shared_ptr<StoredBlock> b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false);
+    if (b == nullptr || b->format != v1::FORMAT_INT4_KIVI || b->leases_left == 2) continue;
+    tier_.Find(NumberedBlockId(n, ns), /*hit=*/true);
+    EXPECT_EQ(b->leases_left, 2);
+    renewed = true;
+  }
+  EXPECT_TRUE(renewed) << "no int4 copy had spent a lease";
+  // And so does a lookup's prefix.
+  renewed = false;
+  for (uint64_t n = 0; n < 300 && !renewed; ++n) {
+    std::shared_ptr<StoredBlock> b = tier_.Find(NumberedBlockId(n, ns), /*hit=*/false);
+    if (b == nullptr || b->format != v1::FORMAT_INT4_KIVI || b->leases_left == 2) continue;
+    const BlockKey key = NumberedBlockId(n, ns).key;
+    EXPECT_EQ(tier_.PrefixLength(ns, absl::MakeConstSpan(&key, 1)), 1u);
+    EXPECT_EQ(b->leases_left, 2);
+    renewed = true;
+  }
+  EXPECT_TRUE(renewed) << "no other int4 copy had spent a lease";
+}
+
 TEST(PrecisionLadderTest, BudgetsAndNamespaceIds) {
   NamespaceRegistry registry(1 << 20);
   v1::NamespaceSpec int8 = Spec("a", v1::FORMAT_INT2_KIVI);

@@ -117,6 +117,21 @@ class AdaptivePolicy final : public AdaptiveEvictionPolicy {
     last_id_ = id;
   }
 
+  // A kept victim moves in the leader only: the simulations judge the
+  // candidates by accesses, and keeping a block is none.
+  void OnKept(const BlockId& id) override {
+    if (old_ != nullptr) {
+      const size_t before = old_->size();
+      old_->OnErase(id);
+      if (old_->size() < before) {  // to the new leader, as a hit moves it
+        policy_->OnInsert(id, std::nullopt);
+        DropOldWhenEmpty();
+        return;
+      }
+    }
+    policy_->OnKept(id);
+  }
+
   void OnErase(const BlockId& id) override {
     policy_->OnErase(id);
     if (const uint64_t fingerprint = Fingerprint(id); Sampled(fingerprint)) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 
 namespace kvstrata::cachenode {
@@ -59,6 +60,14 @@ std::shared_ptr<StoredBlock> DramTier::MakeBlock(uint64_t offset, uint64_t size)
   });
 }
 
+void DramTier::GrantLeases(const BlockId& id, StoredBlock& block) const {
+  const uint64_t raw = transcoder_->RawSize(id);
+  const uint64_t size = std::max<uint64_t>(block.size(), 1);
+  const uint64_t grant = std::clamp<uint64_t>((raw + size / 2) / size, 1, 255);
+  block.lease_grant = static_cast<uint8_t>(grant);
+  block.leases_left = static_cast<uint8_t>(grant - 1);
+}
+
 void DramTier::CountFormat(uint8_t format, uint64_t size, bool add) {
   const size_t f = format < kStoredFormats ? format : 0;
   if (add) {
@@ -77,10 +86,19 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
     std::optional<uint64_t> coarser, at;
     {
       absl::MutexLock lock(&mu_);
-      std::optional<BlockId> victim = policy_->Victim();
-      if (!victim.has_value()) return std::nullopt;
-      id = *victim;
-      block = index_.Find(id);
+      // Leases by bytes: a victim with leases left at its format gets a
+      // fresh place and the policy is asked again. Ends: each turn spends
+      // one of a finite number of leases (only hits grant more).
+      for (;;) {
+        std::optional<BlockId> victim = policy_->Victim();
+        if (!victim.has_value()) return std::nullopt;
+        id = *victim;
+        block = index_.Find(id);
+        if (block == nullptr || block->leases_left == 0) break;
+        --block->leases_left;
+        policy_->OnKept(id);
+        precision_leases_.fetch_add(1, std::memory_order_relaxed);
+      }
       if (block != nullptr) coarser = transcoder_->CoarserSize(id, *block);
       // Memory for the copy first (the allocator's lock is a leaf), then a
       // fresh lease at the coarser format, taken now so that concurrent
@@ -88,7 +106,7 @@ std::optional<bool> DramTier::MakeRoom(bool follow_up, bool transcode_only) {
       // memory or over itself).
       if (coarser.has_value()) {
         at = RoomFor(*block, *coarser);
-        policy_->OnHit(id);
+        policy_->OnKept(id);
       }
     }
     if (coarser.has_value()) {
@@ -155,6 +173,7 @@ bool DramTier::TranscodeInto(const BlockId& id, std::shared_ptr<StoredBlock> old
   coarser->checksum = BlockChecksum(coarser->data(), coarser->size());
   coarser->parent = old->parent;
   coarser->has_parent = old->has_parent;
+  GrantLeases(id, *coarser);  // not visible yet: no lock needed
   const uint64_t old_size = old->size();
   const uint8_t old_format = old->format;
   {
@@ -192,6 +211,7 @@ bool DramTier::TranscodeInPlace(const BlockId& id, std::shared_ptr<StoredBlock> 
       coarser->parent = old->parent;
       coarser->has_parent = old->has_parent;
       coarser->format = encoded.format;
+      GrantLeases(id, *coarser);
       return coarser;
     });
     if (!swapped) return false;
@@ -225,6 +245,9 @@ bool DramTier::Commit(const BlockId& id, std::shared_ptr<StoredBlock> block) {
   const bool has_parent = block->has_parent;
   const BlockKey parent = block->parent;
   const uint8_t format = block->format;
+  // A block stored coarser already (promoted from NVMe, say) keeps the
+  // leases its size earns. Not visible yet: no lock needed.
+  if (transcoder_ != nullptr && format != 0) GrantLeases(id, *block);
   {
     absl::MutexLock lock(&mu_);
     if (!index_.Insert(id, std::move(block))) return false;
@@ -242,18 +265,27 @@ std::shared_ptr<StoredBlock> DramTier::Find(const BlockId& id, bool hit) {
   if (block != nullptr && hit) {
     absl::MutexLock lock(&mu_);
     policy_->OnHit(id);
+    block->leases_left = block->lease_grant - 1;  // a hit renews its leases
   }
   return block;
 }
 
 size_t DramTier::PrefixLength(uint64_t namespace_id, absl::Span<const BlockKey> keys) {
   size_t length = 0;
-  while (length < keys.size() && index_.Find(BlockId{namespace_id, keys[length]}) != nullptr) {
+  // The blocks found, to renew their leases (precision tiers only).
+  absl::InlinedVector<std::shared_ptr<StoredBlock>, 16> found;
+  while (length < keys.size()) {
+    std::shared_ptr<StoredBlock> block = index_.Find(BlockId{namespace_id, keys[length]});
+    if (block == nullptr) break;
+    if (transcoder_ != nullptr) found.push_back(std::move(block));
     ++length;
   }
   if (length > 0) {
     absl::MutexLock lock(&mu_);
     for (size_t i = 0; i < length; ++i) policy_->OnHit(BlockId{namespace_id, keys[i]});
+    for (const std::shared_ptr<StoredBlock>& block : found) {
+      block->leases_left = block->lease_grant - 1;
+    }
   }
   return length;
 }
@@ -330,6 +362,7 @@ TierCounters DramTier::counters() const {
   c.blocks = index_.size();
   c.evictions = evictions_.load(std::memory_order_relaxed);
   c.transcodes = transcodes_.load(std::memory_order_relaxed);
+  c.precision_leases = precision_leases_.load(std::memory_order_relaxed);
   for (size_t f = 0; f < kStoredFormats; ++f) {
     c.format_blocks[f] = format_blocks_[f].load(std::memory_order_relaxed);
     c.format_bytes[f] = format_bytes_[f].load(std::memory_order_relaxed);

@@ -217,6 +217,11 @@ class NodeMetrics::Collector : public prometheus::Collectable {
       out.push_back(Family("kvstrata_transcodes_total",
                            "Blocks transcoded to a coarser stored format to make room (precision tiers).",
                            MetricType::Counter, {Sample(tier.transcodes, MetricType::Counter)}));
+      out.push_back(Family("kvstrata_precision_leases_total",
+                           "Victims kept at their coarser format for another lease instead of "
+                           "being transcoded or evicted (precision tiers' leases by bytes).",
+                           MetricType::Counter,
+                           {Sample(tier.precision_leases, MetricType::Counter)}));
     }
     out.push_back(Family("kvstrata_promoted_blocks_total",
                          "NVMe hits read back into DRAM.", MetricType::Counter,

@@ -803,6 +803,7 @@ grpc::Status NodeService::DoStats(grpc::ServerContext* context, const v1::StatsR
     format->set_stored_bytes(dram.format_bytes[f]);
   }
   response->set_transcoded_blocks(dram.transcodes);
+  response->set_precision_leases(dram.precision_leases);
   if (store_.nvme() != nullptr) {
     const NvmeCounters nvme = store_.nvme()->counters();
     v1::TierStats* nvme_tier = response->add_tiers();

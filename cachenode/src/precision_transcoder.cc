@@ -38,6 +38,11 @@ std::optional<uint64_t> PrecisionTranscoder::CoarserSize(const BlockId& id,
   return ladder->bytes[*next];
 }
 
+uint64_t PrecisionTranscoder::RawSize(const BlockId& id) const {
+  std::shared_ptr<const Ladder> ladder = LadderOf(id.namespace_id);
+  return ladder == nullptr ? 0 : ladder->bytes[v1::FORMAT_RAW];
+}
+
 absl::Status PrecisionTranscoder::Transcode(const BlockId& id, const StoredBlock& from,
                                             StoredBlock& to) const {
   std::shared_ptr<const Ladder> ladder = LadderOf(id.namespace_id);

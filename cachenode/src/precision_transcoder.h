@@ -25,6 +25,7 @@ class PrecisionTranscoder : public BlockTranscoder {
 
   std::optional<uint64_t> CoarserSize(const BlockId& id, const StoredBlock& block) const override;
   absl::Status Transcode(const BlockId& id, const StoredBlock& from, StoredBlock& to) const override;
+  uint64_t RawSize(const BlockId& id) const override;
 
  private:
   // A namespace's ladder, worked out once: a spec never changes under its id.

@@ -1,6 +1,7 @@
 #include "kvstrata/cachenode/replay.h"
 
 #include <algorithm>
+#include <cmath>
 #include <ctime>
 #include <cstring>
 #include <fstream>
@@ -348,7 +349,8 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
                                                       std::string_view policy_name,
                                                       const PrecisionLadder& ladder,
                                                       size_t coarsest,
-                                                      const ReplayOptions& options) {
+                                                      const ReplayOptions& options,
+                                                      PrecisionLease lease) {
   if (ladder.bytes.empty() || ladder.bytes.size() != ladder.formats.size() ||
       coarsest >= ladder.bytes.size()) {
     return absl::InvalidArgumentError("the ladder needs a byte ratio per format, up to coarsest");
@@ -358,7 +360,19 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
   EvictionPolicy& policy = **made;
   PrecisionReplayResult result;
   result.hit_blocks.assign(ladder.bytes.size(), 0);
-  absl::flat_hash_map<uint64_t, uint8_t> level;  // cached block -> its format
+  // Leases a block gets at each rung.
+  std::vector<uint8_t> grant(ladder.bytes.size(), 1);
+  if (lease == PrecisionLease::kByBytes) {
+    for (size_t l = 0; l < grant.size(); ++l) {
+      if (ladder.bytes[l] <= 0) return absl::InvalidArgumentError("a format of no bytes");
+      grant[l] = static_cast<uint8_t>(std::clamp(std::round(ladder.bytes[0] / ladder.bytes[l]), 1.0, 255.0));
+    }
+  }
+  struct Held {
+    uint8_t level = 0;   // its format in the ladder
+    uint8_t leases = 1;  // leases left at that format, this one included
+  };
+  absl::flat_hash_map<uint64_t, Held> level;  // cached block -> its format
   double used = 0;
   HintQueue hints(trace, options);
   const double start = ThreadCpuSeconds();
@@ -371,12 +385,13 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
     for (size_t i = 0; i < request.hash_ids.size(); ++i) {
       auto it = level.find(request.hash_ids[i]);
       if (it == level.end()) break;
-      ++result.hit_blocks[it->second];
+      ++result.hit_blocks[it->second.level];
     }
     for (size_t i = 0; i < request.hash_ids.size(); ++i) {
       const uint64_t id = request.hash_ids[i];
       ++result.total.operations;
-      if (level.contains(id)) {
+      if (auto hit = level.find(id); hit != level.end()) {
+        hit->second.leases = grant[hit->second.level];  // a hit renews them all
         ++result.total.access_hits;
         policy.OnHit(IdOf(id));
         continue;
@@ -387,19 +402,26 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
         if (!victim.has_value()) break;
         uint64_t v;
         std::memcpy(&v, victim->key.bytes.data(), sizeof(v));
-        uint8_t& l = level[v];
+        Held& held = level[v];
+        if (held.leases > 1) {  // another lease at the same format
+          --held.leases;
+          policy.OnKept(*victim);
+          continue;
+        }
+        uint8_t& l = held.level;
         if (l < coarsest) {
           used -= ladder.bytes[l] - ladder.bytes[l + 1];
           ++l;
+          held.leases = grant[l];
           ++result.transcodes;
-          policy.OnHit(*victim);  // a fresh lease at the coarser format
+          policy.OnKept(*victim);  // a fresh lease at the coarser format
           continue;
         }
         used -= ladder.bytes[l];
         level.erase(v);
         policy.OnErase(*victim);
       }
-      level[id] = 0;
+      level[id] = Held{0, grant[0]};
       used += ladder.bytes[0];
       policy.OnInsert(IdOf(id), i > 0 ? std::optional<BlockId>(IdOf(request.hash_ids[i - 1]))
                                       : std::nullopt);

@@ -170,6 +170,30 @@ class ReturnAwarePolicy final : public EvictionPolicy {
     }
   }
 
+  // A kept victim goes to the far end of the list it was named from, so the
+  // chain's next block is named next: the whole chain is kept (compressed)
+  // once before any of it is named again, in the same order. Not a touch: a
+  // kept root starts no turn (as a hit counted, it did, and return-aware,
+  // its victim unmoved, transcoded one block down to its budget at once:
+  // 0.58x the raw hit rate with precision tiers at 5% of the shared trace).
+  void OnKept(const BlockId& id) override {
+    auto it = blocks_.find(id);
+    if (it == blocks_.end()) return;
+    Block& block = it->second;
+    if (block.dead) {
+      dead_.splice(dead_.begin(), dead_, block.position);
+    } else {
+      Chain& chain = *block.chain;
+      chain.live.splice(chain.live.begin(), chain.live, block.position);
+      if (chain.live.size() == 1) {
+        // Its only block: the chain goes behind the others of its list.
+        PooledList<Chain*>& chains = ListOf(chain);
+        chains.splice(chains.begin(), chains, chain.class_position);
+        victim_ = nullptr;
+      }
+    }
+  }
+
   void OnErase(const BlockId& id) override {
     auto it = blocks_.find(id);
     if (it == blocks_.end()) return;

@@ -236,6 +236,8 @@ TEST_F(PrecisionTest, PressureTranscodesDownTheLadderAndFetchesDecodeWithinBound
   EXPECT_EQ(blocks, stats.tiers(0).blocks());
   RecordProperty("dram_blocks", static_cast<int>(stats.tiers(0).blocks()));
   RecordProperty("transcodes", static_cast<int>(stats.transcoded_blocks()));
+  RecordProperty("precision_leases", static_cast<int>(stats.precision_leases()));
+  EXPECT_GT(stats.precision_leases(), 0u) << "coarser copies are kept leases by their bytes";
   RecordProperty("fp8_blocks", static_cast<int>(fp8));
   RecordProperty("int4_blocks", static_cast<int>(int4));
   // More blocks than fit raw: the point of the exercise.

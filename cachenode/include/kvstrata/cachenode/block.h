@@ -56,6 +56,11 @@ class StoredBlock {
   // format, or a coarser one after a precision transcode. Encoded blocks
   // also say it in their header; this is what the node trusts and reports.
   uint8_t format = 0;
+  // Precision tiers' leases by bytes (DramTier): how many leases the block
+  // gets each time it is named a victim at this format or hit, and how many
+  // of them are left beyond the one it holds. Guarded by its tier's lock.
+  uint8_t lease_grant = 1;
+  uint8_t leases_left = 0;
 
  private:
   uint8_t* data_;

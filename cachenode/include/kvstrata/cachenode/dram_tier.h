@@ -37,13 +37,20 @@ struct TierCounters {
   std::array<uint64_t, kStoredFormats> format_blocks{};
   std::array<uint64_t, kStoredFormats> format_bytes{};
   uint64_t transcodes = 0;  // blocks transcoded to a coarser format
+  // Victims kept at their coarser format for one more lease (leases by bytes).
+  uint64_t precision_leases = 0;
 };
 
 // Precision tiers (NamespaceSpec.coarsest_format): when Reserve must make
 // room, each block the policy names is first offered here; one whose
 // namespace allows a coarser format is transcoded to it in place of being
 // evicted, and stays with a fresh lease (as ReplayPrecision models). The
-// policy decides which blocks, the namespace's budget how far.
+// policy decides which blocks, the namespace's budget how far. Leases by
+// bytes (PrecisionLease::kByBytes): a block stored at 1/k of its raw bytes
+// gets round(k) leases at that format (the policy names it, the tier gives
+// it a fresh place instead of transcoding or evicting it, until they are
+// spent; a hit renews them), so each rung keeps a block for about the
+// byte x time of one raw lease.
 class BlockTranscoder {
  public:
   virtual ~BlockTranscoder() = default;
@@ -54,6 +61,13 @@ class BlockTranscoder {
   // `to.format`; the tier sets the checksum, parent and swaps it in. Called
   // without the tier's lock; `from` stays pinned and unchanged meanwhile.
   virtual absl::Status Transcode(const BlockId& id, const StoredBlock& from, StoredBlock& to) const = 0;
+  // The raw bytes of the namespace's blocks (what a coarser copy's leases
+  // are counted against); 0 when unknown (one lease per format). Cheap:
+  // called under the tier's lock.
+  virtual uint64_t RawSize(const BlockId& id) const {
+    (void)id;
+    return 0;
+  }
 };
 
 class DramTier {
@@ -154,6 +168,9 @@ class DramTier {
   // Reports a transcode's new size to the residency hook; after mu_.
   void ReportTranscode(const BlockId& id, uint64_t old_size, uint64_t size);
   std::shared_ptr<StoredBlock> MakeBlock(uint64_t offset, uint64_t size);
+  // Sets `block`'s leases for its size: round(raw / size), 1..255, all left
+  // but the one it starts with. REQUIRES: transcoder_ set.
+  void GrantLeases(const BlockId& id, StoredBlock& block) const;
   void CountFormat(uint8_t format, uint64_t size, bool add);
 
   uint8_t* const arena_;
@@ -162,6 +179,7 @@ class DramTier {
   std::atomic<uint64_t> stored_bytes_{0};
   std::atomic<uint64_t> evictions_{0};
   std::atomic<uint64_t> transcodes_{0};
+  std::atomic<uint64_t> precision_leases_{0};
   // The largest raw block a transcode came from: the size of the chunks
   // encoded blocks are packed into (SlabAllocator::AllocatePiece).
   std::atomic<uint64_t> host_bytes_{0};

@@ -21,6 +21,12 @@ class EvictionPolicy {
   // `parent`: the block's parent in the prefix tree, when it has one.
   virtual void OnInsert(const BlockId& id, const std::optional<BlockId>& parent = std::nullopt) = 0;
   virtual void OnHit(const BlockId& id) = 0;
+  // The tier kept the victim the policy named instead of evicting it
+  // (precision tiers: transcoded it, or gave it another lease at its
+  // format): it should not be named again before the others, but nothing
+  // used it. By default a hit; policies for which a hit means more (a turn
+  // of a conversation, an access their simulations learn from) override it.
+  virtual void OnKept(const BlockId& id) { OnHit(id); }
   // Called for every removal (eviction or delete). Unknown ids are ignored.
   virtual void OnErase(const BlockId& id) = 0;
   // The block to evict next, or nullopt when the policy tracks none. Does not

@@ -104,6 +104,20 @@ absl::StatusOr<ClusterReplayResult> ReplayCluster(const std::vector<TraceRequest
 // raw one lets go); only a block at `coarsest` is evicted. A hit is served at
 // the block's current format; transcoding is lossy, so a hit does not bring
 // precision back (a republish would). coarsest = 0 is the plain replay.
+//
+// How many leases a block gets at each rung (a lease: the policy gives it a
+// fresh place, OnKept, and it stays until the policy names it again):
+enum class PrecisionLease {
+  // One per rung: with LRU a block spends as long raw as at each coarser
+  // format, so raw blocks hold most of the bytes (1 of the 1.81 byte-leases
+  // a block costs on raw > fp8 > int4).
+  kFresh,
+  // round(raw bytes / stored bytes) at each rung (raw 1, fp8 2, int4 3,
+  // int2 5), all of them again after a hit: every rung holds a block for
+  // about the byte x time of one raw lease, so a coarser copy stays as much
+  // longer as it is smaller. Follows from the formats' byte ratios alone.
+  kByBytes,
+};
 struct PrecisionLadder {
   std::vector<std::string> formats;      // raw first, coarser after
   std::vector<double> bytes;             // stored bytes per block, raw = 1
@@ -125,7 +139,8 @@ absl::StatusOr<PrecisionReplayResult> ReplayPrecision(const std::vector<TraceReq
                                                       std::string_view policy,
                                                       const PrecisionLadder& ladder,
                                                       size_t coarsest,
-                                                      const ReplayOptions& options = {});
+                                                      const ReplayOptions& options = {},
+                                                      PrecisionLease lease = PrecisionLease::kFresh);
 
 // One policy at one capacity, beside LRU and Belady replayed in the same run.
 struct PolicyComparison {
