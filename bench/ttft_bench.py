@@ -223,7 +223,11 @@ def run_precision(args):
             "tokens", "recomp_s", "raw_s", "transc_s", "ratio", "filler_blk", "layer-blocks loaded",
             "raw_maxdiff", "tr_maxdiff", "argmax"))
         for n in lengths:
-            fill(capacity)  # the tier full of raw blocks: the prompt is published under pressure
+            # Half a tier of other blocks first: the prompt lands in a busy tier
+            # but without pressure, so the raw-cached rows read it raw. (Into
+            # a full tier, leases by bytes may transcode it at once: the kept
+            # coarser copies of older blocks take fresh places behind it.)
+            fill(capacity // 2)
             prompt = make_prompt(cfg, n, 200 + n)
             layer_blocks = (n // c) * cfg.num_layers
             recomputed = local.generate(prompt)
